@@ -1,0 +1,406 @@
+// Cross-entropy on the CPU. Each row of logits is read once from memory in
+// forward (an online softmax over L1-sized blocks gives max, sum of
+// exponentials and the loss terms together) and once in backward, which
+// writes the gradient in the same sweep. Forward keeps only the per-row
+// log-sum-exp for backward. Rows are split across threads; bfloat16 and
+// float16 rows are widened to float32 in a per-thread scratch row.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace myext {
+namespace {
+
+using at::vec::Vectorized;
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+// Elements per block of the online softmax: small enough that the second
+// look at a block (the exponentials) hits L1.
+constexpr int64_t kBlock = 2048;
+
+int64_t rows_per_task(int64_t classes) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, classes));
+}
+
+template <typename T>
+T hmax(const T* x, int64_t n) {
+  using Vec = Vectorized<T>;
+  Vec vmax(-std::numeric_limits<T>::infinity());
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    vmax = at::vec::maximum(vmax, Vec::loadu(x + i));
+  }
+  T m = at::vec::vec_reduce_all<T>(
+      [](Vec a, Vec b) { return at::vec::maximum(a, b); }, vmax);
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// sum(exp(x - shift)) over n elements.
+template <typename T>
+T sum_exp(const T* x, int64_t n, T shift) {
+  using Vec = Vectorized<T>;
+  const Vec vshift(shift);
+  Vec acc(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    acc = acc + (Vec::loadu(x + i) - vshift).exp();
+  }
+  if (i < n) {
+    // Lanes past the end load -inf and add exp(-inf) = 0.
+    Vec tail(-std::numeric_limits<T>::infinity());
+    Vec partial = Vec::loadu(x + i, n - i);
+    tail = Vec::set(tail, partial, n - i);
+    acc = acc + (tail - vshift).exp();
+  }
+  return at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc);
+}
+
+// sum(a * b) over n elements; b == nullptr means b is all ones.
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  using Vec = Vectorized<T>;
+  Vec acc(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec va = Vec::loadu(a + i);
+    acc = b == nullptr ? acc + va : at::vec::fmadd(va, Vec::loadu(b + i), acc);
+  }
+  T total = at::vec::vec_reduce_all<T>([](Vec x, Vec y) { return x + y; }, acc);
+  for (; i < n; ++i) total += b == nullptr ? a[i] : a[i] * b[i];
+  return total;
+}
+
+// log(sum(exp(x))) in one pass from memory: each block is reduced for its
+// max, then summed from L1 against the running max, rescaling the running
+// sum when the max grows.
+template <typename T>
+T logsumexp(const T* x, int64_t n) {
+  T running_max = -std::numeric_limits<T>::infinity();
+  T running_sum = 0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    const T block_max = hmax(x + start, len);
+    if (block_max > running_max) {
+      running_sum *= std::exp(running_max - block_max);
+      running_max = block_max;
+    }
+    running_sum += sum_exp(x + start, len, running_max);
+  }
+  return running_max + std::log(running_sum);
+}
+
+// The per-row quantities of the loss and its gradient. With q the target
+// distribution after label smoothing and w the class weights (ones if none):
+//   loss = lse * sum(w q) - sum(w q x),   grad = sum(w q) * softmax(x) - w q.
+// For a class-index target q = (1 - eps) onehot(t) + eps / C.
+template <typename T>
+struct Options {
+  const T* weight;  // nullptr: every class weighs 1
+  T weight_sum;     // sum of the class weights (C without weights)
+  int64_t classes;
+  int64_t ignore_index;
+  T smoothing;
+};
+
+template <typename T>
+T class_weight(const Options<T>& o, int64_t c) {
+  return o.weight == nullptr ? T(1) : o.weight[c];
+}
+
+// Returns {loss, lse, weight of the row in the mean} for one row.
+template <typename T>
+std::array<T, 3> forward_class_row(const T* x, int64_t target,
+                                   const Options<T>& o) {
+  if (target == o.ignore_index) return {T(0), logsumexp(x, o.classes), T(0)};
+  const T lse = logsumexp(x, o.classes);
+  const T w_t = class_weight(o, target);
+  T loss = (T(1) - o.smoothing) * w_t * (lse - x[target]);
+  if (o.smoothing > T(0)) {
+    const T sum_wx = dot(x, o.weight, o.classes);
+    loss += o.smoothing / T(o.classes) * (o.weight_sum * lse - sum_wx);
+  }
+  return {loss, lse, w_t};
+}
+
+template <typename T>
+std::array<T, 3> forward_prob_row(const T* x, const T* q_raw,
+                                  const Options<T>& o) {
+  const T lse = logsumexp(x, o.classes);
+  // sum(w q) and sum(w q x) with q = (1 - eps) q_raw + eps / C.
+  T sum_wq;
+  T sum_wqx;
+  if (o.weight == nullptr) {
+    sum_wq = dot(q_raw, static_cast<const T*>(nullptr), o.classes);
+    sum_wqx = dot(q_raw, x, o.classes);
+  } else {
+    sum_wq = dot(q_raw, o.weight, o.classes);
+    sum_wqx = 0;
+    using Vec = Vectorized<T>;
+    Vec acc(T(0));
+    int64_t i = 0;
+    for (; i + Vec::size() <= o.classes; i += Vec::size()) {
+      acc = at::vec::fmadd(Vec::loadu(q_raw + i) * Vec::loadu(o.weight + i),
+                           Vec::loadu(x + i), acc);
+    }
+    sum_wqx = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc);
+    for (; i < o.classes; ++i) sum_wqx += q_raw[i] * o.weight[i] * x[i];
+  }
+  sum_wq *= T(1) - o.smoothing;
+  sum_wqx *= T(1) - o.smoothing;
+  if (o.smoothing > T(0)) {
+    const T eps_c = o.smoothing / T(o.classes);
+    sum_wq += eps_c * o.weight_sum;
+    sum_wqx += eps_c * dot(x, o.weight, o.classes);
+  }
+  return {lse * sum_wq - sum_wqx, lse, T(1)};
+}
+
+// grad = scale * (a * softmax(x) - w * eps / C), then the target class gets
+// -scale * (1 - eps) * w_t: the class-index form of sum(w q) softmax - w q.
+template <typename T>
+void backward_class_row(const T* x, T* grad, int64_t target, T lse, T scale,
+                        const Options<T>& o) {
+  using Vec = Vectorized<T>;
+  const int64_t n = o.classes;
+  if (target == o.ignore_index) {
+    std::fill(grad, grad + n, T(0));
+    return;
+  }
+  const T w_t = class_weight(o, target);
+  const T eps_c = o.smoothing / T(n);
+  const T a = scale * ((T(1) - o.smoothing) * w_t + eps_c * o.weight_sum);
+  const T b = scale * eps_c;
+  const Vec va(a), vb(b), vlse(lse);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec g = va * (Vec::loadu(x + i) - vlse).exp();
+    if (b != T(0)) {
+      g = g - (o.weight == nullptr ? vb : vb * Vec::loadu(o.weight + i));
+    }
+    g.store(grad + i);
+  }
+  for (; i < n; ++i) {
+    grad[i] = a * std::exp(x[i] - lse) - b * class_weight(o, i);
+  }
+  grad[target] -= scale * (T(1) - o.smoothing) * w_t;
+}
+
+template <typename T>
+void backward_prob_row(const T* x, const T* q_raw, T* grad, T lse, T scale,
+                       const Options<T>& o) {
+  using Vec = Vectorized<T>;
+  const int64_t n = o.classes;
+  const T keep = T(1) - o.smoothing;
+  const T eps_c = o.smoothing / T(n);
+  const T sum_wq = keep * dot(q_raw, o.weight, n) + eps_c * o.weight_sum;
+  const Vec va(scale * sum_wq), vlse(lse), vkeep(keep), veps(eps_c), vscale(scale);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec wq = at::vec::fmadd(vkeep, Vec::loadu(q_raw + i), veps);
+    if (o.weight != nullptr) wq = wq * Vec::loadu(o.weight + i);
+    (va * (Vec::loadu(x + i) - vlse).exp() - vscale * wq).store(grad + i);
+  }
+  for (; i < n; ++i) {
+    const T wq = (keep * q_raw[i] + eps_c) * class_weight(o, i);
+    grad[i] = scale * (sum_wq * std::exp(x[i] - lse) - wq);
+  }
+}
+
+// Gives a pointer to row r of `src` as acc_t: the row itself when the types
+// match, else the row widened into `scratch`.
+template <typename scalar_t, typename acc_t>
+const acc_t* row_as_acc(const scalar_t* src, int64_t r, int64_t n,
+                        std::vector<acc_t>& scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src + r * n;
+  } else {
+    scratch.resize(n);
+    at::vec::convert(src + r * n, scratch.data(), n);
+    return scratch.data();
+  }
+}
+
+// Where row r of the gradient is computed: in place when the types match,
+// else in `scratch`, narrowed into place by store_grad_row.
+template <typename scalar_t, typename acc_t>
+acc_t* grad_row_as_acc(scalar_t* dst, int64_t r, int64_t n,
+                       std::vector<acc_t>& scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return dst + r * n;
+  } else {
+    scratch.resize(n);
+    return scratch.data();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_grad_row(const acc_t* row, scalar_t* dst, int64_t r, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    at::vec::convert(row, dst + r * n, n);
+  }
+}
+
+template <typename acc_t>
+Options<acc_t> make_options(const at::Tensor& weight_acc, int64_t classes,
+                            int64_t ignore_index, double smoothing) {
+  Options<acc_t> o;
+  o.weight = weight_acc.defined() ? weight_acc.data_ptr<acc_t>() : nullptr;
+  o.weight_sum = weight_acc.defined() ? weight_acc.sum().item<acc_t>()
+                                      : static_cast<acc_t>(classes);
+  o.classes = classes;
+  o.ignore_index = ignore_index;
+  o.smoothing = static_cast<acc_t>(smoothing);
+  return o;
+}
+
+void check_class_targets(const at::Tensor& target, int64_t classes,
+                         int64_t ignore_index) {
+  const int64_t* t = target.data_ptr<int64_t>();
+  for (int64_t r = 0; r < target.numel(); ++r) {
+    TORCH_CHECK_INDEX(
+        t[r] == ignore_index || (t[r] >= 0 && t[r] < classes),
+        "cross_entropy: target holds class index ", t[r],
+        ", expected a value in [0, ", classes, ") or ignore_index (",
+        ignore_index, ")");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
+    const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing) {
+  const at::Tensor x = input.contiguous();
+  const at::Tensor t = target.contiguous();
+  const int64_t rows = x.size(0);
+  const int64_t classes = x.size(1);
+  const bool class_targets = t.dim() == 1;
+  if (class_targets) check_class_targets(t, classes, ignore_index);
+
+  const auto acc_type = at::toOpMathType(x.scalar_type());
+  const at::Tensor weight_acc =
+      weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
+  at::Tensor losses = at::empty({rows}, x.options().dtype(acc_type));
+  at::Tensor lse = at::empty({rows}, x.options().dtype(acc_type));
+  at::Tensor row_weights = at::empty({rows}, x.options().dtype(acc_type));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "cross_entropy_forward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const auto o = make_options<acc_t>(weight_acc, classes, ignore_index,
+                                           label_smoothing);
+        const scalar_t* xp = x.data_ptr<scalar_t>();
+        acc_t* loss_p = losses.data_ptr<acc_t>();
+        acc_t* lse_p = lse.data_ptr<acc_t>();
+        acc_t* rw_p = row_weights.data_ptr<acc_t>();
+        at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> x_scratch, q_scratch;
+          for (int64_t r = begin; r < end; ++r) {
+            const acc_t* row = row_as_acc<scalar_t, acc_t>(xp, r, classes, x_scratch);
+            const auto res =
+                class_targets
+                    ? forward_class_row(row, t.data_ptr<int64_t>()[r], o)
+                    : forward_prob_row(
+                          row,
+                          row_as_acc<scalar_t, acc_t>(t.data_ptr<scalar_t>(), r,
+                                                      classes, q_scratch),
+                          o);
+            loss_p[r] = res[0];
+            lse_p[r] = res[1];
+            rw_p[r] = res[2];
+          }
+        });
+      });
+
+  // Summing the per-row values serially keeps the result independent of the
+  // number of threads; the rows cost nothing next to the R x C sweep.
+  const at::Tensor total_weight = row_weights.sum();
+  at::Tensor loss;
+  if (reduction == kNone) {
+    loss = losses.to(x.scalar_type());
+  } else if (reduction == kSum) {
+    loss = losses.sum().to(x.scalar_type());
+  } else {
+    loss = (losses.sum() / total_weight).to(x.scalar_type());
+  }
+  return {loss, lse, total_weight};
+}
+
+at::Tensor cross_entropy_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& input,
+    const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse, const at::Tensor& total_weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing) {
+  const at::Tensor x = input.contiguous();
+  const at::Tensor t = target.contiguous();
+  const int64_t rows = x.size(0);
+  const int64_t classes = x.size(1);
+  const bool class_targets = t.dim() == 1;
+  if (class_targets) check_class_targets(t, classes, ignore_index);
+
+  const auto acc_type = at::toOpMathType(x.scalar_type());
+  const at::Tensor weight_acc =
+      weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
+  const at::Tensor lse_c = lse.to(acc_type).contiguous();
+  // The per-row factor of the upstream gradient.
+  at::Tensor scale;
+  if (reduction == kNone) {
+    scale = grad_loss.to(acc_type).contiguous();
+  } else {
+    at::Tensor g = grad_loss.to(acc_type);
+    if (reduction == kMean) g = g / total_weight.to(acc_type);
+    scale = g.reshape({1}).expand({rows}).contiguous();
+  }
+  at::Tensor grad_input = at::empty({rows, classes}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x.scalar_type(), "cross_entropy_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const auto o = make_options<acc_t>(weight_acc, classes, ignore_index,
+                                           label_smoothing);
+        const scalar_t* xp = x.data_ptr<scalar_t>();
+        scalar_t* gp = grad_input.data_ptr<scalar_t>();
+        const acc_t* lse_p = lse_c.data_ptr<acc_t>();
+        const acc_t* scale_p = scale.data_ptr<acc_t>();
+        at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> x_scratch, q_scratch, g_scratch;
+          for (int64_t r = begin; r < end; ++r) {
+            const acc_t* row = row_as_acc<scalar_t, acc_t>(xp, r, classes, x_scratch);
+            acc_t* grad_row =
+                grad_row_as_acc<scalar_t, acc_t>(gp, r, classes, g_scratch);
+            if (class_targets) {
+              backward_class_row(row, grad_row, t.data_ptr<int64_t>()[r],
+                                 lse_p[r], scale_p[r], o);
+            } else {
+              backward_prob_row(
+                  row,
+                  row_as_acc<scalar_t, acc_t>(t.data_ptr<scalar_t>(), r, classes,
+                                              q_scratch),
+                  grad_row, lse_p[r], scale_p[r], o);
+            }
+            store_grad_row(grad_row, gp, r, classes);
+          }
+        });
+      });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(myext, CPU, m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward_cpu);
+  m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
+}
+
+}  // namespace myext

@@ -1,0 +1,38 @@
+// Operator schemas for the myext namespace. Kernels live in one file per op
+// and device (csrc/cpu/*.cpp, csrc/cuda/*.cu); fake kernels and autograd
+// formulas are attached from Python in myext/_library.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import myext._C` only has to load this shared object so that the static
+// TORCH_LIBRARY initialisers below run; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(myext, m) {
+  // relu(input @ weight.T + bias) for input (*, in_features).
+  m.def("linear_relu(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  // The fused pass of the backward: grad_output masked by output > 0, and
+  // that masked gradient summed over all leading dimensions (the bias
+  // gradient). The two GEMMs that follow are ordinary matmuls.
+  m.def(
+      "linear_relu_backward(Tensor grad_output, Tensor output) -> "
+      "(Tensor grad_preactivation, Tensor grad_bias)");
+  // input (R, C); target (R,) int64 class indices or (R, C) probabilities.
+  // reduction follows at::Reduction: 0 none, 1 mean, 2 sum. Returns the
+  // loss, the per-row log-sum-exp kept for backward, and the divisor of the
+  // mean (the summed weights of the targets not ignored, or R).
+  m.def(
+      "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, "
+      "int reduction, int ignore_index, float label_smoothing) -> "
+      "(Tensor loss, Tensor lse, Tensor total_weight)");
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, "
+      "Tensor? weight, Tensor lse, Tensor total_weight, int reduction, "
+      "int ignore_index, float label_smoothing) -> Tensor");
+}

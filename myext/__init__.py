@@ -1,0 +1,19 @@
+"""myext: fused Linear+ReLU and cross-entropy ops for PyTorch.
+
+Each op has C++ (CPU), CUDA and Triton kernels behind one ``torch.autograd.Function``,
+registered in the PyTorch dispatcher under ``torch.ops.myext``, and a plain-PyTorch
+reference (``backend="torch"``) that every kernel is tested against.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  (registers the myext:: ops and their kernels)
+from . import _library
+from . import autograd, reference
+from .backends import available_backends
+from .functional import cross_entropy, linear_relu
+
+_library.register("")
+
+__all__ = ["autograd", "available_backends", "cross_entropy", "linear_relu", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,124 @@
+"""The torch.autograd.Function subclasses behind myext's ops.
+
+Forward and backward call ops registered in the PyTorch dispatcher (the kernels of
+one backend, see myext.backends), so ``torch.compile(fullgraph=True)`` traces them.
+The backward ops have autograd formulas of their own (myext._library), which makes
+double backward exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .backends import kernels
+
+
+def linear_relu_grads(
+    ops, grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, output: torch.Tensor,
+    needs_input_grad: tuple[bool, ...],
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of relu(input @ weight.T + bias) for (input, weight, bias).
+
+    One fused pass masks grad_output by output > 0 and sums it into the bias
+    gradient; the input and weight gradients are then two GEMMs of that masked
+    gradient, each only when asked for.
+    """
+    grad_pre, grad_bias = ops.linear_relu_backward(grad_output, output)
+    grad_input = grad_weight = None
+    if needs_input_grad[0]:
+        grad_input = torch.matmul(grad_pre, weight)
+    if needs_input_grad[1]:
+        out_features, in_features = weight.shape
+        grad_weight = grad_pre.reshape(-1, out_features).t().mm(input.reshape(-1, in_features))
+    return grad_input, grad_weight, grad_bias if needs_input_grad[2] else None
+
+
+def cross_entropy_target_grad(
+    grad_loss: torch.Tensor, input: torch.Tensor, weight: Optional[torch.Tensor], total_weight: torch.Tensor,
+    reduction: int, label_smoothing: float,
+) -> torch.Tensor:
+    """Gradient for probability targets: d loss_i / d target_ic = -(1 - eps) w_c log_softmax(input)_ic,
+    times the upstream gradient of row i. Built from torch ops, so it differentiates again."""
+    logp = torch.log_softmax(input.to(total_weight.dtype), dim=1)
+    grad = logp * (-(1.0 - label_smoothing))
+    if weight is not None:
+        grad = grad * weight.to(grad.dtype)
+    if reduction == 0:
+        grad = grad * grad_loss.to(grad.dtype).unsqueeze(1)
+    elif reduction == 1:
+        grad = grad * (grad_loss.to(grad.dtype) / total_weight)
+    else:
+        grad = grad * grad_loss.to(grad.dtype)
+    return grad.to(input.dtype)
+
+
+def cross_entropy_grads(
+    ops, grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+    lse: torch.Tensor, total_weight: torch.Tensor, reduction: int, ignore_index: int, label_smoothing: float,
+    needs_input_grad: tuple[bool, ...],
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of the cross-entropy for (input, target); the target's only for probabilities."""
+    grad_input = grad_target = None
+    if needs_input_grad[0]:
+        grad_input = ops.cross_entropy_backward(
+            grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing)
+    if needs_input_grad[1] and target.is_floating_point():
+        grad_target = cross_entropy_target_grad(grad_loss, input, weight, total_weight, reduction, label_smoothing)
+    return grad_input, grad_target
+
+
+class FusedLinearReLUFunction(torch.autograd.Function):
+    """relu(input @ weight.T + bias) with a fused kernel forward and backward.
+
+    ``FusedLinearReLUFunction.apply(input, weight, bias, backend)``, where backend is
+    "cpp", "cuda" or "triton" (arguments already checked; see myext.linear_relu).
+    Saves only the inputs it needs and the output, whose sign is the ReLU mask.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                backend: str) -> torch.Tensor:
+        output = kernels(backend).linear_relu(input, weight, bias)
+        ctx.backend = backend
+        ctx.save_for_backward(
+            input if ctx.needs_input_grad[1] else None,
+            weight if ctx.needs_input_grad[0] else None,
+            output,
+        )
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        input, weight, output = ctx.saved_tensors
+        grads = linear_relu_grads(kernels(ctx.backend), grad_output, input, weight, output, ctx.needs_input_grad)
+        return (*grads, None)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Cross-entropy of logits (R, C) against class indices (R,) or probabilities (R, C).
+
+    ``CrossEntropyFunction.apply(input, target, weight, reduction, ignore_index,
+    label_smoothing, backend)`` with reduction 0 (none), 1 (mean) or 2 (sum); the
+    arguments already checked and reshaped to two dimensions (see myext.cross_entropy).
+    Forward keeps only the per-row log-sum-exp and the mean's divisor for backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                reduction: int, ignore_index: int, label_smoothing: float, backend: str) -> torch.Tensor:
+        loss, lse, total_weight = kernels(backend).cross_entropy_forward(
+            input, target, weight, reduction, ignore_index, label_smoothing)
+        ctx.save_for_backward(input, target, weight, lse, total_weight)
+        ctx.options = (reduction, ignore_index, label_smoothing)
+        ctx.backend = backend
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor):
+        input, target, weight, lse, total_weight = ctx.saved_tensors
+        grad_input, grad_target = cross_entropy_grads(
+            kernels(ctx.backend), grad_loss, input, target, weight, lse, total_weight, *ctx.options,
+            ctx.needs_input_grad)
+        return grad_input, grad_target, None, None, None, None, None
