@@ -17,12 +17,12 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(myext, m) {
   // relu(input @ weight.T + bias) for input (*, in_features).
   m.def("linear_relu(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
-  // The fused pass of the backward: grad_output masked by output > 0, and
-  // that masked gradient summed over all leading dimensions (the bias
-  // gradient). The two GEMMs that follow are ordinary matmuls.
+  // Gradients for (input, weight, bias), each computed only where output_mask
+  // asks (None elsewhere). The ReLU mask is output > 0.
   m.def(
-      "linear_relu_backward(Tensor grad_output, Tensor output) -> "
-      "(Tensor grad_preactivation, Tensor grad_bias)");
+      "linear_relu_backward(Tensor grad_output, Tensor input, Tensor weight, "
+      "Tensor output, bool[3] output_mask) -> "
+      "(Tensor? grad_input, Tensor? grad_weight, Tensor? grad_bias)");
   // input (R, C); target (R,) int64 class indices or (R, C) probabilities.
   // reduction follows at::Reduction: 0 none, 1 mean, 2 sum. Returns the
   // loss, the per-row log-sum-exp kept for backward, and the divisor of the

@@ -25,9 +25,40 @@ def linear_relu_fake(input, weight, bias):
     return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
 
-def linear_relu_backward_fake(grad_output, output):
-    return (torch.empty_like(output, memory_format=torch.contiguous_format),
-            output.new_empty((output.shape[-1],)))
+def linear_relu_backward_fake(grad_output, input, weight, output, output_mask):
+    return (
+        torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None,
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else None,
+        weight.new_empty((weight.shape[0],)) if output_mask[2] else None,
+    )
+
+
+def linear_relu_backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
+    """Differentiates (g W, g^T X, sum(g)) with g = grad_output * (output > 0) once more.
+
+    All three are linear in g, and the mask is piecewise constant in output, so:
+    d/d grad_output = (gg_X W^T + X gg_W^T + gg_b) * mask, d/dX = g gg_W, d/dW = g^T gg_X.
+    Built from torch ops, so it differentiates again.
+    """
+    grad_output, input, weight, output = ctx.saved_tensors
+    mask = output > 0
+    out_features, in_features = weight.shape
+    grad_pre = torch.zeros_like(output)
+    if grad_grad_input is not None:
+        grad_pre = grad_pre + torch.matmul(grad_grad_input, weight.t())
+    if grad_grad_weight is not None:
+        grad_pre = grad_pre + torch.matmul(input, grad_grad_weight.t())
+    if grad_grad_bias is not None:
+        grad_pre = grad_pre + grad_grad_bias
+    grad_grad_output = torch.where(mask, grad_pre, torch.zeros_like(grad_pre))
+
+    masked = torch.where(mask, grad_output, torch.zeros_like(grad_output)).reshape(-1, out_features)
+    grad_input = grad_weight = None
+    if grad_grad_weight is not None and ctx.needs_input_grad[1]:
+        grad_input = masked.mm(grad_grad_weight).reshape(input.shape)
+    if grad_grad_input is not None and ctx.needs_input_grad[2]:
+        grad_weight = masked.t().mm(grad_grad_input.reshape(-1, in_features))
+    return grad_grad_output, grad_input, grad_weight, None, None
 
 
 def cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, label_smoothing):
@@ -111,19 +142,9 @@ def register(suffix: str) -> None:
         input, weight, output = ctx.saved_tensors
         return linear_relu_grads(ops, grad_output, input, weight, output, ctx.needs_input_grad)
 
-    def relu_mask_setup(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-
-    def relu_mask_backward(ctx, grad_grad_pre, grad_grad_bias):
-        # grad_pre = grad_output * (output > 0) and grad_bias = grad_pre.sum(rows) are
-        # linear in grad_output; the mask is piecewise constant in output.
-        (output,) = ctx.saved_tensors
-        total = torch.zeros_like(output)
-        if grad_grad_pre is not None:
-            total = total + grad_grad_pre
-        if grad_grad_bias is not None:
-            total = total + grad_grad_bias
-        return torch.where(output > 0, total, torch.zeros_like(total)), None
+    def linear_relu_backward_setup(ctx, inputs, output):
+        grad_output, input, weight, relu_output, _ = inputs
+        ctx.save_for_backward(grad_output, input, weight, relu_output)
 
     def ce_forward_setup(ctx, inputs, output):
         input, target, weight, reduction, ignore_index, label_smoothing = inputs
@@ -144,8 +165,8 @@ def register(suffix: str) -> None:
         ctx.options = (reduction, ignore_index, label_smoothing)
 
     torch.library.register_autograd(qualified["linear_relu"], linear_relu_backward, setup_context=linear_relu_setup)
-    torch.library.register_autograd(qualified["linear_relu_backward"], relu_mask_backward,
-                                    setup_context=relu_mask_setup)
+    torch.library.register_autograd(qualified["linear_relu_backward"], linear_relu_backward_backward,
+                                    setup_context=linear_relu_backward_setup)
     torch.library.register_autograd(qualified["cross_entropy_forward"], ce_forward_backward,
                                     setup_context=ce_forward_setup)
     torch.library.register_autograd(qualified["cross_entropy_backward"], cross_entropy_backward_backward,

@@ -19,20 +19,8 @@ def linear_relu_grads(
     ops, grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, output: torch.Tensor,
     needs_input_grad: tuple[bool, ...],
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of relu(input @ weight.T + bias) for (input, weight, bias).
-
-    One fused pass masks grad_output by output > 0 and sums it into the bias
-    gradient; the input and weight gradients are then two GEMMs of that masked
-    gradient, each only when asked for.
-    """
-    grad_pre, grad_bias = ops.linear_relu_backward(grad_output, output)
-    grad_input = grad_weight = None
-    if needs_input_grad[0]:
-        grad_input = torch.matmul(grad_pre, weight)
-    if needs_input_grad[1]:
-        out_features, in_features = weight.shape
-        grad_weight = grad_pre.reshape(-1, out_features).t().mm(input.reshape(-1, in_features))
-    return grad_input, grad_weight, grad_bias if needs_input_grad[2] else None
+    """Gradients of relu(input @ weight.T + bias) for (input, weight, bias), each only when needed."""
+    return ops.linear_relu_backward(grad_output, input, weight, output, list(needs_input_grad[:3]))
 
 
 def cross_entropy_target_grad(
@@ -74,7 +62,8 @@ class FusedLinearReLUFunction(torch.autograd.Function):
 
     ``FusedLinearReLUFunction.apply(input, weight, bias, backend)``, where backend is
     "cpp", "cuda" or "triton" (arguments already checked; see myext.linear_relu).
-    Saves only the inputs it needs and the output, whose sign is the ReLU mask.
+    Saves the inputs and the output, whose sign is the ReLU mask: no pre-activation
+    or mask tensor is kept.
     """
 
     @staticmethod
@@ -82,11 +71,7 @@ class FusedLinearReLUFunction(torch.autograd.Function):
                 backend: str) -> torch.Tensor:
         output = kernels(backend).linear_relu(input, weight, bias)
         ctx.backend = backend
-        ctx.save_for_backward(
-            input if ctx.needs_input_grad[1] else None,
-            weight if ctx.needs_input_grad[0] else None,
-            output,
-        )
+        ctx.save_for_backward(input, weight, output)
         return output
 
     @staticmethod

@@ -11,7 +11,6 @@ Backends:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 from typing import NamedTuple, Optional, Union
 
@@ -37,7 +36,6 @@ def _ops_with_suffix(suffix: str) -> Kernels:
     return Kernels(*(getattr(ns, name + suffix) for name in Kernels._fields))
 
 
-@functools.lru_cache(maxsize=None)
 def kernels(backend: str) -> Kernels:
     """The registered ops behind a compiled backend ("cpp", "cuda" or "triton")."""
     if backend == "triton":
@@ -54,7 +52,12 @@ def _cuda_kernels_built() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    # Imported only when asked about, so that TRITON_INTERPRET may still be set first.
+    try:
+        import triton_ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _triton_interpreted() -> bool:

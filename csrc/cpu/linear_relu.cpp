@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <optional>
 #include <vector>
 
 namespace myext {
@@ -71,7 +73,8 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   return output.view(out_shape);
 }
 
-// grad_pre = grad_output * (output > 0); grad_bias = grad_pre summed over rows.
+// grad_pre = grad_output * (output > 0); grad_bias (unless null) = grad_pre
+// summed over rows.
 // Rows are split into a fixed number of blocks whose partial bias sums are
 // added in block order, so the result does not depend on the thread count.
 template <typename scalar_t>
@@ -84,12 +87,13 @@ void relu_backward_rows(const scalar_t* grad_out, const scalar_t* out,
   const int64_t block_rows =
       std::max<int64_t>(rows_per_task(cols), (rows + kMaxBlocks - 1) / kMaxBlocks);
   const int64_t blocks = rows == 0 ? 0 : (rows + block_rows - 1) / block_rows;
-  std::vector<acc_t> partial(static_cast<size_t>(blocks * cols), acc_t(0));
+  std::vector<acc_t> partial(
+      grad_bias == nullptr ? 0 : static_cast<size_t>(blocks * cols), acc_t(0));
 
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     const Vec zero(scalar_t(0));
     for (int64_t b = block_begin; b < block_end; ++b) {
-      acc_t* sums = partial.data() + b * cols;
+      acc_t* sums = grad_bias == nullptr ? nullptr : partial.data() + b * cols;
       const int64_t row_end = std::min(rows, (b + 1) * block_rows);
       for (int64_t r = b * block_rows; r < row_end; ++r) {
         const scalar_t* g = grad_out + r * cols;
@@ -104,13 +108,14 @@ void relu_backward_rows(const scalar_t* grad_out, const scalar_t* out,
         for (; c < cols; ++c) {
           gp[c] = y[c] > scalar_t(0) ? g[c] : scalar_t(0);
         }
-        for (c = 0; c < cols; ++c) {
-          sums[c] += static_cast<acc_t>(gp[c]);
+        if (grad_bias != nullptr) {
+          for (c = 0; c < cols; ++c) sums[c] += static_cast<acc_t>(gp[c]);
         }
       }
     }
   });
 
+  if (grad_bias == nullptr) return;
   for (int64_t c = 0; c < cols; ++c) {
     acc_t total = 0;
     for (int64_t b = 0; b < blocks; ++b) total += partial[b * cols + c];
@@ -118,24 +123,40 @@ void relu_backward_rows(const scalar_t* grad_out, const scalar_t* out,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_relu_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& output) {
-  const int64_t cols = output.size(-1);
+// One fused pass masks grad_output and reduces the bias gradient; the input
+// and weight gradients are then two GEMMs of the masked gradient.
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,
+           std::optional<at::Tensor>>
+linear_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                         const at::Tensor& weight, const at::Tensor& output,
+                         std::array<bool, 3> output_mask) {
+  const int64_t out_features = weight.size(0);
+  const int64_t in_features = weight.size(1);
   const at::Tensor grad_c = grad_output.contiguous();
   const at::Tensor out_c = output.contiguous();
-  const int64_t rows = cols == 0 ? 0 : out_c.numel() / cols;
+  const int64_t rows = out_c.numel() / std::max<int64_t>(1, out_features);
 
-  at::Tensor grad_pre = at::empty(output.sizes(), output.options());
-  at::Tensor grad_bias = at::empty({cols}, output.options());
+  at::Tensor grad_pre = at::empty({rows, out_features}, output.options());
+  at::Tensor grad_bias = at::empty({out_features}, output.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, output.scalar_type(), "linear_relu_backward_cpu",
       [&] {
         relu_backward_rows<scalar_t>(
             grad_c.data_ptr<scalar_t>(), out_c.data_ptr<scalar_t>(),
-            grad_pre.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(), rows,
-            cols);
+            grad_pre.data_ptr<scalar_t>(),
+            output_mask[2] ? grad_bias.data_ptr<scalar_t>() : nullptr, rows,
+            out_features);
       });
-  return {grad_pre, grad_bias};
+
+  std::optional<at::Tensor> grad_input, grad_weight;
+  if (output_mask[0]) {
+    grad_input = grad_pre.mm(weight).view(input.sizes());
+  }
+  if (output_mask[1]) {
+    grad_weight = grad_pre.t().mm(input.reshape({-1, in_features}));
+  }
+  return {grad_input, grad_weight,
+          output_mask[2] ? std::optional<at::Tensor>(grad_bias) : std::nullopt};
 }
 
 }  // namespace
