@@ -82,11 +82,20 @@ T dot(const T* a, const T* b, int64_t n) {
   return total;
 }
 
-// log(sum(exp(x))) in one pass from memory: each block is reduced for its
-// max, then summed from L1 against the running max, rescaling the running
-// sum when the max grows.
+// log(sum(exp(x))) as max + log(sum(exp(x - max))), in one pass from memory:
+// each block is reduced for its max, then summed from L1 against the running
+// max, rescaling the running sum when the max grows. The two parts are kept
+// apart so that the loss, (max - x_t) + log_sum, keeps its precision for
+// logits of large magnitude.
 template <typename T>
-T logsumexp(const T* x, int64_t n) {
+struct LogSumExp {
+  T max;
+  T log_sum;
+  T value() const { return max + log_sum; }
+};
+
+template <typename T>
+LogSumExp<T> logsumexp(const T* x, int64_t n) {
   T running_max = -std::numeric_limits<T>::infinity();
   T running_sum = 0;
   for (int64_t start = 0; start < n; start += kBlock) {
@@ -98,7 +107,7 @@ T logsumexp(const T* x, int64_t n) {
     }
     running_sum += sum_exp(x + start, len, running_max);
   }
-  return running_max + std::log(running_sum);
+  return {running_max, std::log(running_sum)};
 }
 
 // The per-row quantities of the loss and its gradient. With q the target
@@ -119,25 +128,27 @@ T class_weight(const Options<T>& o, int64_t c) {
   return o.weight == nullptr ? T(1) : o.weight[c];
 }
 
-// Returns {loss, lse, weight of the row in the mean} for one row.
+// Returns {loss, lse, weight of the row in the mean} for one row. Ignored rows
+// skip the sweep: their lse is never read.
 template <typename T>
 std::array<T, 3> forward_class_row(const T* x, int64_t target,
                                    const Options<T>& o) {
-  if (target == o.ignore_index) return {T(0), logsumexp(x, o.classes), T(0)};
-  const T lse = logsumexp(x, o.classes);
+  if (target == o.ignore_index) return {T(0), T(0), T(0)};
+  const LogSumExp<T> lse = logsumexp(x, o.classes);
   const T w_t = class_weight(o, target);
-  T loss = (T(1) - o.smoothing) * w_t * (lse - x[target]);
+  T loss = (T(1) - o.smoothing) * w_t * ((lse.max - x[target]) + lse.log_sum);
   if (o.smoothing > T(0)) {
-    const T sum_wx = dot(x, o.weight, o.classes);
-    loss += o.smoothing / T(o.classes) * (o.weight_sum * lse - sum_wx);
+    // sum_c w_c (lse - x_c), with the max taken out first as above.
+    const T sum_w_gap = o.weight_sum * lse.max - dot(x, o.weight, o.classes);
+    loss += o.smoothing / T(o.classes) * (sum_w_gap + o.weight_sum * lse.log_sum);
   }
-  return {loss, lse, w_t};
+  return {loss, lse.value(), w_t};
 }
 
 template <typename T>
 std::array<T, 3> forward_prob_row(const T* x, const T* q_raw,
                                   const Options<T>& o) {
-  const T lse = logsumexp(x, o.classes);
+  const LogSumExp<T> lse = logsumexp(x, o.classes);
   // sum(w q) and sum(w q x) with q = (1 - eps) q_raw + eps / C.
   T sum_wq;
   T sum_wqx;
@@ -164,7 +175,8 @@ std::array<T, 3> forward_prob_row(const T* x, const T* q_raw,
     sum_wq += eps_c * o.weight_sum;
     sum_wqx += eps_c * dot(x, o.weight, o.classes);
   }
-  return {lse * sum_wq - sum_wqx, lse, T(1)};
+  const T loss = (sum_wq * lse.max - sum_wqx) + sum_wq * lse.log_sum;
+  return {loss, lse.value(), T(1)};
 }
 
 // grad = scale * (a * softmax(x) - w * eps / C), then the target class gets

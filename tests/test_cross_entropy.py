@@ -1,0 +1,289 @@
+"""myext.cross_entropy on every backend, against the plain-PyTorch reference and F.cross_entropy."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import myext
+from conftest import backend_device_params
+
+BACKENDS = backend_device_params()
+KERNEL_BACKENDS = backend_device_params(include_reference=False)
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def make_case(shape, target_kind="class", weighted=False, dtype=torch.float64, device="cpu", ignore=True,
+              requires_grad=True, scale=1.0):
+    """Logits of `shape` ((C), (N, C) or (N, C, d1, ...)) and a target, with some ignored rows."""
+    classes = shape[0] if len(shape) == 1 else shape[1]
+    x = (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+    batch = shape[:0] if len(shape) == 1 else shape[:1] + shape[2:]
+    if target_kind == "class":
+        target = torch.randint(0, classes, batch, device=device)
+        if ignore and target.numel() > 1:
+            target.view(-1)[1] = -100
+    else:
+        target = torch.softmax(torch.randn(*shape, dtype=torch.float64), dim=0 if len(shape) == 1 else 1)
+        target = target.to(dtype=dtype, device=device)
+    weight = torch.rand(classes, dtype=torch.float64).add(0.5).to(dtype=dtype, device=device) if weighted else None
+    x.requires_grad_(requires_grad)
+    return x, target, weight
+
+
+SHAPES = {"1d": (5,), "2d": (4, 5), "nd": (3, 5, 2, 2)}
+# Every shape x target kind x reduction, with and without weights and smoothing.
+GRAD_CASES = [
+    (shape, kind, weighted, smoothing, reduction)
+    for shape, kind, (weighted, smoothing), reduction in itertools.product(
+        SHAPES, ["class", "prob"], [(False, 0.0), (True, 0.2)], REDUCTIONS)
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("shape,kind,weighted,smoothing,reduction", GRAD_CASES,
+                         ids=["-".join(map(str, c)) for c in GRAD_CASES])
+def test_gradcheck(backend, device, shape, kind, weighted, smoothing, reduction):
+    x, target, weight = make_case(SHAPES[shape], kind, weighted, device=device)
+    if kind == "prob":
+        target.requires_grad_()
+
+    def fn(x, target):
+        return myext.cross_entropy(x, target, weight, reduction=reduction, label_smoothing=smoothing,
+                                   backend=backend)
+
+    assert gradcheck(fn, (x, target))
+    assert gradgradcheck(fn, (x, target))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kind", ["class", "prob"])
+def test_gradcheck_noncontiguous(backend, device, kind):
+    x = torch.randn(6, 4, dtype=torch.float64, device=device).t().requires_grad_()
+    if kind == "class":
+        target = torch.tensor([0, 5, -100, 2, 0, 0], device=device)[::2].repeat(2)[:4]
+    else:
+        target = torch.softmax(torch.randn(6, 4, dtype=torch.float64, device=device), dim=0).t()
+    weight = torch.rand(12, dtype=torch.float64, device=device)[::2] + 0.5
+    fn = lambda x: myext.cross_entropy(x, target, weight, label_smoothing=0.1, backend=backend)  # noqa: E731
+    assert gradcheck(fn, (x,))
+    assert gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradcheck_ignore_index_is_a_class(backend, device):
+    x = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    target = torch.tensor([2, 0, 2, 4], device=device)
+    fn = lambda x: myext.cross_entropy(x, target, ignore_index=2, label_smoothing=0.3, backend=backend)  # noqa: E731
+    assert gradcheck(fn, (x,))
+    assert gradgradcheck(fn, (x,))
+
+
+# Tolerances against F.cross_entropy. float32: the same float32 math in another order,
+# over up to C = 5000 terms. bfloat16: our kernels compute in float32 and round once,
+# while PyTorch rounds its bfloat16 log_softmax; both sit within a few bf16 ulps
+# (2**-8 relative) of the float32 result, which is what we compare against.
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+AGREEMENT_CASES = [
+    (shape, kind, weighted, smoothing, reduction)
+    for shape, kind, (weighted, smoothing), reduction in itertools.product(
+        [(37, 70), (3, 5000), (2, 11, 3, 4)], ["class", "prob"], [(False, 0.0), (True, 0.1)], REDUCTIONS)
+]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,kind,weighted,smoothing,reduction", AGREEMENT_CASES,
+                         ids=["-".join(map(str, c)) for c in AGREEMENT_CASES])
+def test_matches_functional(backend, device, dtype, shape, kind, weighted, smoothing, reduction):
+    x, target, weight = make_case(shape, kind, weighted, dtype=dtype, device=device, scale=3.0)
+    kwargs = dict(reduction=reduction, label_smoothing=smoothing)
+    loss = myext.cross_entropy(x, target, weight, **kwargs, backend=backend)
+    grad_out = torch.rand_like(loss)
+    (grad,) = torch.autograd.grad(loss, x, grad_out)
+
+    # The spec in float32: PyTorch on the same values, upcast.
+    x_ref = x.detach().float().requires_grad_()
+    target_ref = target.float() if kind == "prob" else target
+    loss_ref = F.cross_entropy(x_ref, target_ref, weight.float() if weighted else None, **kwargs)
+    (grad_ref,) = torch.autograd.grad(loss_ref, x_ref, grad_out.float())
+
+    assert loss.dtype == dtype and loss.shape == loss_ref.shape
+    assert grad.dtype == dtype and grad.shape == x.shape
+    torch.testing.assert_close(loss.float(), loss_ref, **TOLERANCES[dtype])
+    torch.testing.assert_close(grad.float(), grad_ref, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_reference_is_the_spec(backend, device):
+    for kind, reduction in itertools.product(["class", "prob"], REDUCTIONS):
+        x, target, weight = make_case((6, 9), kind, weighted=True, device=device)
+        args = dict(reduction=reduction, label_smoothing=0.25)
+        ref = myext.cross_entropy(x, target, weight, **args, backend="torch")
+        torch.testing.assert_close(ref, F.cross_entropy(x, target, weight, **args))
+        torch.testing.assert_close(myext.cross_entropy(x, target, weight, **args, backend=backend), ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_all_ignored_batch(backend, device, reduction, smoothing):
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    target = torch.full((3,), -100, device=device)
+    loss = myext.cross_entropy(x, target, reduction=reduction, label_smoothing=smoothing, backend=backend)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    x_ref = x.detach().requires_grad_()
+    loss_ref = F.cross_entropy(x_ref, target, reduction=reduction, label_smoothing=smoothing)
+    (grad_ref,) = torch.autograd.grad(loss_ref.sum(), x_ref)
+    torch.testing.assert_close(loss, loss_ref, equal_nan=True)
+    torch.testing.assert_close(grad, grad_ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(backend, device, reduction):
+    x = torch.randn(0, 4, device=device, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.int64, device=device)
+    loss = myext.cross_entropy(x, target, reduction=reduction, backend=backend)
+    torch.testing.assert_close(loss, F.cross_entropy(x, target, reduction=reduction), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_extreme_logits(backend, device):
+    # Large spreads, a -inf logit, and a constant row far from zero. (The gradient's
+    # relative precision is about |lse| * 2**-24, as for any kernel that keeps only
+    # the log-sum-exp; hence rows near 1e4 rather than 1e30.)
+    x = torch.randn(4, 300, device=device) * 1e3
+    x[0, 7] = float("-inf")
+    x[1] = -1e4
+    target = torch.tensor([3, 4, 5, 6], device=device)
+    x.requires_grad_()
+    loss = myext.cross_entropy(x, target, reduction="none", label_smoothing=0.0, backend=backend)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    x_ref = x.detach().requires_grad_()
+    loss_ref = F.cross_entropy(x_ref, target, reduction="none")
+    (grad_ref,) = torch.autograd.grad(loss_ref.sum(), x_ref)
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(grad, grad_ref)
+
+
+def _opcheck_samples(device):
+    for kind, weighted, reduction in itertools.product(["class", "prob"], [False, True], [0, 1, 2]):
+        x, target, weight = make_case((4, 7), kind, weighted, device=device, requires_grad=False)
+        yield x, target, weight, reduction, -100, 0.1
+    x = torch.randn(7, 4, dtype=torch.float64, device=device).t()
+    yield x, torch.tensor([1, 6, -100, 0], device=device), None, 1, -100, 0.0
+    yield x, torch.softmax(torch.randn(7, 4, dtype=torch.float64, device=device), 0).t(), None, 0, -100, 0.0
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_opcheck(backend, device):
+    ops = myext.backends.kernels(backend)
+    for x, target, weight, reduction, ignore_index, smoothing in _opcheck_samples(device):
+        args = (x, target, weight, reduction, ignore_index, smoothing)
+        torch.library.opcheck(ops.cross_entropy_forward, args)
+        loss, lse, total_weight = ops.cross_entropy_forward(*args)
+        backward_args = (torch.rand_like(loss), x, target, weight, lse, total_weight, reduction, ignore_index,
+                         smoothing)
+        torch.library.opcheck(ops.cross_entropy_backward, backward_args)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("kind", ["class", "prob"])
+def test_compile_fullgraph(backend, device, kind):
+    torch._dynamo.reset()
+    x, target, weight = make_case((2, 5, 3), kind, weighted=True, dtype=torch.float32, device=device)
+
+    def fn(x):
+        return myext.cross_entropy(x, target, weight, label_smoothing=0.1, backend=backend)
+
+    loss = fn(x)
+    (grad,) = torch.autograd.grad(loss, x)
+    loss_c = torch.compile(fn, fullgraph=True)(x)
+    (grad_c,) = torch.autograd.grad(loss_c, x)
+    torch.testing.assert_close(loss_c, loss)
+    torch.testing.assert_close(grad_c, grad)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kind", ["class", "prob"])
+def test_does_not_change_inputs(backend, device, kind):
+    x, target, weight = make_case((5, 6), kind, weighted=True, dtype=torch.float32, device=device)
+    if kind == "prob":
+        target.requires_grad_()
+    before = [t.detach().clone() for t in (x, target, weight)]
+    loss = myext.cross_entropy(x, target, weight, label_smoothing=0.1, backend=backend)
+    loss.backward()
+    for t, t_before in zip((x, target, weight), before):
+        assert torch.equal(t.detach(), t_before)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_backend_runs_its_own_kernel(backend, device):
+    """The op of the named backend is what runs (no silent fallback to another backend)."""
+    x, target, _ = make_case((4, 5), dtype=torch.float32, device=device)
+    ops = myext.backends.kernels(backend)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        myext.cross_entropy(x, target, backend=backend).backward()
+    names = {event.name for event in prof.events()}
+    assert ops.cross_entropy_forward._qualified_op_name in names
+    assert ops.cross_entropy_backward._qualified_op_name in names
+
+
+def _bad(**changes):
+    return changes
+
+
+BAD_INPUTS = [
+    (_bad(input=lambda x: x.long()), TypeError, "input must have a floating dtype"),
+    (_bad(input=lambda x: x.sum()), ValueError, "input must be"),
+    (_bad(input=lambda x: x.tolist()), TypeError, "input must be a torch.Tensor"),
+    (_bad(target=lambda t: t.int()), TypeError, "target must hold class indices as int64"),
+    (_bad(target=lambda t: t[:2]), ValueError, "target of class indices must have shape"),
+    (_bad(target=lambda t: t.double()), ValueError, "probabilities and must have the input's shape"),
+    (_bad(target=lambda t: torch.where(t == 1, 7, t)), IndexError, "class index 7"),
+    (_bad(target=lambda t: torch.where(t == 1, -3, t)), IndexError, "class index -3"),
+    (_bad(target=lambda t: t.to("meta")), ValueError, "expected all tensors on one device"),
+    (_bad(weight=lambda w: w[:3]), ValueError, "weight must have one entry per class"),
+    (_bad(weight=lambda w: w.double()), TypeError, "weight has dtype"),
+    (_bad(weight=lambda w: w.to("meta")), ValueError, "expected all tensors on one device"),
+    (_bad(reduction="avg"), ValueError, "reduction must be one of"),
+    (_bad(label_smoothing=1.5), ValueError, r"label_smoothing must be a float in \[0, 1\]"),
+    (_bad(label_smoothing=-0.1), ValueError, r"label_smoothing must be a float in \[0, 1\]"),
+    (_bad(ignore_index=1.0), TypeError, "ignore_index must be an int"),
+    (_bad(backend="fortran"), ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("changes,error,message", BAD_INPUTS, ids=[str(i) for i in range(len(BAD_INPUTS))])
+def test_bad_input(backend, device, changes, error, message):
+    x = torch.randn(4, 5, device=device)
+    target = torch.tensor([0, 1, 2, 1], device=device)
+    args = dict(input=x, target=target, weight=torch.ones(5, device=device), ignore_index=-100,
+                reduction="mean", label_smoothing=0.0, backend=backend)
+    for key, change in changes.items():
+        args[key] = change(args[key]) if callable(change) else change
+    before = (x.clone(), target.clone())
+    with pytest.raises(error, match=message):
+        myext.cross_entropy(**args)
+    assert torch.equal(x, before[0]) and torch.equal(target, before[1])
+
+
+def test_backend_not_available_for_device():
+    x, target, _ = make_case((4, 5), dtype=torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match="cannot run on cpu tensors"):
+        myext.cross_entropy(x, target, backend="cuda")
+
+
+def test_out_of_range_target_fails_in_kernel():
+    """The C++ kernel checks class indices itself, for callers (like compiled graphs) that skip Python's check."""
+    x = torch.randn(3, 4)
+    ops = myext.backends.kernels("cpp")
+    with pytest.raises(IndexError, match="class index 9"):
+        ops.cross_entropy_forward(x, torch.tensor([0, 9, 1]), None, 1, -100, 0.0)
