@@ -35,4 +35,10 @@ TORCH_LIBRARY(myext, m) {
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, "
       "Tensor? weight, Tensor lse, Tensor total_weight, int reduction, "
       "int ignore_index, float label_smoothing) -> Tensor");
+  // The same gradient written over the logits (`input`), for callers that
+  // have no further use for them: no second R x C buffer.
+  m.def(
+      "cross_entropy_backward_(Tensor grad_loss, Tensor(a!) input, "
+      "Tensor target, Tensor? weight, Tensor lse, Tensor total_weight, "
+      "int reduction, int ignore_index, float label_smoothing) -> ()");
 }

@@ -14,6 +14,7 @@ from .backends import available_backends
 from .functional import cross_entropy, linear_relu
 
 _library.register("")
+_library.register_inplace()
 
 __all__ = ["autograd", "available_backends", "cross_entropy", "linear_relu", "reference"]
 __version__ = "0.1.0"

@@ -73,6 +73,11 @@ def cross_entropy_backward_fake(grad_loss, input, target, weight, lse, total_wei
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
+def cross_entropy_backward_inplace_fake(grad_loss, input, target, weight, lse, total_weight, reduction,
+                                        ignore_index, label_smoothing):
+    return None
+
+
 def _row_scale(grad_loss: torch.Tensor, total_weight: torch.Tensor, reduction: int, dtype: torch.dtype):
     """The factor each row's loss gradient is multiplied by, broadcastable to (R, 1)."""
     g = grad_loss.to(dtype)
@@ -121,6 +126,11 @@ def cross_entropy_backward_backward(ctx, grad_grad_input):
         grad_target = (scale * (1.0 - eps) * w * (gg_dot_p - gg)).to(target.dtype)
     return (grad_grad_loss.to(grad_loss.dtype), grad_input.to(input.dtype), grad_target,
             None, None, None, None, None, None)
+
+
+def register_inplace() -> None:
+    """Attaches the fake kernel of myext::cross_entropy_backward_ (C++ and CUDA backends only)."""
+    torch.library.register_fake("myext::cross_entropy_backward_", cross_entropy_backward_inplace_fake)
 
 
 def register(suffix: str) -> None:

@@ -45,15 +45,27 @@ def cross_entropy_target_grad(
 def cross_entropy_grads(
     ops, grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
     lse: torch.Tensor, total_weight: torch.Tensor, reduction: int, ignore_index: int, label_smoothing: float,
-    needs_input_grad: tuple[bool, ...],
+    needs_input_grad: tuple[bool, ...], inplace: bool = False,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Gradients of the cross-entropy for (input, target); the target's only for probabilities."""
+    """Gradients of the cross-entropy for (input, target); the target's only for probabilities.
+
+    With ``inplace`` the input's gradient is written over ``input`` itself. That bumps
+    its version counter, so any other autograd node that saved the logits raises an
+    error instead of reading the gradient as logits.
+    """
     grad_input = grad_target = None
-    if needs_input_grad[0]:
-        grad_input = ops.cross_entropy_backward(
-            grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing)
+    # The target's gradient reads the logits, so it comes before any in-place write.
     if needs_input_grad[1] and target.is_floating_point():
         grad_target = cross_entropy_target_grad(grad_loss, input, weight, total_weight, reduction, label_smoothing)
+    if needs_input_grad[0]:
+        args = (grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing)
+        if inplace and not torch.is_grad_enabled():
+            torch.ops.myext.cross_entropy_backward_(*args)
+            # The dispatcher does not bump versions for custom ops run in backward.
+            torch.autograd.graph.increment_version(input)
+            grad_input = input
+        else:
+            grad_input = ops.cross_entropy_backward(*args)
     return grad_input, grad_target
 
 
@@ -85,19 +97,23 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy of logits (R, C) against class indices (R,) or probabilities (R, C).
 
     ``CrossEntropyFunction.apply(input, target, weight, reduction, ignore_index,
-    label_smoothing, backend)`` with reduction 0 (none), 1 (mean) or 2 (sum); the
-    arguments already checked and reshaped to two dimensions (see myext.cross_entropy).
-    Forward keeps only the per-row log-sum-exp and the mean's divisor for backward.
+    label_smoothing, backend, inplace_backward)`` with reduction 0 (none), 1 (mean) or
+    2 (sum); the arguments already checked and reshaped to two dimensions (see
+    myext.cross_entropy). Forward keeps only the per-row log-sum-exp and the mean's
+    divisor for backward. With ``inplace_backward`` (cpp and cuda backends, contiguous
+    logits) backward writes the gradient over the logits.
     """
 
     @staticmethod
     def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                reduction: int, ignore_index: int, label_smoothing: float, backend: str) -> torch.Tensor:
+                reduction: int, ignore_index: int, label_smoothing: float, backend: str,
+                inplace_backward: bool = False) -> torch.Tensor:
         loss, lse, total_weight = kernels(backend).cross_entropy_forward(
             input, target, weight, reduction, ignore_index, label_smoothing)
         ctx.save_for_backward(input, target, weight, lse, total_weight)
         ctx.options = (reduction, ignore_index, label_smoothing)
         ctx.backend = backend
+        ctx.inplace_backward = inplace_backward
         return loss
 
     @staticmethod
@@ -105,5 +121,5 @@ class CrossEntropyFunction(torch.autograd.Function):
         input, target, weight, lse, total_weight = ctx.saved_tensors
         grad_input, grad_target = cross_entropy_grads(
             kernels(ctx.backend), grad_loss, input, target, weight, lse, total_weight, *ctx.options,
-            ctx.needs_input_grad)
-        return grad_input, grad_target, None, None, None, None, None
+            ctx.needs_input_grad, inplace=ctx.inplace_backward)
+        return grad_input, grad_target, None, None, None, None, None, None

@@ -10,7 +10,6 @@ Backends:
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple, Optional, Union
 
@@ -45,19 +44,34 @@ def kernels(backend: str) -> Kernels:
     return _ops_with_suffix("")
 
 
-@functools.lru_cache(maxsize=None)
+# Facts of the installation, found once. torch.compile takes the results of these
+# queries as constants (assume_constant_result) instead of tracing them.
+_probed: dict[tuple, bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    key = ("kernel", op, dispatch_key)
+    if key not in _probed:
+        _probed[key] = torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
+    return _probed[key]
+
+
 def _cuda_kernels_built() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("myext::linear_relu", "CUDA")
+    return _has_kernel("myext::linear_relu", "CUDA")
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _triton_importable() -> bool:
-    # Imported only when asked about, so that TRITON_INTERPRET may still be set first.
-    try:
-        import triton_ops  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if "triton" not in _probed:
+        # Imported only when asked about, so that TRITON_INTERPRET may still be set first.
+        try:
+            import triton_ops  # noqa: F401
+        except ImportError:
+            _probed["triton"] = False
+        else:
+            _probed["triton"] = True
+    return _probed["triton"]
 
 
 def _triton_interpreted() -> bool:
@@ -72,9 +86,8 @@ def _available_on(backend: str, device_type: str) -> bool:
     if backend == "cuda":
         return device_type == "cuda" and _cuda_kernels_built()
     if backend == "triton":
-        if not _triton_importable():
-            return False
-        return device_type == "cuda" or (device_type == "cpu" and _triton_interpreted())
+        runs_here = device_type == "cuda" or (device_type == "cpu" and _triton_interpreted())
+        return runs_here and _triton_importable()
     return False
 
 
@@ -113,7 +126,8 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
         backend = os.environ.get(ENV_VAR) or None
         source = f"${ENV_VAR}"
     if backend is None:
-        return available_backends(device)[0]
+        order = _DEFAULT_ORDER.get(device.type, ("torch",))
+        return next(name for name in order if _available_on(name, device.type))
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {list(BACKENDS)}, got {backend!r}")
     if not _available_on(backend, device.type):
@@ -131,3 +145,9 @@ def _why_unavailable(backend: str, device_type: str) -> str:
     if backend == "cuda" and device_type == "cuda":
         return " (myext was built without its CUDA kernels; rebuild with MYEXT_BUILD_CUDA=1)"
     return ""
+
+
+def has_inplace_cross_entropy_backward(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` has a kernel that writes the cross-entropy gradient over the logits."""
+    key = {"cpp": "CPU", "cuda": "CUDA"}.get(backend)
+    return key is not None and device.type == key.lower() and _has_kernel("myext::cross_entropy_backward_", key)

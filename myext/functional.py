@@ -9,7 +9,7 @@ import torch
 from . import reference
 from ._validation import REDUCTIONS, check_cross_entropy, check_linear_relu
 from .autograd import CrossEntropyFunction, FusedLinearReLUFunction
-from .backends import resolve_backend
+from .backends import has_inplace_cross_entropy_backward, resolve_backend
 
 
 def linear_relu(
@@ -55,6 +55,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     backend: Optional[str] = None,
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     r"""Cross-entropy between logits and targets, with the semantics of ``F.cross_entropy``.
 
@@ -71,6 +72,13 @@ def cross_entropy(
         label_smoothing: in ``[0, 1]``; mixes the target with the uniform distribution.
         backend: ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"torch"``; ``None`` picks
             ``$MYEXT_BACKEND`` or the best backend available for the tensors' device.
+        inplace_backward: write the gradient over the logits' own buffer in backward,
+            saving a second ``N x C`` allocation (as flash-attention's cross-entropy
+            offers). Only for logits computed by an earlier op, never a leaf tensor;
+            after backward they hold their gradient. Should anything else have saved
+            the logits for its backward, autograd raises an error rather than let it
+            read the gradient. Backends without an in-place kernel (``torch``,
+            ``triton``) and non-contiguous logits compute out of place.
 
     Returns:
         A scalar, or for ``reduction="none"`` the loss of each element of the target's
@@ -84,6 +92,9 @@ def cross_entropy(
         True
     """
     probabilities = check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    if inplace_backward and input.is_leaf and input.requires_grad:
+        raise ValueError("inplace_backward=True would overwrite input, a leaf tensor that requires grad, with "
+                         "its own gradient; use it for logits computed by an earlier op")
     name = resolve_backend(backend, input.device)
 
     # The kernels see rows of classes: (R, C) logits and (R,) or (R, C) targets.
@@ -103,6 +114,8 @@ def cross_entropy(
         loss = reference.cross_entropy_2d(input_2d, target_2d, weight, ignore_index, reduction,
                                           float(label_smoothing))
     else:
+        inplace = (inplace_backward and input_2d.is_contiguous()
+                   and has_inplace_cross_entropy_backward(name, input.device))
         loss = CrossEntropyFunction.apply(input_2d, target_2d, weight, REDUCTIONS[reduction], ignore_index,
-                                          float(label_smoothing), name)
+                                          float(label_smoothing), name, inplace)
     return loss.reshape(batch_shape) if reduction == "none" else loss

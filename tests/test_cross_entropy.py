@@ -287,3 +287,71 @@ def test_out_of_range_target_fails_in_kernel():
     ops = myext.backends.kernels("cpp")
     with pytest.raises(IndexError, match="class index 9"):
         ops.cross_entropy_forward(x, torch.tensor([0, 9, 1]), None, 1, -100, 0.0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("kind", ["class", "prob"])
+def test_inplace_backward_gives_the_same_gradients(backend, device, kind):
+    x, target, weight = make_case((6, 7), kind, weighted=True, dtype=torch.float64, device=device)
+    if kind == "prob":
+        target.requires_grad_()
+    grads = []
+    for inplace in (False, True):
+        logits = x * 2.0
+        loss = myext.cross_entropy(logits, target, weight, label_smoothing=0.1, backend=backend,
+                                   inplace_backward=inplace)
+        grads.append(torch.autograd.grad(loss, (x, target) if kind == "prob" else (x,)))
+    for g_out_of_place, g_inplace in zip(*grads):
+        torch.testing.assert_close(g_inplace, g_out_of_place)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_inplace_backward_overwrites_only_what_nothing_else_needs(backend, device):
+    """Logits saved by another node: autograd's version check raises, never a wrong gradient."""
+    x = torch.randn(4, 5, device=device, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3], device=device)
+    logits = x * 2.0
+    # The square saves the logits and, created earlier, runs its backward after ours.
+    loss = (logits ** 2).sum() + myext.cross_entropy(logits, target, backend=backend, inplace_backward=True)
+    if myext.backends.has_inplace_cross_entropy_backward(backend, x.device):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    else:
+        loss.backward()
+        x_ref = x.detach().requires_grad_()
+        logits_ref = x_ref * 2.0
+        ((logits_ref ** 2).sum() + F.cross_entropy(logits_ref, target)).backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_inplace_backward_refuses_a_leaf(backend, device):
+    x = torch.randn(4, 5, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="inplace_backward=True would overwrite input"):
+        myext.cross_entropy(x, torch.tensor([0, 1, 2, 3], device=device), backend=backend, inplace_backward=True)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_inplace_backward_compiles(backend, device):
+    torch._dynamo.reset()
+    x = torch.randn(6, 5, device=device, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3, 4, -100], device=device)
+
+    def step(x):
+        return myext.cross_entropy(x * 3.0, target, backend=backend, inplace_backward=True)
+
+    (grad,) = torch.autograd.grad(step(x), x)
+    (grad_c,) = torch.autograd.grad(torch.compile(step, fullgraph=True)(x), x)
+    x_ref = x.detach().requires_grad_()
+    F.cross_entropy(x_ref * 3.0, target).backward()
+    torch.testing.assert_close(grad, x_ref.grad)
+    torch.testing.assert_close(grad_c, x_ref.grad)
+
+
+def test_inplace_op_opcheck():
+    ops = myext.backends.kernels("cpp")
+    x = torch.randn(4, 7, dtype=torch.float64)
+    target = torch.tensor([1, 6, -100, 0])
+    loss, lse, total_weight = ops.cross_entropy_forward(x, target, None, 1, -100, 0.1)
+    torch.library.opcheck(torch.ops.myext.cross_entropy_backward_,
+                          (torch.ones(()), x.clone(), target, None, lse, total_weight, 1, -100, 0.1))
