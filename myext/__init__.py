@@ -5,16 +5,21 @@ registered in the PyTorch dispatcher under ``torch.ops.myext``, and a plain-PyTo
 reference (``backend="torch"``) that every kernel is tested against.
 """
 
-import torch  # noqa: F401  (loads libtorch before the extension)
+import os
+
+import torch  # loads libtorch before the extension
 
 from . import _C  # noqa: F401  (registers the myext:: ops and their kernels)
 from . import _library
-from . import autograd, reference
+from . import autograd, backends, reference
 from .backends import available_backends
 from .functional import cross_entropy, linear_relu
 
 _library.register("")
 _library.register_inplace()
+
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    backends.probe_triton()
 
 __all__ = ["autograd", "available_backends", "cross_entropy", "linear_relu", "reference"]
 __version__ = "0.1.0"

@@ -85,12 +85,18 @@ def check_cross_entropy(
         if weight.shape != (classes,):
             raise ValueError(f"weight must have one entry per class, shape ({classes},), "
                              f"got {tuple(weight.shape)}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("weight requires grad, but myext does not differentiate the class weights; "
+                             "pass weight.detach()")
 
     if target.is_floating_point():
         if target.shape != input.shape:
             raise ValueError(f"a floating-point target holds class probabilities and must have the "
                              f"input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
         _check_same("target", target, "input", input)
+        if ignore_index != -100:
+            raise ValueError(f"ignore_index ({ignore_index}) applies to class-index targets only, "
+                             "not to a floating-point target of probabilities")
         return True
 
     if target.dtype != torch.int64:
@@ -100,12 +106,19 @@ def check_cross_entropy(
     if target.shape != expected:
         raise ValueError(f"target of class indices must have shape {tuple(expected)} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
-    # The range check needs the values, which a traced graph does not have; the
-    # C++ kernels check again, so a compiled graph still never reads out of bounds.
-    if not torch.compiler.is_compiling() and target.numel() > 0:
-        bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-        if bad.any():
-            value = target[bad].flatten()[0].item()
-            raise IndexError(f"target holds class index {value}, expected values in [0, {classes}) "
-                             f"or ignore_index ({ignore_index})")
     return False
+
+
+def check_class_indices(target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """Raises IndexError for a class index outside [0, classes) that is not ignore_index.
+
+    It reads the values (a host sync on a GPU), which a traced graph does not have,
+    so it is skipped while compiling, and for the C++ kernels, which check as they read.
+    """
+    if torch.compiler.is_compiling() or target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if bad.any():
+        value = target[bad].flatten()[0].item()
+        raise IndexError(f"target holds class index {value}, expected values in [0, {classes}) "
+                         f"or ignore_index ({ignore_index})")

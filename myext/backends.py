@@ -15,6 +15,8 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from . import _C  # noqa: F401  (its kernels must be registered before they are probed)
+
 BACKENDS = ("cpp", "cuda", "triton", "torch")
 ENV_VAR = "MYEXT_BACKEND"
 # Preference order for backend=None on each device type.
@@ -35,43 +37,50 @@ def _ops_with_suffix(suffix: str) -> Kernels:
     return Kernels(*(getattr(ns, name + suffix) for name in Kernels._fields))
 
 
+# Looked up once: an op lookup on torch.ops costs microseconds on every call.
+_KERNELS = {"cpp": _ops_with_suffix(""), "cuda": _ops_with_suffix("")}
+
+
 def kernels(backend: str) -> Kernels:
     """The registered ops behind a compiled backend ("cpp", "cuda" or "triton")."""
-    if backend == "triton":
-        import triton_ops  # noqa: F401  (registers the myext::*_triton ops)
-
-        return _ops_with_suffix("_triton")
-    return _ops_with_suffix("")
+    if backend == "triton" and backend not in _KERNELS:
+        probe_triton()
+    return _KERNELS[backend]
 
 
-# Facts of the installation, found once. torch.compile takes the results of these
-# queries as constants (assume_constant_result) instead of tracing them.
-_probed: dict[tuple, bool] = {}
+# Facts of the installation, probed once. Plain module globals: torch.compile reads
+# them as constants instead of tracing the probes.
+_CUDA_KERNELS_BUILT = torch._C._dispatch_has_kernel_for_dispatch_key("myext::linear_relu", "CUDA")
+_INPLACE_CROSS_ENTROPY_KEYS = frozenset(
+    key for key in ("CPU", "CUDA")
+    if torch._C._dispatch_has_kernel_for_dispatch_key("myext::cross_entropy_backward_", key))
+_triton_ops_loaded: Optional[bool] = None
 
 
-@torch.compiler.assume_constant_result
-def _has_kernel(op: str, dispatch_key: str) -> bool:
-    key = ("kernel", op, dispatch_key)
-    if key not in _probed:
-        _probed[key] = torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
-    return _probed[key]
+def probe_triton() -> bool:
+    """Imports triton_ops (registering its ops) once; returns whether that worked.
+
+    myext's import calls it where Triton can run (a CUDA device, or TRITON_INTERPRET=1),
+    so that a compiled graph never has to trace the import.
+    """
+    global _triton_ops_loaded
+    if _triton_ops_loaded is None:
+        try:
+            import triton_ops  # noqa: F401  (registers the myext::*_triton ops)
+        except ImportError:
+            _triton_ops_loaded = False
+        else:
+            _KERNELS["triton"] = _ops_with_suffix("_triton")
+            _triton_ops_loaded = True
+    return _triton_ops_loaded
 
 
 def _cuda_kernels_built() -> bool:
-    return _has_kernel("myext::linear_relu", "CUDA")
+    return _CUDA_KERNELS_BUILT
 
 
-@torch.compiler.assume_constant_result
 def _triton_importable() -> bool:
-    if "triton" not in _probed:
-        # Imported only when asked about, so that TRITON_INTERPRET may still be set first.
-        try:
-            import triton_ops  # noqa: F401
-        except ImportError:
-            _probed["triton"] = False
-        else:
-            _probed["triton"] = True
-    return _probed["triton"]
+    return _triton_ops_loaded if _triton_ops_loaded is not None else probe_triton()
 
 
 def _triton_interpreted() -> bool:
@@ -150,4 +159,4 @@ def _why_unavailable(backend: str, device_type: str) -> str:
 def has_inplace_cross_entropy_backward(backend: str, device: torch.device) -> bool:
     """Whether ``backend`` has a kernel that writes the cross-entropy gradient over the logits."""
     key = {"cpp": "CPU", "cuda": "CUDA"}.get(backend)
-    return key is not None and device.type == key.lower() and _has_kernel("myext::cross_entropy_backward_", key)
+    return key is not None and device.type == key.lower() and key in _INPLACE_CROSS_ENTROPY_KEYS

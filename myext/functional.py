@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._validation import REDUCTIONS, check_cross_entropy, check_linear_relu
+from ._validation import REDUCTIONS, check_class_indices, check_cross_entropy, check_linear_relu
 from .autograd import CrossEntropyFunction, FusedLinearReLUFunction
 from .backends import has_inplace_cross_entropy_backward, resolve_backend
 
@@ -96,6 +96,8 @@ def cross_entropy(
         raise ValueError("inplace_backward=True would overwrite input, a leaf tensor that requires grad, with "
                          "its own gradient; use it for logits computed by an earlier op")
     name = resolve_backend(backend, input.device)
+    if not probabilities and name != "cpp":
+        check_class_indices(target, input.size(0) if input.dim() == 1 else input.size(1), ignore_index)
 
     # The kernels see rows of classes: (R, C) logits and (R,) or (R, C) targets.
     if input.dim() == 1:

@@ -272,8 +272,11 @@ Options<acc_t> make_options(const at::Tensor& weight_acc, int64_t classes,
                             int64_t ignore_index, double smoothing) {
   Options<acc_t> o;
   o.weight = weight_acc.defined() ? weight_acc.data_ptr<acc_t>() : nullptr;
-  o.weight_sum = weight_acc.defined() ? weight_acc.sum().item<acc_t>()
-                                      : static_cast<acc_t>(classes);
+  o.weight_sum = static_cast<acc_t>(classes);
+  if (weight_acc.defined()) {
+    o.weight_sum = 0;
+    for (int64_t c = 0; c < classes; ++c) o.weight_sum += o.weight[c];
+  }
   o.classes = classes;
   o.ignore_index = ignore_index;
   o.smoothing = static_cast<acc_t>(smoothing);
@@ -306,9 +309,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
   const auto acc_type = at::toOpMathType(x.scalar_type());
   const at::Tensor weight_acc =
       weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
-  at::Tensor losses = at::empty({rows}, x.options().dtype(acc_type));
   at::Tensor lse = at::empty({rows}, x.options().dtype(acc_type));
-  at::Tensor row_weights = at::empty({rows}, x.options().dtype(acc_type));
+  at::Tensor total_weight = at::empty({}, x.options().dtype(acc_type));
+  at::Tensor loss = at::empty(reduction == kNone ? at::IntArrayRef{rows}
+                                                 : at::IntArrayRef{},
+                              x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x.scalar_type(), "cross_entropy_forward_cpu", [&] {
@@ -316,9 +321,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
         const auto o = make_options<acc_t>(weight_acc, classes, ignore_index,
                                            label_smoothing);
         const scalar_t* xp = x.data_ptr<scalar_t>();
-        acc_t* loss_p = losses.data_ptr<acc_t>();
         acc_t* lse_p = lse.data_ptr<acc_t>();
-        acc_t* rw_p = row_weights.data_ptr<acc_t>();
+        std::vector<acc_t> losses(rows), row_weights(rows);
         at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
           std::vector<acc_t> x_scratch, q_scratch;
           for (int64_t r = begin; r < end; ++r) {
@@ -331,24 +335,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
                           row_as_acc<scalar_t, acc_t>(t.data_ptr<scalar_t>(), r,
                                                       classes, q_scratch),
                           o);
-            loss_p[r] = res[0];
+            losses[r] = res[0];
             lse_p[r] = res[1];
-            rw_p[r] = res[2];
+            row_weights[r] = res[2];
           }
         });
-      });
 
-  // Summing the per-row values serially keeps the result independent of the
-  // number of threads; the rows cost nothing next to the R x C sweep.
-  const at::Tensor total_weight = row_weights.sum();
-  at::Tensor loss;
-  if (reduction == kNone) {
-    loss = losses.to(x.scalar_type());
-  } else if (reduction == kSum) {
-    loss = losses.sum().to(x.scalar_type());
-  } else {
-    loss = (losses.sum() / total_weight).to(x.scalar_type());
-  }
+        // Summed serially, in double, so that the result does not depend on
+        // the number of threads; R values cost nothing next to the R x C sweep.
+        double loss_sum = 0, weight_sum = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          loss_sum += losses[r];
+          weight_sum += row_weights[r];
+        }
+        total_weight.data_ptr<acc_t>()[0] = static_cast<acc_t>(weight_sum);
+        scalar_t* loss_p = loss.data_ptr<scalar_t>();
+        if (reduction == kNone) {
+          std::copy(losses.begin(), losses.end(), loss_p);
+        } else {
+          // An all-ignored mean is 0 / 0 = nan, as in PyTorch.
+          const double value = reduction == kSum ? loss_sum : loss_sum / weight_sum;
+          loss_p[0] = static_cast<scalar_t>(static_cast<acc_t>(value));
+        }
+      });
   return {loss, lse, total_weight};
 }
 
@@ -370,14 +379,14 @@ void cross_entropy_backward_into(
   const at::Tensor weight_acc =
       weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor lse_c = lse.to(acc_type).contiguous();
-  // The per-row factor of the upstream gradient.
-  at::Tensor scale;
-  if (reduction == kNone) {
-    scale = grad_loss.to(acc_type).contiguous();
-  } else {
-    at::Tensor g = grad_loss.to(acc_type);
-    if (reduction == kMean) g = g / total_weight.to(acc_type);
-    scale = g.reshape({1}).expand({rows}).contiguous();
+  // The factor of each row's gradient: its upstream gradient with no reduction,
+  // else one scalar (divided by the mean's divisor).
+  const at::Tensor row_scales =
+      reduction == kNone ? grad_loss.to(acc_type).contiguous() : at::Tensor();
+  double common_scale = 0;
+  if (reduction != kNone) {
+    common_scale = grad_loss.item<double>();
+    if (reduction == kMean) common_scale /= total_weight.item<double>();
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -388,7 +397,9 @@ void cross_entropy_backward_into(
         const scalar_t* xp = x.data_ptr<scalar_t>();
         scalar_t* gp = grad_input.data_ptr<scalar_t>();
         const acc_t* lse_p = lse_c.data_ptr<acc_t>();
-        const acc_t* scale_p = scale.data_ptr<acc_t>();
+        const acc_t* scale_p =
+            row_scales.defined() ? row_scales.data_ptr<acc_t>() : nullptr;
+        const acc_t scale_all = static_cast<acc_t>(common_scale);
         at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
           std::vector<acc_t> x_scratch, q_scratch, g_scratch;
           for (int64_t r = begin; r < end; ++r) {
@@ -397,13 +408,13 @@ void cross_entropy_backward_into(
                 grad_row_as_acc<scalar_t, acc_t>(gp, r, classes, g_scratch);
             if (class_targets) {
               backward_class_row(row, grad_row, t.data_ptr<int64_t>()[r],
-                                 lse_p[r], scale_p[r], o);
+                                 lse_p[r], scale_p ? scale_p[r] : scale_all, o);
             } else {
               backward_prob_row(
                   row,
                   row_as_acc<scalar_t, acc_t>(t.data_ptr<scalar_t>(), r, classes,
                                               q_scratch),
-                  grad_row, lse_p[r], scale_p[r], o);
+                  grad_row, lse_p[r], scale_p ? scale_p[r] : scale_all, o);
             }
             store_grad_row(grad_row, gp, r, classes);
           }
