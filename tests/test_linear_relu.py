@@ -180,3 +180,16 @@ def test_env_var_sets_default_backend(monkeypatch):
     monkeypatch.setenv("MYEXT_BACKEND", "bogus")
     with pytest.raises(ValueError, match=r"\$MYEXT_BACKEND must be one of"):
         myext.linear_relu(x, w, b)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("shape,out_features", [((0, 5), 3), ((4, 0), 3), ((4, 5), 0)], ids=str)
+def test_empty_dimensions(backend, device, shape, out_features):
+    x, w, b = make_args(shape, out_features=out_features, dtype=torch.float32, device=device)
+    out = myext.linear_relu(x, w, b, backend=backend)
+    out_ref = expected(x, w, b)
+    torch.testing.assert_close(out, out_ref)
+    grads = torch.autograd.grad(out.sum(), (x, w, b), allow_unused=True)
+    grads_ref = torch.autograd.grad(out_ref.sum(), (x, w, b), allow_unused=True)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g if g is not None else torch.zeros_like(g_ref), g_ref)

@@ -52,8 +52,9 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   const int64_t in_features = weight.size(1);
   const int64_t out_features = weight.size(0);
   // A view when the leading dimensions are contiguous: no copy of the input.
-  const at::Tensor input_2d = input.reshape({-1, in_features});
-  const int64_t rows = input_2d.size(0);
+  // (rows spelled out, not -1, so that in_features == 0 reshapes too.)
+  const int64_t rows = c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
+  const at::Tensor input_2d = input.reshape({rows, in_features});
 
   at::Tensor output = at::empty({rows, out_features}, input.options());
   at::mm_out(output, input_2d, weight.t());
@@ -134,7 +135,7 @@ linear_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
   const int64_t in_features = weight.size(1);
   const at::Tensor grad_c = grad_output.contiguous();
   const at::Tensor out_c = output.contiguous();
-  const int64_t rows = out_c.numel() / std::max<int64_t>(1, out_features);
+  const int64_t rows = c10::multiply_integers(output.sizes().slice(0, output.dim() - 1));
 
   at::Tensor grad_pre = at::empty({rows, out_features}, output.options());
   at::Tensor grad_bias = at::empty({out_features}, output.options());
@@ -153,7 +154,7 @@ linear_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
     grad_input = grad_pre.mm(weight).view(input.sizes());
   }
   if (output_mask[1]) {
-    grad_weight = grad_pre.t().mm(input.reshape({-1, in_features}));
+    grad_weight = grad_pre.t().mm(input.reshape({rows, in_features}));
   }
   return {grad_input, grad_weight,
           output_mask[2] ? std::optional<at::Tensor>(grad_bias) : std::nullopt};
