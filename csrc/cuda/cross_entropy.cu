@@ -1,0 +1,600 @@
+// Cross-entropy on CUDA.
+//
+// Forward reads each row of logits once: every thread keeps an online softmax
+// (running max and sum of exponentials, rescaled when the max grows) together
+// with the dot products that label smoothing and probability targets need,
+// and the block merges the threads' partial statistics with warp shuffles.
+// A row of up to kMaxChunk classes is one block; a longer row (large
+// vocabularies) is split over several blocks whose statistics a second,
+// small kernel merges. Backward writes the gradient, into a new buffer or over
+// the logits, in one read of them (probability targets also take a first pass
+// over the targets for sum(w q), which forward's outputs do not carry).
+// Math is in float32 for bfloat16/float16 inputs (float64 for float64), and
+// loads are 128-bit wherever every row starts 16-byte aligned.
+//
+// The per-row quantities, as in the CPU kernel (csrc/cpu/cross_entropy.cpp):
+// with q the target distribution after label smoothing and w the class
+// weights (ones if none),
+//   loss = lse * sum(w q) - sum(w q x),   grad = sum(w q) * softmax(x) - w q,
+// where a class-index target t gives q = (1 - eps) onehot(t) + eps / C.
+//
+// Only the ATen headers in use are included, not ATen/ATen.h: nvcc parses
+// every header several times (host, and device once per architecture), and
+// ATen/ATen.h would add about a third to the build time.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace myext {
+namespace cuda {
+namespace {
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+// Classes one block reduces. Up to this a block per row keeps every SM busy
+// for any batch worth launching; longer rows are split so that a batch of a
+// few rows of a 128k vocabulary still spreads over several SMs.
+constexpr int64_t kMaxChunk = 65536;
+constexpr int kMaxThreads = 256;
+constexpr int kCombineThreads = 256;
+
+template <typename scalar_t, typename acc_t>
+struct Problem {
+  const scalar_t* input;        // (R, C) logits
+  const int64_t* class_target;  // (R,) class indices, or null
+  const scalar_t* prob_target;  // (R, C) probabilities, or null
+  const acc_t* weight;          // (C,) class weights, or null: all ones
+  const acc_t* weight_sum;      // device scalar sum of weight, or null: C
+  int64_t classes;
+  int64_t chunk;                // block (row, j) covers classes [j chunk, (j + 1) chunk)
+  int64_t ignore_index;
+  acc_t smoothing;
+};
+
+template <typename acc_t>
+struct RowOutputs {
+  acc_t* loss;
+  acc_t* lse;
+  acc_t* row_weight;  // the row's share of the mean's divisor
+};
+
+// Partial statistics of a row (or of a chunk of one).
+template <typename acc_t>
+struct RowStats {
+  acc_t max;
+  acc_t sum_exp;  // sum(exp(x - max))
+  acc_t sum_wx;   // sum(w x): label smoothing only
+  acc_t sum_wq;   // sum(w q): probability targets only
+  acc_t sum_wqx;  // sum(w q x): probability targets only
+};
+
+template <typename acc_t>
+__device__ __forceinline__ RowStats<acc_t> shfl_xor(const RowStats<acc_t>& s, int mask) {
+  using myext::cuda::shfl_xor;  // the scalar overload, hidden by this one
+  return {shfl_xor(s.max, mask), shfl_xor(s.sum_exp, mask), shfl_xor(s.sum_wx, mask),
+          shfl_xor(s.sum_wq, mask), shfl_xor(s.sum_wqx, mask)};
+}
+
+// Rescales `sum_exp` from `max` to `new_max` (>= max). Comparing first keeps an
+// all -inf part at 0 instead of exp(-inf - -inf) = NaN.
+template <typename acc_t>
+__device__ __forceinline__ acc_t rescale(acc_t sum_exp, acc_t max, acc_t new_max) {
+  return max == new_max ? sum_exp : sum_exp * std::exp(max - new_max);
+}
+
+struct MergeStats {
+  template <typename acc_t>
+  __device__ RowStats<acc_t> operator()(const RowStats<acc_t>& a, const RowStats<acc_t>& b) const {
+    const acc_t max = a.max > b.max ? a.max : b.max;
+    return {max, rescale(a.sum_exp, a.max, max) + rescale(b.sum_exp, b.max, max),
+            a.sum_wx + b.sum_wx, a.sum_wq + b.sum_wq, a.sum_wqx + b.sum_wqx};
+  }
+};
+
+struct Sum {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t nan_value() {
+  return std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t total_class_weight(const Problem<scalar_t, acc_t>& p) {
+  return p.weight_sum == nullptr ? static_cast<acc_t>(p.classes) : *p.weight_sum;
+}
+
+// The weights of classes [c, c + VEC).
+template <int VEC, typename scalar_t, typename acc_t>
+__device__ __forceinline__ Pack<acc_t, VEC> load_weights(const Problem<scalar_t, acc_t>& p, int64_t c) {
+  if (p.weight != nullptr) return load_pack<VEC>(p.weight + c);
+  Pack<acc_t, VEC> ones;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) ones.val[i] = acc_t(1);
+  return ones;
+}
+
+// The class index of a row that is not ignored. An index outside [0, C) stops
+// the kernel with a device-side assertion; where assertions are compiled out
+// it yields -1, which callers turn into NaN without reading memory with it.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ int64_t checked_target(const Problem<scalar_t, acc_t>& p, int64_t t) {
+  const bool in_range = t >= 0 && t < p.classes;
+  CUDA_KERNEL_ASSERT(in_range && "cross_entropy: target class index out of range");
+  return in_range ? t : -1;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void write_ignored_row(const RowOutputs<acc_t>& out, int64_t row) {
+  // The lse of an ignored row is never read: it is not computed.
+  out.loss[row] = acc_t(0);
+  out.lse[row] = acc_t(0);
+  out.row_weight[row] = acc_t(0);
+}
+
+// Turns a row's statistics into its loss, lse and weight in the mean. The
+// loss keeps max and log(sum_exp) apart, (max - x_t) + log_sum, which stays
+// exact for logits of large magnitude where lse - x_t would cancel.
+template <bool kProb, typename scalar_t, typename acc_t>
+__device__ void finish_row(const Problem<scalar_t, acc_t>& p, int64_t row,
+                           const RowStats<acc_t>& s, const RowOutputs<acc_t>& out) {
+  const acc_t log_sum = std::log(s.sum_exp);
+  const acc_t keep = acc_t(1) - p.smoothing;
+  const acc_t eps_c = p.smoothing / static_cast<acc_t>(p.classes);
+  acc_t loss;
+  acc_t row_weight = acc_t(1);
+  if constexpr (kProb) {
+    const acc_t sum_wq = keep * s.sum_wq + eps_c * total_class_weight(p);
+    const acc_t sum_wqx = keep * s.sum_wqx + eps_c * s.sum_wx;
+    loss = (sum_wq * s.max - sum_wqx) + sum_wq * log_sum;
+  } else {
+    const int64_t t = checked_target(p, p.class_target[row]);
+    row_weight = t < 0 ? nan_value<acc_t>() : (p.weight == nullptr ? acc_t(1) : p.weight[t]);
+    const acc_t x_t = t < 0 ? nan_value<acc_t>()
+                            : static_cast<acc_t>(p.input[row * p.classes + t]);
+    loss = keep * row_weight * ((s.max - x_t) + log_sum);
+    if (p.smoothing > acc_t(0)) {
+      // sum_c w_c (lse - x_c), the max taken out first as above.
+      const acc_t total_weight = total_class_weight(p);
+      loss += eps_c * ((total_weight * s.max - s.sum_wx) + total_weight * log_sum);
+    }
+  }
+  out.loss[row] = loss;
+  out.lse[row] = s.max + log_sum;
+  out.row_weight[row] = row_weight;
+}
+
+// Block (row, j) reduces chunk j of the row. With one chunk per row it writes
+// the row's results; otherwise its statistics go to partial[row][j] for
+// combine_kernel.
+template <typename scalar_t, typename acc_t, int VEC, bool kProb>
+__global__ void __launch_bounds__(kMaxThreads)
+    forward_kernel(const Problem<scalar_t, acc_t> p, RowStats<acc_t>* partial,
+                   const RowOutputs<acc_t> out) {
+  const int64_t row = blockIdx.x;
+  const bool split = gridDim.y > 1;
+  if constexpr (!kProb) {
+    if (p.class_target[row] == p.ignore_index) {
+      if (!split && threadIdx.x == 0) write_ignored_row(out, row);
+      return;  // combine_kernel handles split ignored rows itself.
+    }
+  }
+  const int64_t begin = blockIdx.y * p.chunk;
+  const int64_t end = std::min(begin + p.chunk, p.classes);
+  const scalar_t* x = p.input + row * p.classes;
+  const scalar_t* q = kProb ? p.prob_target + row * p.classes : nullptr;
+  const bool need_wx = p.smoothing > acc_t(0);
+  const bool need_w = need_wx || kProb;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+  RowStats<acc_t> s = {kNegInf, 0, 0, 0, 0};
+  for (int64_t c = begin + threadIdx.x * VEC; c < end; c += blockDim.x * VEC) {
+    const auto packed_x = load_pack<VEC>(x + c);
+    acc_t xs[VEC];
+    acc_t pack_max = kNegInf;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      xs[i] = static_cast<acc_t>(packed_x.val[i]);
+      pack_max = xs[i] > pack_max ? xs[i] : pack_max;
+    }
+    if (pack_max > s.max) {
+      s.sum_exp = rescale(s.sum_exp, s.max, pack_max);
+      s.max = pack_max;
+    }
+    // While every logit so far is -inf, exp(x - 0) adds the zeros it should.
+    const acc_t shift = s.max == kNegInf ? acc_t(0) : s.max;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) s.sum_exp += std::exp(xs[i] - shift);
+
+    if (need_w) {
+      const auto w = load_weights<VEC>(p, c);
+      if (need_wx) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) s.sum_wx += w.val[i] * xs[i];
+      }
+      if constexpr (kProb) {
+        const auto packed_q = load_pack<VEC>(q + c);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const acc_t wq = w.val[i] * static_cast<acc_t>(packed_q.val[i]);
+          s.sum_wq += wq;
+          s.sum_wqx += wq * xs[i];
+        }
+      }
+    }
+  }
+
+  s = block_reduce(s, MergeStats{});
+  if (threadIdx.x != 0) return;
+  if (split) {
+    partial[row * gridDim.y + blockIdx.y] = s;
+  } else {
+    finish_row<kProb>(p, row, s, out);
+  }
+}
+
+// One thread per row: merges the row's `splits` partial statistics.
+template <typename scalar_t, typename acc_t, bool kProb>
+__global__ void __launch_bounds__(kCombineThreads)
+    combine_kernel(const Problem<scalar_t, acc_t> p, const RowStats<acc_t>* partial,
+                   int64_t rows, int64_t splits, const RowOutputs<acc_t> out) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  if constexpr (!kProb) {
+    if (p.class_target[row] == p.ignore_index) {
+      write_ignored_row(out, row);
+      return;
+    }
+  }
+  RowStats<acc_t> s = partial[row * splits];
+  for (int64_t j = 1; j < splits; ++j) s = MergeStats{}(s, partial[row * splits + j]);
+  finish_row<kProb>(p, row, s, out);
+}
+
+// sum(w q) of each row of probability targets: the one row quantity that
+// backward needs and forward's outputs do not carry.
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void __launch_bounds__(kMaxThreads)
+    target_weight_sum_kernel(const Problem<scalar_t, acc_t> p, acc_t* sums) {
+  const int64_t row = blockIdx.x;
+  const scalar_t* q = p.prob_target + row * p.classes;
+  acc_t sum = 0;
+  for (int64_t c = threadIdx.x * VEC; c < p.classes; c += blockDim.x * VEC) {
+    const auto packed_q = load_pack<VEC>(q + c);
+    const auto w = load_weights<VEC>(p, c);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) sum += w.val[i] * static_cast<acc_t>(packed_q.val[i]);
+  }
+  sum = block_reduce(sum, Sum{});
+  if (threadIdx.x == 0) sums[row] = sum;
+}
+
+// grad = scale * (sum(w q) softmax(x) - w q) for chunk blockIdx.y of a row,
+// with scale the row's upstream gradient (over the mean's divisor).
+template <typename scalar_t, typename acc_t, int VEC, bool kProb>
+__global__ void __launch_bounds__(kMaxThreads)
+    backward_kernel(const Problem<scalar_t, acc_t> p, const acc_t* lse,
+                    const acc_t* scale, int64_t scale_stride,
+                    const acc_t* target_weight_sum, scalar_t* grad) {
+  const int64_t row = blockIdx.x;
+  const int64_t begin = blockIdx.y * p.chunk;
+  const int64_t end = std::min(begin + p.chunk, p.classes);
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * VEC;
+  const scalar_t* x = p.input + row * p.classes;
+  scalar_t* g = grad + row * p.classes;
+
+  const acc_t s = scale[row * scale_stride];
+  const acc_t keep = acc_t(1) - p.smoothing;
+  const acc_t eps_c = p.smoothing / static_cast<acc_t>(p.classes);
+  acc_t softmax_coef;           // s * sum(w q)
+  acc_t smooth_coef = 0;        // s * eps / C: class-index targets' uniform part
+  acc_t target_coef = 0;        // s * (1 - eps) * w_t, taken off at the target class
+  int64_t t = -1;
+  if constexpr (kProb) {
+    softmax_coef = s * (keep * target_weight_sum[row] + eps_c * total_class_weight(p));
+  } else {
+    const int64_t raw = p.class_target[row];
+    if (raw == p.ignore_index) {
+      const Pack<scalar_t, VEC> zeros{};  // all bits zero: +0 in every float type
+      for (int64_t c = begin + threadIdx.x * VEC; c < end; c += stride) store_pack(g + c, zeros);
+      return;
+    }
+    t = checked_target(p, raw);
+    const acc_t w_t = t < 0 ? nan_value<acc_t>() : (p.weight == nullptr ? acc_t(1) : p.weight[t]);
+    softmax_coef = s * (keep * w_t + eps_c * total_class_weight(p));
+    smooth_coef = s * eps_c;
+    target_coef = s * keep * w_t;
+  }
+  const acc_t row_lse = lse[row];
+  const bool need_w = kProb || p.smoothing > acc_t(0);
+
+  for (int64_t c = begin + threadIdx.x * VEC; c < end; c += stride) {
+    const auto packed_x = load_pack<VEC>(x + c);
+    const auto w = need_w ? load_weights<VEC>(p, c) : Pack<acc_t, VEC>{};
+    Pack<scalar_t, VEC> out;
+    if constexpr (kProb) {
+      const auto packed_q = load_pack<VEC>(p.prob_target + row * p.classes + c);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        const acc_t wq = (keep * static_cast<acc_t>(packed_q.val[i]) + eps_c) * w.val[i];
+        const acc_t value = softmax_coef * std::exp(static_cast<acc_t>(packed_x.val[i]) - row_lse) - s * wq;
+        out.val[i] = static_cast<scalar_t>(value);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        acc_t value = softmax_coef * std::exp(static_cast<acc_t>(packed_x.val[i]) - row_lse);
+        if (need_w) value -= smooth_coef * w.val[i];
+        if (c + i == t) value -= target_coef;
+        out.val[i] = static_cast<scalar_t>(value);
+      }
+    }
+    store_pack(g + c, out);
+  }
+}
+
+// How the classes of a row are cut over blocks.
+struct Plan {
+  int64_t splits;
+  int64_t chunk;
+  int threads;
+};
+
+int threads_for(int64_t elements, int vec) {
+  int threads = kWarpSize;
+  while (threads < kMaxThreads && int64_t{threads} * vec < elements) threads *= 2;
+  return threads;
+}
+
+Plan make_plan(int64_t classes, int vec) {
+  const int64_t splits = std::max<int64_t>(1, ceil_div(classes, kMaxChunk));
+  // Whole packs per chunk keep every chunk's start 16-byte aligned.
+  const int64_t chunk = ceil_div(ceil_div(classes, splits), vec) * vec;
+  return {splits, chunk, threads_for(chunk, vec)};
+}
+
+template <typename scalar_t, typename F>
+void with_pack_width(bool packed, const F& f) {
+  if (packed) {
+    f(std::integral_constant<int, kPack16<scalar_t>>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+template <typename F>
+void with_target_kind(bool probabilities, const F& f) {
+  if (probabilities) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// The op's tensors in the layout the kernels read.
+struct Inputs {
+  at::Tensor x;           // (R, C) contiguous
+  at::Tensor target;      // (R,) int64 or (R, C) contiguous
+  at::Tensor weight;      // (C,) in the accumulation type, or undefined
+  at::Tensor weight_sum;  // 0-d sum of weight, or undefined
+  bool probabilities;
+};
+
+// Python checks the arguments; these checks keep a direct call of the op from
+// reading out of bounds.
+Inputs prepare(const at::Tensor& input, const at::Tensor& target,
+               const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(input.dim() == 2, "cross_entropy: input must be (R, C), got shape ", input.sizes());
+  TORCH_CHECK(input.size(0) <= std::numeric_limits<int32_t>::max(),
+              "cross_entropy: at most 2^31 - 1 rows, got ", input.size(0));
+  TORCH_CHECK(target.device() == input.device(), "cross_entropy: target is on ", target.device(),
+              ", input on ", input.device());
+  const bool probabilities = target.dim() == 2;
+  if (probabilities) {
+    TORCH_CHECK(target.sizes() == input.sizes() && target.scalar_type() == input.scalar_type(),
+                "cross_entropy: probability targets must have the input's shape and dtype");
+  } else {
+    TORCH_CHECK(target.dim() == 1 && target.size(0) == input.size(0) &&
+                    target.scalar_type() == at::kLong,
+                "cross_entropy: class-index targets must be int64 of shape (", input.size(0),
+                ",), got ", target.scalar_type(), " of shape ", target.sizes());
+  }
+  Inputs in{input.contiguous(), target.contiguous(), at::Tensor(), at::Tensor(), probabilities};
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->numel() == input.size(1) && weight->device() == input.device(),
+                "cross_entropy: weight must hold one entry per class on the input's device");
+    in.weight = weight->to(at::toOpMathType(input.scalar_type())).contiguous();
+    // Stays on the device: reading it on the host would synchronise.
+    in.weight_sum = in.weight.sum();
+  }
+  return in;
+}
+
+template <typename scalar_t, typename acc_t>
+Problem<scalar_t, acc_t> make_problem(const Inputs& in, int64_t ignore_index, double smoothing) {
+  Problem<scalar_t, acc_t> p;
+  p.input = in.x.data_ptr<scalar_t>();
+  p.class_target = in.probabilities ? nullptr : in.target.data_ptr<int64_t>();
+  p.prob_target = in.probabilities ? in.target.data_ptr<scalar_t>() : nullptr;
+  p.weight = in.weight.defined() ? in.weight.data_ptr<acc_t>() : nullptr;
+  p.weight_sum = in.weight.defined() ? in.weight_sum.data_ptr<acc_t>() : nullptr;
+  p.classes = in.x.size(1);
+  p.chunk = p.classes;
+  p.ignore_index = ignore_index;
+  p.smoothing = static_cast<acc_t>(smoothing);
+  return p;
+}
+
+// Whether every row of every (R, C) operand, and the weights, start on a
+// 16-byte boundary, so that whole packs can be loaded.
+template <typename scalar_t, typename acc_t>
+bool rows_aligned(const Problem<scalar_t, acc_t>& p, const void* grad) {
+  constexpr int vec = kPack16<scalar_t>;
+  return p.classes % vec == 0 && is_aligned(p.input, 16) &&
+         (p.prob_target == nullptr || is_aligned(p.prob_target, 16)) &&
+         (p.weight == nullptr || is_aligned(p.weight, vec * sizeof(acc_t))) &&
+         (grad == nullptr || is_aligned(grad, 16));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
+    const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Inputs in = prepare(input, target, weight);
+  const int64_t rows = in.x.size(0);
+  const auto acc_options = in.x.options().dtype(at::toOpMathType(in.x.scalar_type()));
+  at::Tensor losses = at::empty({rows}, acc_options);
+  at::Tensor lse = at::empty({rows}, acc_options);
+  at::Tensor row_weights = at::empty({rows}, acc_options);
+
+  if (rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, in.x.scalar_type(), "cross_entropy_forward_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          auto p = make_problem<scalar_t, acc_t>(in, ignore_index, label_smoothing);
+          const bool packed = rows_aligned(p, nullptr);
+          const Plan plan = make_plan(p.classes, packed ? kPack16<scalar_t> : 1);
+          p.chunk = plan.chunk;
+          const RowOutputs<acc_t> out{losses.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+                                      row_weights.data_ptr<acc_t>()};
+          at::Tensor partial;
+          RowStats<acc_t>* partial_ptr = nullptr;
+          if (plan.splits > 1) {
+            partial = at::empty({rows * plan.splits * static_cast<int64_t>(sizeof(RowStats<acc_t>))},
+                                in.x.options().dtype(at::kByte));
+            partial_ptr = reinterpret_cast<RowStats<acc_t>*>(partial.data_ptr());
+          }
+          const auto stream = at::cuda::getCurrentCUDAStream();
+          const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(plan.splits));
+          with_target_kind(in.probabilities, [&](auto probabilities) {
+            with_pack_width<scalar_t>(packed, [&](auto width) {
+              forward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(probabilities)::value>
+                  <<<grid, plan.threads, 0, stream>>>(p, partial_ptr, out);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+            if (plan.splits > 1) {
+              combine_kernel<scalar_t, acc_t, decltype(probabilities)::value>
+                  <<<static_cast<unsigned>(ceil_div(rows, kCombineThreads)), kCombineThreads, 0,
+                     stream>>>(p, partial_ptr, rows, plan.splits, out);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            }
+          });
+        });
+  }
+
+  // Reduced on the device with ATen ops: no host synchronisation.
+  const at::Tensor total_weight = row_weights.sum();
+  at::Tensor loss;
+  if (reduction == kNone) {
+    loss = losses.to(in.x.scalar_type());
+  } else if (reduction == kSum) {
+    loss = losses.sum().to(in.x.scalar_type());
+  } else {
+    loss = losses.sum().div(total_weight).to(in.x.scalar_type());
+  }
+  return {loss, lse, total_weight};
+}
+
+// Writes the gradient into `grad`, which may be the logits themselves: each
+// thread reads a pack of logits before it writes the same pack.
+void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_loss,
+                   const at::Tensor& lse, const at::Tensor& total_weight, int64_t reduction,
+                   int64_t ignore_index, double label_smoothing) {
+  const int64_t rows = in.x.size(0);
+  const auto acc_type = at::toOpMathType(in.x.scalar_type());
+  TORCH_CHECK(lse.numel() == rows, "cross_entropy_backward: lse must hold one value per row");
+  const at::Tensor lse_c = lse.to(acc_type).contiguous();
+  // The upstream gradient's factor for each row: one per row for "none",
+  // else one for all (stride 0).
+  at::Tensor scale = grad_loss.to(acc_type);
+  if (reduction == kMean) scale = scale.div(total_weight.to(acc_type));
+  scale = scale.contiguous();
+  const int64_t scale_stride = reduction == kNone ? 1 : 0;
+  TORCH_CHECK(scale.numel() == (reduction == kNone ? rows : 1),
+              "cross_entropy_backward: grad_loss has ", scale.numel(), " elements for ", rows,
+              " rows and reduction ", reduction);
+  if (grad.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, in.x.scalar_type(), "cross_entropy_backward_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          auto p = make_problem<scalar_t, acc_t>(in, ignore_index, label_smoothing);
+          const bool packed = rows_aligned(p, grad.data_ptr());
+          const Plan plan = make_plan(p.classes, packed ? kPack16<scalar_t> : 1);
+          p.chunk = plan.chunk;
+          const auto stream = at::cuda::getCurrentCUDAStream();
+          at::Tensor target_weight_sum;
+          if (in.probabilities) {
+            target_weight_sum = at::empty({rows}, in.x.options().dtype(acc_type));
+            with_pack_width<scalar_t>(packed, [&](auto width) {
+              constexpr int vec = decltype(width)::value;
+              target_weight_sum_kernel<scalar_t, acc_t, vec>
+                  <<<static_cast<unsigned>(rows), threads_for(p.classes, vec), 0, stream>>>(
+                      p, target_weight_sum.data_ptr<acc_t>());
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+          }
+          const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(plan.splits));
+          with_target_kind(in.probabilities, [&](auto probabilities) {
+            with_pack_width<scalar_t>(packed, [&](auto width) {
+              backward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(probabilities)::value>
+                  <<<grid, plan.threads, 0, stream>>>(
+                      p, lse_c.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), scale_stride,
+                      in.probabilities ? target_weight_sum.data_ptr<acc_t>() : nullptr,
+                      grad.data_ptr<scalar_t>());
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+          });
+        });
+  }
+}
+
+at::Tensor cross_entropy_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& input,
+    const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse, const at::Tensor& total_weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Inputs in = prepare(input, target, weight);
+  at::Tensor grad = at::empty(in.x.sizes(), in.x.options());
+  backward_into(grad, in, grad_loss, lse, total_weight, reduction, ignore_index, label_smoothing);
+  return grad;
+}
+
+// The gradient written over the logits: no second R x C buffer.
+void cross_entropy_backward_inplace_cuda(
+    const at::Tensor& grad_loss, at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+    const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
+    double label_smoothing) {
+  TORCH_CHECK(input.is_contiguous(), "cross_entropy_backward_: input must be contiguous");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Inputs in = prepare(input, target, weight);
+  backward_into(input, in, grad_loss, lse, total_weight, reduction, ignore_index, label_smoothing);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(myext, CUDA, m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward_cuda);
+  m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);
+  m.impl("cross_entropy_backward_", &cross_entropy_backward_inplace_cuda);
+}
+
+}  // namespace cuda
+}  // namespace myext

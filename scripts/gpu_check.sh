@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One command for a GPU machine with no network (torch with CUDA, nvcc, ninja, pytest
+# and, optionally, triton already there): builds myext with its CUDA kernels in place,
+# runs the GPU tests, then times the cuda and triton backends against PyTorch eager.
+# Each step has a time limit; the whole run stays under 8 minutes.
+#
+# Environment: PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0: only the GPU at hand, to
+# save build time), MAX_JOBS (16).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+export MYEXT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+# The in-place build is imported from the repository root, also by scripts/gpu_bench.py.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+status=0
+# step NAME SECONDS COMMAND...: runs COMMAND under a time limit and reports how it went.
+step() {
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  echo "=== $name"
+  if timeout "$limit" "$@"; then
+    echo "=== $name: ok ($((SECONDS - start)) s)"
+  else
+    echo "=== $name: FAILED (exit $?, $((SECONDS - start)) s, limit $limit s)"
+    status=1
+    return 1
+  fi
+}
+
+build_log=$(mktemp)
+if ! step "build (archs $TORCH_CUDA_ARCH_LIST)" 170 \
+    bash -c '"$0" setup.py build_ext --inplace >"$1" 2>&1' "$python" "$build_log"; then
+  tail -n 60 "$build_log"
+  exit 1
+fi
+step "GPU tests" 230 "$python" -m pytest tests -q -m gpu -p no:cacheprovider
+step "benchmark" 70 "$python" scripts/gpu_bench.py
+exit $status
