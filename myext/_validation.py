@@ -113,7 +113,9 @@ def check_class_indices(target: torch.Tensor, classes: int, ignore_index: int) -
     """Raises IndexError for a class index outside [0, classes) that is not ignore_index.
 
     It reads the values (a host sync on a GPU), which a traced graph does not have,
-    so it is skipped while compiling, and for the C++ kernels, which check as they read.
+    so it is skipped while compiling, and for the C++ kernels, which raise the same
+    error as they read. In a compiled graph the CUDA kernels assert on such an index
+    and the Triton kernels give its row a nan loss; neither reads out of bounds.
     """
     if torch.compiler.is_compiling() or target.numel() == 0:
         return

@@ -67,10 +67,11 @@ def probe_triton() -> bool:
     if _triton_ops_loaded is None:
         try:
             import triton_ops  # noqa: F401  (registers the myext::*_triton ops)
-        except ImportError:
+
+            _KERNELS["triton"] = _ops_with_suffix("_triton")
+        except (ImportError, AttributeError):
             _triton_ops_loaded = False
         else:
-            _KERNELS["triton"] = _ops_with_suffix("_triton")
             _triton_ops_loaded = True
     return _triton_ops_loaded
 

@@ -7,6 +7,9 @@
 # Uses a venv of its own, .venv-cuda (a CUDA build of torch, about 5 GB), and
 # builds in a copy of the source tree, so the development build is untouched.
 #
+# With --run-tests it then runs the test suite against that build, so that the
+# suite is also checked under torch 2.14.1 (its GPU tests skip here).
+#
 # Environment: PYTHON (python3), CUDA_HOME (/usr/local/cuda),
 # TORCH_CUDA_ARCH_LIST ("8.0;9.0"), MAX_JOBS (all cores).
 set -euo pipefail
@@ -77,3 +80,16 @@ EOF
 
 echo "check_cuda_build: PASS: CUDA kernels of all 5 ops compile, link and register" \
   "(torch $torch_version, archs ${TORCH_CUDA_ARCH_LIST:-8.0;9.0}; install ${install_s} s, compile ${compile_s} s)"
+
+if [ "${1:-}" = "--run-tests" ]; then
+  log=$(mktemp)
+  # torch 2.14.1 brings its own triton; the rest of requirements.txt, less the torch pin.
+  if ! grep -v -E '^(torch|triton)==' requirements.txt | "$venv/bin/pip" install --disable-pip-version-check -q -r /dev/stdin >"$log" 2>&1; then
+    cat "$log" >&2
+    fail "installing the test requirements failed"
+  fi
+  rm -f "$log"
+  (cd "$workdir" && PYTHONPATH="$workdir" "$venv/bin/python" -m pytest -q -p no:cacheprovider) ||
+    fail "the test suite failed under torch $torch_version"
+  echo "check_cuda_build: PASS: test suite under torch $torch_version"
+fi
