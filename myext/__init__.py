@@ -14,6 +14,8 @@ from . import _library
 from . import autograd, backends, reference
 from .backends import available_backends
 from .functional import cross_entropy, linear_relu
+from . import models, nn
+from .fuse import fuse
 
 _library.register("")
 _library.register_inplace()
@@ -21,5 +23,5 @@ _library.register_inplace()
 if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
     backends.probe_triton()
 
-__all__ = ["autograd", "available_backends", "cross_entropy", "linear_relu", "reference"]
+__all__ = ["autograd", "available_backends", "cross_entropy", "fuse", "linear_relu", "models", "nn", "reference"]
 __version__ = "0.1.0"

@@ -1,0 +1,198 @@
+"""Drop-in ``torch.nn`` modules backed by myext's fused ops.
+
+:class:`FusedLinearReLU` replaces an ``nn.Linear`` followed by an ``nn.ReLU``;
+:class:`CrossEntropyLoss` replaces ``nn.CrossEntropyLoss``. Both keep the parameter,
+buffer and ``state_dict`` names of the modules they replace, so checkpoints move
+between them in either direction.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .functional import cross_entropy, linear_relu
+
+__all__ = ["CrossEntropyLoss", "FusedLinearReLU"]
+
+
+class FusedLinearReLU(nn.Module):
+    r"""Applies :math:`y = \mathrm{ReLU}(x A^T + b)` as one fused op.
+
+    Equivalent to ``nn.Sequential(nn.Linear(in_features, out_features, bias), nn.ReLU())``,
+    with ``nn.Linear``'s parameters, initialisation and ``state_dict`` keys (``weight``,
+    ``bias``): a state dict saved from an ``nn.Linear`` loads into this module and back.
+
+    It is deliberately not a subclass of ``nn.Linear``: code that treats every
+    ``nn.Linear`` as affine (quantisation, pruning, fx passes) must not mistake it for one.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: if ``False``, the layer learns no additive bias. Default: ``True``.
+        device: the device of the parameters.
+        dtype: the dtype of the parameters.
+        backend: the kernels to run, ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"torch"``;
+            ``None`` (default) picks ``$MYEXT_BACKEND`` or the best one for the input's
+            device at each call, so the module follows ``.to(device)``.
+
+    Shape:
+        - Input: :math:`(*, H_{in})` with :math:`H_{in} = \text{in\_features}`.
+        - Output: :math:`(*, H_{out})` with :math:`H_{out} = \text{out\_features}`.
+
+    Attributes:
+        weight: the learnable weights of shape :math:`(\text{out\_features}, \text{in\_features})`,
+            initialised from :math:`\mathcal{U}(-\sqrt{k}, \sqrt{k})` with :math:`k = 1/\text{in\_features}`.
+        bias: the learnable bias of shape :math:`(\text{out\_features})`, initialised likewise.
+
+    Example::
+
+        >>> layer = myext.nn.FusedLinearReLU(784, 128)
+        >>> layer(torch.randn(64, 784)).shape
+        torch.Size([64, 128])
+    """
+
+    __constants__ = ["in_features", "out_features"]
+    in_features: int
+    out_features: int
+    weight: torch.Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+        backend: Optional[str] = None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory_kwargs))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory_kwargs))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialises weight and bias exactly as ``nn.Linear`` does.
+
+        Calls ``nn.Linear``'s own initialiser, so the random draws match: under the same
+        seed this layer starts from the same weights as the ``nn.Linear`` it replaces.
+        """
+        nn.Linear.reset_parameters(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, backend: Optional[str] = None) -> "FusedLinearReLU":
+        """Builds a fused layer that computes ``relu(linear(x))``, **sharing** ``linear``'s parameters.
+
+        The new module holds the very same ``nn.Parameter`` objects as ``linear`` (no copy):
+        training either module updates both, and an optimizer built over one also steps the
+        other. Pass ``copy.deepcopy(linear)`` for an independent layer.
+
+        Args:
+            linear: an initialised ``nn.Linear`` (or a subclass that keeps its ``forward``).
+            backend: as in the constructor.
+
+        Returns:
+            A ``FusedLinearReLU`` in ``linear``'s training mode.
+        """
+        if not isinstance(linear, nn.Linear) or type(linear).forward is not nn.Linear.forward:
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+            raise ValueError("from_linear needs an initialised layer: run a LazyLinear once before converting it")
+        # Built on the meta device so that the throw-away initial parameters cost nothing.
+        fused = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                    dtype=linear.weight.dtype, backend=backend)
+        fused.weight = linear.weight
+        if linear.bias is not None:
+            fused.bias = linear.bias
+        fused.train(linear.training)
+        return fused
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return linear_relu(input, self.weight, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        text = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        if self.backend is not None:
+            text += f", backend={self.backend!r}"
+        return text
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    r"""``nn.CrossEntropyLoss`` computed by myext's fused cross-entropy kernel.
+
+    Takes ``nn.CrossEntropyLoss``'s arguments in the same order, including the deprecated
+    ``size_average`` and ``reduce`` (PyTorch turns them into ``reduction``, with its
+    deprecation warning), and keeps ``weight`` as a buffer of the same name. It is a
+    subclass of ``nn.CrossEntropyLoss``, so ``isinstance`` checks written for that keep
+    working.
+
+    Args:
+        weight: a manual rescaling weight given to each class, of size ``C``.
+        size_average: deprecated, see ``reduction``.
+        ignore_index: a target value that is ignored and does not contribute to the
+            input gradient. Default: ``-100``.
+        reduce: deprecated, see ``reduction``.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``. Default: ``"mean"``.
+        label_smoothing: a float in ``[0.0, 1.0]``, the amount of smoothing. Default: ``0.0``.
+        backend: (keyword only) the kernels to run, as in :func:`myext.cross_entropy`;
+            ``None`` picks ``$MYEXT_BACKEND`` or the best one for the input's device.
+        inplace_backward: (keyword only) write the gradient over the logits in backward,
+            as in :func:`myext.cross_entropy`: saves an ``N x C`` buffer, for logits that
+            nothing else reads after the loss. Default: ``False``.
+
+    Shape:
+        As ``nn.CrossEntropyLoss``: input :math:`(C)`, :math:`(N, C)` or
+        :math:`(N, C, d_1, ..., d_K)`; target of class indices or of class probabilities.
+
+    Example::
+
+        >>> loss = myext.nn.CrossEntropyLoss(label_smoothing=0.1)
+        >>> loss(torch.randn(8, 10, requires_grad=True), torch.randint(0, 10, (8,))).backward()
+    """
+
+    def __init__(
+        self,
+        weight: Optional[torch.Tensor] = None,
+        size_average: Optional[bool] = None,
+        ignore_index: int = -100,
+        reduce: Optional[bool] = None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        backend: Optional[str] = None,
+        inplace_backward: bool = False,
+    ) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.backend = backend
+        self.inplace_backward = inplace_backward
+
+    @classmethod
+    def from_torch(cls, loss: nn.CrossEntropyLoss, backend: Optional[str] = None) -> "CrossEntropyLoss":
+        """Builds the myext loss with ``loss``'s settings, sharing its ``weight`` tensor (no copy)."""
+        if not isinstance(loss, nn.CrossEntropyLoss):
+            raise TypeError(f"from_torch expects an nn.CrossEntropyLoss, got {type(loss).__name__}")
+        converted = cls(loss.weight, ignore_index=loss.ignore_index, reduction=loss.reduction,
+                        label_smoothing=loss.label_smoothing, backend=backend)
+        converted.train(loss.training)
+        return converted
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                             reduction=self.reduction, label_smoothing=self.label_smoothing, backend=self.backend,
+                             inplace_backward=self.inplace_backward)
+
+    def extra_repr(self) -> str:
+        # nn.CrossEntropyLoss prints no arguments; ours adds only what it adds.
+        added = [f"backend={self.backend!r}"] if self.backend is not None else []
+        if self.inplace_backward:
+            added.append("inplace_backward=True")
+        return ", ".join(added)
