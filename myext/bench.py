@@ -1,0 +1,618 @@
+"""``myext bench``: times myext's ops against PyTorch eager and torch.compile.
+
+For each op (``linear_relu``, ``cross_entropy``), pass (forward, forward+backward),
+size of a sweep and provider (one per myext backend available on the device, plus
+``eager`` and ``compile``, the same computation in plain PyTorch) it measures:
+
+* the median (and the minimum) time of a call: on the CPU with ``time.perf_counter``,
+  on CUDA with CUDA events. Providers are timed in turns, one call each per round,
+  after warm-up, so that load from other processes falls on all of them alike and
+  the ratios hold.
+* the achieved rate: GFLOP/s for linear_relu (2NKM forward, 6NKM forward+backward,
+  the input and weight gradients included); GB/s for cross_entropy, counting the
+  bytes an unfused implementation must move (forward reads the logits and targets;
+  backward reads them again and writes the gradient), the same for every provider.
+* that rate as a percent of this machine's limit, measured at the start of the same
+  run: the copy bandwidth of a large ``Tensor.copy_`` (bytes read + written) and the
+  matmul rate of a large ``torch.mm`` in the benchmark's dtype. Both are measured again
+  at the end, which shows how much the machine's load changed meanwhile.
+* the peak memory a call needs beyond what existed before it, outputs included. On
+  CUDA from ``torch.cuda.max_memory_allocated``. On the CPU two ways, as neither sees
+  everything: the tensor bytes the CPU allocator hands out, from the allocation events
+  of ``torch.profiler`` (``profile_memory=True``), which miss buffers a kernel gets
+  from elsewhere (myext's large outputs come from ``aligned_alloc``, for huge pages);
+  and on Linux the growth of the resident set (peak reset through
+  ``/proc/self/clear_refs``), which sees every page touched but not memory that the C
+  allocator reuses without returning it to the system (small buffers, below its
+  32 MB mmap threshold). The larger of the two is the headline figure.
+* the speed-up against each baseline: baseline time / provider time.
+
+It prints a table, and optionally writes the results as JSON (``--json``) and one PNG
+per op (``--plot-dir``; needs matplotlib). Run ``python -m myext.bench --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import myext
+
+OPS = ("linear_relu", "cross_entropy")
+PASSES = ("fwd", "fwd+bwd")
+BASELINES = ("eager", "compile")
+JSON_SCHEMA = "myext-bench/1"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The swept sizes: for each op, series of (label, shapes); x is the swept dimension.
+# linear_relu: the article's SimpleNet layer 784->128 and an MLP layer 1024->4096,
+# over the batch. cross_entropy: N = 4096 rows, over the classes up to Llama-3's
+# vocabulary (128256 classes are 2.1 GB of float32 logits).
+FULL_SWEEP = {
+    "linear_relu": [("784->128", [dict(N=n, K=784, M=128) for n in (64, 256, 1024, 4096)]),
+                    ("1024->4096", [dict(N=n, K=1024, M=4096) for n in (256, 512, 1024, 2048)])],
+    "cross_entropy": [("N=4096", [dict(N=4096, C=c) for c in (10, 1000, 8192, 32000, 128256)])],
+}
+# Tiny sizes that run in seconds, for tests and smoke runs.
+QUICK_SWEEP = {
+    "linear_relu": [("32->16", [dict(N=n, K=32, M=16) for n in (8, 64)])],
+    "cross_entropy": [("N=64", [dict(N=64, C=c) for c in (10, 100)])],
+}
+SWEEP_X = {"linear_relu": "N", "cross_entropy": "C"}
+
+
+@dataclasses.dataclass
+class Settings:
+    """How long each case is timed."""
+
+    warmup: int = 2  # calls before timing; the first call of a compiled function compiles it
+    min_repeats: int = 5
+    max_repeats: int = 30
+    budget_s: float = 3.0  # time per case after which no round is started past min_repeats
+
+
+QUICK_SETTINGS = Settings(warmup=1, min_repeats=3, max_repeats=5, budget_s=0.2)
+
+
+# ---------------------------------------------------------------------------
+# The computations: myext's and PyTorch's, each as a function of the op's inputs.
+
+def eager_linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The PyTorch baseline of myext.linear_relu."""
+    return F.relu(F.linear(input, weight, bias))
+
+
+def eager_cross_entropy(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The PyTorch baseline of myext.cross_entropy (mean over the rows)."""
+    return F.cross_entropy(input, target)
+
+
+_EAGER = {"linear_relu": eager_linear_relu, "cross_entropy": eager_cross_entropy}
+
+
+def op_impl(op: str, provider: str) -> Callable[..., torch.Tensor]:
+    """The function that computes ``op`` for a provider: "eager", "compile" or "myext-<backend>".
+
+    "compile" gives a new ``torch.compile`` of the eager function. Dynamo caches compiled
+    code per code object, for a few shapes only: call ``torch._dynamo.reset()`` before a
+    new shape, else a long sweep silently falls back to eager.
+    """
+    if provider == "eager":
+        return _EAGER[op]
+    if provider == "compile":
+        return torch.compile(_EAGER[op])
+    if not provider.startswith("myext-"):
+        raise ValueError(f"unknown provider {provider!r}")
+    backend = provider[len("myext-"):]
+    if op == "linear_relu":
+        return lambda input, weight, bias: myext.linear_relu(input, weight, bias, backend=backend)
+    return lambda input, target: myext.cross_entropy(input, target, backend=backend)
+
+
+def linear_relu_inputs(N: int, K: int, M: int, *, device: torch.device | str, dtype: torch.dtype,
+                       requires_grad: bool) -> dict[str, torch.Tensor]:
+    """Input, weight and bias initialised like nn.Linear (so about half the outputs pass
+    the ReLU), and for the backward an upstream gradient of the output's shape."""
+    bound = 1.0 / math.sqrt(K)
+    tensors = {
+        "input": torch.randn(N, K, device=device, dtype=dtype),
+        "weight": torch.empty(M, K, device=device, dtype=dtype).uniform_(-bound, bound),
+        "bias": torch.empty(M, device=device, dtype=dtype).uniform_(-bound, bound),
+    }
+    for t in tensors.values():
+        t.requires_grad_(requires_grad)
+    if requires_grad:
+        tensors["grad_output"] = torch.randn(N, M, device=device, dtype=dtype)
+    return tensors
+
+
+def cross_entropy_inputs(N: int, C: int, *, device: torch.device | str, dtype: torch.dtype,
+                         requires_grad: bool) -> dict[str, torch.Tensor]:
+    """Random logits and class-index targets."""
+    return {
+        "input": torch.randn(N, C, device=device, dtype=dtype).requires_grad_(requires_grad),
+        "target": torch.randint(0, C, (N,), device=device),
+    }
+
+
+def make_call(op: str, impl: Callable[..., torch.Tensor], tensors: dict[str, torch.Tensor],
+              backward: bool) -> Callable[[], None]:
+    """A call of one pass of ``op``. It returns nothing: its outputs, the gradients
+    included, are freed inside the call, so the timing includes freeing them too.
+    Gradients come from ``torch.autograd.grad``, so nothing accumulates in ``.grad``."""
+    if op == "linear_relu":
+        x, w, b = tensors["input"], tensors["weight"], tensors["bias"]
+        if not backward:
+            def call() -> None:
+                impl(x, w, b)
+        else:
+            grad_output = tensors["grad_output"]
+
+            def call() -> None:
+                torch.autograd.grad(impl(x, w, b), (x, w, b), grad_output)
+        return call
+    logits, target = tensors["input"], tensors["target"]
+    if not backward:
+        def call() -> None:
+            impl(logits, target)
+    else:
+        def call() -> None:
+            torch.autograd.grad(impl(logits, target), (logits,))
+    return call
+
+
+# ---------------------------------------------------------------------------
+# Timing and memory.
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(call: Callable[[], None], device: torch.device) -> float:
+    """Seconds one call takes: CUDA events on a GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
+    call()
+    return time.perf_counter() - start_s
+
+
+def time_providers(calls: dict[str, Callable[[], None]], device: torch.device,
+                   settings: Settings) -> dict[str, list[float]]:
+    """Times each call after warm-up, one call of each provider per round, so that
+    a burst of load from elsewhere hits every provider rather than one."""
+    for call in calls.values():
+        for _ in range(settings.warmup):
+            call()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    start = time.perf_counter()
+    for round_ in range(settings.max_repeats):
+        for name, call in calls.items():
+            times[name].append(time_call(call, device))
+        if round_ + 1 >= settings.min_repeats and time.perf_counter() - start > settings.budget_s:
+            break
+    return times
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """Sends file descriptor 2 to /dev/null: kineto writes two lines there each time a
+    profiler starts and stops, and reads its log level only when torch is imported.
+    Python exceptions still propagate; the call profiled has already run cleanly."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_alloc_bytes(call: Callable[[], None], device: torch.device) -> int:
+    """The most tensor memory live at once during a call beyond what was allocated before
+    it, as the device's allocator counts it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_to_devnull(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    # Each "[memory]" event is one allocation (+bytes) or free (-bytes) by the CPU
+    # allocator; their running sum in time order is the memory held beyond the start.
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # the kernel reports kB
+
+
+def peak_rss_bytes(call: Callable[[], None]) -> Optional[int]:
+    """How far the process's resident set grows during a call (Linux), or None where
+    its peak cannot be reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak (VmHWM) to the current resident set
+        before = _status_bytes("VmRSS")
+    except (OSError, StopIteration):
+        return None
+    call()
+    return max(0, _status_bytes("VmHWM") - before)
+
+
+def peak_memory(call: Callable[[], None], device: torch.device) -> dict[str, Optional[int]]:
+    """``peak_alloc_bytes``, ``peak_rss_bytes`` (CPU only) and the larger of the two as
+    ``peak_extra_bytes``; each from a call of its own, so that the profiler's own
+    memory stays out of the resident set measured."""
+    rss = peak_rss_bytes(call) if device.type == "cpu" else None
+    alloc = peak_alloc_bytes(call, device)
+    return {"peak_extra_bytes": max(alloc, rss or 0), "peak_alloc_bytes": alloc, "peak_rss_bytes": rss}
+
+
+# ---------------------------------------------------------------------------
+# The machine's limits.
+
+def _median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: touches the output's pages, loads the BLAS code
+    _sync(device)
+    return statistics.median(time_call(fn, device) for _ in range(repeats))
+
+
+def measure_limits(device: torch.device, dtype: torch.dtype, quick: bool) -> dict[str, Any]:
+    """The copy bandwidth (GB/s, bytes read + written by ``Tensor.copy_`` between two
+    buffers far larger than the caches) and the matmul rate (GFLOP/s of a large square
+    ``torch.mm`` in ``dtype``) of this device, as the ceilings for the ops' rates."""
+    if device.type == "cuda":
+        copy_bytes, n = (64 << 20, 2048) if quick else (1 << 30, 8192)
+    else:
+        copy_bytes, n = (64 << 20, 512) if quick else (512 << 20, 4096)
+    return {
+        "copy_GBps": _copy_GBps(device, copy_bytes),
+        "copy_bytes": copy_bytes,
+        "matmul_GFLOPps": _matmul_GFLOPps(device, dtype, n),
+        "matmul_size": n,
+        "matmul_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _copy_GBps(device: torch.device, nbytes: int) -> float:
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _median_seconds(lambda: dst.copy_(src), device, repeats=5) / 1e9
+
+
+def _matmul_GFLOPps(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / _median_seconds(lambda: torch.mm(a, b, out=out), device, repeats=5) / 1e9
+
+
+# ---------------------------------------------------------------------------
+# The sweep.
+
+def work_per_call(op: str, shape: dict[str, int], backward: bool, dtype: torch.dtype) -> tuple[float, str]:
+    """(amount, unit): FLOPs of linear_relu, or the bytes cross_entropy must move."""
+    if op == "linear_relu":
+        flops = 2 * shape["N"] * shape["K"] * shape["M"]
+        return (3 * flops if backward else flops), "GFLOP/s"
+    logits = shape["N"] * shape["C"] * dtype.itemsize
+    targets = shape["N"] * 8
+    return (3 * logits + 2 * targets if backward else logits + targets), "GB/s"
+
+
+def shape_label(op: str, shape: dict[str, int]) -> str:
+    """A case's shape as the table shows it: "NxK->M" or "NxC"."""
+    if op == "linear_relu":
+        return f"{shape['N']}x{shape['K']}->{shape['M']}"
+    return f"{shape['N']}x{shape['C']}"
+
+
+def default_backends(device: torch.device) -> list[str]:
+    """The myext backends worth timing here: compiled kernels, not the plain-PyTorch
+    reference, and not Triton under its (CPU) interpreter, which is orders slower."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return [b for b in myext.available_backends(device)
+            if b != "torch" and not (b == "triton" and (interpreted or device.type != "cuda"))]
+
+
+def run_case(op: str, series: str, shape: dict[str, int], backward: bool, providers: Sequence[str],
+             device: torch.device, dtype: torch.dtype, limits: dict[str, Any],
+             settings: Settings) -> list[dict[str, Any]]:
+    """Times one size and pass of an op for every provider; one result row each."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()  # see op_impl: a fresh compile cache for each size
+    make_inputs = linear_relu_inputs if op == "linear_relu" else cross_entropy_inputs
+    tensors = make_inputs(**shape, device=device, dtype=dtype, requires_grad=backward)
+    calls = {p: make_call(op, op_impl(op, p), tensors, backward) for p in providers}
+    times = time_providers(calls, device, settings)
+    peaks = {p: peak_memory(call, device) for p, call in calls.items()}
+
+    work, unit = work_per_call(op, shape, backward, dtype)
+    limit = limits["matmul_GFLOPps"] if unit == "GFLOP/s" else limits["copy_GBps"]
+    medians = {p: statistics.median(ts) for p, ts in times.items()}
+    rows = []
+    for p in providers:
+        rate = work / medians[p] / 1e9
+        rows.append({
+            "op": op,
+            "pass": "fwd+bwd" if backward else "fwd",
+            "series": series,
+            "shape": dict(shape),
+            "label": shape_label(op, shape),
+            "x": shape[SWEEP_X[op]],
+            "provider": p,
+            "median_ms": medians[p] * 1e3,
+            "min_ms": min(times[p]) * 1e3,
+            "times_ms": [t * 1e3 for t in times[p]],
+            "unit": unit,
+            "rate": rate,
+            "percent_of_limit": 100.0 * rate / limit,
+            **peaks[p],
+            "speedup_vs_eager": medians["eager"] / medians[p] if "eager" in medians else None,
+            "speedup_vs_compile": medians["compile"] / medians[p] if "compile" in medians else None,
+        })
+    return rows
+
+
+TABLE_COLUMNS = [
+    # (header, width, format of the row's value)
+    ("op", 13, lambda r: r["op"]),
+    ("pass", 7, lambda r: r["pass"]),
+    ("shape", 16, lambda r: r["label"]),
+    ("provider", 11, lambda r: r["provider"]),
+    ("median ms", 10, lambda r: f"{r['median_ms']:.3f}"),
+    ("min ms", 10, lambda r: f"{r['min_ms']:.3f}"),
+    ("rate", 14, lambda r: f"{r['rate']:.1f} {r['unit']}"),
+    ("% limit", 7, lambda r: f"{r['percent_of_limit']:.1f}"),
+    ("peak alloc", 10, lambda r: format_bytes(r["peak_alloc_bytes"])),
+    ("peak RSS", 9, lambda r: "-" if r["peak_rss_bytes"] is None else format_bytes(r["peak_rss_bytes"])),
+    ("x eager", 7, lambda r: "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}"),
+    ("x compile", 9, lambda r: "-" if r["speedup_vs_compile"] is None else f"{r['speedup_vs_compile']:.2f}"),
+]
+
+
+def format_bytes(n: int) -> str:
+    """Bytes in decimal units, e.g. "524.3 MB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def format_row(values: Iterable[str]) -> str:
+    """One line of the table: the four label columns left-aligned, the figures right-aligned."""
+    cells = [f"{v:<{w}}" if i < 4 else f"{v:>{w}}" for i, (v, (_, w, _)) in enumerate(zip(values, TABLE_COLUMNS))]
+    return "  ".join(cells).rstrip()
+
+
+def table_header() -> str:
+    """The table's column titles and a rule under them."""
+    header = format_row(h for h, _, _ in TABLE_COLUMNS)
+    return header + "\n" + "-" * len(header)
+
+
+def table_row(row: dict[str, Any]) -> str:
+    """One result (a dict of the JSON's "results") as a line of the table."""
+    return format_row(fmt(row) for _, _, fmt in TABLE_COLUMNS)
+
+
+# ---------------------------------------------------------------------------
+# Plots.
+
+def _pyplot():
+    """matplotlib's pyplot on a file-only backend, or SystemExit saying how to get it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("myext bench: --plot-dir needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(results: dict[str, Any], plot_dir: str) -> list[str]:
+    """One PNG per op: a panel per series and pass, x = the swept size, y = the achieved
+    rate, one line per provider and a dashed line at the machine's limit."""
+    plt = _pyplot()
+    os.makedirs(plot_dir, exist_ok=True)
+    paths = []
+    for op in dict.fromkeys(r["op"] for r in results["results"]):
+        rows = [r for r in results["results"] if r["op"] == op]
+        panels = list(dict.fromkeys((r["series"], r["pass"]) for r in rows))
+        series = list(dict.fromkeys(s for s, _ in panels))
+        passes = list(dict.fromkeys(p for _, p in panels))
+        fig, axes = plt.subplots(len(series), len(passes), squeeze=False,
+                                 figsize=(5.5 * len(passes), 4 * len(series)))
+        unit = rows[0]["unit"]
+        limit = results["limits"]["matmul_GFLOPps" if unit == "GFLOP/s" else "copy_GBps"]
+        for i, s in enumerate(series):
+            for j, p in enumerate(passes):
+                ax = axes[i][j]
+                panel = [r for r in rows if r["series"] == s and r["pass"] == p]
+                for provider in dict.fromkeys(r["provider"] for r in panel):
+                    line = sorted((r["x"], r["rate"]) for r in panel if r["provider"] == provider)
+                    ax.plot(*zip(*line), marker="o", label=provider)
+                ax.axhline(limit, linestyle="--", color="gray",
+                           label="matmul rate" if unit == "GFLOP/s" else "copy bandwidth")
+                ax.set_xscale("log")
+                sizes = sorted({r["x"] for r in panel})
+                ax.set_xticks(sizes, [str(x) for x in sizes])
+                ax.minorticks_off()
+                ax.set_xlabel(SWEEP_X[op])
+                ax.set_ylabel(unit)
+                ax.set_title(f"{op} {s} {p}")
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize="small")
+        fig.suptitle(f"{op}, {results['machine']['device_name']}, {results['dtype']}")
+        fig.tight_layout()
+        path = os.path.join(plot_dir, f"{op}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+
+def describe_machine(device: torch.device) -> dict[str, Any]:
+    """What ran the benchmark: device, its name, thread count and software versions."""
+    info: dict[str, Any] = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "myext": myext.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        return info
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    info["device_name"] = f"{name}, {torch.get_num_threads()} threads, {capability}"
+    info["cpu_capability"] = capability
+    return info
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``myext bench``."""
+    parser.add_argument("--op", action="append", choices=OPS,
+                        help="an op to time (repeatable; default: all)")
+    parser.add_argument("--backend", action="append",
+                        help="a myext backend to time (repeatable; default: the compiled backends "
+                             "available on the device)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="default: float32 on the CPU, bfloat16 on CUDA")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and few repeats: a smoke test in seconds")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the torch.compile baseline (whose compiling takes most of a --quick run)")
+    parser.add_argument("--json", metavar="PATH", help="write the results here as JSON")
+    parser.add_argument("--plot-dir", metavar="DIR", help="write one PNG per op here (needs matplotlib)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the sweep that ``args`` (from the parser of ``add_arguments``) asks for."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("myext bench: --device cuda, but CUDA is not available", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    available = myext.available_backends(device)
+    backends = args.backend or default_backends(device)
+    unknown = [b for b in backends if b not in available]
+    if unknown:
+        print(f"myext bench: backend(s) {unknown} cannot run on {device.type} here; "
+              f"available: {available}", file=sys.stderr)
+        return 2
+    if args.plot_dir:
+        _pyplot()  # fail now, not after the sweep
+    ops = args.op or list(OPS)
+    providers = [f"myext-{b}" for b in backends] + [p for p in BASELINES if not (p == "compile" and args.no_compile)]
+    sweep, settings = (QUICK_SWEEP, QUICK_SETTINGS) if args.quick else (FULL_SWEEP, Settings())
+
+    machine = describe_machine(device)
+    print(f"myext bench on {machine['device_name']}; torch {machine['torch']}; {str(dtype).removeprefix('torch.')}", flush=True)
+    limits = measure_limits(device, dtype, args.quick)
+    print(f"limits: copy {limits['copy_GBps']:.1f} GB/s, {limits['matmul_dtype']} matmul "
+          f"{limits['matmul_GFLOPps']:.1f} GFLOP/s ({limits['matmul_size']}^3)", flush=True)
+    print(table_header(), flush=True)
+    rows: list[dict[str, Any]] = []
+    for op in ops:
+        for series, shapes in sweep[op]:
+            for backward in (False, True):
+                for shape in shapes:
+                    for row in run_case(op, series, shape, backward, providers, device, dtype, limits, settings):
+                        rows.append(row)
+                        print(table_row(row), flush=True)
+
+    # Measured again at the end: how far the machine's load drifted during the sweep.
+    limits_end = measure_limits(device, dtype, args.quick)
+    print(f"limits at the end: copy {limits_end['copy_GBps']:.1f} GB/s, "
+          f"matmul {limits_end['matmul_GFLOPps']:.1f} GFLOP/s", flush=True)
+    results = {
+        "schema": JSON_SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "options": {k: v for k, v in vars(args).items() if k not in ("run", "command")},
+        "machine": machine,
+        "dtype": str(dtype).removeprefix("torch."),
+        "limits": limits,
+        "limits_end": limits_end,
+        "providers": providers,
+        "results": rows,
+    }
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot_dir:
+        for path in write_plots(results, args.plot_dir):
+            print(f"wrote {path}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Registers ``bench`` on the ``myext`` command's subparsers (see myext.cli); the
+    parsed arguments carry ``run``, called as ``args.run(args)`` for the exit status."""
+    parser = subparsers.add_parser("bench", help="time myext's ops against PyTorch eager and torch.compile",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m myext.bench [options]``; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="myext bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

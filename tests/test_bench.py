@@ -1,0 +1,131 @@
+"""``myext bench``: a --quick run end to end, and the parts it is built from."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import myext
+from myext import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_run_writes_table_json_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    json_path, plot_dir = tmp_path / "bench.json", tmp_path / "plots"
+    # --no-compile: compiling the baseline would take most of a minute here.
+    proc = subprocess.run(
+        [sys.executable, "-m", "myext.bench", "--quick", "--no-compile", "--device", "cpu",
+         "--json", str(json_path), "--plot-dir", str(plot_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("myext bench on ")
+    assert lines[1].startswith("limits: copy ")
+    assert lines[2].split()[:5] == ["op", "pass", "shape", "provider", "median"]
+    rows = [line.split() for line in lines if line.startswith(bench.OPS)]
+    backends = bench.default_backends(torch.device("cpu"))
+    providers = [f"myext-{b}" for b in backends] + ["eager"]
+    cases = sum(len(shapes) for op in bench.OPS for _, shapes in bench.QUICK_SWEEP[op]) * len(bench.PASSES)
+    assert len(rows) == cases * len(providers)
+    assert {row[3] for row in rows} == set(providers)
+
+    results = json.loads(json_path.read_text())
+    assert results["schema"] == bench.JSON_SCHEMA
+    assert results["machine"]["device"] == "cpu"
+    assert results["dtype"] == "float32"
+    for limits in (results["limits"], results["limits_end"]):
+        assert limits["copy_GBps"] > 0 and limits["matmul_GFLOPps"] > 0
+    assert results["providers"] == providers
+    assert len(results["results"]) == len(rows)
+    for row in results["results"]:
+        assert row["op"] in bench.OPS and row["pass"] in bench.PASSES
+        assert row["unit"] == ("GFLOP/s" if row["op"] == "linear_relu" else "GB/s")
+        assert 0 < row["min_ms"] <= row["median_ms"]
+        assert len(row["times_ms"]) >= bench.QUICK_SETTINGS.min_repeats
+        assert row["rate"] > 0 and row["percent_of_limit"] > 0
+        assert row["peak_extra_bytes"] >= row["peak_alloc_bytes"] >= 0
+        assert row["peak_rss_bytes"] is None or row["peak_extra_bytes"] >= row["peak_rss_bytes"] >= 0
+        assert row["speedup_vs_eager"] > 0
+        assert row["speedup_vs_compile"] is None
+    for op in bench.OPS:
+        png = plot_dir / f"{op}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_backend_is_an_error():
+    assert bench.main(["--quick", "--device", "cpu", "--backend", "cuda"]) == 2
+
+
+def test_myext_command_runs_bench():
+    from myext import cli
+
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--backend", "cuda"]) == 2
+
+
+def test_peak_memory_sees_tensor_allocations():
+    rows, classes = 256, 1000
+    nbytes = rows * classes * 4
+
+    def two_live_buffers():
+        a = torch.ones(rows, classes)
+        b = torch.ones(rows, classes)
+        del a, b
+
+    peak = bench.peak_memory(two_live_buffers, torch.device("cpu"))
+    assert 2 * nbytes <= peak["peak_alloc_bytes"] < 2 * nbytes + 65536
+    assert peak["peak_extra_bytes"] >= peak["peak_alloc_bytes"]
+
+
+@pytest.mark.skipif(bench.peak_rss_bytes(lambda: None) is None, reason="needs /proc/self/clear_refs (Linux)")
+def test_peak_rss_sees_memory_outside_the_allocator():
+    nbytes = 64 << 20
+
+    def touch_a_numpy_buffer():  # numpy's memory bypasses torch's allocator
+        np.ones(nbytes // 8)
+
+    assert bench.peak_rss_bytes(touch_a_numpy_buffer) >= 0.9 * nbytes
+
+
+def test_cross_entropy_backward_holds_only_the_gradient():
+    """myext's fwd+bwd needs one N x C buffer, the gradient; eager holds three.
+    The gradient is above 32 MB, where myext's kernels allocate it themselves."""
+    rows, classes = 2048, 4096
+    nbytes = rows * classes * 4
+    tensors = bench.cross_entropy_inputs(rows, classes, device="cpu", dtype=torch.float32, requires_grad=True)
+    cpu = torch.device("cpu")
+    mine = bench.peak_memory(
+        bench.make_call("cross_entropy", bench.op_impl("cross_entropy", "myext-cpp"), tensors, True), cpu)
+    eager = bench.peak_memory(
+        bench.make_call("cross_entropy", bench.op_impl("cross_entropy", "eager"), tensors, True), cpu)
+    assert nbytes <= mine["peak_extra_bytes"] < 1.5 * nbytes
+    assert eager["peak_extra_bytes"] >= 2 * nbytes
+
+
+def test_work_per_call():
+    shape = dict(N=4, K=5, M=6)
+    assert bench.work_per_call("linear_relu", shape, False, torch.float32) == (240, "GFLOP/s")
+    assert bench.work_per_call("linear_relu", shape, True, torch.float32) == (720, "GFLOP/s")
+    shape = dict(N=4, C=10)
+    assert bench.work_per_call("cross_entropy", shape, False, torch.float32) == (4 * 10 * 4 + 32, "GB/s")
+    assert bench.work_per_call("cross_entropy", shape, True, torch.bfloat16) == (3 * 4 * 10 * 2 + 64, "GB/s")
+
+
+def test_default_backends_leave_out_the_reference_and_the_interpreter():
+    backends = bench.default_backends(torch.device("cpu"))
+    assert "torch" not in backends and "triton" not in backends
+    assert set(backends) <= set(myext.available_backends("cpu"))
+
+
+def test_compile_provider_matches_eager():
+    """The compile baseline computes what eager does (one tiny case; compiling takes seconds)."""
+    torch._dynamo.reset()
+    x, w, b = (t for t in bench.linear_relu_inputs(8, 16, 4, device="cpu", dtype=torch.float32,
+                                                    requires_grad=False).values())
+    torch.testing.assert_close(bench.op_impl("linear_relu", "compile")(x, w, b), bench.eager_linear_relu(x, w, b))
