@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from myext._library import acc_dtype
+
 from . import define_op, wrap_triton
 
 # The most elements a program loads at a time: 16 KB of float32, eight per thread
@@ -176,10 +178,6 @@ def _cross_entropy_backward_kernel(
         tl.store(grad_rows + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside & (row_ids < rows)[:, None])
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _launch(kernel, *args, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
             label_smoothing: float) -> None:
     """Launches one of the kernels over the rows of input, with tiles sized for its rows."""
@@ -212,8 +210,8 @@ def cross_entropy_forward(
     of the targets not ignored, or R), both in float32 (float64 for float64 input).
     """
     rows, classes = input.shape
-    acc_dtype = _acc_dtype(input.dtype)
-    losses, lse, row_weight = (input.new_empty((rows,), dtype=acc_dtype) for _ in range(3))
+    acc = acc_dtype(input.dtype)
+    losses, lse, row_weight = (input.new_empty((rows,), dtype=acc) for _ in range(3))
     if rows > 0:
         weight = weight.contiguous() if weight is not None else None
         # A pointer the options switch off is never read: the input stands in.
