@@ -148,10 +148,10 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
 
 
 def _why_unavailable(backend: str, device_type: str) -> str:
-    if backend == "triton" and not _triton_importable():
-        return " (triton is not installed)"
-    if backend == "triton" and device_type == "cpu":
+    if backend == "triton" and device_type == "cpu" and not _triton_interpreted():
         return " (Triton runs CPU tensors only under TRITON_INTERPRET=1, set before triton is imported)"
+    if backend == "triton" and not _triton_importable():
+        return " (triton or triton_ops cannot be imported)"
     if backend == "cuda" and device_type == "cuda":
         return " (myext was built without its CUDA kernels; rebuild with MYEXT_BUILD_CUDA=1)"
     return ""
