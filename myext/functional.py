@@ -9,7 +9,11 @@ import torch
 from . import reference
 from ._validation import REDUCTIONS, check_class_indices, check_cross_entropy, check_linear_relu
 from .autograd import CrossEntropyFunction, FusedLinearReLUFunction
-from .backends import has_inplace_cross_entropy_backward, resolve_backend
+from .backends import has_inplace_cross_entropy_backward, kernels, resolve_backend
+
+
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def linear_relu(
@@ -43,6 +47,9 @@ def linear_relu(
     name = resolve_backend(backend, input.device)
     if name == "torch":
         return reference.linear_relu(input, weight, bias)
+    if not _needs_grad(input, weight, bias):
+        # Nothing to differentiate: the op alone, without autograd.Function's overhead.
+        return kernels(name).linear_relu(input, weight, bias)
     return FusedLinearReLUFunction.apply(input, weight, bias, name)
 
 
@@ -115,6 +122,9 @@ def cross_entropy(
     if name == "torch":
         loss = reference.cross_entropy_2d(input_2d, target_2d, weight, ignore_index, reduction,
                                           float(label_smoothing))
+    elif not _needs_grad(input_2d, target_2d):
+        loss = kernels(name).cross_entropy_forward(input_2d, target_2d, weight, REDUCTIONS[reduction], ignore_index,
+                                                   float(label_smoothing))[0]
     else:
         inplace = (inplace_backward and input_2d.is_contiguous()
                    and has_inplace_cross_entropy_backward(name, input.device))

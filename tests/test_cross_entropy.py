@@ -360,3 +360,14 @@ def test_inplace_op_opcheck():
     loss, lse, total_weight = ops.cross_entropy_forward(x, target, None, 1, -100, 0.1)
     torch.library.opcheck(torch.ops.myext.cross_entropy_backward_,
                           (torch.ones(()), x.clone(), target, None, lse, total_weight, 1, -100, 0.1))
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("kind", ["class", "prob"])
+def test_inference_skips_autograd(backend, device, kind):
+    x, target, weight = make_case((5, 6), kind, weighted=True, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        loss = myext.cross_entropy(x, target, weight, label_smoothing=0.1, backend=backend)
+    assert loss.grad_fn is None and not loss.requires_grad
+    torch.testing.assert_close(loss, myext.cross_entropy(x, target, weight, label_smoothing=0.1,
+                                                         backend=backend).detach())

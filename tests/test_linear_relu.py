@@ -193,3 +193,12 @@ def test_empty_dimensions(backend, device, shape, out_features):
     grads_ref = torch.autograd.grad(out_ref.sum(), (x, w, b), allow_unused=True)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g if g is not None else torch.zeros_like(g_ref), g_ref)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_inference_skips_autograd(backend, device):
+    x, w, b = make_args((6, 5), dtype=torch.float32, device=device)
+    with torch.no_grad():
+        out = myext.linear_relu(x, w, b, backend=backend)
+    assert out.grad_fn is None and not out.requires_grad
+    torch.testing.assert_close(out, myext.linear_relu(x, w, b, backend=backend).detach())
