@@ -11,28 +11,15 @@ Run:  python examples/train_multitask.py
 """
 
 import torch
-import torch.nn.functional as F
 import torch.optim as optim
-from sklearn.datasets import load_digits
 
 import myext
+from myext.data import load_digits_dataset
 from myext.models import MultiTaskNet
 
 
-def digits_28x28():
-    """Train and test images (N, 1, 28, 28), normalised with the training set's statistics, and labels."""
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
-    images = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False)
-    labels = torch.tensor(digits.target)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    train, test = order[360:], order[:360]
-    mean, std = images[train].mean(), images[train].std()
-    return (images[train] - mean) / std, labels[train], (images[test] - mean) / std, labels[test]
-
-
 torch.manual_seed(0)
-train_images, train_digits, test_images, test_digits = digits_28x28()
+_, train_images, train_digits, test_images, test_digits = load_digits_dataset()
 train_parity, test_parity = train_digits % 2, test_digits % 2
 
 net = MultiTaskNet(num_classes1=10, num_classes2=2)

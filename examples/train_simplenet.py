@@ -11,28 +11,15 @@ Run:  python examples/train_simplenet.py
 """
 
 import torch
-import torch.nn.functional as F
 import torch.optim as optim
-from sklearn.datasets import load_digits
 
 import myext
+from myext.data import load_digits_dataset
 from myext.models import SimpleNet
 
 
-def digits_28x28():
-    """Train and test images (N, 1, 28, 28), normalised with the training set's statistics, and labels."""
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
-    images = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False)
-    labels = torch.tensor(digits.target)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    train, test = order[360:], order[:360]
-    mean, std = images[train].mean(), images[train].std()
-    return (images[train] - mean) / std, labels[train], (images[test] - mean) / std, labels[test]
-
-
 torch.manual_seed(0)
-train_images, train_labels, test_images, test_labels = digits_28x28()
+_, train_images, train_labels, test_images, test_labels = load_digits_dataset()
 
 # Section 4.2 of the article: run on the GPU where there is one.
 device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
