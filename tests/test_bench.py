@@ -104,7 +104,8 @@ def test_cross_entropy_backward_holds_only_the_gradient():
         bench.make_call("cross_entropy", bench.op_impl("cross_entropy", "myext-cpp"), tensors, True), cpu)
     eager = bench.peak_memory(
         bench.make_call("cross_entropy", bench.op_impl("cross_entropy", "eager"), tensors, True), cpu)
-    assert nbytes <= mine["peak_extra_bytes"] < 1.5 * nbytes
+    # Peak RSS is a lower bound: pages an earlier test left resident are not counted again.
+    assert 0.9 * nbytes <= mine["peak_extra_bytes"] < 1.5 * nbytes
     assert eager["peak_extra_bytes"] >= 2 * nbytes
 
 
