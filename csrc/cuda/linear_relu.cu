@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/cuda/Exceptions.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAException.h>
@@ -172,7 +173,14 @@ at::Tensor linear_relu_cuda(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor output = at::empty({rows, out_features}, input.options());
 
   if (!lt_linear_relu(x, w, b, output)) {
-    at::mm_out(output, x, w.t());
+    // In bfloat16/half the GEMM accumulates in float32: adding the bias there rounds
+    // bias + x.w once, as cuBLASLt's epilogue and F.linear do, not twice.
+    const bool bias_in_gemm = b.defined() && at::isReducedFloatingType(x.scalar_type());
+    if (bias_in_gemm) {
+      at::addmm_out(output, b, x, w.t());
+    } else {
+      at::mm_out(output, x, w.t());
+    }
     if (rows > 0 && out_features > 0) {
       const dim3 grid(static_cast<unsigned>(ceil_div(out_features, kEpilogueThreads)),
                       static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
@@ -181,7 +189,8 @@ at::Tensor linear_relu_cuda(const at::Tensor& input, const at::Tensor& weight,
             bias_relu_kernel<scalar_t>
                 <<<grid, kEpilogueThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
                     output.data_ptr<scalar_t>(),
-                    b.defined() ? b.data_ptr<scalar_t>() : nullptr, rows, out_features);
+                    b.defined() && !bias_in_gemm ? b.data_ptr<scalar_t>() : nullptr, rows,
+                    out_features);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
     }
@@ -249,7 +258,9 @@ linear_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input
   const int64_t in_features = weight.size(1);
   const at::Tensor grad_c = grad_output.contiguous();
   const at::Tensor out_c = output.contiguous();
-  const int64_t rows = out_c.numel() / std::max<int64_t>(1, out_features);
+  // Counted from the leading dimensions, not numel / out_features, which is 0
+  // when out_features is.
+  const int64_t rows = c10::multiply_integers(output.sizes().slice(0, output.dim() - 1));
   const bool need_pre = output_mask[0] || output_mask[1];
   const auto acc_type = at::toOpMathType(output.scalar_type());
 
@@ -294,7 +305,7 @@ linear_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input
 
   std::optional<at::Tensor> grad_input, grad_weight, grad_bias;
   if (output_mask[0]) grad_input = grad_pre.mm(weight).view(input.sizes());
-  if (output_mask[1]) grad_weight = grad_pre.t().mm(input.reshape({c10::multiply_integers(input.sizes().slice(0, input.dim() - 1)), in_features}));
+  if (output_mask[1]) grad_weight = grad_pre.t().mm(input.reshape({rows, in_features}));
   if (output_mask[2]) grad_bias = bias_partial.sum(0).to(output.scalar_type());
   return {grad_input, grad_weight, grad_bias};
 }
