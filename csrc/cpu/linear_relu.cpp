@@ -1,5 +1,6 @@
 // Fused Linear+ReLU on the CPU: the GEMM goes through ATen's BLAS, and the
-// bias and ReLU are applied in a single vectorised pass over its output.
+// bias and ReLU are applied in a single vectorised pass over its output
+// (in bfloat16/half the bias goes into the GEMM, see linear_relu_cpu).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -57,10 +58,19 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor input_2d = input.reshape({rows, in_features});
 
   at::Tensor output = at::empty({rows, out_features}, input.options());
-  at::mm_out(output, input_2d, weight.t());
+  // In bfloat16/half the GEMM accumulates in float32: adding the bias there rounds
+  // bias + x.w once, as F.linear does, where a separate bias pass would round twice.
+  const bool bias_in_gemm =
+      bias.has_value() && at::isReducedFloatingType(input.scalar_type());
+  if (bias_in_gemm) {
+    at::addmm_out(output, *bias, input_2d, weight.t());
+  } else {
+    at::mm_out(output, input_2d, weight.t());
+  }
 
-  const at::Tensor bias_c =
-      bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bias_c = bias.has_value() && !bias_in_gemm
+                                ? bias->contiguous()
+                                : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "linear_relu_cpu", [&] {
         bias_relu_rows<scalar_t>(
