@@ -16,8 +16,6 @@ over the row; for probability targets, and for class targets with both weights a
 smoothing, a first pass sums w q over the target and weights, without the logits.
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
 import torch
@@ -36,7 +34,7 @@ MAX_BLOCK_C = 4096
 @triton.jit
 def _cross_entropy_forward_kernel(
     x_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr, row_weight_ptr,
-    rows, classes, ignore_index, label_smoothing,
+    rows, classes, ignore_index, label_smoothing: tl.float64,
     stride_xr, stride_xc, stride_tr, stride_tc,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -47,7 +45,9 @@ def _cross_entropy_forward_kernel(
     # Rows past the end repeat the last one: loads need no row mask, stores do.
     row = tl.minimum(row_ids, rows - 1).to(tl.int64)
     acc_dtype = lse_ptr.dtype.element_ty
-    eps = tl.zeros((), acc_dtype) + label_smoothing
+    # label_smoothing is annotated float64: a Python float otherwise reaches the kernel
+    # as float32, and float64 results would carry float32's rounding of it.
+    eps = (tl.zeros((), tl.float64) + label_smoothing).to(acc_dtype)
     x_rows = x_ptr + row[:, None] * stride_xr
     cols = tl.arange(0, BLOCK_C)[None, :]
 
@@ -111,7 +111,7 @@ def _cross_entropy_forward_kernel(
 @triton.jit
 def _cross_entropy_backward_kernel(
     grad_ptr, x_ptr, target_ptr, weight_ptr, lse_ptr, scale_ptr,
-    rows, classes, ignore_index, label_smoothing,
+    rows, classes, ignore_index, label_smoothing: tl.float64,
     stride_gr, stride_xr, stride_xc, stride_tr, stride_tc, stride_scale,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -120,7 +120,7 @@ def _cross_entropy_backward_kernel(
     row_ids = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row = tl.minimum(row_ids, rows - 1).to(tl.int64)
     acc_dtype = lse_ptr.dtype.element_ty
-    eps = tl.zeros((), acc_dtype) + label_smoothing
+    eps = (tl.zeros((), tl.float64) + label_smoothing).to(acc_dtype)
     x_rows = x_ptr + row[:, None] * stride_xr
     grad_rows = grad_ptr + row[:, None] * stride_gr
     cols = tl.arange(0, BLOCK_C)[None, :]
