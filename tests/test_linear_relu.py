@@ -146,6 +146,54 @@ def test_backend_runs_its_own_kernel(backend, device):
     assert op_name.replace("::linear_relu", "::linear_relu_backward") in names
 
 
+def _onednn_calls(fn):
+    """fn's result, and how many GEMMs it ran on oneDNN."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, sum(event.name == "mkldnn::_linear_pointwise" for event in prof.events())
+
+
+# The cpp backend hands float32 GEMMs of at least 8 MFLOP to oneDNN; these shapes are
+# above that (SimpleNet's fc1 at batch 256 is 51 MFLOP), the other tests' below.
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("layout", ["contiguous", "transposed-input", "3d-input", "no-bias", "strided-bias"])
+def test_cpp_onednn_path(layout):
+    x, w, b = make_args((256, 784), out_features=128, dtype=torch.float32, requires_grad=False)
+    x[0, 0] = float("nan")  # the ReLU keeps NaN, as torch.relu does (oneDNN's ReLU post-op would not)
+    if layout == "transposed-input":
+        x = x.t().contiguous().t()
+    elif layout == "3d-input":
+        x = x.view(4, 64, 784)
+    elif layout == "no-bias":
+        b = None
+    elif layout == "strided-bias":
+        b = torch.randn(256)[::2]
+    params = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    grad = torch.randn(*x.shape[:-1], 128)
+
+    def fwd_bwd():
+        out = myext.linear_relu(x, w, b, backend="cpp")
+        return out, torch.autograd.grad(out, params, grad)
+
+    (out, grads), calls = _onednn_calls(fwd_bwd)
+    assert calls == 3, "the forward, input-gradient and weight-gradient GEMMs should all run on oneDNN"
+    assert out.flatten(0, -2)[0].isnan().all()
+    refs = [t.detach().clone().requires_grad_() for t in params]
+    out_ref = F.linear(*refs, *([None] if b is None else []))
+    torch.testing.assert_close(out, F.relu(out_ref), rtol=1e-5, atol=2e-4, equal_nan=True)
+    grads_ref = torch.autograd.grad(out_ref, refs, grad * (out.detach() > 0))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=2e-4, equal_nan=True)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_cpp_onednn_path_follows_torch_switch():
+    x, w, b = make_args((256, 784), out_features=128, dtype=torch.float32)
+    with torch.backends.mkldnn.flags(enabled=False):
+        _, calls = _onednn_calls(lambda: myext.linear_relu(x, w, b, backend="cpp").sum().backward())
+    assert calls == 0
+
+
 BAD_INPUTS = [
     ("input", lambda x, w, b: (x.to(torch.int64), w, b), TypeError, "input must have a floating dtype"),
     ("input", lambda x, w, b: (x[:, :4], w, b), ValueError, "input's last dimension"),
