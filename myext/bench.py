@@ -14,7 +14,8 @@ size of a sweep and provider (one per myext backend available on the device, plu
   backward reads them again and writes the gradient), the same for every provider.
 * that rate as a percent of this machine's limit, measured at the start of the same
   run: the copy bandwidth of a large ``Tensor.copy_`` (bytes read + written) and the
-  matmul rate of a large ``torch.mm`` in the benchmark's dtype. Both are measured again
+  rate of a large matmul in the benchmark's dtype (the faster of ``torch.mm`` and, for
+  float32 on the CPU, oneDNN, which myext itself uses). Both are measured again
   at the end, which shows how much the machine's load changed meanwhile.
 * the peak memory a call needs beyond what existed before it, outputs included. On
   CUDA from ``torch.cuda.max_memory_allocated``. On the CPU two ways, as neither sees
@@ -297,15 +298,18 @@ def _median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -
 def measure_limits(device: torch.device, dtype: torch.dtype, quick: bool) -> dict[str, Any]:
     """The copy bandwidth (GB/s, bytes read + written by ``Tensor.copy_`` between two
     buffers far larger than the caches) and the matmul rate (GFLOP/s of a large square
-    ``torch.mm`` in ``dtype``) of this device, as the ceilings for the ops' rates."""
+    matmul in ``dtype``, the faster of ``torch.mm`` and, on the CPU, oneDNN's) of this
+    device, as the ceilings for the ops' rates."""
     if device.type == "cuda":
         copy_bytes, n = (64 << 20, 2048) if quick else (1 << 30, 8192)
     else:
         copy_bytes, n = (64 << 20, 512) if quick else (512 << 20, 4096)
+    matmul_GFLOPps, matmul_library = _matmul_GFLOPps(device, dtype, n)
     return {
         "copy_GBps": _copy_GBps(device, copy_bytes),
         "copy_bytes": copy_bytes,
-        "matmul_GFLOPps": _matmul_GFLOPps(device, dtype, n),
+        "matmul_GFLOPps": matmul_GFLOPps,
+        "matmul_library": matmul_library,
         "matmul_size": n,
         "matmul_dtype": str(dtype).removeprefix("torch."),
     }
@@ -317,11 +321,19 @@ def _copy_GBps(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / _median_seconds(lambda: dst.copy_(src), device, repeats=5) / 1e9
 
 
-def _matmul_GFLOPps(device: torch.device, dtype: torch.dtype, n: int) -> float:
+def _matmul_GFLOPps(device: torch.device, dtype: torch.dtype, n: int) -> tuple[float, str]:
+    """(GFLOP/s, which library): the faster of torch.mm and, for float32 on the CPU,
+    oneDNN, which myext's cpp linear_relu uses where it beats torch.mm (MKL there)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / _median_seconds(lambda: torch.mm(a, b, out=out), device, repeats=5) / 1e9
+    candidates = {"torch.mm": lambda: torch.mm(a, b, out=out)}
+    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        b_t = b.t()
+        candidates["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], None)
+    rates = {name: 2 * n**3 / _median_seconds(fn, device, repeats=5) / 1e9 for name, fn in candidates.items()}
+    best = max(rates, key=rates.__getitem__)
+    return rates[best], best
 
 
 # ---------------------------------------------------------------------------
@@ -559,7 +571,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"myext bench on {machine['device_name']}; torch {machine['torch']}; {str(dtype).removeprefix('torch.')}", flush=True)
     limits = measure_limits(device, dtype, args.quick)
     print(f"limits: copy {limits['copy_GBps']:.1f} GB/s, {limits['matmul_dtype']} matmul "
-          f"{limits['matmul_GFLOPps']:.1f} GFLOP/s ({limits['matmul_size']}^3)", flush=True)
+          f"{limits['matmul_GFLOPps']:.1f} GFLOP/s ({limits['matmul_size']}^3, {limits['matmul_library']})",
+          flush=True)
     print(table_header(), flush=True)
     rows: list[dict[str, Any]] = []
     for op in ops:

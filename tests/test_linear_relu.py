@@ -176,7 +176,7 @@ def test_cpp_onednn_path(layout):
         return out, torch.autograd.grad(out, params, grad)
 
     (out, grads), calls = _onednn_calls(fwd_bwd)
-    assert calls == 3, "the forward, input-gradient and weight-gradient GEMMs should all run on oneDNN"
+    assert calls == 2, "the forward and input-gradient GEMMs should run on oneDNN"
     assert out.flatten(0, -2)[0].isnan().all()
     refs = [t.detach().clone().requires_grad_() for t in params]
     out_ref = F.linear(*refs, *([None] if b is None else []))
