@@ -15,6 +15,7 @@
 #include "large_alloc.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -105,7 +106,8 @@ LogSumExp<T> logsumexp(const T* x, int64_t n) {
     const int64_t len = std::min(kBlock, n - start);
     const T block_max = hmax(x + start, len);
     if (block_max > running_max) {
-      running_sum *= std::exp(running_max - block_max);
+      // (An empty running sum needs no rescaling: short rows skip an exp.)
+      if (running_sum != T(0)) running_sum *= std::exp(running_max - block_max);
       running_max = block_max;
     }
     running_sum += sum_exp(x + start, len, running_max);
@@ -146,6 +148,55 @@ std::array<T, 3> forward_class_row(const T* x, int64_t target,
     loss += o.smoothing / T(o.classes) * (sum_w_gap + o.weight_sum * lse.log_sum);
   }
   return {loss, lse.value(), w_t};
+}
+
+// Rows of few classes (the article's 10 digits) go Vec::size() rows at a time,
+// one lane per row: the max, the sum of exponentials and the log become vector
+// operations across rows. Row by row they are two horizontal reductions and a
+// scalar log, most of the time such a row takes.
+constexpr int64_t kFewClasses = 32;
+
+// forward_class_row of Vec::size() consecutive rows of x, written to out[lane].
+template <typename T>
+void forward_class_rows_few(const T* x, const int64_t* target, const Options<T>& o,
+                            std::array<T, 3>* out) {
+  using Vec = Vectorized<T>;
+  using Index = Vectorized<at::vec::int_same_size_t<T>>;
+  constexpr int64_t kLanes = Vec::size();
+  const int64_t n = o.classes;
+  const Index row_starts = Index::arange(0, n);
+  std::array<Vec, kFewClasses> column;  // column[c]: class c of each lane's row
+  Vec max(-std::numeric_limits<T>::infinity());
+  for (int64_t c = 0; c < n; ++c) {
+    column[c] = at::vec::gather<sizeof(T)>(x + c, row_starts);
+    max = at::vec::maximum(max, column[c]);
+  }
+  Vec sum(T(0));
+  Vec weighted_sum(T(0));  // sum(w x), for the smoothing term
+  for (int64_t c = 0; c < n; ++c) {
+    sum = sum + (column[c] - max).exp_u20();
+    if (o.smoothing > T(0)) {
+      weighted_sum = at::vec::fmadd(Vec(class_weight(o, c)), column[c], weighted_sum);
+    }
+  }
+  T maxes[kLanes], log_sums[kLanes], dots[kLanes];
+  max.store(maxes);
+  sum.log().store(log_sums);
+  weighted_sum.store(dots);
+  for (int64_t lane = 0; lane < kLanes; ++lane) {
+    const int64_t t = target[lane];
+    if (t == o.ignore_index) {
+      out[lane] = {T(0), T(0), T(0)};
+      continue;
+    }
+    const T w_t = class_weight(o, t);
+    T loss = (T(1) - o.smoothing) * w_t * ((maxes[lane] - x[lane * n + t]) + log_sums[lane]);
+    if (o.smoothing > T(0)) {
+      const T sum_w_gap = o.weight_sum * maxes[lane] - dots[lane];
+      loss += o.smoothing / T(n) * (sum_w_gap + o.weight_sum * log_sums[lane]);
+    }
+    out[lane] = {loss, maxes[lane] + log_sums[lane], w_t};
+  }
 }
 
 template <typename T>
@@ -198,16 +249,15 @@ void backward_class_row(const T* x, T* grad, int64_t target, T lse, T scale,
   const T a = scale * ((T(1) - o.smoothing) * w_t + eps_c * o.weight_sum);
   const T b = scale * eps_c;
   const Vec va(a), vb(b), vlse(lse);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec g = va * (Vec::loadu(x + i) - vlse).exp_u20();
+  // count = Vec::size() but for the last, partial vector: a masked one, not a
+  // scalar loop of std::exp, which would cost rows of a few classes most of their time.
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - i);
+    Vec g = va * (Vec::loadu(x + i, count) - vlse).exp_u20();
     if (b != T(0)) {
-      g = g - (o.weight == nullptr ? vb : vb * Vec::loadu(o.weight + i));
+      g = g - (o.weight == nullptr ? vb : vb * Vec::loadu(o.weight + i, count));
     }
-    g.store(grad + i);
-  }
-  for (; i < n; ++i) {
-    grad[i] = a * std::exp(x[i] - lse) - b * class_weight(o, i);
+    g.store(grad + i, count);
   }
   grad[target] -= scale * (T(1) - o.smoothing) * w_t;
 }
@@ -221,15 +271,11 @@ void backward_prob_row(const T* x, const T* q_raw, T* grad, T lse, T scale,
   const T eps_c = o.smoothing / T(n);
   const T sum_wq = keep * dot(q_raw, o.weight, n) + eps_c * o.weight_sum;
   const Vec va(scale * sum_wq), vlse(lse), vkeep(keep), veps(eps_c), vscale(scale);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec wq = at::vec::fmadd(vkeep, Vec::loadu(q_raw + i), veps);
-    if (o.weight != nullptr) wq = wq * Vec::loadu(o.weight + i);
-    (va * (Vec::loadu(x + i) - vlse).exp_u20() - vscale * wq).store(grad + i);
-  }
-  for (; i < n; ++i) {
-    const T wq = (keep * q_raw[i] + eps_c) * class_weight(o, i);
-    grad[i] = scale * (sum_wq * std::exp(x[i] - lse) - wq);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - i);  // as in backward_class_row
+    Vec wq = at::vec::fmadd(vkeep, Vec::loadu(q_raw + i, count), veps);
+    if (o.weight != nullptr) wq = wq * Vec::loadu(o.weight + i, count);
+    (va * (Vec::loadu(x + i, count) - vlse).exp_u20() - vscale * wq).store(grad + i, count);
   }
 }
 
@@ -321,15 +367,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
         const auto o = make_options<acc_t>(weight_acc, classes, ignore_index,
                                            label_smoothing);
         const scalar_t* xp = x.data_ptr<scalar_t>();
+        const int64_t* tp = class_targets ? t.data_ptr<int64_t>() : nullptr;
         acc_t* lse_p = lse.data_ptr<acc_t>();
         std::vector<acc_t> losses(rows), row_weights(rows);
         at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
           std::vector<acc_t> x_scratch, q_scratch;
-          for (int64_t r = begin; r < end; ++r) {
+          int64_t r = begin;
+          if (class_targets && classes <= kFewClasses) {
+            constexpr int64_t kLanes = Vectorized<acc_t>::size();
+            std::array<std::array<acc_t, 3>, kLanes> res;
+            for (; r + kLanes <= end; r += kLanes) {
+              // The block of kLanes rows as one "row" of kLanes * classes elements.
+              const acc_t* block = row_as_acc<scalar_t, acc_t>(xp + r * classes, 0, kLanes * classes,
+                                                               x_scratch);
+              forward_class_rows_few(block, tp + r, o, res.data());
+              for (int64_t lane = 0; lane < kLanes; ++lane) {
+                losses[r + lane] = res[lane][0];
+                lse_p[r + lane] = res[lane][1];
+                row_weights[r + lane] = res[lane][2];
+              }
+            }
+          }
+          for (; r < end; ++r) {
             const acc_t* row = row_as_acc<scalar_t, acc_t>(xp, r, classes, x_scratch);
             const auto res =
                 class_targets
-                    ? forward_class_row(row, t.data_ptr<int64_t>()[r], o)
+                    ? forward_class_row(row, tp[r], o)
                     : forward_prob_row(
                           row,
                           row_as_acc<scalar_t, acc_t>(t.data_ptr<scalar_t>(), r,
