@@ -30,9 +30,20 @@ using at::vec::Vectorized;
 // are asked of it and the ReLU stays ours.
 constexpr double kOneDnnMinFlops = 8e6;
 
+// The op, or nullptr where this torch lacks it or has changed its schema (it is
+// internal to torch): then at::mm does all the GEMMs.
 const c10::OperatorHandle* onednn_linear_op() {
-  static const std::optional<c10::OperatorHandle> op =
-      c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+  static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
+    auto found = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+    if (!found.has_value() || !found->hasSchema()) return std::nullopt;
+    const auto& args = found->schema().arguments();
+    const std::array<const char*, 6> expected{"X", "W", "B", "attr", "scalars", "algorithm"};
+    if (args.size() != expected.size()) return std::nullopt;
+    for (size_t i = 0; i < expected.size(); ++i) {
+      if (args[i].name() != expected[i]) return std::nullopt;
+    }
+    return found;
+  }();
   return op.has_value() ? &*op : nullptr;
 }
 
