@@ -24,7 +24,7 @@ using at::vec::Vectorized;
 
 // oneDNN's matmul, reached through the op torch.compile's CPU backend uses for
 // linear layers (mkldnn::_linear_pointwise). On this project's AVX-512 machine it
-// runs float32 GEMMs of SimpleNet's and MLP sizes 10-25% faster than at::mm, whose
+// runs float32 GEMMs of SimpleNet's and MLP sizes 6-27% faster than at::mm, whose
 // BLAS (MKL) takes its AVX2 path on AMD; below ~8 MFLOP its per-call set-up costs
 // more than it saves. Its ReLU post-op turns NaN into 0, so only the GEMM and bias
 // are asked of it and the ReLU stays ours.
