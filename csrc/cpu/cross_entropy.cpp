@@ -133,6 +133,20 @@ T class_weight(const Options<T>& o, int64_t c) {
   return o.weight == nullptr ? T(1) : o.weight[c];
 }
 
+// The loss of a row with a class-index target, from its log-sum-exp, the
+// target's logit and weight, and sum(w x) (read only with smoothing).
+template <typename T>
+T class_row_loss(const LogSumExp<T>& lse, T x_target, T w_target, T weighted_sum,
+                 const Options<T>& o) {
+  T loss = (T(1) - o.smoothing) * w_target * ((lse.max - x_target) + lse.log_sum);
+  if (o.smoothing > T(0)) {
+    // sum_c w_c (lse - x_c), with the max taken out first as above.
+    const T sum_w_gap = o.weight_sum * lse.max - weighted_sum;
+    loss += o.smoothing / T(o.classes) * (sum_w_gap + o.weight_sum * lse.log_sum);
+  }
+  return loss;
+}
+
 // Returns {loss, lse, weight of the row in the mean} for one row. Ignored rows
 // skip the sweep: their lse is never read.
 template <typename T>
@@ -141,13 +155,8 @@ std::array<T, 3> forward_class_row(const T* x, int64_t target,
   if (target == o.ignore_index) return {T(0), T(0), T(0)};
   const LogSumExp<T> lse = logsumexp(x, o.classes);
   const T w_t = class_weight(o, target);
-  T loss = (T(1) - o.smoothing) * w_t * ((lse.max - x[target]) + lse.log_sum);
-  if (o.smoothing > T(0)) {
-    // sum_c w_c (lse - x_c), with the max taken out first as above.
-    const T sum_w_gap = o.weight_sum * lse.max - dot(x, o.weight, o.classes);
-    loss += o.smoothing / T(o.classes) * (sum_w_gap + o.weight_sum * lse.log_sum);
-  }
-  return {loss, lse.value(), w_t};
+  const T weighted_sum = o.smoothing > T(0) ? dot(x, o.weight, o.classes) : T(0);
+  return {class_row_loss(lse, x[target], w_t, weighted_sum, o), lse.value(), w_t};
 }
 
 // Rows of few classes (the article's 10 digits) go Vec::size() rows at a time,
@@ -189,13 +198,9 @@ void forward_class_rows_few(const T* x, const int64_t* target, const Options<T>&
       out[lane] = {T(0), T(0), T(0)};
       continue;
     }
+    const LogSumExp<T> lse{maxes[lane], log_sums[lane]};
     const T w_t = class_weight(o, t);
-    T loss = (T(1) - o.smoothing) * w_t * ((maxes[lane] - x[lane * n + t]) + log_sums[lane]);
-    if (o.smoothing > T(0)) {
-      const T sum_w_gap = o.weight_sum * maxes[lane] - dots[lane];
-      loss += o.smoothing / T(n) * (sum_w_gap + o.weight_sum * log_sums[lane]);
-    }
-    out[lane] = {loss, maxes[lane] + log_sums[lane], w_t};
+    out[lane] = {class_row_loss(lse, x[lane * n + t], w_t, dots[lane], o), lse.value(), w_t};
   }
 }
 

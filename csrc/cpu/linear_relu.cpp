@@ -109,30 +109,27 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   const int64_t rows = c10::multiply_integers(input.sizes().slice(0, input.dim() - 1));
   const at::Tensor input_2d = input.reshape({rows, in_features});
 
+  const std::optional<at::Tensor> bias_c =
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   at::Tensor output;
-  bool bias_in_gemm = bias.has_value();
+  at::Tensor bias_for_relu_pass;  // undefined where the GEMM added the bias
   if (use_onednn(input, rows, in_features, out_features)) {
-    output = onednn_linear(input_2d, weight,
-                           bias.has_value() ? std::optional<at::Tensor>(bias->contiguous())
-                                            : std::nullopt);
-  } else if (bias_in_gemm && at::isReducedFloatingType(input.scalar_type())) {
+    output = onednn_linear(input_2d, weight, bias_c);
+  } else if (bias_c.has_value() && at::isReducedFloatingType(input.scalar_type())) {
     // In bfloat16/half the GEMM accumulates in float32: adding the bias there rounds
     // bias + x.w once, as F.linear does, where a separate bias pass would round twice.
-    output = at::addmm(*bias, input_2d, weight.t());
+    output = at::addmm(*bias_c, input_2d, weight.t());
   } else {
     output = at::mm(input_2d, weight.t());
-    bias_in_gemm = false;
+    if (bias_c.has_value()) bias_for_relu_pass = *bias_c;
   }
 
-  const at::Tensor bias_c = bias.has_value() && !bias_in_gemm
-                                ? bias->contiguous()
-                                : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "linear_relu_cpu", [&] {
         bias_relu_rows<scalar_t>(
             output.data_ptr<scalar_t>(),
-            bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, rows,
-            out_features);
+            bias_for_relu_pass.defined() ? bias_for_relu_pass.data_ptr<scalar_t>() : nullptr,
+            rows, out_features);
       });
 
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
