@@ -8,23 +8,11 @@ All three start from the same weights and train on the same batch.
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import myext
+from myext.models import PlainSimpleNet
 
 BATCH = 256
-
-
-class PlainSimpleNet(nn.Module):
-    """The article's SimpleNet in plain PyTorch: flatten -> fc1 784->128 -> ReLU -> fc2 128->10."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(28 * 28, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
 
 
 def test_simplenet_step(run_benchmark, device, provider):

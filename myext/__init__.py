@@ -5,23 +5,20 @@ registered in the PyTorch dispatcher under ``torch.ops.myext``, and a plain-PyTo
 reference (``backend="torch"``) that every kernel is tested against.
 """
 
-import os
-
 import torch  # loads libtorch before the extension
 
 from . import _C  # noqa: F401  (registers the myext:: ops and their kernels)
-from . import _library
-from . import autograd, backends, reference
+from . import ops  # noqa: F401  (registers each op: its spec, fake kernels)
+from . import autograd, backends, reference, registry
 from .backends import available_backends
 from .functional import cross_entropy, linear_relu
 from . import models, nn
 from .fuse import fuse
 
-_library.register("")
-_library.register_inplace()
-
-if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+if backends.triton_may_run():
     backends.probe_triton()
+backends.survey()
 
-__all__ = ["autograd", "available_backends", "cross_entropy", "fuse", "linear_relu", "models", "nn", "reference"]
+__all__ = ["autograd", "available_backends", "cross_entropy", "fuse", "linear_relu", "models", "nn", "reference",
+           "registry"]
 __version__ = "0.1.0"

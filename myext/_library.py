@@ -1,20 +1,24 @@
-"""Fake kernels for the myext ops, in one place.
+"""Registration of the Triton ops with the PyTorch dispatcher, for any op of the registry.
 
-They give output shapes and dtypes without computing, so torch.compile and
-torch.library.opcheck can trace the ops. ``register(suffix)`` attaches them to the
-four ops named with that suffix: "" for the C++/CUDA ops of csrc/, "_triton" for
-those of triton_ops/.
+``register_triton_ops`` registers the host functions of an op's Triton module as
+``myext::<name>_triton``, with the schema of ``myext::<name>`` (csrc/myext.cpp) and the
+same fake kernel (see myext.registry.register).
 
-The ops carry no autograd formulas of their own: myext.autograd's Functions
-differentiate them (a Python autograd kernel on each op would cost every call a
-trip through Python, tens of microseconds at small sizes).
+The ops carry no autograd formulas of their own: each op's autograd Functions
+differentiate them (a Python autograd kernel on an op would cost every call a trip
+through Python, tens of microseconds at small sizes).
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Callable, Mapping, Sequence
+
 import torch
 
-from .backends import Kernels
+import triton_ops
+
+TRITON_SUFFIX = "_triton"
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -22,43 +26,39 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def linear_relu_fake(input, weight, bias):
-    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+def schema_of(qualified_name: str) -> str:
+    """The schema of a registered op without its name: ``"(Tensor input, ...) -> Tensor"``."""
+    namespace, name = qualified_name.split("::")
+    schema = str(getattr(getattr(torch.ops, namespace), name).default._schema)
+    return schema[len(qualified_name):]
 
 
-def linear_relu_backward_fake(grad_output, input, weight, output, output_mask):
-    return (
-        torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else None,
-        torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else None,
-        weight.new_empty((weight.shape[0],)) if output_mask[2] else None,
-    )
+def _traceable_schema(host, schema: str) -> bool:
+    """Whether torch.library.triton_op would give ``host`` exactly ``schema``: it infers
+    the schema from the annotations, which turns ``int`` into ``SymInt``, drops the
+    lengths of lists and cannot express an optional return."""
+    try:
+        return torch.library.infer_schema(host, mutates_args=()) == schema
+    except ValueError:
+        return False
 
 
-def cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, label_smoothing):
-    rows = input.shape[0]
-    acc = acc_dtype(input.dtype)
-    loss = input.new_empty((rows,) if reduction == 0 else ())
-    return loss, input.new_empty((rows,), dtype=acc), input.new_empty((), dtype=acc)
+def register_triton_ops(names: Sequence[str], fakes: Mapping[str, Callable], module: ModuleType) -> None:
+    """Registers ``module.<name>`` as ``myext::<name>_triton`` for each of ``names``, the
+    dispatcher ops of one op, with the fake kernel ``fakes[name]``.
 
-
-def cross_entropy_backward_fake(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
-                                label_smoothing):
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
-
-
-def cross_entropy_backward_inplace_fake(grad_loss, input, target, weight, lse, total_weight, reduction,
-                                        ignore_index, label_smoothing):
-    return None
-
-
-def register_inplace() -> None:
-    """Attaches the fake kernel of myext::cross_entropy_backward_ (C++ and CUDA backends only)."""
-    torch.library.register_fake("myext::cross_entropy_backward_", cross_entropy_backward_inplace_fake)
-
-
-def register(suffix: str) -> None:
-    """Attaches the fake kernels to the myext ops named with ``suffix``."""
-    fakes = Kernels(linear_relu_fake, linear_relu_backward_fake, cross_entropy_forward_fake,
-                    cross_entropy_backward_fake)
-    for name, fake in zip(Kernels._fields, fakes):
-        torch.library.register_fake(f"myext::{name}{suffix}", fake)
+    On a GPU an op is a ``torch.library.triton_op``, whose kernels torch.compile sees,
+    where triton_op gives it the schema of its C++ counterpart, and elsewhere a custom op
+    that launches its kernels through ``wrap_triton``. Under ``TRITON_INTERPRET=1`` every
+    op is a custom op that launches its kernels directly: triton_op traces its body with
+    fake tensors, which the interpreter cannot run (they have no data).
+    """
+    for name in names:
+        host = getattr(module, name)
+        schema = schema_of(f"myext::{name}")
+        qualified_name = f"myext::{name}{TRITON_SUFFIX}"
+        if not triton_ops.INTERPRETED and _traceable_schema(host, schema):
+            torch.library.triton_op(qualified_name, host, mutates_args=())
+        else:
+            torch.library.custom_op(qualified_name, host, mutates_args=(), schema=schema)
+        torch.library.register_fake(qualified_name, fakes[name])

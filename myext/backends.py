@@ -5,108 +5,162 @@ Backends:
   ``"cuda"``    the CUDA kernels in csrc/cuda (CUDA tensors; needs a CUDA build of myext).
   ``"triton"``  the Triton kernels in triton_ops/ (CUDA tensors; CPU tensors only under
                 ``TRITON_INTERPRET=1``).
-  ``"torch"``   the plain-PyTorch reference in myext.reference: the executable spec.
+  ``"torch"``   each op's plain-PyTorch reference: the executable spec.
+
+Availability is per op and backend: a compiled backend has an op where every one of
+the op's dispatcher ops has a kernel for the device (see myext.registry).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 
+import triton_ops
+
 from . import _C  # noqa: F401  (its kernels must be registered before they are probed)
+from . import registry
+from ._library import TRITON_SUFFIX, register_triton_ops
 
 BACKENDS = ("cpp", "cuda", "triton", "torch")
 ENV_VAR = "MYEXT_BACKEND"
 # Preference order for backend=None on each device type.
 _DEFAULT_ORDER = {"cpu": ("cpp", "triton", "torch"), "cuda": ("cuda", "triton", "torch")}
-
-
-class Kernels(NamedTuple):
-    """The dispatcher ops of one backend, each with the schema of its myext:: counterpart."""
-
-    linear_relu: torch._ops.OpOverloadPacket
-    linear_relu_backward: torch._ops.OpOverloadPacket
-    cross_entropy_forward: torch._ops.OpOverloadPacket
-    cross_entropy_backward: torch._ops.OpOverloadPacket
-
-
-def _ops_with_suffix(suffix: str) -> Kernels:
-    ns = torch.ops.myext
-    return Kernels(*(getattr(ns, name + suffix) for name in Kernels._fields))
-
+# The dispatcher ops of a compiled backend are myext::<name><suffix>.
+_SUFFIX = {"cpp": "", "cuda": "", "triton": TRITON_SUFFIX}
+# The dispatch key a C++ backend's kernels are registered under.
+_DISPATCH_KEY = {"cpp": "CPU", "cuda": "CUDA"}
+_DEVICE_TYPE = {"cpp": "cpu", "cuda": "cuda"}
 
 # Looked up once: an op lookup on torch.ops costs microseconds on every call.
-_KERNELS = {"cpp": _ops_with_suffix(""), "cuda": _ops_with_suffix("")}
+_OPS: dict[tuple[str, str], torch._ops.OpOverloadPacket] = {}
 
 
-def kernels(backend: str) -> Kernels:
-    """The registered ops behind a compiled backend ("cpp", "cuda" or "triton")."""
-    if backend == "triton" and backend not in _KERNELS:
-        probe_triton()
-    return _KERNELS[backend]
+def op(name: str, backend: str) -> torch._ops.OpOverloadPacket:
+    """The dispatcher op ``myext::<name>`` as implemented by ``backend`` ("cpp", "cuda" or "triton")."""
+    key = (name, backend)
+    found = _OPS.get(key)
+    if found is None:
+        if backend == "triton":
+            probe_triton()
+        found = _OPS[key] = getattr(torch.ops.myext, name + _SUFFIX[backend])
+    return found
+
+
+class kernels:  # noqa: N801  (used like a function: kernels(backend).<op name>)
+    """The dispatcher ops of one compiled backend, by name: ``kernels("triton").linear_relu``
+    is ``torch.ops.myext.linear_relu_triton``."""
+
+    def __init__(self, backend: str) -> None:
+        if backend not in _SUFFIX:
+            raise ValueError(f"backend {backend!r} has no dispatcher ops; compiled backends: {list(_SUFFIX)}")
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> torch._ops.OpOverloadPacket:
+        return op(name, self._backend)
 
 
 # Facts of the installation, probed once. Plain module globals: torch.compile reads
 # them as constants instead of tracing the probes.
-_CUDA_KERNELS_BUILT = torch._C._dispatch_has_kernel_for_dispatch_key("myext::linear_relu", "CUDA")
-_INPLACE_CROSS_ENTROPY_KEYS = frozenset(
-    key for key in ("CPU", "CUDA")
-    if torch._C._dispatch_has_kernel_for_dispatch_key("myext::cross_entropy_backward_", key))
-_triton_ops_loaded: Optional[bool] = None
+_triton_loaded: Optional[bool] = None
+_triton_error = ""
+_available: dict[tuple[str, str, str], bool] = {}
+_capable: dict[tuple[str, str, str, str], bool] = {}
 
 
 def probe_triton() -> bool:
-    """Imports triton_ops (registering its ops) once; returns whether that worked.
+    """Imports the Triton module of every registered op and registers its ops, once;
+    returns whether that worked.
 
     myext's import calls it where Triton can run (a CUDA device, or TRITON_INTERPRET=1),
     so that a compiled graph never has to trace the import.
     """
-    global _triton_ops_loaded
-    if _triton_ops_loaded is None:
+    global _triton_loaded, _triton_error
+    if _triton_loaded is None:
         try:
-            import triton_ops  # noqa: F401  (registers the myext::*_triton ops)
-
-            _KERNELS["triton"] = _ops_with_suffix("_triton")
-        except (ImportError, AttributeError):
-            _triton_ops_loaded = False
+            modules = [(spec, importlib.import_module(f"triton_ops.{spec.name}"))
+                       for spec in registry.specs() if "triton" in spec.backends]
+        except ImportError as err:
+            _triton_loaded, _triton_error = False, f"{type(err).__name__}: {err}"
         else:
-            _triton_ops_loaded = True
-    return _triton_ops_loaded
+            for spec, module in modules:
+                register_triton_ops(spec.dispatcher_ops, spec.fakes, module)
+            _triton_loaded = True
+    return _triton_loaded
 
 
-def _cuda_kernels_built() -> bool:
-    return _CUDA_KERNELS_BUILT
+def triton_may_run() -> bool:
+    """Whether Triton kernels can run in this process: on a CUDA device, or interpreted."""
+    return triton_ops.INTERPRETED or torch.cuda.is_available()
 
 
-def _triton_importable() -> bool:
-    return _triton_ops_loaded if _triton_ops_loaded is not None else probe_triton()
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _available_on(backend: str, device_type: str) -> bool:
-    if backend == "torch":
-        return True
-    if backend == "cpp":
-        return device_type == "cpu"
-    if backend == "cuda":
-        return device_type == "cuda" and _cuda_kernels_built()
+def _has_kernels(names: tuple[str, ...], backend: str, device_type: str) -> bool:
+    if backend in _DISPATCH_KEY:
+        return device_type == _DEVICE_TYPE[backend] and all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"myext::{name}", _DISPATCH_KEY[backend])
+            for name in names)
     if backend == "triton":
-        runs_here = device_type == "cuda" or (device_type == "cpu" and _triton_interpreted())
-        return runs_here and _triton_importable()
+        runs_here = device_type == "cuda" or (device_type == "cpu" and triton_ops.INTERPRETED)
+        return runs_here and probe_triton() and all(
+            torch._C._dispatch_has_kernel(f"myext::{name}{TRITON_SUFFIX}") for name in names)
     return False
 
 
-def available_backends(device: Optional[Union[str, torch.device]] = None) -> list[str]:
+def available(op_name: str, backend: str, device_type: str) -> bool:
+    """Whether ``backend`` runs the op ``op_name`` on tensors of ``device_type``."""
+    key = (op_name, backend, device_type)
+    found = _available.get(key)
+    if found is None:
+        spec = registry.get(op_name)
+        if backend not in spec.backends:
+            found = False
+        elif backend == "torch":
+            found = True
+        else:
+            found = _has_kernels(spec.dispatcher_ops, backend, device_type)
+        _available[key] = found
+    return found
+
+
+def has_capability(op_name: str, capability: str, backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` has the optional feature ``capability`` of the op ``op_name``
+    (one of its spec's ``capabilities``) on ``device``."""
+    key = (op_name, capability, backend, device.type)
+    found = _capable.get(key)
+    if found is None:
+        provider = registry.get(op_name).capabilities.get(capability)
+        found = _capable[key] = provider is not None and _has_kernels((provider,), backend, device.type)
+    return found
+
+
+def survey() -> None:
+    """Fills the caches of ``available`` and ``has_capability`` for every registered op,
+    backend and device type present, so that compiled code reads them as constants
+    instead of tracing the probes. myext's import calls it."""
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for spec in registry.specs():
+        for backend in BACKENDS:
+            for device_type in device_types:
+                available(spec.name, backend, device_type)
+                for capability in spec.capabilities:
+                    has_capability(spec.name, capability, backend, torch.device(device_type))
+
+
+def _ops_for(op_name: Optional[str]) -> list[str]:
+    return registry.names() if op_name is None else [registry.get(op_name).name]
+
+
+def available_backends(device: Optional[Union[str, torch.device]] = None, op: Optional[str] = None) -> list[str]:
     """Lists the backends that can run here.
 
     Args:
         device: if given, only the backends that run on tensors of this device;
             otherwise those that run on the CPU or, where one is present, a CUDA device.
+        op: if given, only the backends that run this op (e.g. ``"cross_entropy"``);
+            otherwise those that run every op.
 
     Returns:
         Backend names, best first.
@@ -120,44 +174,42 @@ def available_backends(device: Optional[Union[str, torch.device]] = None) -> lis
         device_types = [torch.device(device).type]
     else:
         device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    ops = _ops_for(op)
     found: list[str] = []
     for device_type in device_types:
         for backend in _DEFAULT_ORDER.get(device_type, ("torch",)):
-            if backend not in found and _available_on(backend, device_type):
+            if backend not in found and all(available(name, backend, device_type) for name in ops):
                 found.append(backend)
     return found
 
 
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """The backend to run for tensors on ``device``: ``backend``, else $MYEXT_BACKEND,
-    else the best one available. Raises ValueError if it is unknown or cannot run there."""
+def resolve_backend(backend: Optional[str], device: torch.device, op: Optional[str] = None) -> str:
+    """The backend to run the op ``op`` (every op if None) on ``device``: ``backend``,
+    else $MYEXT_BACKEND, else the best one available. Raises ValueError if it is unknown
+    or cannot run there."""
     source = "backend"
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
         source = f"${ENV_VAR}"
+    ops = _ops_for(op)
     if backend is None:
         order = _DEFAULT_ORDER.get(device.type, ("torch",))
-        return next(name for name in order if _available_on(name, device.type))
+        return next(name for name in order if all(available(o, name, device.type) for o in ops))
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {list(BACKENDS)}, got {backend!r}")
-    if not _available_on(backend, device.type):
+    if not all(available(o, backend, device.type) for o in ops):
+        what = f"{op} on " if op is not None else ""
         raise ValueError(f"{source}={backend!r} cannot run on {device.type} tensors here; "
-                         f"available for {device.type}: {available_backends(device)}"
+                         f"available for {what}{device.type}: {available_backends(device, op)}"
                          + _why_unavailable(backend, device.type))
     return backend
 
 
 def _why_unavailable(backend: str, device_type: str) -> str:
-    if backend == "triton" and device_type == "cpu" and not _triton_interpreted():
+    if backend == "triton" and device_type == "cpu" and not triton_ops.INTERPRETED:
         return " (Triton runs CPU tensors only under TRITON_INTERPRET=1, set before triton is imported)"
-    if backend == "triton" and not _triton_importable():
-        return " (triton or triton_ops cannot be imported)"
+    if backend == "triton" and not probe_triton():
+        return f" (the Triton kernels cannot be imported: {_triton_error})"
     if backend == "cuda" and device_type == "cuda":
         return " (myext was built without its CUDA kernels; rebuild with MYEXT_BUILD_CUDA=1)"
     return ""
-
-
-def has_inplace_cross_entropy_backward(backend: str, device: torch.device) -> bool:
-    """Whether ``backend`` has a kernel that writes the cross-entropy gradient over the logits."""
-    key = {"cpp": "CPU", "cuda": "CUDA"}.get(backend)
-    return key is not None and device.type == key.lower() and key in _INPLACE_CROSS_ENTROPY_KEYS

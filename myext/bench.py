@@ -1,17 +1,18 @@
 """``myext bench``: times myext's ops against PyTorch eager and torch.compile.
 
-For each op (``linear_relu``, ``cross_entropy``), pass (forward, forward+backward),
-size of a sweep and provider (one per myext backend available on the device, plus
-``eager`` and ``compile``, the same computation in plain PyTorch) it measures:
+For each registered op (myext.registry), pass (forward, forward+backward), size of its
+sweep and provider (one per myext backend available on the device, plus ``eager`` and
+``compile``, the same computation in plain PyTorch) it measures:
 
 * the median (and the minimum) time of a call: on the CPU with ``time.perf_counter``,
   on CUDA with CUDA events. Providers are timed in turns, one call each per round,
   after warm-up, so that load from other processes falls on all of them alike and
   the ratios hold.
-* the achieved rate: GFLOP/s for linear_relu (2NKM forward, 6NKM forward+backward,
-  the input and weight gradients included); GB/s for cross_entropy, counting the
-  bytes an unfused implementation must move (forward reads the logits and targets;
-  backward reads them again and writes the gradient), the same for every provider.
+* the achieved rate, from the op's work model (its spec's ``benchmark.work``): GFLOP/s
+  for GEMM-bound ops (linear_relu: 2NKM forward, 6NKM forward+backward), GB/s for
+  memory-bound ones, counting the bytes an unfused implementation must move
+  (cross_entropy: forward reads the logits and targets; backward reads them again and
+  writes the gradient), the same for every provider.
 * that rate as a percent of this machine's limit, measured at the start of the same
   run: the copy bandwidth of a large ``Tensor.copy_`` (bytes read + written) and the
   rate of a large matmul in the benchmark's dtype (the faster of ``torch.mm`` and, for
@@ -38,6 +39,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -45,34 +47,19 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-
 import myext
+import triton_ops
 
-OPS = ("linear_relu", "cross_entropy")
+from . import registry
+
+OPS = tuple(registry.names())
 PASSES = ("fwd", "fwd+bwd")
 BASELINES = ("eager", "compile")
 JSON_SCHEMA = "myext-bench/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# The swept sizes: for each op, series of (label, shapes); x is the swept dimension.
-# linear_relu: the article's SimpleNet layer 784->128 and an MLP layer 1024->4096,
-# over the batch. cross_entropy: N = 4096 rows, over the classes up to Llama-3's
-# vocabulary (128256 classes are 2.1 GB of float32 logits).
-FULL_SWEEP = {
-    "linear_relu": [("784->128", [dict(N=n, K=784, M=128) for n in (64, 256, 1024, 4096)]),
-                    ("1024->4096", [dict(N=n, K=1024, M=4096) for n in (256, 512, 1024, 2048)])],
-    "cross_entropy": [("N=4096", [dict(N=4096, C=c) for c in (10, 1000, 8192, 32000, 128256)])],
-}
-# Tiny sizes that run in seconds, for tests and smoke runs.
-QUICK_SWEEP = {
-    "linear_relu": [("32->16", [dict(N=n, K=32, M=16) for n in (8, 64)])],
-    "cross_entropy": [("N=64", [dict(N=64, C=c) for c in (10, 100)])],
-}
-SWEEP_X = {"linear_relu": "N", "cross_entropy": "C"}
 
 
 @dataclasses.dataclass
@@ -91,19 +78,6 @@ QUICK_SETTINGS = Settings(warmup=1, min_repeats=3, max_repeats=5, budget_s=0.2)
 # ---------------------------------------------------------------------------
 # The computations: myext's and PyTorch's, each as a function of the op's inputs.
 
-def eager_linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The PyTorch baseline of myext.linear_relu."""
-    return F.relu(F.linear(input, weight, bias))
-
-
-def eager_cross_entropy(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The PyTorch baseline of myext.cross_entropy (mean over the rows)."""
-    return F.cross_entropy(input, target)
-
-
-_EAGER = {"linear_relu": eager_linear_relu, "cross_entropy": eager_cross_entropy}
-
-
 def op_impl(op: str, provider: str) -> Callable[..., torch.Tensor]:
     """The function that computes ``op`` for a provider: "eager", "compile" or "myext-<backend>".
 
@@ -111,67 +85,39 @@ def op_impl(op: str, provider: str) -> Callable[..., torch.Tensor]:
     code per code object, for a few shapes only: call ``torch._dynamo.reset()`` before a
     new shape, else a long sweep silently falls back to eager.
     """
+    spec = registry.get(op)
     if provider == "eager":
-        return _EAGER[op]
+        return spec.benchmark.eager
     if provider == "compile":
-        return torch.compile(_EAGER[op])
+        return torch.compile(spec.benchmark.eager)
     if not provider.startswith("myext-"):
         raise ValueError(f"unknown provider {provider!r}")
-    backend = provider[len("myext-"):]
-    if op == "linear_relu":
-        return lambda input, weight, bias: myext.linear_relu(input, weight, bias, backend=backend)
-    return lambda input, target: myext.cross_entropy(input, target, backend=backend)
+    return functools.partial(spec.function, backend=provider[len("myext-"):])
 
 
-def linear_relu_inputs(N: int, K: int, M: int, *, device: torch.device | str, dtype: torch.dtype,
-                       requires_grad: bool) -> dict[str, torch.Tensor]:
-    """Input, weight and bias initialised like nn.Linear (so about half the outputs pass
-    the ReLU), and for the backward an upstream gradient of the output's shape."""
-    bound = 1.0 / math.sqrt(K)
-    tensors = {
-        "input": torch.randn(N, K, device=device, dtype=dtype),
-        "weight": torch.empty(M, K, device=device, dtype=dtype).uniform_(-bound, bound),
-        "bias": torch.empty(M, device=device, dtype=dtype).uniform_(-bound, bound),
-    }
-    for t in tensors.values():
-        t.requires_grad_(requires_grad)
-    if requires_grad:
-        tensors["grad_output"] = torch.randn(N, M, device=device, dtype=dtype)
-    return tensors
+def inputs(op: str, shape: Mapping[str, int], *, device: torch.device | str, dtype: torch.dtype,
+           requires_grad: bool) -> dict[str, torch.Tensor]:
+    """The arguments of one call of ``op`` at ``shape`` (see registry.Benchmark.inputs)."""
+    return registry.get(op).benchmark.inputs(**shape, device=device, dtype=dtype, requires_grad=requires_grad)
 
 
-def cross_entropy_inputs(N: int, C: int, *, device: torch.device | str, dtype: torch.dtype,
-                         requires_grad: bool) -> dict[str, torch.Tensor]:
-    """Random logits and class-index targets."""
-    return {
-        "input": torch.randn(N, C, device=device, dtype=dtype).requires_grad_(requires_grad),
-        "target": torch.randint(0, C, (N,), device=device),
-    }
-
-
-def make_call(op: str, impl: Callable[..., torch.Tensor], tensors: dict[str, torch.Tensor],
+def make_call(impl: Callable[..., torch.Tensor], tensors: dict[str, torch.Tensor],
               backward: bool) -> Callable[[], None]:
-    """A call of one pass of ``op``. It returns nothing: its outputs, the gradients
-    included, are freed inside the call, so the timing includes freeing them too.
-    Gradients come from ``torch.autograd.grad``, so nothing accumulates in ``.grad``."""
-    if op == "linear_relu":
-        x, w, b = tensors["input"], tensors["weight"], tensors["bias"]
-        if not backward:
-            def call() -> None:
-                impl(x, w, b)
-        else:
-            grad_output = tensors["grad_output"]
-
-            def call() -> None:
-                torch.autograd.grad(impl(x, w, b), (x, w, b), grad_output)
-        return call
-    logits, target = tensors["input"], tensors["target"]
+    """A call of one pass: ``impl`` of the arguments in ``tensors`` (in order; its
+    ``"grad_output"``, if any, is the upstream gradient of the backward). It returns
+    nothing: its outputs, the gradients included, are freed inside the call, so the
+    timing includes freeing them too. Gradients come from ``torch.autograd.grad``, so
+    nothing accumulates in ``.grad``."""
+    args = [t for name, t in tensors.items() if name != "grad_output"]
     if not backward:
         def call() -> None:
-            impl(logits, target)
-    else:
-        def call() -> None:
-            torch.autograd.grad(impl(logits, target), (logits,))
+            impl(*args)
+        return call
+    wrt = [t for t in args if t.requires_grad]
+    grad_output = tensors.get("grad_output")
+
+    def call() -> None:
+        torch.autograd.grad(impl(*args), wrt, grad_output)
     return call
 
 
@@ -339,29 +285,16 @@ def _matmul_GFLOPps(device: torch.device, dtype: torch.dtype, n: int) -> tuple[f
 # ---------------------------------------------------------------------------
 # The sweep.
 
-def work_per_call(op: str, shape: dict[str, int], backward: bool, dtype: torch.dtype) -> tuple[float, str]:
-    """(amount, unit): FLOPs of linear_relu, or the bytes cross_entropy must move."""
-    if op == "linear_relu":
-        flops = 2 * shape["N"] * shape["K"] * shape["M"]
-        return (3 * flops if backward else flops), "GFLOP/s"
-    logits = shape["N"] * shape["C"] * dtype.itemsize
-    targets = shape["N"] * 8
-    return (3 * logits + 2 * targets if backward else logits + targets), "GB/s"
-
-
-def shape_label(op: str, shape: dict[str, int]) -> str:
-    """A case's shape as the table shows it: "NxK->M" or "NxC"."""
-    if op == "linear_relu":
-        return f"{shape['N']}x{shape['K']}->{shape['M']}"
-    return f"{shape['N']}x{shape['C']}"
+def work_per_call(op: str, shape: Mapping[str, int], backward: bool, dtype: torch.dtype) -> tuple[float, str]:
+    """(amount, unit) of one call: FLOPs ("GFLOP/s") or bytes moved ("GB/s"), from the op's work model."""
+    return registry.get(op).benchmark.work(shape, backward, dtype)
 
 
 def default_backends(device: torch.device) -> list[str]:
     """The myext backends worth timing here: compiled kernels, not the plain-PyTorch
     reference, and not Triton under its (CPU) interpreter, which is orders slower."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     return [b for b in myext.available_backends(device)
-            if b != "torch" and not (b == "triton" and (interpreted or device.type != "cuda"))]
+            if b != "torch" and not (b == "triton" and (triton_ops.INTERPRETED or device.type != "cuda"))]
 
 
 def run_case(op: str, series: str, shape: dict[str, int], backward: bool, providers: Sequence[str],
@@ -370,9 +303,8 @@ def run_case(op: str, series: str, shape: dict[str, int], backward: bool, provid
     """Times one size and pass of an op for every provider; one result row each."""
     torch.manual_seed(0)
     torch._dynamo.reset()  # see op_impl: a fresh compile cache for each size
-    make_inputs = linear_relu_inputs if op == "linear_relu" else cross_entropy_inputs
-    tensors = make_inputs(**shape, device=device, dtype=dtype, requires_grad=backward)
-    calls = {p: make_call(op, op_impl(op, p), tensors, backward) for p in providers}
+    tensors = inputs(op, shape, device=device, dtype=dtype, requires_grad=backward)
+    calls = {p: make_call(op_impl(op, p), tensors, backward) for p in providers}
     times = time_providers(calls, device, settings)
     peaks = {p: peak_memory(call, device) for p, call in calls.items()}
 
@@ -387,8 +319,8 @@ def run_case(op: str, series: str, shape: dict[str, int], backward: bool, provid
             "pass": "fwd+bwd" if backward else "fwd",
             "series": series,
             "shape": dict(shape),
-            "label": shape_label(op, shape),
-            "x": shape[SWEEP_X[op]],
+            "label": registry.get(op).benchmark.label(shape),
+            "x": shape[registry.get(op).benchmark.x],
             "provider": p,
             "median_ms": medians[p] * 1e3,
             "min_ms": min(times[p]) * 1e3,
@@ -488,7 +420,7 @@ def write_plots(results: dict[str, Any], plot_dir: str) -> list[str]:
                 sizes = sorted({r["x"] for r in panel})
                 ax.set_xticks(sizes, [str(x) for x in sizes])
                 ax.minorticks_off()
-                ax.set_xlabel(SWEEP_X[op])
+                ax.set_xlabel(registry.get(op).benchmark.x)
                 ax.set_ylabel(unit)
                 ax.set_title(f"{op} {s} {p}")
                 ax.grid(True, which="both", alpha=0.3)
@@ -565,7 +497,7 @@ def run(args: argparse.Namespace) -> int:
         _pyplot()  # fail now, not after the sweep
     ops = args.op or list(OPS)
     providers = [f"myext-{b}" for b in backends] + [p for p in BASELINES if not (p == "compile" and args.no_compile)]
-    sweep, settings = (QUICK_SWEEP, QUICK_SETTINGS) if args.quick else (FULL_SWEEP, Settings())
+    settings = QUICK_SETTINGS if args.quick else Settings()
 
     machine = describe_machine(device)
     print(f"myext bench on {machine['device_name']}; torch {machine['torch']}; {str(dtype).removeprefix('torch.')}", flush=True)
@@ -576,7 +508,8 @@ def run(args: argparse.Namespace) -> int:
     print(table_header(), flush=True)
     rows: list[dict[str, Any]] = []
     for op in ops:
-        for series, shapes in sweep[op]:
+        sweep = registry.get(op).benchmark.quick_sweep if args.quick else registry.get(op).benchmark.sweep
+        for series, shapes in sweep:
             for backward in (False, True):
                 for shape in shapes:
                     for row in run_case(op, series, shape, backward, providers, device, dtype, limits, settings):

@@ -1,9 +1,11 @@
-"""The seed article's two networks, with the Linear+ReLU layer fused.
+"""The seed article's two networks: with the Linear+ReLU layer fused, and in plain PyTorch.
 
 Layers and attribute names (``fc1``, ``fc2``, ``fc3``) are the article's, and they are
 created in the same order, so that under one seed these models start from the
 article's weights, and ``state_dict``s move between the article's classes and these
-in both directions.
+in both directions. :class:`PlainSimpleNet` and :class:`PlainMultiTaskNet` are the
+article's models as it writes them (``nn.Linear`` and ``torch.relu``): the baselines
+that ``myext train`` and the benchmarks compare the fused models with.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 from .functional import cross_entropy
 from .nn import FusedLinearReLU
 
-__all__ = ["MultiTaskNet", "SimpleNet", "multitask_loss"]
+__all__ = ["MultiTaskNet", "PlainMultiTaskNet", "PlainSimpleNet", "SimpleNet", "multitask_loss"]
 
 IN_FEATURES = 28 * 28
 HIDDEN = 128
@@ -79,6 +81,47 @@ class MultiTaskNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.flatten(x, 1)
         x = self.fc1(x)
+        return self.fc2(x), self.fc3(x)
+
+
+class PlainSimpleNet(nn.Module):
+    r"""The article's SimpleNet in plain PyTorch: flatten → ``fc1`` (784→128) → ReLU → ``fc2`` (128→10).
+
+    Shape:
+        As :class:`SimpleNet`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(IN_FEATURES, HIDDEN)
+        self.fc2 = nn.Linear(HIDDEN, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.fc1(x))
+        return self.fc2(x)
+
+
+class PlainMultiTaskNet(nn.Module):
+    r"""The article's MultiTaskNet in plain PyTorch, with the head sizes as arguments.
+
+    Args:
+        num_classes1: classes of the first head, ``fc2``. Default: 10.
+        num_classes2: classes of the second head, ``fc3``. Default: 10.
+
+    Shape:
+        As :class:`MultiTaskNet`.
+    """
+
+    def __init__(self, num_classes1: int = 10, num_classes2: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(IN_FEATURES, HIDDEN)
+        self.fc2 = nn.Linear(HIDDEN, num_classes1)
+        self.fc3 = nn.Linear(HIDDEN, num_classes2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.fc1(x))
         return self.fc2(x), self.fc3(x)
 
 

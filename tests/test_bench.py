@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import myext
-from myext import bench
+from myext import bench, registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def test_quick_run_writes_table_json_and_plots(tmp_path):
     rows = [line.split() for line in lines if line.startswith(bench.OPS)]
     backends = bench.default_backends(torch.device("cpu"))
     providers = [f"myext-{b}" for b in backends] + ["eager"]
-    cases = sum(len(shapes) for op in bench.OPS for _, shapes in bench.QUICK_SWEEP[op]) * len(bench.PASSES)
+    cases = sum(len(shapes) for op in bench.OPS for _, shapes in registry.get(op).benchmark.quick_sweep) * len(bench.PASSES)
     assert len(rows) == cases * len(providers)
     assert {row[3] for row in rows} == set(providers)
 
@@ -98,12 +98,11 @@ def test_cross_entropy_backward_holds_only_the_gradient():
     The gradient is above 32 MB, where myext's kernels allocate it themselves."""
     rows, classes = 2048, 4096
     nbytes = rows * classes * 4
-    tensors = bench.cross_entropy_inputs(rows, classes, device="cpu", dtype=torch.float32, requires_grad=True)
+    tensors = bench.inputs("cross_entropy", dict(N=rows, C=classes), device="cpu", dtype=torch.float32,
+                           requires_grad=True)
     cpu = torch.device("cpu")
-    mine = bench.peak_memory(
-        bench.make_call("cross_entropy", bench.op_impl("cross_entropy", "myext-cpp"), tensors, True), cpu)
-    eager = bench.peak_memory(
-        bench.make_call("cross_entropy", bench.op_impl("cross_entropy", "eager"), tensors, True), cpu)
+    mine = bench.peak_memory(bench.make_call(bench.op_impl("cross_entropy", "myext-cpp"), tensors, True), cpu)
+    eager = bench.peak_memory(bench.make_call(bench.op_impl("cross_entropy", "eager"), tensors, True), cpu)
     # Peak RSS is a lower bound: pages an earlier test left resident are not counted again.
     assert 0.9 * nbytes <= mine["peak_extra_bytes"] < 1.5 * nbytes
     assert eager["peak_extra_bytes"] >= 2 * nbytes
@@ -127,6 +126,6 @@ def test_default_backends_leave_out_the_reference_and_the_interpreter():
 def test_compile_provider_matches_eager():
     """The compile baseline computes what eager does (one tiny case; compiling takes seconds)."""
     torch._dynamo.reset()
-    x, w, b = (t for t in bench.linear_relu_inputs(8, 16, 4, device="cpu", dtype=torch.float32,
-                                                    requires_grad=False).values())
-    torch.testing.assert_close(bench.op_impl("linear_relu", "compile")(x, w, b), bench.eager_linear_relu(x, w, b))
+    x, w, b = (t for t in bench.inputs("linear_relu", dict(N=8, K=16, M=4), device="cpu", dtype=torch.float32,
+                                        requires_grad=False).values())
+    torch.testing.assert_close(bench.op_impl("linear_relu", "compile")(x, w, b), bench.op_impl("linear_relu", "eager")(x, w, b))

@@ -79,7 +79,8 @@ def test_check_passes_from_the_console_script(tmp_path):
 
 
 def test_check_fails_with_exit_code_1(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_error_vs_reference", lambda *args: (1.0, False))
+    from myext.cli import check
+    monkeypatch.setattr(check.testing, "_vs_reference", lambda *args: (1.0, False, "wrong"))
     assert cli.main(["check", "--backend", "torch"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "checks failed" in out

@@ -22,9 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from myext._library import acc_dtype
-
-from . import define_op, wrap_triton
+from ._host import wrap_triton
 
 # The most elements a program loads at a time: 16 KB of float32, eight per thread
 # of 16 warps. Tests lower it to run rows of many blocks cheaply.
@@ -195,9 +193,6 @@ def _target_strides(target: torch.Tensor) -> tuple[int, int]:
     return (target.stride(0), target.stride(1)) if target.dim() == 2 else (target.stride(0), 0)
 
 
-@define_op("cross_entropy_forward_triton",
-           "(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, "
-           "float label_smoothing) -> (Tensor loss, Tensor lse, Tensor total_weight)")
 def cross_entropy_forward(
     input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], reduction: int, ignore_index: int,
     label_smoothing: float,
@@ -210,7 +205,7 @@ def cross_entropy_forward(
     of the targets not ignored, or R), both in float32 (float64 for float64 input).
     """
     rows, classes = input.shape
-    acc = acc_dtype(input.dtype)
+    acc = torch.promote_types(input.dtype, torch.float32)  # float64 stays, the rest is float32
     losses, lse, row_weight = (input.new_empty((rows,), dtype=acc) for _ in range(3))
     if rows > 0:
         weight = weight.contiguous() if weight is not None else None
@@ -228,9 +223,6 @@ def cross_entropy_forward(
     return loss.to(input.dtype), lse, total_weight
 
 
-@define_op("cross_entropy_backward_triton",
-           "(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, Tensor total_weight, "
-           "int reduction, int ignore_index, float label_smoothing) -> Tensor")
 def cross_entropy_backward(
     grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
     lse: torch.Tensor, total_weight: torch.Tensor, reduction: int, ignore_index: int, label_smoothing: float,

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, define_op, wrap_triton
+from . import INTERPRETED
+from ._host import wrap_triton
 
 
 @triton.jit
@@ -177,9 +178,11 @@ def _launch_gemm(a, b, c, M, N, K, a_strides, b_strides, *, bias=None, relu=Fals
         wrap_triton(_gemm_autotuned)[grid](*args, **flags)
 
 
-@define_op("linear_relu_triton", "(Tensor input, Tensor weight, Tensor? bias) -> Tensor", traceable=True)
 def linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """relu(input @ weight.T + bias) for input (*, in_features): the op myext::linear_relu_triton."""
+    """relu(input @ weight.T + bias) for input (*, in_features): the op myext::linear_relu_triton.
+
+    Its annotations give it the schema of myext::linear_relu, so on a GPU it is a
+    torch.library.triton_op, whose kernels torch.compile sees."""
     out_features, in_features = weight.shape
     x = _as_rows(input)
     output = x.new_empty((x.shape[0], out_features))
@@ -190,9 +193,6 @@ def linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return output.view(*input.shape[:-1], out_features)
 
 
-@define_op("linear_relu_backward_triton",
-           "(Tensor grad_output, Tensor input, Tensor weight, Tensor output, bool[3] output_mask) -> "
-           "(Tensor? grad_input, Tensor? grad_weight, Tensor? grad_bias)")
 def linear_relu_backward(
     grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, output: torch.Tensor,
     output_mask: list[bool],

@@ -1,0 +1,416 @@
+"""The checks myext runs on its own ops, for any op: a user's ``autograd.Function``, a
+registered custom op, or a module.
+
+:func:`check` takes the function, a plain-PyTorch reference with the same arguments and
+a few sample calls (float64 inputs; the tensors that require grad are differentiated),
+runs the battery and returns a :class:`Report` with one :class:`Result` per check,
+sample and dtype:
+
+``gradcheck``, ``gradgradcheck``
+    ``torch.autograd.gradcheck`` and ``gradgradcheck`` in float64.
+``opcheck``
+    ``torch.library.opcheck`` of every registered op (outside ``aten``/``prims``) that
+    forward and backward call, with the arguments they were called with; for a
+    function that is itself a registered op, of the function too.
+``ops ran``
+    every op named in ``expected_ops`` ran (so a backend really used its own kernels).
+``compile``
+    ``torch.compile(fullgraph=True)`` gives the eager outputs and gradients.
+``inputs unchanged``
+    forward and backward leave every tensor argument as it was.
+``no_grad``
+    under ``torch.no_grad()`` the outputs are the same and carry no graph.
+``vs reference``
+    outputs and input gradients against a float64 ground truth (the reference on the
+    same values in float64), in float64 and in each of ``dtypes``: the error may be at
+    most twice the reference's own error in that dtype, plus ``floor_ulps`` units of
+    the dtype's rounding at the largest true value (for results the reference happens
+    to get exact). A kernel that accumulated in low precision fails it.
+
+Example::
+
+    >>> class Square(torch.autograd.Function):
+    ...     @staticmethod
+    ...     def forward(ctx, x):
+    ...         ctx.save_for_backward(x)
+    ...         return x * x
+    ...     @staticmethod
+    ...     def backward(ctx, grad):
+    ...         (x,) = ctx.saved_tensors
+    ...         return 2 * x * grad
+    >>> x = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    >>> report = myext.testing.check(Square.apply, lambda x: x * x, [Sample((x,))])
+    >>> report.ok
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+__all__ = ["CHECKS", "Report", "Result", "Sample", "check"]
+
+CHECKS = ("gradcheck", "gradgradcheck", "opcheck", "ops ran", "compile", "inputs unchanged", "no_grad",
+          "vs reference")
+_BUILTIN_NAMESPACES = frozenset({"aten", "prims", "prim", "_ops", "profiler", "debugprims"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """The arguments of one call. The tensors in ``args`` that require grad are the
+    differentiable inputs; everything else, ``kwargs`` included, is held fixed."""
+
+    args: tuple
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """The outcome of one check on one sample in one dtype.
+
+    Attributes:
+        check: one of :data:`CHECKS`.
+        sample: the sample's name (its index where it has none).
+        dtype: the dtype the check ran in, e.g. ``"float64"``.
+        passed: whether it passed.
+        max_error: for ``vs reference``, the largest absolute error against the ground truth.
+        detail: why it failed, or what it measured.
+    """
+
+    check: str
+    sample: str
+    dtype: str
+    passed: bool
+    max_error: Optional[float] = None
+    detail: str = ""
+
+
+class Report(list):
+    """The results of :func:`check`, a list of :class:`Result`."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check passed."""
+        return all(r.passed for r in self)
+
+    def failures(self) -> list[Result]:
+        return [r for r in self if not r.passed]
+
+    def assert_ok(self) -> None:
+        """Raises AssertionError listing every failed check."""
+        failed = self.failures()
+        if failed:
+            lines = [f"{r.check} [{r.sample}, {r.dtype}]: {r.detail}" for r in failed]
+            raise AssertionError(f"{len(failed)} of {len(self)} checks failed:\n" + "\n".join(lines))
+
+    def __str__(self) -> str:
+        header = ("check", "sample", "dtype", "result", "max error", "detail")
+        rows = [(r.check, r.sample, r.dtype, "ok" if r.passed else "FAIL",
+                 "-" if r.max_error is None else f"{r.max_error:.1e}", r.detail) for r in self]
+        widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
+        return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip()
+                         for line in [header, *rows])
+
+
+# --------------------------------------------------------------------------- calling
+
+class _Call:
+    """A sample bound to the function: the differentiable inputs as a list, and the call
+    as a function of their values (a module's trainable parameters count among them)."""
+
+    def __init__(self, fn: Callable, sample: Sample, dtype: Optional[torch.dtype] = None) -> None:
+        def cast(value):
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and dtype is not None:
+                return value.detach().to(dtype).requires_grad_(value.requires_grad)
+            return value
+
+        self.args = [cast(a) for a in sample.args]
+        self.kwargs = {k: cast(v) for k, v in sample.kwargs.items()}
+        self.module: Optional[torch.nn.Module] = None
+        if isinstance(fn, torch.nn.Module):
+            self.module = copy.deepcopy(fn).to(dtype) if dtype is not None else fn
+            self.param_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+            params = dict(self.module.named_parameters())
+            self.params = [params[n] for n in self.param_names]
+        else:
+            self.param_names, self.params = [], []
+        self.fn = fn
+        self.arg_slots = [i for i, a in enumerate(self.args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return [self.args[i] for i in self.arg_slots] + list(self.params)
+
+    def __call__(self, *values: torch.Tensor):
+        args = list(self.args)
+        for slot, value in zip(self.arg_slots, values):
+            args[slot] = value
+        if self.module is None:
+            return self.fn(*args, **self.kwargs)
+        params = dict(zip(self.param_names, values[len(self.arg_slots):]))
+        return torch.func.functional_call(self.module, params, tuple(args), self.kwargs)
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _tensors(item)]
+    return []
+
+
+def _outputs_and_grads(call: _Call, grad_seed: int):
+    """The floating outputs of a call and the gradients of sum(output * g) for each
+    differentiable input, g standard normal (drawn in float64 from ``grad_seed``)."""
+    inputs = call.inputs
+    outputs = [t for t in _tensors(call(*inputs)) if t.is_floating_point()]
+    generator = torch.Generator().manual_seed(grad_seed)
+    upstream = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device, t.dtype)
+                for t in outputs]
+    differentiable = [(o, g) for o, g in zip(outputs, upstream) if o.requires_grad]
+    grads: list[Optional[torch.Tensor]] = [None] * len(inputs)
+    if differentiable and inputs:
+        grads = list(torch.autograd.grad([o for o, _ in differentiable], inputs, [g for _, g in differentiable],
+                                         allow_unused=True))
+    return [o.detach() for o in outputs], grads
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records each registered op outside torch's own namespaces called beneath it, with a
+    copy of its arguments made before the call (an in-place op changes them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[torch._ops.OpOverload, tuple] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace not in _BUILTIN_NAMESPACES and func not in self.calls:
+            copy_arg = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
+            self.calls[func] = (tree_map(copy_arg, args), tree_map(copy_arg, kwargs))
+        return func(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- the checks
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    diff = (a.double() - b.double()).abs()
+    # Where both are the same infinity or both NaN, there is no error.
+    same = (a.double() == b.double()) | (a.isnan() & b.isnan())
+    diff = torch.where(same, torch.zeros_like(diff), diff)
+    return float(diff.max())
+
+
+def _vs_reference(fn, reference, sample: Sample, dtype: torch.dtype, floor_ulps: float,
+                  grad_seed: int) -> tuple[float, bool, str]:
+    ours = _Call(fn, sample, dtype)
+    by_reference = _Call(reference, sample, dtype)
+    # The ground truth: the reference in float64 on the values the dtype holds.
+    truth_fn = by_reference.module if by_reference.module is not None else reference
+    truth = _Call(truth_fn, Sample(tuple(ours.args), dict(ours.kwargs)), torch.float64)
+    out, grads = _outputs_and_grads(ours, grad_seed)
+    ref_out, ref_grads = _outputs_and_grads(by_reference, grad_seed)
+    truth_out, truth_grads = _outputs_and_grads(truth, grad_seed)
+
+    eps = torch.finfo(dtype).eps
+    worst, passed, notes = 0.0, True, []
+    named = [(f"output {i}", o, r, t) for i, (o, r, t) in enumerate(zip(out, ref_out, truth_out))]
+    named += [(f"grad of input {i}", g, r, t) for i, (g, r, t) in enumerate(zip(grads, ref_grads, truth_grads))
+              if t is not None]
+    if len(out) != len(truth_out):
+        return math.nan, False, f"{len(out)} outputs where the reference gives {len(truth_out)}"
+    for what, value, by_reference, truth in named:
+        if value is None:
+            return math.nan, False, f"no {what}, where the reference has one"
+        if value.shape != truth.shape or value.dtype != by_reference.dtype:
+            return math.nan, False, (f"{what} is {value.dtype} {tuple(value.shape)}, the reference's "
+                                     f"{by_reference.dtype} {tuple(truth.shape)}")
+        error = _max_abs(value, truth)
+        reference_error = _max_abs(by_reference, truth)
+        finite = truth[truth.isfinite()]
+        largest = float(finite.abs().max()) if finite.numel() else 0.0
+        allowed = 2 * reference_error + floor_ulps * eps * largest
+        worst = max(worst, error)
+        if not error <= allowed:
+            passed = False
+            notes.append(f"{what}: error {error:.3g}, the reference's {reference_error:.3g}, allowed {allowed:.3g}")
+    return worst, passed, "; ".join(notes)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def check(
+    fn: Union[Callable[..., Any], torch.nn.Module],
+    reference: Optional[Union[Callable[..., Any], torch.nn.Module]],
+    samples: Iterable[Union[Sample, Sequence[Any]]],
+    *,
+    checks: Sequence[str] = CHECKS,
+    dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
+    expected_ops: Sequence[str] = (),
+    floor_ulps: float = 4.0,
+    grad_seed: int = 0,
+) -> Report:
+    r"""Runs the battery of checks on ``fn`` for each sample; returns the :class:`Report`.
+
+    Args:
+        fn: what is checked: a function (an ``autograd.Function``'s ``apply``, say), a
+            registered op (``torch.ops.mylib.op``) or an ``nn.Module``, whose trainable
+            parameters are then differentiated too.
+        reference: the same computation in plain PyTorch, with ``fn``'s arguments (a
+            module with the same parameter names for a module); ``None`` leaves out
+            ``vs reference``.
+        samples: :class:`Sample`\ s (or tuples of positional arguments) in float64; the
+            tensors that require grad are the differentiable inputs.
+        checks: which checks to run, from :data:`CHECKS`.
+        dtypes: the dtypes of ``vs reference`` besides float64 (floating inputs and the
+            module's parameters are cast).
+        expected_ops: qualified names of ops that must run (``"mylib::op"``), for ``ops ran``.
+        floor_ulps: ``vs reference``'s allowance for results the reference gets exact,
+            in units of the dtype's rounding at the largest true value.
+        grad_seed: seeds the upstream gradients of ``vs reference``.
+
+    Returns:
+        A :class:`Report`; ``report.assert_ok()`` raises if anything failed.
+    """
+    unknown = sorted(set(checks) - set(CHECKS))
+    if unknown:
+        raise ValueError(f"unknown checks {unknown}; known: {list(CHECKS)}")
+    report = Report()
+    for index, sample in enumerate(samples):
+        if not isinstance(sample, Sample):
+            sample = Sample(tuple(sample))
+        label = sample.name or str(index)
+
+        def record(name: str, passed: bool, detail: str = "", dtype: str = "float64",
+                   max_error: Optional[float] = None) -> None:
+            report.append(Result(name, label, dtype, passed, max_error, detail))
+
+        def attempt(name: str, body: Callable[[], Optional[str]]) -> None:
+            if name not in checks:
+                return
+            try:
+                detail = body()
+            except Exception as err:  # a check reports its failure and the battery goes on
+                record(name, False, _first_line(err))
+            else:
+                record(name, True, detail or "")
+
+        call = _Call(fn, sample)
+        attempt("gradcheck", lambda: _gradcheck(torch.autograd.gradcheck, call))
+        attempt("gradgradcheck", lambda: _gradcheck(torch.autograd.gradgradcheck, call))
+        if "opcheck" in checks or "ops ran" in checks:
+            recorder = _RecordOps()
+            try:
+                with recorder:
+                    _outputs_and_grads(_Call(fn, sample), grad_seed)
+            except Exception as err:  # the call itself failed: both checks fail with it
+                for name in ("opcheck", "ops ran"):
+                    if name in checks:
+                        record(name, False, _first_line(err))
+            else:
+                attempt("opcheck", lambda: _opcheck(fn, sample, recorder.calls))
+                attempt("ops ran", lambda: _ops_ran(expected_ops, recorder.calls))
+        attempt("compile", lambda: _compile(fn, sample))
+        attempt("inputs unchanged", lambda: _inputs_unchanged(fn, sample))
+        attempt("no_grad", lambda: _no_grad(fn, sample))
+        if "vs reference" in checks and reference is not None:
+            for dtype in (torch.float64, *[d for d in dtypes if d != torch.float64]):
+                dtype_name = str(dtype).removeprefix("torch.")
+                try:
+                    error, passed, detail = _vs_reference(fn, reference, sample, dtype, floor_ulps, grad_seed)
+                except Exception as err:  # a check reports its failure and the battery goes on
+                    record("vs reference", False, _first_line(err), dtype_name)
+                else:
+                    record("vs reference", passed, detail, dtype_name, error)
+    return report
+
+
+def _gradcheck(checker, call: _Call) -> Optional[str]:
+    inputs = call.inputs
+    if not inputs:
+        return "no differentiable inputs"
+    checker(call, tuple(inputs))
+    return None
+
+
+def _opcheck(fn, sample: Sample, calls: Mapping[torch._ops.OpOverload, tuple]) -> Optional[str]:
+    checked = []
+    if isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in sample.args)
+        torch.library.opcheck(fn, args, dict(sample.kwargs))
+        checked.append(str(fn))
+    for op, (args, kwargs) in calls.items():
+        torch.library.opcheck(op, args, kwargs)
+        checked.append(op.name())
+    return ", ".join(dict.fromkeys(checked)) if checked else "no registered op ran"
+
+
+def _ops_ran(expected: Sequence[str], calls: Mapping[torch._ops.OpOverload, tuple]) -> Optional[str]:
+    ran = {op.name().split(".")[0] for op in calls}
+    missing = [name for name in expected if name not in ran]
+    if missing:
+        raise AssertionError(f"{', '.join(missing)} did not run; ran: {', '.join(sorted(ran)) or 'no registered op'}")
+    return ", ".join(sorted(ran))
+
+
+def _compile(fn, sample: Sample) -> Optional[str]:
+    import torch._dynamo
+
+    # A fresh cache: otherwise calls past dynamo's recompile limit would silently run eagerly.
+    torch._dynamo.reset()
+    call = _Call(fn, sample)
+    expected_out, expected_grads = _outputs_and_grads(call, 0)
+    compiled = _Call(fn, sample)
+    compiled_fn = torch.compile(compiled.__call__, fullgraph=True)
+    inputs = compiled.inputs
+    outputs = [t for t in _tensors(compiled_fn(*inputs)) if t.is_floating_point()]
+    generator = torch.Generator().manual_seed(0)
+    upstream = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device, t.dtype)
+                for t in outputs]
+    grads = [None] * len(inputs)
+    differentiable = [(o, g) for o, g in zip(outputs, upstream) if o.requires_grad]
+    if differentiable and inputs:
+        grads = torch.autograd.grad([o for o, _ in differentiable], inputs, [g for _, g in differentiable],
+                                    allow_unused=True)
+    for got, want in zip(outputs, expected_out):
+        torch.testing.assert_close(got.detach(), want, equal_nan=True)
+    for got, want in zip(grads, expected_grads):
+        if want is not None:
+            torch.testing.assert_close(got, want, equal_nan=True)
+    return None
+
+
+def _inputs_unchanged(fn, sample: Sample) -> Optional[str]:
+    call = _Call(fn, sample)
+    tensors = [t for t in (*call.args, *call.kwargs.values(), *call.params) if isinstance(t, torch.Tensor)]
+    before = [t.detach().clone() for t in tensors]
+    _outputs_and_grads(call, 0)
+    for index, (t, saved) in enumerate(zip(tensors, before)):
+        torch.testing.assert_close(t.detach(), saved, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda text, i=index: f"tensor argument {i} changed: {text}")
+    return None
+
+
+def _no_grad(fn, sample: Sample) -> Optional[str]:
+    call = _Call(fn, sample)
+    expected = [t.detach() for t in _tensors(call(*call.inputs))]
+    with torch.no_grad():
+        got = _tensors(call(*call.inputs))
+    for t, want in zip(got, expected):
+        if t.requires_grad or t.grad_fn is not None:
+            raise AssertionError("an output under torch.no_grad() requires grad")
+        torch.testing.assert_close(t, want, equal_nan=True)
+    return None
