@@ -50,6 +50,11 @@ def op(name: str, backend: str) -> torch._ops.OpOverloadPacket:
     return found
 
 
+def qualified_name(name: str, backend: str) -> str:
+    """The qualified name of the dispatcher op ``myext::<name>`` as ``backend`` implements it."""
+    return f"myext::{name}{_SUFFIX[backend]}"
+
+
 class kernels:  # noqa: N801  (used like a function: kernels(backend).<op name>)
     """The dispatcher ops of one compiled backend, by name: ``kernels("triton").linear_relu``
     is ``torch.ops.myext.linear_relu_triton``."""

@@ -18,17 +18,21 @@ import myext  # noqa: E402
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def backend_device_params(include_reference: bool = True) -> list:
-    """(backend, device) pairs for every backend available on every device here;
-    CUDA pairs carry the gpu mark."""
+def pytest_generate_tests(metafunc):
+    """A test taking ``backend`` and ``device``, in a module that names its ``OP``, runs for
+    every backend of that op on every device here (CUDA ones carry the gpu mark); marked
+    ``compiled_backends``, for all but the plain-PyTorch reference."""
+    if not ({"backend", "device"} <= set(metafunc.fixturenames) and hasattr(metafunc.module, "OP")):
+        return
+    compiled_only = metafunc.definition.get_closest_marker("compiled_backends") is not None
     params = []
     for device in DEVICES:
-        for backend in myext.available_backends(device):
-            if backend == "torch" and not include_reference:
+        for backend in myext.available_backends(device, op=metafunc.module.OP):
+            if compiled_only and backend == "torch":
                 continue
             marks = [pytest.mark.gpu] if device == "cuda" else []
             params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
-    return params
+    metafunc.parametrize("backend,device", params)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """The myext command: run as a user runs it (``python -m myext``, the ``myext`` console script)
 in a subprocess where that is the point, and through ``myext.cli.main`` for the rest."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -15,7 +16,7 @@ import torch
 
 import myext
 from myext import cli
-from test_models import SimpleNet  # the article's class, verbatim
+from article import SimpleNet  # the article's class, verbatim
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = [b for b in myext.available_backends("cpu") if b != "triton"]
@@ -79,11 +80,14 @@ def test_check_passes_from_the_console_script(tmp_path):
 
 
 def test_check_fails_with_exit_code_1(monkeypatch, capsys):
-    from myext.cli import check
-    monkeypatch.setattr(check.testing, "_vs_reference", lambda *args: (1.0, False, "wrong"))
-    assert cli.main(["check", "--backend", "torch"]) == 1
+    """An op whose kernels disagree with its reference (here: a reference off by 1e-3) fails."""
+    spec = myext.registry.get("linear_relu")
+    off = dataclasses.replace(spec, reference=lambda *args: spec.reference(*args) + 1e-3)
+    monkeypatch.setitem(myext.registry._SPECS, "linear_relu", off)
+    assert cli.main(["check", "--backend", "cpp"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL" in out and "checks failed" in out
+    failures = [line for line in out.splitlines() if "FAIL" in line]
+    assert failures and all("linear_relu" in line for line in failures) and "checks failed" in out
 
 
 def test_check_unknown_backend_is_a_usage_error(capsys):

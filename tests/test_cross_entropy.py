@@ -5,13 +5,12 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.autograd import gradcheck, gradgradcheck
+from torch.autograd import gradcheck
 
 import myext
-from conftest import backend_device_params
 
-BACKENDS = backend_device_params()
-KERNEL_BACKENDS = backend_device_params(include_reference=False)
+# Tests taking backend and device run on every backend of the op (conftest.py).
+OP = "cross_entropy"
 REDUCTIONS = ["none", "mean", "sum"]
 
 
@@ -33,56 +32,6 @@ def make_case(shape, target_kind="class", weighted=False, dtype=torch.float64, d
     return x, target, weight
 
 
-# "nd" is 3-d: the kernels see 2-d rows whatever the rank, and the reshaping to rows
-# is Python shared by all backends, tested at higher rank by test_matches_functional.
-SHAPES = {"1d": (5,), "2d": (4, 5), "nd": (2, 4, 3)}
-# Every shape x target kind x reduction, with and without weights and smoothing.
-GRAD_CASES = [
-    (shape, kind, weighted, smoothing, reduction)
-    for shape, kind, (weighted, smoothing), reduction in itertools.product(
-        SHAPES, ["class", "prob"], [(False, 0.0), (True, 0.2)], REDUCTIONS)
-]
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("shape,kind,weighted,smoothing,reduction", GRAD_CASES,
-                         ids=["-".join(map(str, c)) for c in GRAD_CASES])
-def test_gradcheck(backend, device, shape, kind, weighted, smoothing, reduction):
-    x, target, weight = make_case(SHAPES[shape], kind, weighted, device=device)
-    if kind == "prob":
-        target.requires_grad_()
-
-    def fn(x, target):
-        return myext.cross_entropy(x, target, weight, reduction=reduction, label_smoothing=smoothing,
-                                   backend=backend)
-
-    assert gradcheck(fn, (x, target))
-    assert gradgradcheck(fn, (x, target))
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("kind", ["class", "prob"])
-def test_gradcheck_noncontiguous(backend, device, kind):
-    x = torch.randn(6, 4, dtype=torch.float64, device=device).t().requires_grad_()
-    if kind == "class":
-        target = torch.tensor([0, 5, -100, 2, 0, 0], device=device)[::2].repeat(2)[:4]
-    else:
-        target = torch.softmax(torch.randn(6, 4, dtype=torch.float64, device=device), dim=0).t()
-    weight = torch.rand(12, dtype=torch.float64, device=device)[::2] + 0.5
-    fn = lambda x: myext.cross_entropy(x, target, weight, label_smoothing=0.1, backend=backend)  # noqa: E731
-    assert gradcheck(fn, (x,))
-    assert gradgradcheck(fn, (x,))
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_gradcheck_ignore_index_is_a_class(backend, device):
-    x = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
-    target = torch.tensor([2, 0, 2, 4], device=device)
-    fn = lambda x: myext.cross_entropy(x, target, ignore_index=2, label_smoothing=0.3, backend=backend)  # noqa: E731
-    assert gradcheck(fn, (x,))
-    assert gradgradcheck(fn, (x,))
-
-
 # Tolerances against F.cross_entropy. float32: the same float32 math in another order,
 # over up to C = 5000 terms. bfloat16: our kernels compute in float32 and round once,
 # while PyTorch rounds its bfloat16 log_softmax; both sit within a few bf16 ulps
@@ -98,7 +47,7 @@ AGREEMENT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.compiled_backends
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,kind,weighted,smoothing,reduction", AGREEMENT_CASES,
                          ids=["-".join(map(str, c)) for c in AGREEMENT_CASES])
@@ -139,7 +88,7 @@ def test_cpp_rows_of_few_classes(classes):
     torch.testing.assert_close(fn(x32, weight32), expected32, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.compiled_backends
 def test_reference_is_the_spec(backend, device):
     for kind, reduction in itertools.product(["class", "prob"], REDUCTIONS):
         x, target, weight = make_case((6, 9), kind, weighted=True, device=device)
@@ -149,7 +98,6 @@ def test_reference_is_the_spec(backend, device):
         torch.testing.assert_close(myext.cross_entropy(x, target, weight, **args, backend=backend), ref)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_all_ignored_batch(backend, device, reduction, smoothing):
@@ -164,7 +112,6 @@ def test_all_ignored_batch(backend, device, reduction, smoothing):
     torch.testing.assert_close(grad, grad_ref, equal_nan=True)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_empty_batch(backend, device, reduction):
     x = torch.randn(0, 4, device=device, requires_grad=True)
@@ -173,7 +120,7 @@ def test_empty_batch(backend, device, reduction):
     torch.testing.assert_close(loss, F.cross_entropy(x, target, reduction=reduction), equal_nan=True)
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.compiled_backends
 def test_extreme_logits(backend, device):
     # Large spreads, a -inf logit, and a constant row far from zero.
     x = torch.randn(4, 300, device=device) * 1e3
@@ -194,69 +141,6 @@ def test_extreme_logits(backend, device):
     allowed = 4 * 2**-24 * lse.abs() * torch.softmax(x64.detach(), dim=1) + 1e-6
     excess = (grad.double() - grad64).abs() - allowed
     assert (excess <= 0).all(), f"gradient off by {excess.max().item():.3g} beyond |lse|-relative rounding"
-
-
-def _opcheck_samples(device):
-    for kind, weighted, reduction in itertools.product(["class", "prob"], [False, True], [0, 1, 2]):
-        x, target, weight = make_case((4, 7), kind, weighted, device=device, requires_grad=False)
-        yield x, target, weight, reduction, -100, 0.1
-    x = torch.randn(7, 4, dtype=torch.float64, device=device).t()
-    yield x, torch.tensor([1, 6, -100, 0], device=device), None, 1, -100, 0.0
-    yield x, torch.softmax(torch.randn(7, 4, dtype=torch.float64, device=device), 0).t(), None, 0, -100, 0.0
-
-
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-def test_opcheck(backend, device):
-    ops = myext.backends.kernels(backend)
-    for x, target, weight, reduction, ignore_index, smoothing in _opcheck_samples(device):
-        args = (x, target, weight, reduction, ignore_index, smoothing)
-        torch.library.opcheck(ops.cross_entropy_forward, args)
-        loss, lse, total_weight = ops.cross_entropy_forward(*args)
-        backward_args = (torch.rand_like(loss), x, target, weight, lse, total_weight, reduction, ignore_index,
-                         smoothing)
-        torch.library.opcheck(ops.cross_entropy_backward, backward_args)
-
-
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-@pytest.mark.parametrize("kind", ["class", "prob"])
-def test_compile_fullgraph(backend, device, kind):
-    torch._dynamo.reset()
-    x, target, weight = make_case((2, 5, 3), kind, weighted=True, dtype=torch.float32, device=device)
-
-    def fn(x):
-        return myext.cross_entropy(x, target, weight, label_smoothing=0.1, backend=backend)
-
-    loss = fn(x)
-    (grad,) = torch.autograd.grad(loss, x)
-    loss_c = torch.compile(fn, fullgraph=True)(x)
-    (grad_c,) = torch.autograd.grad(loss_c, x)
-    torch.testing.assert_close(loss_c, loss)
-    torch.testing.assert_close(grad_c, grad)
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("kind", ["class", "prob"])
-def test_does_not_change_inputs(backend, device, kind):
-    x, target, weight = make_case((5, 6), kind, weighted=True, dtype=torch.float32, device=device)
-    if kind == "prob":
-        target.requires_grad_()
-    before = [t.detach().clone() for t in (x, target, weight)]
-    loss = myext.cross_entropy(x, target, weight, label_smoothing=0.1, backend=backend)
-    loss.backward()
-    for t, t_before in zip((x, target, weight), before):
-        assert torch.equal(t.detach(), t_before)
-
-
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-def test_backend_runs_its_own_kernel(backend, device):
-    """The op of the named backend is what runs (no silent fallback to another backend)."""
-    x, target, _ = make_case((4, 5), dtype=torch.float32, device=device)
-    ops = myext.backends.kernels(backend)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        myext.cross_entropy(x, target, backend=backend).backward()
-    names = {event.name for event in prof.events()}
-    assert ops.cross_entropy_forward._qualified_op_name in names
-    assert ops.cross_entropy_backward._qualified_op_name in names
 
 
 def _bad(**changes):
@@ -287,7 +171,6 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("changes,error,message", BAD_INPUTS, ids=[str(i) for i in range(len(BAD_INPUTS))])
 def test_bad_input(backend, device, changes, error, message):
     x = torch.randn(4, 5, device=device)
@@ -316,7 +199,6 @@ def test_out_of_range_target_fails_in_kernel():
         ops.cross_entropy_forward(x, torch.tensor([0, 9, 1]), None, 1, -100, 0.0)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("kind", ["class", "prob"])
 def test_inplace_backward_gives_the_same_gradients(backend, device, kind):
     x, target, weight = make_case((6, 7), kind, weighted=True, dtype=torch.float64, device=device)
@@ -332,7 +214,6 @@ def test_inplace_backward_gives_the_same_gradients(backend, device, kind):
         torch.testing.assert_close(g_inplace, g_out_of_place)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_inplace_backward_overwrites_only_what_nothing_else_needs(backend, device):
     """Logits saved by another node: autograd's version check raises, never a wrong gradient."""
     x = torch.randn(4, 5, device=device, requires_grad=True)
@@ -351,14 +232,13 @@ def test_inplace_backward_overwrites_only_what_nothing_else_needs(backend, devic
         torch.testing.assert_close(x.grad, x_ref.grad)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_inplace_backward_refuses_a_leaf(backend, device):
     x = torch.randn(4, 5, device=device, requires_grad=True)
     with pytest.raises(ValueError, match="inplace_backward=True would overwrite input"):
         myext.cross_entropy(x, torch.tensor([0, 1, 2, 3], device=device), backend=backend, inplace_backward=True)
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.compiled_backends
 def test_inplace_backward_compiles(backend, device):
     torch._dynamo.reset()
     x = torch.randn(6, 5, device=device, requires_grad=True)
@@ -384,12 +264,3 @@ def test_inplace_op_opcheck():
                           (torch.ones(()), x.clone(), target, None, lse, total_weight, 1, -100, 0.1))
 
 
-@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-@pytest.mark.parametrize("kind", ["class", "prob"])
-def test_inference_skips_autograd(backend, device, kind):
-    x, target, weight = make_case((5, 6), kind, weighted=True, dtype=torch.float32, device=device)
-    with torch.no_grad():
-        loss = myext.cross_entropy(x, target, weight, label_smoothing=0.1, backend=backend)
-    assert loss.grad_fn is None and not loss.requires_grad
-    torch.testing.assert_close(loss, myext.cross_entropy(x, target, weight, label_smoothing=0.1,
-                                                         backend=backend).detach())

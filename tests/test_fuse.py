@@ -12,7 +12,7 @@ from torch import fx
 import myext
 from myext.fuse import FuseTraceError
 from myext.nn import CrossEntropyLoss, FusedLinearReLU
-from test_models import MultiTaskNet, SimpleNet  # the article's classes, verbatim
+from article import MultiTaskNet, SimpleNet  # the article's classes, verbatim
 
 
 def grads_of(model, loss):

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import myext
-from conftest import DEVICES
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 pytestmark = pytest.mark.skipif("triton" not in myext.available_backends(), reason="Triton is not available")
 
 if "triton" in myext.available_backends():
@@ -258,3 +258,22 @@ def test_cpu_tensors_need_the_interpreter():
     assert result.returncode != 0
     assert "ValueError: backend='triton' cannot run on cpu tensors here" in result.stderr, result.stderr
     assert "TRITON_INTERPRET=1" in result.stderr, result.stderr
+
+
+def test_triton_ops_imported_before_myext():
+    """triton_ops depends on nothing of myext: importing it (and its kernels) first, in a fresh
+    interpreter, leaves backend="triton" working."""
+    code = ("import triton_ops, triton_ops.cross_entropy, triton_ops.linear_relu\n"
+            "import torch, myext\n"
+            "x, w = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4)\n"
+            "out = myext.linear_relu(x, w, backend='triton')\n"
+            "loss = myext.cross_entropy(out, torch.tensor([0, 4, 2]), backend='triton')\n"
+            "loss.backward()\n"
+            "expected = torch.nn.functional.cross_entropy(torch.relu(x @ w.t()), torch.tensor([0, 4, 2]))\n"
+            "torch.testing.assert_close(loss, expected)\n"
+            "print(myext.available_backends('cpu'))\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['cpp', 'triton', 'torch']"

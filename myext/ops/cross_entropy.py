@@ -386,27 +386,59 @@ def reference(
     return loss.reshape(batch_shape) if reduction == "none" else loss
 
 
-def _class_sample(rows: int, classes: int, device: str) -> registry.Sample:
-    logits = torch.randn(rows, classes, dtype=torch.float64, device=device).requires_grad_()
-    target = torch.randint(0, classes, (rows,), device=device)
-    target[0] = -1
-    weight = torch.rand(classes, dtype=torch.float64, device=device).add_(0.5)
-    return registry.Sample((logits, target), dict(weight=weight, ignore_index=-1, label_smoothing=0.1),
-                           name=f"{rows}x{classes} class, weighted, smoothed")
-
-
-def _probability_sample(rows: int, classes: int, device: str) -> registry.Sample:
-    logits = torch.randn(rows, classes, dtype=torch.float64, device=device).requires_grad_()
-    target = torch.softmax(torch.randn(rows, classes, dtype=torch.float64, device=device), 1).requires_grad_()
-    return registry.Sample((logits, target), dict(reduction="sum"), name=f"{rows}x{classes} probabilities, sum")
+def _sample(shape: tuple[int, ...], device: str, *, kind: str = "class", weighted: bool = False,
+            scale: float = 1.0, **options: Any) -> registry.Sample:
+    """Logits of ``shape`` ((C), (N, C) or (N, C, d1, ...)) times ``scale``, and a target:
+    class indices with the second ignored, or probabilities that require grad."""
+    classes = shape[0] if len(shape) == 1 else shape[1]
+    logits = (torch.randn(*shape, dtype=torch.float64, device=device) * scale).requires_grad_()
+    if kind == "class":
+        batch = shape[:0] if len(shape) == 1 else shape[:1] + shape[2:]
+        target = torch.randint(0, classes, batch, device=device)
+        if target.numel() > 1:
+            target.view(-1)[1] = options.get("ignore_index", -100)
+    else:
+        target = torch.softmax(torch.randn(*shape, dtype=torch.float64, device=device), dim=0 if len(shape) == 1 else 1)
+        target.requires_grad_()
+    if weighted:
+        options["weight"] = torch.rand(classes, dtype=torch.float64, device=device).add(0.5)
+    described = [f"{tuple(shape)} {kind}"] + (["weighted"] if weighted else [])
+    described += [f"{k}={v}" for k, v in options.items() if k != "weight"]
+    return registry.Sample((logits, target), options, name=", ".join(described))
 
 
 def samples(device: str) -> list[registry.Sample]:
-    return [_class_sample(6, 5, device), _probability_sample(4, 3, device)]
+    """Each target kind with 1-d, 2-d and N-d logits, weights, smoothing and every
+    reduction; transposed logits with strided weights; an ignore_index that is a class."""
+    transposed = torch.randn(6, 4, dtype=torch.float64, device=device).t().requires_grad_()
+    strided_weight = torch.rand(12, dtype=torch.float64, device=device)[::2] + 0.5
+    probabilities = torch.softmax(torch.randn(6, 4, dtype=torch.float64, device=device), dim=0).t()
+    return [
+        _sample((5,), device),
+        _sample((4, 5), device, weighted=True, label_smoothing=0.2, reduction="none"),
+        _sample((2, 4, 3), device, weighted=True, reduction="sum"),
+        _sample((6, 5), device, weighted=True, ignore_index=-1, label_smoothing=0.1),
+        _sample((5,), device, kind="prob", label_smoothing=0.2, reduction="sum"),
+        _sample((4, 5), device, kind="prob"),
+        _sample((2, 4, 3), device, kind="prob", weighted=True, label_smoothing=0.2, reduction="none"),
+        registry.Sample((transposed, torch.tensor([0, 5, -100, 2], device=device)),
+                        dict(weight=strided_weight, label_smoothing=0.1), name="transposed (4, 6) class, strided weight"),
+        registry.Sample((transposed, probabilities.requires_grad_()), dict(weight=strided_weight, reduction="sum"),
+                        name="transposed (4, 6) prob, strided weight"),
+        registry.Sample((torch.randn(4, 5, dtype=torch.float64, device=device).requires_grad_(),
+                         torch.tensor([2, 0, 2, 4], device=device)), dict(ignore_index=2, label_smoothing=0.3),
+                        name="(4, 5) class, ignore_index=2 a class"),
+    ]
 
 
 def accuracy_samples(device: str) -> list[registry.Sample]:
-    return [_class_sample(64, 100, device)]
+    """Logits of scale 3 in shapes over several blocks of the kernels (5000 classes) and N-d."""
+    return [
+        _sample((64, 100), device, weighted=True, scale=3.0, ignore_index=-1, label_smoothing=0.1),
+        _sample((37, 70), device, kind="prob", weighted=True, scale=3.0, label_smoothing=0.1, reduction="none"),
+        _sample((3, 5000), device, scale=3.0, reduction="sum"),
+        _sample((2, 11, 3, 4), device, weighted=True, scale=3.0, reduction="none"),
+    ]
 
 
 def eager(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -177,19 +177,25 @@ def reference(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return torch.clamp_min(pre, 0)
 
 
-def _sample(shape: tuple[int, ...], out_features: int, device: str) -> registry.Sample:
+def _sample(shape: tuple[int, ...], out_features: int, device: str, bias: bool = True) -> registry.Sample:
     x = torch.randn(*shape, dtype=torch.float64, device=device)
     w = torch.randn(out_features, shape[-1], dtype=torch.float64, device=device)
-    b = torch.randn(out_features, dtype=torch.float64, device=device)
-    return registry.Sample(tuple(t.requires_grad_() for t in (x, w, b)), name=f"{tuple(shape)}->{out_features}")
+    b = torch.randn(out_features, dtype=torch.float64, device=device) if bias else None
+    args = tuple(t.requires_grad_() for t in (x, w, b) if t is not None)
+    return registry.Sample(args, name=f"{tuple(shape)}->{out_features}" + ("" if bias else " no bias"))
 
 
 def samples(device: str) -> list[registry.Sample]:
-    return [_sample((2, 3, 5), 4, device)]
+    """1-d, 2-d and 3-d inputs, with and without bias, and transposed operands with a strided bias."""
+    transposed = (torch.randn(5, 4, dtype=torch.float64, device=device).t().requires_grad_(),
+                  torch.randn(5, 3, dtype=torch.float64, device=device).t().requires_grad_(),
+                  torch.randn(6, dtype=torch.float64, device=device)[::2].requires_grad_())
+    return [_sample((5,), 3, device), _sample((4, 5), 3, device, bias=False), _sample((2, 3, 5), 4, device),
+            registry.Sample(transposed, name="transposed (4, 5)->3, strided bias")]
 
 
 def accuracy_samples(device: str) -> list[registry.Sample]:
-    return [_sample((32, 64), 48, device)]
+    return [_sample((5,), 40, device), _sample((33, 70), 40, device), _sample((3, 17, 70), 40, device)]
 
 
 def eager(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

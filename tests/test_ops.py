@@ -1,0 +1,73 @@
+"""The conformance suite every registered op gets, on every backend and device here.
+
+It iterates myext.registry and runs myext.testing's battery on each op's registered
+samples: gradcheck and gradgradcheck in float64, opcheck of the dispatcher ops that ran,
+that the named backend's own ops ran, that no input changed, the no-grad path,
+torch.compile(fullgraph=True), and agreement with the plain-PyTorch reference against
+a float64 ground truth in float64, float32 and bfloat16 (our error at most about twice
+the reference's own in that dtype). A new op gets all of it by registering.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from myext import backends, registry, testing
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOAT64_CHECKS = ["gradcheck", "gradgradcheck", "opcheck", "ops ran", "inputs unchanged", "no_grad", "vs reference"]
+
+
+def _op_backend_device(with_samples: bool = False):
+    params = []
+    for spec in registry.specs():
+        for device in DEVICES:
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            for backend in backends.available_backends(device, op=spec.name):
+                if not with_samples:
+                    params.append(pytest.param(spec.name, backend, device, id=f"{spec.name}-{backend}-{device}",
+                                               marks=marks))
+                    continue
+                for index, sample in enumerate(spec.samples("cpu")):
+                    params.append(pytest.param(spec.name, backend, device, index, marks=marks,
+                                               id=f"{spec.name}-{backend}-{device}-{sample.name}"))
+    return params
+
+
+def _checked(op: str, backend: str):
+    return functools.partial(registry.get(op).function, backend=backend)
+
+
+def _own_ops(op: str, backend: str) -> list[str]:
+    if backend == "torch":
+        return []
+    return [backends.qualified_name(name, backend) for name in registry.get(op).dispatcher_ops]
+
+
+@pytest.mark.parametrize("op,backend,device,index", _op_backend_device(with_samples=True))
+def test_float64_battery(op, backend, device, index):
+    spec = registry.get(op)
+    sample = spec.samples(device)[index]
+    checks = [c for c in FLOAT64_CHECKS if backend != "torch" or c not in ("opcheck", "ops ran")]
+    report = testing.check(_checked(op, backend), spec.reference, [sample], checks=checks, dtypes=(),
+                           expected_ops=_own_ops(op, backend))
+    report.assert_ok()
+    assert {r.check for r in report} == set(checks)
+
+
+@pytest.mark.parametrize("op,backend,device", _op_backend_device())
+def test_agreement_with_the_reference(op, backend, device):
+    spec = registry.get(op)
+    report = testing.check(_checked(op, backend), spec.reference, spec.accuracy_samples(device),
+                           checks=["vs reference"], dtypes=(torch.float32, torch.bfloat16))
+    report.assert_ok()
+    assert {r.dtype for r in report} == {"float64", "float32", "bfloat16"}
+
+
+@pytest.mark.parametrize("op,backend,device", [p for p in _op_backend_device() if p.values[1] != "torch"])
+def test_compile_fullgraph(op, backend, device):
+    spec = registry.get(op)
+    report = testing.check(_checked(op, backend), None, spec.samples(device)[-1:], checks=["compile"])
+    report.assert_ok()
+    assert [r.check for r in report] == ["compile"]
