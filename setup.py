@@ -100,7 +100,10 @@ def extension():
     sources = [os.path.join("csrc", "myext.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # No -std: torch's build helper adds the standard its headers need (C++20 from
     # torch 2.14 on). -g0: debug info makes the compile about 40% slower.
-    cxx_flags = ["-O3", "-g0", "-fdiagnostics-color=always"]
+    # -ffp-contract=off: a product written once rounds the same everywhere (a fused
+    # multiply-add would not), so that terms meant to cancel do, e.g. the gradient of
+    # a row of one class is exactly 0; the vector code asks for its fmadds itself.
+    cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fdiagnostics-color=always"]
     cxx_flags += CPU_CAPABILITY_FLAGS[detect_cpu_capability()]
     extra_compile_args = {"cxx": cxx_flags}
     kwargs = {}

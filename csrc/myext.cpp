@@ -1,6 +1,7 @@
 // Operator schemas for the myext namespace. Kernels live in one file per op
-// and device (csrc/cpu/*.cpp, csrc/cuda/*.cu); fake kernels and autograd
-// formulas are attached from Python in myext/_library.py.
+// and device (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu), each checking its
+// arguments (csrc/<op>.h); fake kernels and the autograd Functions that
+// differentiate the ops are in Python, in myext/ops/<op>.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -25,20 +26,23 @@ TORCH_LIBRARY(myext, m) {
       "(Tensor? grad_input, Tensor? grad_weight, Tensor? grad_bias)");
   // input (R, C); target (R,) int64 class indices or (R, C) probabilities.
   // reduction follows at::Reduction: 0 none, 1 mean, 2 sum. Returns the
-  // loss, the per-row log-sum-exp kept for backward, and the divisor of the
-  // mean (the summed weights of the targets not ignored, or R).
+  // loss; for backward, each row's max and log(sum(exp(x - max))), whose sum
+  // is its log-sum-exp (kept apart, the softmax stays precise at any scale);
+  // and the divisor of the mean (the summed weights of the targets not
+  // ignored, or R).
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, "
       "int reduction, int ignore_index, float label_smoothing) -> "
-      "(Tensor loss, Tensor lse, Tensor total_weight)");
+      "(Tensor loss, Tensor row_max, Tensor row_log_sum, Tensor total_weight)");
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, "
-      "Tensor? weight, Tensor lse, Tensor total_weight, int reduction, "
-      "int ignore_index, float label_smoothing) -> Tensor");
+      "Tensor? weight, Tensor row_max, Tensor row_log_sum, Tensor total_weight, "
+      "int reduction, int ignore_index, float label_smoothing) -> Tensor");
   // The same gradient written over the logits (`input`), for callers that
   // have no further use for them: no second R x C buffer.
   m.def(
       "cross_entropy_backward_(Tensor grad_loss, Tensor(a!) input, "
-      "Tensor target, Tensor? weight, Tensor lse, Tensor total_weight, "
-      "int reduction, int ignore_index, float label_smoothing) -> ()");
+      "Tensor target, Tensor? weight, Tensor row_max, Tensor row_log_sum, "
+      "Tensor total_weight, int reduction, int ignore_index, "
+      "float label_smoothing) -> ()");
 }

@@ -9,7 +9,7 @@ import torch  # loads libtorch before the extension
 
 from . import _C  # noqa: F401  (registers the myext:: ops and their kernels)
 from . import ops  # noqa: F401  (registers each op: its spec, fake kernels)
-from . import autograd, backends, reference, registry
+from . import autograd, backends, reference, registry, testing
 from .backends import available_backends
 from .functional import cross_entropy, linear_relu
 from . import models, nn
@@ -20,5 +20,5 @@ if backends.triton_may_run():
 backends.survey()
 
 __all__ = ["autograd", "available_backends", "cross_entropy", "fuse", "linear_relu", "models", "nn", "reference",
-           "registry"]
+           "registry", "testing"]
 __version__ = "0.1.0"

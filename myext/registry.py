@@ -56,6 +56,9 @@ class OpSpec:
         function: the public function; takes the sample arguments and ``backend=``.
         reference: the plain-PyTorch spec, with the public function's arguments less
             ``backend``; autograd differentiates it to any order.
+        baseline: what PyTorch's own functions compute for the same arguments
+            (``F.cross_entropy``): the yardstick of the agreement checks, whose error
+            in each dtype ours may exceed by about twice at most.
         dispatcher_ops: the ``myext::`` ops (schemas in csrc/myext.cpp) that forward and
             backward call; a compiled backend has the op when it has all of them.
         fakes: a fake kernel for each dispatcher op, and for each op of ``capabilities``.
@@ -67,11 +70,16 @@ class OpSpec:
         backends: the backends that implement the op.
         capabilities: optional features, each with the dispatcher op that provides it; a
             backend has one where it has a kernel for that op.
+        floor_ulps: the agreement checks' allowance beyond twice PyTorch's error, in units
+            of the dtype's rounding at the largest true value (myext.testing.check):
+            more than 1 where results are sums that another library may take in
+            another order (a GEMM's).
     """
 
     name: str
     function: Callable[..., Any]
     reference: Callable[..., Any]
+    baseline: Callable[..., Any]
     dispatcher_ops: tuple[str, ...]
     fakes: Mapping[str, Callable[..., Any]]
     samples: Callable[[str], list[Sample]]
@@ -79,6 +87,7 @@ class OpSpec:
     benchmark: Benchmark
     backends: tuple[str, ...] = ("cpp", "cuda", "triton", "torch")
     capabilities: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    floor_ulps: float = 1.0
 
 
 _SPECS: dict[str, OpSpec] = {}

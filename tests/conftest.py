@@ -4,7 +4,11 @@ Without a GPU the Triton kernels run through Triton's interpreter, which must be
 switched on before triton is first imported (importing torch does not import it).
 """
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -47,3 +51,50 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class _IsolatedCalls:
+    """A worker process (tests/isolated_worker.py) that evaluates calls one at a time; one
+    that dies takes only its own call with it, and the next call starts a new worker."""
+
+    def __init__(self) -> None:
+        self.process = None
+
+    def _start(self):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                          env.get("PYTHONPATH")]))
+        return subprocess.Popen([sys.executable, str(Path(__file__).with_name("isolated_worker.py"))],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+
+    def __call__(self, setup: str, code: str, backend: str, device: str) -> dict:
+        if self.process is None or self.process.poll() is not None:
+            self.process = self._start()
+        request = {"setup": setup, "code": code, "backend": backend, "device": device}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if line:
+            return json.loads(line)
+        returncode = self.process.wait(timeout=60)
+        stderr = self.process.stderr.read()[-2000:]
+        self.process = None
+        return {"outcome": "crashed", "returncode": returncode, "message": stderr}
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def isolated():
+    """``isolated(setup, code, backend, device)`` runs the statements ``setup`` and then
+    evaluates the expression ``code`` in another process, with ``torch``, ``ops`` (the
+    backend's dispatcher ops, myext.backends.kernels) and ``dev`` in scope; returns
+    {"outcome": "raised" | "returned" | "crashed" | "setup failed", ...}."""
+    calls = _IsolatedCalls()
+    yield calls
+    calls.close()
+

@@ -250,11 +250,11 @@ def test_cuda_backend_runs_its_kernels():
     x, w, b = linear_args(torch.randn(256, 784, device="cuda").to(torch.bfloat16), 128, torch.bfloat16)
     names = cuda_kernel_names(lambda: myext.linear_relu(x, w, b, backend="cuda").sum().backward())
     assert ran(names, "relu_grad_bias_kernel")
-    assert not ran(names, "bias_relu_kernel"), "bias and ReLU should be fused into the cuBLASLt matmul"
+    assert not ran(names, "relu_kernel<"), "bias and ReLU should be fused into the cuBLASLt matmul"
 
     x_odd = misaligned((256, 784), torch.bfloat16)
     names = cuda_kernel_names(lambda: myext.linear_relu(x_odd, w.detach(), b.detach(), backend="cuda"))
-    assert ran(names, "bias_relu_kernel")
+    assert ran(names, "relu_kernel<")
 
     for classes, splits in ((32000, False), (128256, True)):
         x = torch.randn(64, classes, device="cuda", requires_grad=True)

@@ -168,3 +168,46 @@ def test_empty_dimensions(backend, device, shape, out_features):
         torch.testing.assert_close(g if g is not None else torch.zeros_like(g_ref), g_ref)
 
 
+def test_reference_relu_gradient_at_zero():
+    """A pre-activation of exactly 0 passes no gradient, as with F.relu (common in bfloat16)."""
+    x = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.eye(2, dtype=torch.float64)
+    myext.reference.linear_relu(x, w).sum().backward()
+    assert x.grad.eq(0).all()
+
+
+# Direct calls of the dispatcher ops with arguments the Python layer refuses (the ops
+# are public): each must raise, naming the argument, never crash, read out of bounds
+# or return an answer. Each runs in a worker process of its own (conftest.isolated).
+DIRECT_SETUP = """
+x = torch.randn(4, 5, device=dev)
+w = torch.randn(3, 5, device=dev)
+b = torch.randn(3, device=dev)
+y = ops.linear_relu(x, w, b)
+g = torch.randn(4, 3, device=dev)
+mask = [True, True, True]
+"""
+BAD_DIRECT_CALLS = {
+    "bias shorter than out_features": ("ops.linear_relu(x, w, b[:2])", "bias"),
+    "2-d bias": ("ops.linear_relu(x, w, b.view(1, 3))", "bias"),
+    "bias of another dtype": ("ops.linear_relu(x, w, b.double())", "bias"),
+    "in_features that differ": ("ops.linear_relu(x, w[:, :4], b)", "in_features"),
+    "1-d weight": ("ops.linear_relu(x, w[0], None)", "weight"),
+    "weight of another dtype": ("ops.linear_relu(x, w.double(), b)", "weight"),
+    "0-d input": ("ops.linear_relu(x[0, 0], w, b)", "input"),
+    "integer input": ("ops.linear_relu(x.long(), w.long(), None)", "input"),
+    "grad_output of another shape": ("ops.linear_relu_backward(g[:2], x, w, y, mask)", "grad_output"),
+    "grad_output of another dtype": ("ops.linear_relu_backward(g.double(), x, w, y, mask)", "grad_output"),
+    "output of another shape": ("ops.linear_relu_backward(g, x, w, y[:, :2], mask)", "output"),
+    "backward weight for other in_features": ("ops.linear_relu_backward(g, x, w[:, :4], y, mask)", "in_features"),
+}
+
+
+@pytest.mark.compiled_backends
+@pytest.mark.parametrize("case", BAD_DIRECT_CALLS)
+def test_bad_direct_call_raises(isolated, backend, device, case):
+    code, mentions = BAD_DIRECT_CALLS[case]
+    result = isolated(DIRECT_SETUP, code, backend, device)
+    assert result["outcome"] == "raised", result
+    assert mentions in result["message"], result
+

@@ -232,18 +232,21 @@ def test_cross_entropy_leading_block_of_minus_inf(device, monkeypatch):
     _check_cross_entropy(x, target, reduction="none")
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_cross_entropy_out_of_range_class_is_nan(device):
-    """Called directly, as a compiled graph does with no Python check, an out-of-range class
-    index reads nothing out of bounds and makes its row NaN."""
+def test_cross_entropy_out_of_range_class():
+    """Called directly, as a compiled graph does with no Python check, the op asserts on an
+    out-of-range class index (on a GPU asynchronously, without a host sync; here, under the
+    interpreter, at once); its kernels, launched without that check, read nothing out of
+    bounds and make the row NaN."""
     ops = myext.backends.kernels("triton")
-    x = torch.randn(3, 4, device=device)
-    target = torch.tensor([0, 9, -100], device=device)
-    loss, lse, total_weight = ops.cross_entropy_forward(x, target, None, 0, -100, 0.0)
+    x = torch.randn(3, 4)
+    target = torch.tensor([0, 9, -100])
+    with pytest.raises(RuntimeError, match="class index is outside"):
+        ops.cross_entropy_forward(x, target, None, 0, -100, 0.0)
+    outputs = [torch.empty(3) for _ in range(4)]
+    triton_ce._launch(triton_ce._cross_entropy_forward_kernel, x, target, x, *outputs, 3, 4, -100, 0.0, *x.stride(),
+                      target.stride(0), 0, input=x, target=target, weight=None, label_smoothing=0.0)
+    loss = outputs[0]
     assert not loss[0].isnan() and loss[1].isnan() and loss[2] == 0
-    assert total_weight.isnan()
-    grad = ops.cross_entropy_backward(torch.ones(3, device=device), x, target, None, lse, total_weight, 0, -100, 0.0)
-    assert not grad[0].isnan().any() and grad[1].isnan().all() and (grad[2] == 0).all()
 
 
 # --- where the backend runs ----------------------------------------------------

@@ -6,14 +6,18 @@ than that are stacked, several to a program, into tiles of about that size.
 With q the target distribution after label smoothing (q = (1 - eps) target + eps / C,
 target one-hot for class indices) and w the class weights (ones if none):
 
-    loss = lse * sum(w q) - sum(w q x),    grad = scale * (sum(w q) * softmax(x) - w q).
+    loss = sum(w q (max - x)) + sum(w q) log_sum,    grad = scale * (sum(w q) * softmax(x) - w q),
 
-Forward reads each row once: every block updates the running max and sum of
-exponentials, and the weighted sums the loss needs. It writes the loss, the
-log-sum-exp and the row's weight in the mean per row; torch ops on the device then
-reduce those, with no sync to the host. Backward writes the gradient in one sweep
-over the row; for probability targets, and for class targets with both weights and
-smoothing, a first pass sums w q over the target and weights, without the logits.
+where log_sum = log(sum(exp(x - max))). Every term of sum(w q (max - x)) is >= 0, so
+the loss has no cancellation for logits of any size; forward keeps max and log_sum
+apart for backward, whose softmax exp((x - max) - log_sum) is then as precise.
+
+Forward reads each row once: every block updates the running max, the sum of
+exponentials and the weighted sums the loss needs. It writes the loss, the row's max
+and log_sum, and its weight in the mean; torch ops on the device then reduce those,
+with no sync to the host. Backward writes the gradient in one sweep over the row; for
+probability targets, and for class targets with both weights and smoothing, a first
+pass sums w q over the target and weights, without the logits.
 """
 
 from typing import Optional
@@ -22,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import wrap_triton
+from ._host import check, check_floating, check_like, check_optional_vector, check_shape, wrap_triton
 
 # The most elements a program loads at a time: 16 KB of float32, eight per thread
 # of 16 warps. Tests lower it to run rows of many blocks cheaply.
@@ -31,18 +35,19 @@ MAX_BLOCK_C = 4096
 
 @triton.jit
 def _cross_entropy_forward_kernel(
-    x_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr, row_weight_ptr,
+    x_ptr, target_ptr, weight_ptr, loss_ptr, max_ptr, log_sum_ptr, row_weight_ptr,
     rows, classes, ignore_index, label_smoothing: tl.float64,
     stride_xr, stride_xc, stride_tr, stride_tc,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """For BLOCK_R rows r of x (R, C): loss[r], lse[r] = logsumexp(x[r]) and row_weight[r],
-    the row's part of the mean's divisor. The outputs' dtype is the one computed in."""
+    """For BLOCK_R rows r of x (R, C): loss[r], the row's max[r] and log_sum[r], and
+    row_weight[r], the row's part of the mean's divisor. The outputs' dtype is the one
+    computed in."""
     row_ids = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     # Rows past the end repeat the last one: loads need no row mask, stores do.
     row = tl.minimum(row_ids, rows - 1).to(tl.int64)
-    acc_dtype = lse_ptr.dtype.element_ty
+    acc_dtype = max_ptr.dtype.element_ty
     # label_smoothing is annotated float64: a Python float otherwise reaches the kernel
     # as float32, and float64 results would carry float32's rounding of it.
     eps = (tl.zeros((), tl.float64) + label_smoothing).to(acc_dtype)
@@ -51,46 +56,50 @@ def _cross_entropy_forward_kernel(
 
     running_max = tl.full((BLOCK_R,), float("-inf"), acc_dtype)
     sum_exp = tl.zeros((BLOCK_R,), acc_dtype)
-    # sum(w q) and sum(w q x), per lane; for class targets q is here only its
-    # smoothing part eps / C, the target's part is added after the loop.
+    # Per lane, sum(w q) and sum(w q (running_max - x)); for class targets q is here
+    # only its smoothing part eps / C, the target's part is added after the loop.
     lanes_wq = tl.zeros((BLOCK_R, BLOCK_C), acc_dtype)
-    lanes_wqx = tl.zeros((BLOCK_R, BLOCK_C), acc_dtype)
+    lanes_gap = tl.zeros((BLOCK_R, BLOCK_C), acc_dtype)
     for start in range(0, classes, BLOCK_C):
         offs = start + cols
         inside = offs < classes
         x = tl.load(x_rows + offs * stride_xc, mask=inside, other=float("-inf")).to(acc_dtype)
-        new_max = tl.maximum(running_max, tl.max(x, axis=1))
+        # tl.max passes over NaN: a NaN logit is looked for, and makes the row NaN.
+        has_nan = tl.max(tl.where(x != x, 1, 0), axis=1) > 0
+        new_max = tl.maximum(running_max, tl.max(x, axis=1), propagate_nan=tl.PropagateNan.ALL)
+        new_max = tl.where(has_nan, float("nan"), new_max)
         # Until a finite logit is seen, shift by 0: exp(-inf - -inf) would be nan.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         sum_exp = sum_exp * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-        running_max = new_max
         if PROB_TARGET or SMOOTHING:
             q = eps / classes
             if PROB_TARGET:
                 p = tl.load(target_ptr + row[:, None] * stride_tr + offs * stride_tc, mask=inside, other=0.0)
                 q += (1 - eps) * p.to(acc_dtype)
             if HAS_WEIGHT:
-                wq = q * tl.load(weight_ptr + offs, mask=inside, other=0.0).to(acc_dtype)
-            else:
-                wq = tl.where(inside, q, 0.0)
+                q *= tl.load(weight_ptr + offs, mask=inside, other=0.0).to(acc_dtype)
+            wq = tl.where(inside, q, 0.0)
+            # The lanes' earlier gaps move up with the max. (From a max of -inf every
+            # logit seen was -inf, its gap already +inf.)
+            grows = (new_max != running_max) & (running_max != float("-inf"))
+            lanes_gap += lanes_wq * tl.where(grows, new_max - running_max, 0.0)[:, None]
+            # A -inf logit is +inf below any max, also below a max of -inf.
+            gap = tl.where(x == float("-inf"), float("inf"), new_max[:, None] - x)
+            lanes_gap += wq * tl.where(inside, gap, 0.0)
             lanes_wq += wq
-            lanes_wqx += wq * tl.where(inside, x, 0.0)
-    # lse rounds at the magnitude of the max: the loss keeps the two apart.
+        running_max = new_max
     log_sum = tl.log(sum_exp)
-    lse = running_max + log_sum
 
-    # sum(w q (lse - x)) over the lanes.
     loss = tl.zeros((BLOCK_R,), acc_dtype)
     if PROB_TARGET or SMOOTHING:
-        sum_wq = tl.sum(lanes_wq, axis=1)
-        loss = sum_wq * log_sum + (sum_wq * running_max - tl.sum(lanes_wqx, axis=1))
+        loss = tl.sum(lanes_gap, axis=1) + tl.sum(lanes_wq, axis=1) * log_sum
     if PROB_TARGET:
         row_weight = tl.full((BLOCK_R,), 1.0, acc_dtype)
     else:
         target = tl.load(target_ptr + row * stride_tr)
         kept = target != ignore_index
-        # Python checks class indices, but a compiled graph skips that check: an
-        # index out of range reads nothing and makes the row NaN.
+        # The host asserts the class indices; should one be out of range anyway, it
+        # reads nothing and makes the row NaN.
         valid = kept & (target >= 0) & (target < classes)
         x_target = tl.load(x_ptr + row * stride_xr + target * stride_xc, mask=valid, other=float("nan"))
         if HAS_WEIGHT:
@@ -102,13 +111,14 @@ def _cross_entropy_forward_kernel(
         row_weight = tl.where(kept, w_target, 0.0)
     stored = row_ids < rows
     tl.store(loss_ptr + row, loss, mask=stored)
-    tl.store(lse_ptr + row, lse, mask=stored)
+    tl.store(max_ptr + row, running_max, mask=stored)
+    tl.store(log_sum_ptr + row, log_sum, mask=stored)
     tl.store(row_weight_ptr + row, row_weight, mask=stored)
 
 
 @triton.jit
 def _cross_entropy_backward_kernel(
-    grad_ptr, x_ptr, target_ptr, weight_ptr, lse_ptr, scale_ptr,
+    grad_ptr, x_ptr, target_ptr, weight_ptr, max_ptr, log_sum_ptr, scale_ptr,
     rows, classes, ignore_index, label_smoothing: tl.float64,
     stride_gr, stride_xr, stride_xc, stride_tr, stride_tc, stride_scale,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
@@ -117,12 +127,13 @@ def _cross_entropy_backward_kernel(
     """BLOCK_R rows r of grad (R, C), unit column stride: scale[r] * (sum(w q) softmax(x[r]) - w q)."""
     row_ids = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row = tl.minimum(row_ids, rows - 1).to(tl.int64)
-    acc_dtype = lse_ptr.dtype.element_ty
+    acc_dtype = max_ptr.dtype.element_ty
     eps = (tl.zeros((), tl.float64) + label_smoothing).to(acc_dtype)
     x_rows = x_ptr + row[:, None] * stride_xr
     grad_rows = grad_ptr + row[:, None] * stride_gr
     cols = tl.arange(0, BLOCK_C)[None, :]
-    lse = tl.load(lse_ptr + row)[:, None]
+    row_max = tl.load(max_ptr + row)[:, None]
+    log_sum = tl.load(log_sum_ptr + row)[:, None]
     scale = tl.load(scale_ptr + row * stride_scale).to(acc_dtype)
 
     # sum(w q), needed before the first block: summed over the row first unless
@@ -143,6 +154,9 @@ def _cross_entropy_backward_kernel(
         sum_wq = tl.sum(lanes_wq, axis=1)
     else:
         sum_wq = tl.zeros((BLOCK_R,), acc_dtype) + eps
+    # For class targets so far only the smoothing part of sum(w q): kept apart, as the
+    # target's own gradient below needs it.
+    smoothing_wq = sum_wq
     if not PROB_TARGET:
         target = tl.load(target_ptr + row * stride_tr)
         kept = target != ignore_index
@@ -152,11 +166,13 @@ def _cross_entropy_backward_kernel(
         else:
             w_target = tl.full((BLOCK_R,), 1.0, acc_dtype)
         sum_wq += (1 - eps) * w_target
-        # Ignored rows get zeros, even where scale is inf (a mean over no rows);
-        # as in forward, an index out of range makes the row NaN.
+        # Ignored rows get zeros, even where scale is nan (a mean over no weight); as
+        # in forward, an index out of range makes the row NaN.
         scale = tl.where(kept, scale, 0.0)
         scale = tl.where(kept & ~valid, float("nan"), scale)
         target = target[:, None]
+        w_target = w_target[:, None]
+        smoothing_wq = smoothing_wq[:, None]
     sum_wq = sum_wq[:, None]
     scale = scale[:, None]
 
@@ -168,11 +184,25 @@ def _cross_entropy_backward_kernel(
         if PROB_TARGET:
             p = tl.load(target_ptr + row[:, None] * stride_tr + offs * stride_tc, mask=inside, other=0.0)
             q = (1 - eps) * p.to(acc_dtype) + eps / classes
-        else:
+            if HAS_WEIGHT:
+                q *= tl.load(weight_ptr + offs, mask=inside, other=0.0).to(acc_dtype)
+        elif SMOOTHING:
             q = tl.where(offs == target, (1 - eps) + eps / classes, eps / classes)
-        if HAS_WEIGHT:
-            q *= tl.load(weight_ptr + offs, mask=inside, other=0.0).to(acc_dtype)
-        grad = scale * (sum_wq * tl.exp(x - lse) - q)
+            if HAS_WEIGHT:
+                q *= tl.load(weight_ptr + offs, mask=inside, other=0.0).to(acc_dtype)
+        else:
+            # Only the target's weight: no other class weight (a NaN among them) takes part.
+            q = tl.where(offs == target, w_target, 0.0)
+        softmax = tl.exp((x - row_max) - log_sum)
+        grad = scale * (sum_wq * softmax - q)
+        if not PROB_TARGET:
+            # The target's own, (1 - eps) w_t (p - 1) + s p - w_t eps / C with s the smoothing
+            # part of sum(w q): grouped so that its terms cancel where they should (p - 1 is
+            # exact near 1, and a row of one class gets exactly 0).
+            own = (1 - eps) * w_target * (softmax - 1)
+            if SMOOTHING:
+                own += smoothing_wq * softmax - w_target * (eps / classes)
+            grad = tl.where(offs == target, scale * own, grad)
         tl.store(grad_rows + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside & (row_ids < rows)[:, None])
 
 
@@ -193,53 +223,100 @@ def _target_strides(target: torch.Tensor) -> tuple[int, int]:
     return (target.stride(0), target.stride(1)) if target.dim() == 2 else (target.stride(0), 0)
 
 
+def _check_inputs(op: str, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                  reduction: int, ignore_index: int, label_smoothing: float) -> None:
+    """The checks of csrc/cross_entropy.h. Class indices are asserted on the device
+    (no host sync): on a GPU an index out of range stops the kernels' stream."""
+    check_floating(op, "input", input)
+    check(input.dim() == 2, op, f"input must be 2-d, got shape {tuple(input.shape)}")
+    check(target.device == input.device, op, f"target is on {target.device} but input is on {input.device}")
+    if target.is_floating_point():
+        check_like(op, "target", target, "input", input)
+        check_shape(op, "target (probabilities)", target, input.shape)
+    else:
+        check(target.dtype == torch.int64, op,
+              f"target must hold int64 class indices or probabilities of the input's dtype, got {target.dtype}")
+        check_shape(op, "target (class indices)", target, input.shape[:1])
+        if target.numel():
+            in_range = (target == ignore_index) | ((target >= 0) & (target < input.shape[1]))
+            torch._assert_async(in_range.all(), f"{op}: a class index is outside [0, {input.shape[1]}) "
+                                                f"and not ignore_index ({ignore_index})")
+    check_optional_vector(op, "weight", weight, input.shape[1], input)
+    check(reduction in (0, 1, 2), op, f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+    check(0.0 <= label_smoothing <= 1.0, op, f"label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def _mean_divisor(total_weight: torch.Tensor) -> torch.Tensor:
+    """The mean's divisor, nan where it is 0 (a mean over no weight is nan, as in PyTorch)."""
+    return torch.where(total_weight == 0, torch.full_like(total_weight, float("nan")), total_weight)
+
+
 def cross_entropy_forward(
     input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], reduction: int, ignore_index: int,
     label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy of logits (R, C) against class indices (R,) or probabilities (R, C):
     the op myext::cross_entropy_forward_triton.
 
     Returns the loss (per row for reduction 0, else its mean (1) or sum (2)) in the
-    input's dtype, the per-row log-sum-exp and the mean's divisor (the summed weights
-    of the targets not ignored, or R), both in float32 (float64 for float64 input).
+    input's dtype; each row's max and log(sum(exp(x - max))); and the mean's divisor
+    (the summed weights of the targets not ignored, or R); the last three in float32
+    (float64 for float64 input).
     """
+    op = "cross_entropy_forward_triton"
+    _check_inputs(op, input, target, weight, reduction, ignore_index, label_smoothing)
     rows, classes = input.shape
     acc = torch.promote_types(input.dtype, torch.float32)  # float64 stays, the rest is float32
-    losses, lse, row_weight = (input.new_empty((rows,), dtype=acc) for _ in range(3))
+    losses, row_max, row_log_sum, row_weight = (input.new_empty((rows,), dtype=acc) for _ in range(4))
     if rows > 0:
         weight = weight.contiguous() if weight is not None else None
         # A pointer the options switch off is never read: the input stands in.
-        _launch(_cross_entropy_forward_kernel, input, target, weight if weight is not None else input, losses, lse,
-                row_weight, rows, classes, ignore_index, label_smoothing, *input.stride(), *_target_strides(target),
-                input=input, target=target, weight=weight, label_smoothing=label_smoothing)
+        _launch(_cross_entropy_forward_kernel, input, target, weight if weight is not None else input, losses,
+                row_max, row_log_sum, row_weight, rows, classes, ignore_index, label_smoothing, *input.stride(),
+                *_target_strides(target), input=input, target=target, weight=weight,
+                label_smoothing=label_smoothing)
     total_weight = row_weight.sum()
     if reduction == 0:
         loss = losses
     elif reduction == 2:
         loss = losses.sum()
     else:
-        loss = losses.sum() / total_weight
-    return loss.to(input.dtype), lse, total_weight
+        loss = losses.sum() / _mean_divisor(total_weight)
+    return loss.to(input.dtype), row_max, row_log_sum, total_weight
 
 
 def cross_entropy_backward(
     grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-    lse: torch.Tensor, total_weight: torch.Tensor, reduction: int, ignore_index: int, label_smoothing: float,
+    row_max: torch.Tensor, row_log_sum: torch.Tensor, total_weight: torch.Tensor, reduction: int,
+    ignore_index: int, label_smoothing: float,
 ) -> torch.Tensor:
     """Gradient of cross_entropy_forward's loss for the logits (R, C), given the loss's
-    gradient grad_loss and forward's lse and total_weight: the op
+    gradient grad_loss and forward's row_max, row_log_sum and total_weight: the op
     myext::cross_entropy_backward_triton."""
+    op = "cross_entropy_backward_triton"
+    _check_inputs(op, input, target, weight, reduction, ignore_index, label_smoothing)
     rows, classes = input.shape
+    for name, t in (("row_max", row_max), ("row_log_sum", row_log_sum)):
+        check_floating(op, name, t)
+        check(t.device == input.device, op, f"{name} is on {t.device} but input is on {input.device}")
+        check_shape(op, name, t, (rows,))
+    check_floating(op, "total_weight", total_weight)
+    check_shape(op, "total_weight", total_weight, ())
+    check_floating(op, "grad_loss", grad_loss)
+    check(grad_loss.device == input.device, op, f"grad_loss is on {grad_loss.device} but input is on {input.device}")
+    check_shape(op, "grad_loss (reduction none)" if reduction == 0 else "grad_loss (a reduced loss)", grad_loss,
+                (rows,) if reduction == 0 else ())
     grad_input = torch.empty((rows, classes), dtype=input.dtype, device=input.device)
     if rows > 0:
+        acc = torch.promote_types(input.dtype, torch.float32)
+        row_max, row_log_sum = row_max.to(acc).contiguous(), row_log_sum.to(acc).contiguous()
         # The factor of each row: the upstream gradient, over the mean's divisor.
-        scale = grad_loss.to(lse.dtype)
+        scale = grad_loss.to(acc)
         if reduction == 1:
-            scale = scale / total_weight
+            scale = scale / _mean_divisor(total_weight.to(acc))
         weight = weight.contiguous() if weight is not None else None
         _launch(_cross_entropy_backward_kernel, grad_input, input, target, weight if weight is not None else input,
-                lse, scale, rows, classes, ignore_index, label_smoothing, grad_input.stride(0), *input.stride(),
-                *_target_strides(target), scale.stride(0) if reduction == 0 else 0,
+                row_max, row_log_sum, scale, rows, classes, ignore_index, label_smoothing, grad_input.stride(0),
+                *input.stride(), *_target_strides(target), scale.stride(0) if reduction == 0 else 0,
                 input=input, target=target, weight=weight, label_smoothing=label_smoothing)
     return grad_input

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._host import wrap_triton
+from ._host import check, check_floating, check_like, check_optional_vector, check_shape, wrap_triton
 
 
 @triton.jit
@@ -178,11 +178,23 @@ def _launch_gemm(a, b, c, M, N, K, a_strides, b_strides, *, bias=None, relu=Fals
         wrap_triton(_gemm_autotuned)[grid](*args, **flags)
 
 
+def _check_inputs(op: str, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """The checks of csrc/linear_relu.h."""
+    check_floating(op, "input", input)
+    check(input.dim() >= 1, op, "input must have at least one dimension, got a 0-d tensor")
+    check_like(op, "weight", weight, "input", input)
+    check(weight.dim() == 2, op, f"weight must be 2-d, got shape {tuple(weight.shape)}")
+    check(input.shape[-1] == weight.shape[1], op,
+          f"input's last dimension ({input.shape[-1]}) must equal weight's in_features ({weight.shape[1]})")
+    check_optional_vector(op, "bias", bias, weight.shape[0], input)
+
+
 def linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """relu(input @ weight.T + bias) for input (*, in_features): the op myext::linear_relu_triton.
 
     Its annotations give it the schema of myext::linear_relu, so on a GPU it is a
     torch.library.triton_op, whose kernels torch.compile sees."""
+    _check_inputs("linear_relu_triton", input, weight, bias)
     out_features, in_features = weight.shape
     x = _as_rows(input)
     output = x.new_empty((x.shape[0], out_features))
@@ -203,6 +215,12 @@ def linear_relu_backward(
     With G = grad_output * (output > 0): grad_input = G weight, grad_weight = G^T input,
     grad_bias = G summed over rows. G is applied as the GEMMs load grad_output, never stored.
     """
+    op = "linear_relu_backward_triton"
+    _check_inputs(op, input, weight, None)
+    out_shape = (*input.shape[:-1], weight.shape[0])
+    for name, t in (("output", output), ("grad_output", grad_output)):
+        check_like(op, name, t, "input", input)
+        check_shape(op, name, t, out_shape)
     out_features, in_features = weight.shape
     g, y, x = _as_rows(grad_output), _as_rows(output), _as_rows(input)
     rows = x.shape[0]

@@ -1,9 +1,19 @@
 // Cross-entropy on the CPU. Each row of logits is read once from memory in
-// forward (an online softmax over L1-sized blocks gives max, sum of
+// forward (an online softmax over L1-sized blocks gives the max, the sum of
 // exponentials and the loss terms together) and once in backward, which
-// writes the gradient in the same sweep. Forward keeps only the per-row
-// log-sum-exp for backward. Rows are split across threads; bfloat16 and
-// float16 rows are widened to float32 in a per-thread scratch row.
+// writes the gradient in the same sweep. Forward keeps two numbers per row for
+// backward, the row's max and log(sum(exp(x - max))), never their rounded sum:
+// softmax = exp((x - max) - log_sum) is then as precise as PyTorch's at any
+// scale of the logits. Rows are split across threads; bfloat16 and float16
+// rows are widened to float32 in a per-thread scratch row.
+//
+// The per-row quantities: with q the target distribution after label
+// smoothing (q = (1 - eps) target + eps / C, target one-hot for class indices)
+// and w the class weights (ones if none),
+//   loss = sum_c w_c q_c (lse - x_c) = sum(w q (max - x)) + sum(w q) log_sum,
+//   grad = sum(w q) softmax(x) - w q.
+// Every term of sum(w q (max - x)) is >= 0, so it is summed without the
+// cancellation that sum(w q) max - sum(w q x) would suffer for large logits.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,6 +22,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "../cross_entropy.h"
 #include "large_alloc.h"
 
 #include <algorithm>
@@ -26,8 +37,6 @@ namespace {
 
 using at::vec::Vectorized;
 
-enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
-
 // Elements per block of the online softmax: small enough that the second
 // look at a block (the exponentials) hits L1.
 constexpr int64_t kBlock = 2048;
@@ -37,88 +46,75 @@ int64_t rows_per_task(int64_t classes) {
 }
 
 template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+
+// max(a, b) that is NaN when either is.
+template <typename T>
+T nan_max(T a, T b) {
+  return (a > b || std::isnan(a)) ? a : b;
+}
+
+template <typename T>
 T hmax(const T* x, int64_t n) {
   using Vec = Vectorized<T>;
-  Vec vmax(-std::numeric_limits<T>::infinity());
+  Vec vmax(-kInf<T>);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    vmax = at::vec::maximum(vmax, Vec::loadu(x + i));
+    vmax = at::vec::maximum(vmax, Vec::loadu(x + i));  // propagates NaN
   }
   T m = at::vec::vec_reduce_all<T>(
       [](Vec a, Vec b) { return at::vec::maximum(a, b); }, vmax);
-  for (; i < n; ++i) m = std::max(m, x[i]);
+  for (; i < n; ++i) m = nan_max(m, x[i]);
   return m;
 }
 
-// sum(exp(x - shift)) over n elements. exp_u20 (within 20 ulp, as ATen's own
-// softmax kernels use) is about twice as fast as the 1-ulp exp.
+// A lane-wise compensated (Kahan) sum of vectors of finite terms: the error
+// of a long sum stays at a unit of rounding instead of growing with its length.
 template <typename T>
-T sum_exp(const T* x, int64_t n, T shift) {
+struct CompensatedSum {
+  using Vec = Vectorized<T>;
+  Vec sum = Vec(T(0));
+  Vec lost = Vec(T(0));
+  void add(const Vec& v) {
+    const Vec y = v - lost;
+    const Vec t = sum + y;
+    lost = (t - sum) - y;
+    sum = t;
+  }
+  // The lanes' total, in double.
+  double total() const {
+    T sums[Vec::size()], losts[Vec::size()];
+    sum.store(sums);
+    lost.store(losts);
+    double total = 0;
+    for (int64_t i = 0; i < Vec::size(); ++i) total += static_cast<double>(sums[i]) - losts[i];
+    return total;
+  }
+};
+
+// sum(exp(x - shift)) over n elements, with the 1-ulp exp that PyTorch's own
+// log_softmax uses (exp_u20, 20 ulp, measured no faster here, would make the
+// loss and gradient less precise than PyTorch's).
+template <typename T>
+double sum_exp(const T* x, int64_t n, T shift) {
   using Vec = Vectorized<T>;
   const Vec vshift(shift);
-  Vec acc(T(0));
+  CompensatedSum<T> acc;
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    acc = acc + (Vec::loadu(x + i) - vshift).exp_u20();
+    acc.add((Vec::loadu(x + i) - vshift).exp());
   }
   if (i < n) {
     // Lanes past the end load -inf and add exp(-inf) = 0.
-    Vec tail(-std::numeric_limits<T>::infinity());
+    Vec tail(-kInf<T>);
     Vec partial = Vec::loadu(x + i, n - i);
     tail = Vec::set(tail, partial, n - i);
-    acc = acc + (tail - vshift).exp_u20();
+    acc.add((tail - vshift).exp());
   }
-  return at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc);
+  return acc.total();
 }
 
-// sum(a * b) over n elements; b == nullptr means b is all ones.
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  using Vec = Vectorized<T>;
-  Vec acc(T(0));
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec va = Vec::loadu(a + i);
-    acc = b == nullptr ? acc + va : at::vec::fmadd(va, Vec::loadu(b + i), acc);
-  }
-  T total = at::vec::vec_reduce_all<T>([](Vec x, Vec y) { return x + y; }, acc);
-  for (; i < n; ++i) total += b == nullptr ? a[i] : a[i] * b[i];
-  return total;
-}
-
-// log(sum(exp(x))) as max + log(sum(exp(x - max))), in one pass from memory:
-// each block is reduced for its max, then summed from L1 against the running
-// max, rescaling the running sum when the max grows. The two parts are kept
-// apart so that the loss, (max - x_t) + log_sum, keeps its precision for
-// logits of large magnitude.
-template <typename T>
-struct LogSumExp {
-  T max;
-  T log_sum;
-  T value() const { return max + log_sum; }
-};
-
-template <typename T>
-LogSumExp<T> logsumexp(const T* x, int64_t n) {
-  T running_max = -std::numeric_limits<T>::infinity();
-  T running_sum = 0;
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t len = std::min(kBlock, n - start);
-    const T block_max = hmax(x + start, len);
-    if (block_max > running_max) {
-      // (An empty running sum needs no rescaling: short rows skip an exp.)
-      if (running_sum != T(0)) running_sum *= std::exp(running_max - block_max);
-      running_max = block_max;
-    }
-    running_sum += sum_exp(x + start, len, running_max);
-  }
-  return {running_max, std::log(running_sum)};
-}
-
-// The per-row quantities of the loss and its gradient. With q the target
-// distribution after label smoothing and w the class weights (ones if none):
-//   loss = lse * sum(w q) - sum(w q x),   grad = sum(w q) * softmax(x) - w q.
-// For a class-index target q = (1 - eps) onehot(t) + eps / C.
+// The options of one call, in the accumulation type.
 template <typename T>
 struct Options {
   const T* weight;  // nullptr: every class weighs 1
@@ -133,30 +129,136 @@ T class_weight(const Options<T>& o, int64_t c) {
   return o.weight == nullptr ? T(1) : o.weight[c];
 }
 
-// The loss of a row with a class-index target, from its log-sum-exp, the
-// target's logit and weight, and sum(w x) (read only with smoothing).
+// The weights v of the gap sum sum(v (max - x)): the class weights (label
+// smoothing of class-index targets) or w q (probability targets). `load(i,
+// count)` gives classes [i, i + count), zero past count.
 template <typename T>
-T class_row_loss(const LogSumExp<T>& lse, T x_target, T w_target, T weighted_sum,
-                 const Options<T>& o) {
-  T loss = (T(1) - o.smoothing) * w_target * ((lse.max - x_target) + lse.log_sum);
+struct ClassWeights {
+  const T* weight;
+  Vectorized<T> load(int64_t i, int64_t count) const {
+    using Vec = Vectorized<T>;
+    return weight != nullptr ? Vec::loadu(weight + i, count) : Vec::set(Vec(T(0)), Vec(T(1)), count);
+  }
+};
+
+template <typename T>
+struct TargetWeights {
+  const T* q;       // the row's target probabilities
+  const T* weight;  // nullptr: ones
+  T keep;           // 1 - eps
+  T eps_c;          // eps / C
+  Vectorized<T> load(int64_t i, int64_t count) const {
+    using Vec = Vectorized<T>;
+    Vec v = at::vec::fmadd(Vec(keep), Vec::loadu(q + i, count), Vec(eps_c));
+    if (weight != nullptr) v = v * Vec::loadu(weight + i, count);
+    return Vec::set(Vec(T(0)), v, count);
+  }
+};
+
+// (sum(v (m - x)), sum(v)) over n elements, v from `weights.load(offset + i, .)`.
+// A -inf logit is +inf below any max, also a max of -inf (all so far -inf).
+template <typename T, typename Weights>
+std::array<T, 2> weighted_gap(const T* x, int64_t n, T m, const Weights& weights, int64_t offset) {
+  using Vec = Vectorized<T>;
+  const Vec vm(m), inf(kInf<T>), minus_inf(-kInf<T>), zero(T(0));
+  Vec gaps(T(0)), sums(T(0));
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - i);
+    const Vec vx = Vec::loadu(x + i, count);
+    const Vec v = weights.load(offset + i, count);
+    Vec term = v * Vec::blendv(vm - vx, inf, vx == minus_inf);
+    if (count < Vec::size()) term = Vec::set(zero, term, count);
+    gaps = gaps + term;
+    sums = sums + v;
+  }
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  return {at::vec::vec_reduce_all<T>(add, gaps), at::vec::vec_reduce_all<T>(add, sums)};
+}
+
+// A row's statistics: max, log(sum(exp(x - max))), and with weights v the gap
+// sum(v (max - x)) and sum(v).
+template <typename T>
+struct RowStats {
+  T max;
+  double log_sum;
+  T gap = 0;
+  T weight = 0;
+};
+
+struct NoWeights {};
+
+// One pass over the row from memory: each block is reduced for its max, then
+// summed from L1 against the running max, rescaling the running sums when the
+// max grows. A NaN logit makes the max NaN, and with it everything after.
+template <typename T, typename Weights>
+RowStats<T> row_stats(const T* x, int64_t n, const Weights& weights) {
+  constexpr bool kGap = !std::is_same_v<Weights, NoWeights>;
+  T running_max = -kInf<T>;
+  double running_sum = 0;
+  T gap = 0;
+  T seen_weight = 0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    const T block_max = hmax(x + start, len);
+    if (!(block_max <= running_max)) {
+      // (Empty running sums need no rescaling: short rows skip an exp.)
+      if (running_sum != 0) running_sum *= std::exp(static_cast<double>(running_max) - block_max);
+      if constexpr (kGap) {
+        if (seen_weight != T(0)) gap += seen_weight * (block_max - running_max);
+      }
+      running_max = block_max;
+    }
+    // While every logit so far is -inf, exp(x - 0) adds the zeros it should.
+    running_sum += sum_exp(x + start, len, running_max == -kInf<T> ? T(0) : running_max);
+    if constexpr (kGap) {
+      const auto [block_gap, block_weight] = weighted_gap(x + start, len, running_max, weights, start);
+      gap += block_gap;
+      seen_weight += block_weight;
+    }
+  }
+  // A +inf logit makes x - max NaN, as in PyTorch (the vector exp may give inf).
+  const double log_sum = running_max == kInf<T> ? std::nan("") : std::log(running_sum);
+  return {running_max, log_sum, gap, seen_weight};
+}
+
+// The loss of a row with class-index target t (not ignored): the target's
+// term, plus with smoothing eps / C sum_c w_c (lse - x_c). In double: the
+// terms are rounded once, into the loss.
+template <typename T>
+double class_row_loss(const RowStats<T>& s, T x_target, T w_target, const Options<T>& o) {
+  const double gap_target = static_cast<double>(s.max) - x_target;
+  double loss = (1.0 - o.smoothing) * w_target * (gap_target + s.log_sum);
   if (o.smoothing > T(0)) {
-    // sum_c w_c (lse - x_c), with the max taken out first as above.
-    const T sum_w_gap = o.weight_sum * lse.max - weighted_sum;
-    loss += o.smoothing / T(o.classes) * (sum_w_gap + o.weight_sum * lse.log_sum);
+    loss += static_cast<double>(o.smoothing) / o.classes * (s.gap + static_cast<double>(o.weight_sum) * s.log_sum);
   }
   return loss;
 }
 
-// Returns {loss, lse, weight of the row in the mean} for one row. Ignored rows
-// skip the sweep: their lse is never read.
+// What forward writes for a row.
 template <typename T>
-std::array<T, 3> forward_class_row(const T* x, int64_t target,
-                                   const Options<T>& o) {
-  if (target == o.ignore_index) return {T(0), T(0), T(0)};
-  const LogSumExp<T> lse = logsumexp(x, o.classes);
+struct RowResult {
+  double loss;
+  T max;
+  double log_sum;
+  T weight;  // the row's share of the mean's divisor
+};
+
+// Ignored rows skip the sweep: their max and log_sum are never read.
+template <typename T>
+RowResult<T> forward_class_row(const T* x, int64_t target, const Options<T>& o) {
+  if (target == o.ignore_index) return {T(0), T(0), T(0), T(0)};
+  const RowStats<T> s = o.smoothing > T(0) ? row_stats(x, o.classes, ClassWeights<T>{o.weight})
+                                           : row_stats(x, o.classes, NoWeights{});
   const T w_t = class_weight(o, target);
-  const T weighted_sum = o.smoothing > T(0) ? dot(x, o.weight, o.classes) : T(0);
-  return {class_row_loss(lse, x[target], w_t, weighted_sum, o), lse.value(), w_t};
+  return {class_row_loss(s, x[target], w_t, o), s.max, s.log_sum, w_t};
+}
+
+template <typename T>
+RowResult<T> forward_prob_row(const T* x, const T* q, const Options<T>& o) {
+  const TargetWeights<T> weights{q, o.weight, T(1) - o.smoothing, o.smoothing / T(o.classes)};
+  const RowStats<T> s = row_stats(x, o.classes, weights);
+  // s.weight is sum(w q).
+  return {s.gap + static_cast<double>(s.weight) * s.log_sum, s.max, s.log_sum, T(1)};
 }
 
 // Rows of few classes (the article's 10 digits) go Vec::size() rows at a time,
@@ -168,80 +270,51 @@ constexpr int64_t kFewClasses = 32;
 // forward_class_row of Vec::size() consecutive rows of x, written to out[lane].
 template <typename T>
 void forward_class_rows_few(const T* x, const int64_t* target, const Options<T>& o,
-                            std::array<T, 3>* out) {
+                            RowResult<T>* out) {
   using Vec = Vectorized<T>;
   using Index = Vectorized<at::vec::int_same_size_t<T>>;
   constexpr int64_t kLanes = Vec::size();
   const int64_t n = o.classes;
   const Index row_starts = Index::arange(0, n);
   std::array<Vec, kFewClasses> column;  // column[c]: class c of each lane's row
-  Vec max(-std::numeric_limits<T>::infinity());
+  Vec max(-kInf<T>);
   for (int64_t c = 0; c < n; ++c) {
     column[c] = at::vec::gather<sizeof(T)>(x + c, row_starts);
     max = at::vec::maximum(max, column[c]);
   }
-  Vec sum(T(0));
-  Vec weighted_sum(T(0));  // sum(w x), for the smoothing term
+  const Vec inf(kInf<T>), minus_inf(-kInf<T>);
+  // An all -inf row has max -inf: shift by 0 so that its sum is 0, not NaN.
+  const Vec shift = Vec::blendv(max, Vec(T(0)), max == minus_inf);
+  CompensatedSum<T> sum;
+  Vec gap(T(0));  // sum(w (max - x)), for the smoothing term
   for (int64_t c = 0; c < n; ++c) {
-    sum = sum + (column[c] - max).exp_u20();
+    sum.add((column[c] - shift).exp());
     if (o.smoothing > T(0)) {
-      weighted_sum = at::vec::fmadd(Vec(class_weight(o, c)), column[c], weighted_sum);
+      const Vec diff = Vec::blendv(max - column[c], inf, column[c] == minus_inf);
+      gap = at::vec::fmadd(Vec(class_weight(o, c)), diff, gap);
     }
   }
-  T maxes[kLanes], log_sums[kLanes], dots[kLanes];
+  T maxes[kLanes], log_sums[kLanes], gaps[kLanes];
   max.store(maxes);
-  sum.log().store(log_sums);
-  weighted_sum.store(dots);
+  // A +inf logit makes x - max NaN, as in PyTorch (the vector exp may give inf).
+  Vec::blendv((sum.sum - sum.lost).log(), Vec(std::numeric_limits<T>::quiet_NaN()), max == inf).store(log_sums);
+  gap.store(gaps);
   for (int64_t lane = 0; lane < kLanes; ++lane) {
     const int64_t t = target[lane];
     if (t == o.ignore_index) {
-      out[lane] = {T(0), T(0), T(0)};
+      out[lane] = {T(0), T(0), T(0), T(0)};
       continue;
     }
-    const LogSumExp<T> lse{maxes[lane], log_sums[lane]};
+    const RowStats<T> s{maxes[lane], static_cast<double>(log_sums[lane]), gaps[lane], T(0)};
     const T w_t = class_weight(o, t);
-    out[lane] = {class_row_loss(lse, x[lane * n + t], w_t, dots[lane], o), lse.value(), w_t};
+    out[lane] = {class_row_loss(s, x[lane * n + t], w_t, o), s.max, s.log_sum, w_t};
   }
-}
-
-template <typename T>
-std::array<T, 3> forward_prob_row(const T* x, const T* q_raw,
-                                  const Options<T>& o) {
-  const LogSumExp<T> lse = logsumexp(x, o.classes);
-  // sum(w q) and sum(w q x) with q = (1 - eps) q_raw + eps / C.
-  T sum_wq;
-  T sum_wqx;
-  if (o.weight == nullptr) {
-    sum_wq = dot(q_raw, static_cast<const T*>(nullptr), o.classes);
-    sum_wqx = dot(q_raw, x, o.classes);
-  } else {
-    sum_wq = dot(q_raw, o.weight, o.classes);
-    sum_wqx = 0;
-    using Vec = Vectorized<T>;
-    Vec acc(T(0));
-    int64_t i = 0;
-    for (; i + Vec::size() <= o.classes; i += Vec::size()) {
-      acc = at::vec::fmadd(Vec::loadu(q_raw + i) * Vec::loadu(o.weight + i),
-                           Vec::loadu(x + i), acc);
-    }
-    sum_wqx = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc);
-    for (; i < o.classes; ++i) sum_wqx += q_raw[i] * o.weight[i] * x[i];
-  }
-  sum_wq *= T(1) - o.smoothing;
-  sum_wqx *= T(1) - o.smoothing;
-  if (o.smoothing > T(0)) {
-    const T eps_c = o.smoothing / T(o.classes);
-    sum_wq += eps_c * o.weight_sum;
-    sum_wqx += eps_c * dot(x, o.weight, o.classes);
-  }
-  const T loss = (sum_wq * lse.max - sum_wqx) + sum_wq * lse.log_sum;
-  return {loss, lse.value(), T(1)};
 }
 
 // grad = scale * (a * softmax(x) - w * eps / C), then the target class gets
 // -scale * (1 - eps) * w_t: the class-index form of sum(w q) softmax - w q.
 template <typename T>
-void backward_class_row(const T* x, T* grad, int64_t target, T lse, T scale,
+void backward_class_row(const T* x, T* grad, int64_t target, T max, T log_sum, T scale,
                         const Options<T>& o) {
   using Vec = Vectorized<T>;
   const int64_t n = o.classes;
@@ -250,37 +323,54 @@ void backward_class_row(const T* x, T* grad, int64_t target, T lse, T scale,
     return;
   }
   const T w_t = class_weight(o, target);
+  const bool smoothing = o.smoothing > T(0);
   const T eps_c = o.smoothing / T(n);
-  const T a = scale * ((T(1) - o.smoothing) * w_t + eps_c * o.weight_sum);
+  // Without smoothing the class weights other than w_t take no part (a NaN among
+  // them must not reach the gradient).
+  T a = scale * ((T(1) - o.smoothing) * w_t + (smoothing ? eps_c * o.weight_sum : T(0)));
+  // A NaN logit made the row's statistics NaN; the vector exp may turn NaN into inf.
+  if (std::isnan(max + log_sum)) a = std::numeric_limits<T>::quiet_NaN();
   const T b = scale * eps_c;
-  const Vec va(a), vb(b), vlse(lse);
+  // Read before the sweep, which may write the gradient over the logits.
+  const T p_t = std::exp((x[target] - max) - log_sum);
+  const Vec va(a), vb(b), vmax(max), vlog_sum(log_sum);
   // count = Vec::size() but for the last, partial vector: a masked one, not a
   // scalar loop of std::exp, which would cost rows of a few classes most of their time.
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), n - i);
-    Vec g = va * (Vec::loadu(x + i, count) - vlse).exp_u20();
-    if (b != T(0)) {
+    Vec g = va * ((Vec::loadu(x + i, count) - vmax) - vlog_sum).exp();
+    if (smoothing) {
       g = g - (o.weight == nullptr ? vb : vb * Vec::loadu(o.weight + i, count));
     }
     g.store(grad + i, count);
   }
-  grad[target] -= scale * (T(1) - o.smoothing) * w_t;
+  // The target's own: c (p_t - 1) + b (W p_t - w_t) with c = scale (1 - eps) w_t, the
+  // terms of a p_t - b w_t - c grouped so that they cancel where they should (p_t - 1
+  // is exact for p_t near 1; a row of one class gets exactly 0).
+  const T c = scale * (T(1) - o.smoothing) * w_t;
+  grad[target] = c * (p_t - T(1)) + (smoothing ? b * (o.weight_sum * p_t - w_t) : T(0));
+  if (std::isnan(a)) grad[target] = a;
 }
 
 template <typename T>
-void backward_prob_row(const T* x, const T* q_raw, T* grad, T lse, T scale,
+void backward_prob_row(const T* x, const T* q, T* grad, T max, T log_sum, T scale,
                        const Options<T>& o) {
   using Vec = Vectorized<T>;
   const int64_t n = o.classes;
-  const T keep = T(1) - o.smoothing;
-  const T eps_c = o.smoothing / T(n);
-  const T sum_wq = keep * dot(q_raw, o.weight, n) + eps_c * o.weight_sum;
-  const Vec va(scale * sum_wq), vlse(lse), vkeep(keep), veps(eps_c), vscale(scale);
+  const TargetWeights<T> weights{q, o.weight, T(1) - o.smoothing, o.smoothing / T(n)};
+  // sum(w q), from the targets: forward's outputs do not carry it.
+  Vec sums(T(0));
   for (int64_t i = 0; i < n; i += Vec::size()) {
-    const int64_t count = std::min<int64_t>(Vec::size(), n - i);  // as in backward_class_row
-    Vec wq = at::vec::fmadd(vkeep, Vec::loadu(q_raw + i, count), veps);
-    if (o.weight != nullptr) wq = wq * Vec::loadu(o.weight + i, count);
-    (va * (Vec::loadu(x + i, count) - vlse).exp_u20() - vscale * wq).store(grad + i, count);
+    sums = sums + weights.load(i, std::min<int64_t>(Vec::size(), n - i));
+  }
+  T sum_wq = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, sums);
+  // A NaN logit made the row's statistics NaN; the vector exp may turn NaN into inf.
+  if (std::isnan(max + log_sum)) sum_wq = std::numeric_limits<T>::quiet_NaN();
+  const Vec va(scale * sum_wq), vmax(max), vlog_sum(log_sum), vscale(scale);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - i);
+    const Vec p = ((Vec::loadu(x + i, count) - vmax) - vlog_sum).exp();
+    (va * p - vscale * weights.load(i, count)).store(grad + i, count);
   }
 }
 
@@ -318,201 +408,247 @@ void store_grad_row(const acc_t* row, scalar_t* dst, int64_t r, int64_t n) {
   }
 }
 
-template <typename acc_t>
-Options<acc_t> make_options(const at::Tensor& weight_acc, int64_t classes,
-                            int64_t ignore_index, double smoothing) {
-  Options<acc_t> o;
-  o.weight = weight_acc.defined() ? weight_acc.data_ptr<acc_t>() : nullptr;
-  o.weight_sum = static_cast<acc_t>(classes);
-  if (weight_acc.defined()) {
-    o.weight_sum = 0;
-    for (int64_t c = 0; c < classes; ++c) o.weight_sum += o.weight[c];
+// The operands of forward and backward in the layout the kernels read.
+struct Prepared {
+  at::Tensor x;         // (R, C) contiguous
+  at::Tensor target;    // (R,) int64 or (R, C) contiguous
+  at::Tensor weight;    // (C,) contiguous, or undefined
+  bool class_targets;
+};
+
+// Lays out checked arguments for the kernels, and checks the class indices
+// (the op is public) before any kernel reads with them.
+Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor& target,
+                 const std::optional<at::Tensor>& weight, int64_t ignore_index) {
+  Prepared p{input.contiguous(), target.contiguous(), at::Tensor(), !target.is_floating_point()};
+  if (weight.has_value()) p.weight = weight->contiguous();
+  if (p.class_targets) {
+    const int64_t classes = input.size(1);
+    const int64_t* t = p.target.data_ptr<int64_t>();
+    for (int64_t r = 0; r < p.target.numel(); ++r) {
+      TORCH_CHECK_INDEX(t[r] == ignore_index || (t[r] >= 0 && t[r] < classes), op,
+                        ": target holds class index ", t[r], ", expected a value in [0, ",
+                        classes, ") or ignore_index (", ignore_index, ")");
+    }
+  }
+  return p;
+}
+
+// The options in the compute type calc_t; `weight_calc` holds the class
+// weights converted to it (undefined without weights).
+template <typename calc_t>
+Options<calc_t> make_options(const Prepared& p, const at::Tensor& weight_calc, int64_t ignore_index,
+                             double smoothing) {
+  const int64_t classes = p.x.size(1);
+  Options<calc_t> o;
+  o.weight = weight_calc.defined() ? weight_calc.data_ptr<calc_t>() : nullptr;
+  o.weight_sum = static_cast<calc_t>(classes);
+  if (o.weight != nullptr) {
+    double sum = 0;
+    for (int64_t c = 0; c < classes; ++c) sum += o.weight[c];
+    o.weight_sum = static_cast<calc_t>(sum);
   }
   o.classes = classes;
   o.ignore_index = ignore_index;
-  o.smoothing = static_cast<acc_t>(smoothing);
+  o.smoothing = static_cast<calc_t>(smoothing);
   return o;
 }
 
-void check_class_targets(const at::Tensor& target, int64_t classes,
-                         int64_t ignore_index) {
-  const int64_t* t = target.data_ptr<int64_t>();
-  for (int64_t r = 0; r < target.numel(); ++r) {
-    TORCH_CHECK_INDEX(
-        t[r] == ignore_index || (t[r] >= 0 && t[r] < classes),
-        "cross_entropy: target holds class index ", t[r],
-        ", expected a value in [0, ", classes, ") or ignore_index (",
-        ignore_index, ")");
-  }
+template <typename calc_t>
+at::Tensor weight_as(const Prepared& p) {
+  return p.weight.defined() ? p.weight.to(c10::CppTypeToScalarType<calc_t>::value).contiguous() : at::Tensor();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
+// What forward computes per row, before the reduction.
+struct ForwardRows {
+  std::vector<double> losses, weights;
+};
+
+// The forward sweep of every row, computing in calc_t: the input's own type,
+// float for bfloat16/float16, and double for float32 where the loss has gap
+// terms (smoothing, probability targets), whose sum float would round too often.
+template <typename scalar_t, typename calc_t, typename acc_t>
+ForwardRows forward_rows(const Prepared& p, int64_t ignore_index, double smoothing, acc_t* max_p,
+                         acc_t* log_sum_p) {
+  const int64_t rows = p.x.size(0);
+  const int64_t classes = p.x.size(1);
+  const at::Tensor weight_calc = weight_as<calc_t>(p);
+  const auto o = make_options<calc_t>(p, weight_calc, ignore_index, smoothing);
+  const scalar_t* xp = p.x.data_ptr<scalar_t>();
+  const int64_t* tp = p.class_targets ? p.target.data_ptr<int64_t>() : nullptr;
+  ForwardRows out{std::vector<double>(rows), std::vector<double>(rows)};
+  const auto store = [&](int64_t r, const RowResult<calc_t>& res) {
+    out.losses[r] = res.loss;
+    max_p[r] = static_cast<acc_t>(res.max);
+    log_sum_p[r] = static_cast<acc_t>(res.log_sum);
+    out.weights[r] = res.weight;
+  };
+  at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
+    std::vector<calc_t> x_scratch, q_scratch;
+    int64_t r = begin;
+    if (p.class_targets && classes <= kFewClasses) {
+      constexpr int64_t kLanes = Vectorized<calc_t>::size();
+      std::array<RowResult<calc_t>, kLanes> res;
+      for (; r + kLanes <= end; r += kLanes) {
+        // The block of kLanes rows as one "row" of kLanes * classes elements.
+        const calc_t* block = row_as_acc<scalar_t, calc_t>(xp + r * classes, 0, kLanes * classes, x_scratch);
+        forward_class_rows_few(block, tp + r, o, res.data());
+        for (int64_t lane = 0; lane < kLanes; ++lane) store(r + lane, res[lane]);
+      }
+    }
+    for (; r < end; ++r) {
+      const calc_t* row = row_as_acc<scalar_t, calc_t>(xp, r, classes, x_scratch);
+      store(r, p.class_targets
+                   ? forward_class_row(row, tp[r], o)
+                   : forward_prob_row(
+                         row, row_as_acc<scalar_t, calc_t>(p.target.data_ptr<scalar_t>(), r, classes, q_scratch),
+                         o));
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
     const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing) {
-  const at::Tensor x = input.contiguous();
-  const at::Tensor t = target.contiguous();
-  const int64_t rows = x.size(0);
-  const int64_t classes = x.size(1);
-  const bool class_targets = t.dim() == 1;
-  if (class_targets) check_class_targets(t, classes, ignore_index);
-
-  const auto acc_type = at::toOpMathType(x.scalar_type());
-  const at::Tensor weight_acc =
-      weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
-  at::Tensor lse = at::empty({rows}, x.options().dtype(acc_type));
-  at::Tensor total_weight = at::empty({}, x.options().dtype(acc_type));
-  at::Tensor loss = at::empty(reduction == kNone ? at::IntArrayRef{rows}
-                                                 : at::IntArrayRef{},
-                              x.options());
+  constexpr const char* op = "cross_entropy_forward";
+  check_cross_entropy_inputs(op, input, target, weight, reduction, label_smoothing);
+  const Prepared p = prepare(op, input, target, weight, ignore_index);
+  const int64_t rows = p.x.size(0);
+  const auto acc_options = p.x.options().dtype(at::toOpMathType(p.x.scalar_type()));
+  at::Tensor row_max = at::empty({rows}, acc_options);
+  at::Tensor row_log_sum = at::empty({rows}, acc_options);
+  at::Tensor total_weight = at::empty({}, acc_options);
+  at::Tensor loss = at::empty(reduction == at::Reduction::None ? at::IntArrayRef{rows}
+                                                               : at::IntArrayRef{},
+                              p.x.options());
+  const bool gap_terms = !p.class_targets || label_smoothing > 0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, x.scalar_type(), "cross_entropy_forward_cpu", [&] {
+      at::kBFloat16, at::kHalf, p.x.scalar_type(), "cross_entropy_forward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const auto o = make_options<acc_t>(weight_acc, classes, ignore_index,
-                                           label_smoothing);
-        const scalar_t* xp = x.data_ptr<scalar_t>();
-        const int64_t* tp = class_targets ? t.data_ptr<int64_t>() : nullptr;
-        acc_t* lse_p = lse.data_ptr<acc_t>();
-        std::vector<acc_t> losses(rows), row_weights(rows);
-        at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
-          std::vector<acc_t> x_scratch, q_scratch;
-          int64_t r = begin;
-          if (class_targets && classes <= kFewClasses) {
-            constexpr int64_t kLanes = Vectorized<acc_t>::size();
-            std::array<std::array<acc_t, 3>, kLanes> res;
-            for (; r + kLanes <= end; r += kLanes) {
-              // The block of kLanes rows as one "row" of kLanes * classes elements.
-              const acc_t* block = row_as_acc<scalar_t, acc_t>(xp + r * classes, 0, kLanes * classes,
-                                                               x_scratch);
-              forward_class_rows_few(block, tp + r, o, res.data());
-              for (int64_t lane = 0; lane < kLanes; ++lane) {
-                losses[r + lane] = res[lane][0];
-                lse_p[r + lane] = res[lane][1];
-                row_weights[r + lane] = res[lane][2];
-              }
-            }
-          }
-          for (; r < end; ++r) {
-            const acc_t* row = row_as_acc<scalar_t, acc_t>(xp, r, classes, x_scratch);
-            const auto res =
-                class_targets
-                    ? forward_class_row(row, tp[r], o)
-                    : forward_prob_row(
-                          row,
-                          row_as_acc<scalar_t, acc_t>(t.data_ptr<scalar_t>(), r,
-                                                      classes, q_scratch),
-                          o);
-            losses[r] = res[0];
-            lse_p[r] = res[1];
-            row_weights[r] = res[2];
-          }
-        });
-
+        acc_t* max_p = row_max.data_ptr<acc_t>();
+        acc_t* log_sum_p = row_log_sum.data_ptr<acc_t>();
+        ForwardRows res;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          res = gap_terms ? forward_rows<scalar_t, double>(p, ignore_index, label_smoothing, max_p, log_sum_p)
+                          : forward_rows<scalar_t, float>(p, ignore_index, label_smoothing, max_p, log_sum_p);
+        } else {
+          res = forward_rows<scalar_t, acc_t>(p, ignore_index, label_smoothing, max_p, log_sum_p);
+        }
         // Summed serially, in double, so that the result does not depend on
         // the number of threads; R values cost nothing next to the R x C sweep.
         double loss_sum = 0, weight_sum = 0;
         for (int64_t r = 0; r < rows; ++r) {
-          loss_sum += losses[r];
-          weight_sum += row_weights[r];
+          loss_sum += res.losses[r];
+          weight_sum += res.weights[r];
         }
         total_weight.data_ptr<acc_t>()[0] = static_cast<acc_t>(weight_sum);
         scalar_t* loss_p = loss.data_ptr<scalar_t>();
-        if (reduction == kNone) {
-          std::copy(losses.begin(), losses.end(), loss_p);
+        if (reduction == at::Reduction::None) {
+          for (int64_t r = 0; r < rows; ++r) loss_p[r] = static_cast<scalar_t>(res.losses[r]);
         } else {
-          // An all-ignored mean is 0 / 0 = nan, as in PyTorch.
-          const double value = reduction == kSum ? loss_sum : loss_sum / weight_sum;
-          loss_p[0] = static_cast<scalar_t>(static_cast<acc_t>(value));
+          // A mean over no weight is nan, as in PyTorch (whose nll term is 0 / 0
+          // even where smoothing adds to the numerator).
+          const double value = reduction == at::Reduction::Sum ? loss_sum
+                               : weight_sum == 0           ? std::nan("")
+                                                           : loss_sum / weight_sum;
+          loss_p[0] = static_cast<scalar_t>(value);
         }
       });
-  return {loss, lse, total_weight};
+  return {loss, row_max, row_log_sum, total_weight};
 }
 
-// Writes the gradient of the loss w.r.t. the contiguous logits `x` into
-// `grad_input`, which may be `x` itself: each element of a row is read before
-// its gradient is stored, and half-precision rows are widened first.
-void cross_entropy_backward_into(
-    at::Tensor& grad_input, const at::Tensor& grad_loss, const at::Tensor& x,
-    const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& lse, const at::Tensor& total_weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing) {
-  const at::Tensor t = target.contiguous();
-  const int64_t rows = x.size(0);
-  const int64_t classes = x.size(1);
-  const bool class_targets = t.dim() == 1;
-  if (class_targets) check_class_targets(t, classes, ignore_index);
+// The gradient of every row into `gp`, computing in calc_t (double for float32:
+// each entry is then rounded once, as precise as a gradient can be).
+template <typename scalar_t, typename calc_t>
+void backward_rows(const Prepared& p, scalar_t* gp, const at::Tensor& row_max, const at::Tensor& row_log_sum,
+                   const at::Tensor& row_scales, double common_scale, int64_t ignore_index, double smoothing) {
+  const int64_t rows = p.x.size(0);
+  const int64_t classes = p.x.size(1);
+  constexpr auto calc_type = c10::CppTypeToScalarType<calc_t>::value;
+  const at::Tensor weight_calc = weight_as<calc_t>(p);
+  const auto o = make_options<calc_t>(p, weight_calc, ignore_index, smoothing);
+  const at::Tensor max_c = row_max.to(calc_type).contiguous();
+  const at::Tensor log_sum_c = row_log_sum.to(calc_type).contiguous();
+  const at::Tensor scales_c = row_scales.defined() ? row_scales.to(calc_type).contiguous() : at::Tensor();
+  const scalar_t* xp = p.x.data_ptr<scalar_t>();
+  const calc_t* max_p = max_c.data_ptr<calc_t>();
+  const calc_t* log_sum_p = log_sum_c.data_ptr<calc_t>();
+  const calc_t* scale_p = scales_c.defined() ? scales_c.data_ptr<calc_t>() : nullptr;
+  const calc_t scale_all = static_cast<calc_t>(common_scale);
+  at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
+    std::vector<calc_t> x_scratch, q_scratch, g_scratch;
+    for (int64_t r = begin; r < end; ++r) {
+      const calc_t* row = row_as_acc<scalar_t, calc_t>(xp, r, classes, x_scratch);
+      calc_t* grad_row = grad_row_as_acc<scalar_t, calc_t>(gp, r, classes, g_scratch);
+      const calc_t scale = scale_p ? scale_p[r] : scale_all;
+      if (p.class_targets) {
+        backward_class_row(row, grad_row, p.target.data_ptr<int64_t>()[r], max_p[r], log_sum_p[r], scale, o);
+      } else {
+        backward_prob_row(row,
+                          row_as_acc<scalar_t, calc_t>(p.target.data_ptr<scalar_t>(), r, classes, q_scratch),
+                          grad_row, max_p[r], log_sum_p[r], scale, o);
+      }
+      store_grad_row(grad_row, gp, r, classes);
+    }
+  });
+}
 
-  const auto acc_type = at::toOpMathType(x.scalar_type());
-  const at::Tensor weight_acc =
-      weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
-  const at::Tensor lse_c = lse.to(acc_type).contiguous();
+// Writes the gradient of the loss w.r.t. the logits `p.x` into `grad_input`,
+// which may be `p.x` itself: each row is read (widened into scratch where
+// computed in another type) before its gradient is stored.
+void backward_into(at::Tensor& grad_input, const Prepared& p, const at::Tensor& grad_loss,
+                   const at::Tensor& row_max, const at::Tensor& row_log_sum,
+                   const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
+                   double label_smoothing) {
   // The factor of each row's gradient: its upstream gradient with no reduction,
-  // else one scalar (divided by the mean's divisor).
-  const at::Tensor row_scales =
-      reduction == kNone ? grad_loss.to(acc_type).contiguous() : at::Tensor();
+  // else one scalar (divided by the mean's divisor; nan for a divisor of 0).
+  const at::Tensor row_scales = reduction == at::Reduction::None ? grad_loss : at::Tensor();
   double common_scale = 0;
-  if (reduction != kNone) {
+  if (reduction != at::Reduction::None) {
     common_scale = grad_loss.item<double>();
-    if (reduction == kMean) common_scale /= total_weight.item<double>();
+    if (reduction == at::Reduction::Mean) {
+      const double divisor = total_weight.item<double>();
+      common_scale = divisor == 0 ? std::nan("") : common_scale / divisor;
+    }
   }
-
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, x.scalar_type(), "cross_entropy_backward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const auto o = make_options<acc_t>(weight_acc, classes, ignore_index,
-                                           label_smoothing);
-        const scalar_t* xp = x.data_ptr<scalar_t>();
-        scalar_t* gp = grad_input.data_ptr<scalar_t>();
-        const acc_t* lse_p = lse_c.data_ptr<acc_t>();
-        const acc_t* scale_p =
-            row_scales.defined() ? row_scales.data_ptr<acc_t>() : nullptr;
-        const acc_t scale_all = static_cast<acc_t>(common_scale);
-        at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
-          std::vector<acc_t> x_scratch, q_scratch, g_scratch;
-          for (int64_t r = begin; r < end; ++r) {
-            const acc_t* row = row_as_acc<scalar_t, acc_t>(xp, r, classes, x_scratch);
-            acc_t* grad_row =
-                grad_row_as_acc<scalar_t, acc_t>(gp, r, classes, g_scratch);
-            if (class_targets) {
-              backward_class_row(row, grad_row, t.data_ptr<int64_t>()[r],
-                                 lse_p[r], scale_p ? scale_p[r] : scale_all, o);
-            } else {
-              backward_prob_row(
-                  row,
-                  row_as_acc<scalar_t, acc_t>(t.data_ptr<scalar_t>(), r, classes,
-                                              q_scratch),
-                  grad_row, lse_p[r], scale_p ? scale_p[r] : scale_all, o);
-            }
-            store_grad_row(grad_row, gp, r, classes);
-          }
-        });
+      at::kBFloat16, at::kHalf, p.x.scalar_type(), "cross_entropy_backward_cpu", [&] {
+        using calc_t = std::conditional_t<std::is_same_v<scalar_t, float>, double, at::opmath_type<scalar_t>>;
+        backward_rows<scalar_t, calc_t>(p, grad_input.data_ptr<scalar_t>(), row_max, row_log_sum, row_scales,
+                                        common_scale, ignore_index, label_smoothing);
       });
 }
 
 at::Tensor cross_entropy_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& input,
-    const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& lse, const at::Tensor& total_weight, int64_t reduction,
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
+    const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing) {
-  const at::Tensor x = input.contiguous();
-  at::Tensor grad_input = empty_large(x.sizes(), x.options());
-  cross_entropy_backward_into(grad_input, grad_loss, x, target, weight, lse,
-                              total_weight, reduction, ignore_index,
-                              label_smoothing);
+  constexpr const char* op = "cross_entropy_backward";
+  check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum,
+                                      total_weight, reduction, label_smoothing);
+  const Prepared p = prepare(op, input, target, weight, ignore_index);
+  at::Tensor grad_input = empty_large(p.x.sizes(), p.x.options());
+  backward_into(grad_input, p, grad_loss, row_max, row_log_sum, total_weight, reduction,
+                ignore_index, label_smoothing);
   return grad_input;
 }
 
 void cross_entropy_backward_inplace_cpu(
     const at::Tensor& grad_loss, at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-    const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
-    double label_smoothing) {
-  TORCH_CHECK(input.is_contiguous(),
-              "cross_entropy_backward_: input must be contiguous");
-  cross_entropy_backward_into(input, grad_loss, input, target, weight, lse,
-                              total_weight, reduction, ignore_index,
-                              label_smoothing);
+    const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
+    const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing) {
+  constexpr const char* op = "cross_entropy_backward_";
+  check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum,
+                                      total_weight, reduction, label_smoothing);
+  TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous");
+  const Prepared p = prepare(op, input, target, weight, ignore_index);
+  backward_into(input, p, grad_loss, row_max, row_log_sum, total_weight, reduction, ignore_index,
+                label_smoothing);
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // Fused Linear+ReLU on the CPU. The forward and input-gradient GEMMs go through
 // oneDNN where it is faster than ATen's BLAS (float32, see use_onednn), else
-// through at::mm; the ReLU (and the bias, where the GEMM did not add it) is one
+// through at::mm / at::addmm, the bias inside the GEMM; the ReLU is one
 // vectorised pass over the output.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -11,6 +11,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "../linear_relu.h"
 
 #include <algorithm>
 #include <array>
@@ -23,11 +25,11 @@ namespace {
 using at::vec::Vectorized;
 
 // oneDNN's matmul, reached through the op torch.compile's CPU backend uses for
-// linear layers (mkldnn::_linear_pointwise). On this project's AVX-512 machine it
-// runs float32 GEMMs of SimpleNet's and MLP sizes 6-27% faster than at::mm, whose
-// BLAS (MKL) takes its AVX2 path on AMD; below ~8 MFLOP its per-call set-up costs
-// more than it saves. Its ReLU post-op turns NaN into 0, so only the GEMM and bias
-// are asked of it and the ReLU stays ours.
+// linear layers (mkldnn::_linear_pointwise). On the project's AMD AVX-512 CPUs,
+// where ATen's BLAS (MKL) takes its AVX2 path, it runs float32 GEMMs of SimpleNet's
+// and MLP sizes faster than at::mm; below kOneDnnMinFlops its per-call set-up costs
+// more than it saves (docs/BENCHMARKS.md has the measurements). Its ReLU post-op
+// turns NaN into 0, so only the GEMM and bias are asked of it and the ReLU stays ours.
 constexpr double kOneDnnMinFlops = 8e6;
 
 // The op, or nullptr where this torch lacks it or has changed its schema (it is
@@ -76,9 +78,9 @@ int64_t rows_per_task(int64_t row_length) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_length));
 }
 
+// relu in place, as torch.relu: NaN stays NaN.
 template <typename scalar_t>
-void bias_relu_rows(scalar_t* out, const scalar_t* bias, int64_t rows,
-                    int64_t cols) {
+void relu_rows(scalar_t* out, int64_t rows, int64_t cols) {
   using Vec = Vectorized<scalar_t>;
   const Vec zero(scalar_t(0));
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
@@ -86,15 +88,10 @@ void bias_relu_rows(scalar_t* out, const scalar_t* bias, int64_t rows,
       scalar_t* row = out + r * cols;
       int64_t c = 0;
       for (; c + Vec::size() <= cols; c += Vec::size()) {
-        Vec v = Vec::loadu(row + c);
-        if (bias != nullptr) v = v + Vec::loadu(bias + c);
-        at::vec::maximum(v, zero).store(row + c);
+        at::vec::maximum(Vec::loadu(row + c), zero).store(row + c);
       }
       if (c < cols) {
-        const int64_t rest = cols - c;
-        Vec v = Vec::loadu(row + c, rest);
-        if (bias != nullptr) v = v + Vec::loadu(bias + c, rest);
-        at::vec::maximum(v, zero).store(row + c, rest);
+        at::vec::maximum(Vec::loadu(row + c, cols - c), zero).store(row + c, cols - c);
       }
     }
   });
@@ -102,6 +99,7 @@ void bias_relu_rows(scalar_t* out, const scalar_t* bias, int64_t rows,
 
 at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias) {
+  check_linear_relu_inputs("linear_relu", input, weight, bias);
   const int64_t in_features = weight.size(1);
   const int64_t out_features = weight.size(0);
   // A view when the leading dimensions are contiguous: no copy of the input.
@@ -111,25 +109,20 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
 
   const std::optional<at::Tensor> bias_c =
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  // The bias is added inside the GEMM, before its accumulator is rounded, as F.linear
+  // does: bias + x.w rounds once (a separate bias pass would round twice, and lose
+  // to F.linear where bias and x.w nearly cancel).
   at::Tensor output;
-  at::Tensor bias_for_relu_pass;  // undefined where the GEMM added the bias
   if (use_onednn(input, rows, in_features, out_features)) {
     output = onednn_linear(input_2d, weight, bias_c);
-  } else if (bias_c.has_value() && at::isReducedFloatingType(input.scalar_type())) {
-    // In bfloat16/half the GEMM accumulates in float32: adding the bias there rounds
-    // bias + x.w once, as F.linear does, where a separate bias pass would round twice.
+  } else if (bias_c.has_value()) {
     output = at::addmm(*bias_c, input_2d, weight.t());
   } else {
     output = at::mm(input_2d, weight.t());
-    if (bias_c.has_value()) bias_for_relu_pass = *bias_c;
   }
-
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "linear_relu_cpu", [&] {
-        bias_relu_rows<scalar_t>(
-            output.data_ptr<scalar_t>(),
-            bias_for_relu_pass.defined() ? bias_for_relu_pass.data_ptr<scalar_t>() : nullptr,
-            rows, out_features);
+        relu_rows<scalar_t>(output.data_ptr<scalar_t>(), rows, out_features);
       });
 
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
@@ -141,11 +134,13 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
 // summed over rows.
 // Rows are split into a fixed number of blocks whose partial bias sums are
 // added in block order, so the result does not depend on the thread count.
+// The sums are in double: a running sum down thousands of rows would
+// otherwise be less precise than PyTorch's pairwise one.
 template <typename scalar_t>
 void relu_backward_rows(const scalar_t* grad_out, const scalar_t* out,
                         scalar_t* grad_pre, scalar_t* grad_bias, int64_t rows,
                         int64_t cols) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = double;
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t kMaxBlocks = 64;
   const int64_t block_rows =
@@ -194,6 +189,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,
 linear_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                          const at::Tensor& weight, const at::Tensor& output,
                          std::array<bool, 3> output_mask) {
+  check_linear_relu_backward_inputs("linear_relu_backward", grad_output, input, weight, output);
   const int64_t out_features = weight.size(0);
   const int64_t in_features = weight.size(1);
   const at::Tensor grad_c = grad_output.contiguous();
@@ -218,8 +214,8 @@ linear_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
   }
   if (output_mask[1]) {
     // G^T @ X on at::mm, whose BLAS reads G^T in place: oneDNN's linear would first
-    // copy it into a new rows x out_features buffer (33 MB at 2048 x 4096), for a
-    // GEMM no faster at large sizes.
+    // copy it into a new rows x out_features buffer, for a GEMM no faster at large
+    // sizes.
     grad_weight = grad_pre.t().mm(input.reshape({rows, in_features}));
   }
   return {grad_input, grad_weight,

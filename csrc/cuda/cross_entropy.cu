@@ -2,8 +2,11 @@
 //
 // Forward reads each row of logits once: every thread keeps an online softmax
 // (running max and sum of exponentials, rescaled when the max grows) together
-// with the dot products that label smoothing and probability targets need,
-// and the block merges the threads' partial statistics with warp shuffles.
+// with the weighted gap sum that label smoothing and probability targets
+// need, and the block merges the threads' partial statistics with warp
+// shuffles. Forward keeps two numbers per row for backward, the row's max and
+// log(sum(exp(x - max))), never their rounded sum, so that backward's softmax
+// exp((x - max) - log_sum) is as precise as PyTorch's at any scale.
 // A row of up to kMaxChunk classes is one block; a longer row (large
 // vocabularies) is split over several blocks whose statistics a second,
 // small kernel merges. Backward writes the gradient, into a new buffer or over
@@ -15,8 +18,9 @@
 // The per-row quantities, as in the CPU kernel (csrc/cpu/cross_entropy.cpp):
 // with q the target distribution after label smoothing and w the class
 // weights (ones if none),
-//   loss = lse * sum(w q) - sum(w q x),   grad = sum(w q) * softmax(x) - w q,
-// where a class-index target t gives q = (1 - eps) onehot(t) + eps / C.
+//   loss = sum(w q (max - x)) + sum(w q) log_sum,   grad = sum(w q) * softmax(x) - w q,
+// where a class-index target t gives q = (1 - eps) onehot(t) + eps / C. Every
+// term of the gap sum sum(w q (max - x)) is >= 0: no cancellation for large logits.
 //
 // Only the ATen headers in use are included, not ATen/ATen.h: nvcc parses
 // every header several times (host, and device once per architecture), and
@@ -25,6 +29,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/where.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -36,13 +42,12 @@
 #include <optional>
 #include <type_traits>
 
+#include "../cross_entropy.h"
 #include "common.cuh"
 
 namespace myext {
 namespace cuda {
 namespace {
-
-enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
 // Classes one block reduces. Up to this a block per row keeps every SM busy
 // for any batch worth launching; longer rows are split so that a batch of a
@@ -67,25 +72,33 @@ struct Problem {
 template <typename acc_t>
 struct RowOutputs {
   acc_t* loss;
-  acc_t* lse;
+  acc_t* max;
+  acc_t* log_sum;
   acc_t* row_weight;  // the row's share of the mean's divisor
 };
 
-// Partial statistics of a row (or of a chunk of one).
+// Partial statistics of a row (or of a chunk of one). With weights v (w for
+// label smoothing of class targets, w q for probability targets): their sum
+// over the elements seen, and the gap sum(v (max - x)).
 template <typename acc_t>
 struct RowStats {
   acc_t max;
   acc_t sum_exp;  // sum(exp(x - max))
-  acc_t sum_wx;   // sum(w x): label smoothing only
-  acc_t sum_wq;   // sum(w q): probability targets only
-  acc_t sum_wqx;  // sum(w q x): probability targets only
+  acc_t weight;
+  acc_t gap;
 };
 
 template <typename acc_t>
 __device__ __forceinline__ RowStats<acc_t> shfl_xor(const RowStats<acc_t>& s, int mask) {
   using myext::cuda::shfl_xor;  // the scalar overload, hidden by this one
-  return {shfl_xor(s.max, mask), shfl_xor(s.sum_exp, mask), shfl_xor(s.sum_wx, mask),
-          shfl_xor(s.sum_wq, mask), shfl_xor(s.sum_wqx, mask)};
+  return {shfl_xor(s.max, mask), shfl_xor(s.sum_exp, mask), shfl_xor(s.weight, mask),
+          shfl_xor(s.gap, mask)};
+}
+
+// max(a, b) that is NaN when either is.
+template <typename acc_t>
+__device__ __forceinline__ acc_t nan_max(acc_t a, acc_t b) {
+  return (a > b || isnan(a)) ? a : b;
 }
 
 // Rescales `sum_exp` from `max` to `new_max` (>= max). Comparing first keeps an
@@ -95,12 +108,19 @@ __device__ __forceinline__ acc_t rescale(acc_t sum_exp, acc_t max, acc_t new_max
   return max == new_max ? sum_exp : sum_exp * std::exp(max - new_max);
 }
 
+// The gap of `s` moved up to `new_max`: every element seen sits that much
+// further below it (from a max of -inf, infinitely).
+template <typename acc_t>
+__device__ __forceinline__ acc_t regap(const RowStats<acc_t>& s, acc_t new_max) {
+  return (s.weight == acc_t(0) || s.max == new_max) ? s.gap : s.gap + s.weight * (new_max - s.max);
+}
+
 struct MergeStats {
   template <typename acc_t>
   __device__ RowStats<acc_t> operator()(const RowStats<acc_t>& a, const RowStats<acc_t>& b) const {
-    const acc_t max = a.max > b.max ? a.max : b.max;
+    const acc_t max = nan_max(a.max, b.max);
     return {max, rescale(a.sum_exp, a.max, max) + rescale(b.sum_exp, b.max, max),
-            a.sum_wx + b.sum_wx, a.sum_wq + b.sum_wq, a.sum_wqx + b.sum_wqx};
+            a.weight + b.weight, regap(a, max) + regap(b, max)};
   }
 };
 
@@ -141,41 +161,39 @@ __device__ __forceinline__ int64_t checked_target(const Problem<scalar_t, acc_t>
 
 template <typename acc_t>
 __device__ __forceinline__ void write_ignored_row(const RowOutputs<acc_t>& out, int64_t row) {
-  // The lse of an ignored row is never read: it is not computed.
+  // The max and log_sum of an ignored row are never read: they are not computed.
   out.loss[row] = acc_t(0);
-  out.lse[row] = acc_t(0);
+  out.max[row] = acc_t(0);
+  out.log_sum[row] = acc_t(0);
   out.row_weight[row] = acc_t(0);
 }
 
-// Turns a row's statistics into its loss, lse and weight in the mean. The
-// loss keeps max and log(sum_exp) apart, (max - x_t) + log_sum, which stays
-// exact for logits of large magnitude where lse - x_t would cancel.
+// Turns a row's statistics into its loss, max, log_sum and weight in the mean.
+// The loss keeps max and log(sum_exp) apart, (max - x_t) + log_sum and the gap
+// sum, which stay exact for logits of large magnitude where lse - x would cancel.
 template <bool kProb, typename scalar_t, typename acc_t>
 __device__ void finish_row(const Problem<scalar_t, acc_t>& p, int64_t row,
                            const RowStats<acc_t>& s, const RowOutputs<acc_t>& out) {
   const acc_t log_sum = std::log(s.sum_exp);
-  const acc_t keep = acc_t(1) - p.smoothing;
-  const acc_t eps_c = p.smoothing / static_cast<acc_t>(p.classes);
   acc_t loss;
   acc_t row_weight = acc_t(1);
   if constexpr (kProb) {
-    const acc_t sum_wq = keep * s.sum_wq + eps_c * total_class_weight(p);
-    const acc_t sum_wqx = keep * s.sum_wqx + eps_c * s.sum_wx;
-    loss = (sum_wq * s.max - sum_wqx) + sum_wq * log_sum;
+    // s.weight is sum(w q) here.
+    loss = s.gap + s.weight * log_sum;
   } else {
     const int64_t t = checked_target(p, p.class_target[row]);
     row_weight = t < 0 ? nan_value<acc_t>() : (p.weight == nullptr ? acc_t(1) : p.weight[t]);
     const acc_t x_t = t < 0 ? nan_value<acc_t>()
                             : static_cast<acc_t>(p.input[row * p.classes + t]);
-    loss = keep * row_weight * ((s.max - x_t) + log_sum);
+    loss = (acc_t(1) - p.smoothing) * row_weight * ((s.max - x_t) + log_sum);
     if (p.smoothing > acc_t(0)) {
-      // sum_c w_c (lse - x_c), the max taken out first as above.
-      const acc_t total_weight = total_class_weight(p);
-      loss += eps_c * ((total_weight * s.max - s.sum_wx) + total_weight * log_sum);
+      // eps / C sum_c w_c (lse - x_c); s.weight is sum(w) here.
+      loss += p.smoothing / static_cast<acc_t>(p.classes) * (s.gap + s.weight * log_sum);
     }
   }
   out.loss[row] = loss;
-  out.lse[row] = s.max + log_sum;
+  out.max[row] = s.max;
+  out.log_sum[row] = log_sum;
   out.row_weight[row] = row_weight;
 }
 
@@ -198,43 +216,41 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t end = std::min(begin + p.chunk, p.classes);
   const scalar_t* x = p.input + row * p.classes;
   const scalar_t* q = kProb ? p.prob_target + row * p.classes : nullptr;
-  const bool need_wx = p.smoothing > acc_t(0);
-  const bool need_w = need_wx || kProb;
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const bool need_v = kProb || p.smoothing > acc_t(0);
+  const acc_t keep = acc_t(1) - p.smoothing;
+  const acc_t eps_c = p.smoothing / static_cast<acc_t>(p.classes);
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
 
-  RowStats<acc_t> s = {kNegInf, 0, 0, 0, 0};
+  RowStats<acc_t> s = {-kInf, 0, 0, 0};
   for (int64_t c = begin + threadIdx.x * VEC; c < end; c += blockDim.x * VEC) {
     const auto packed_x = load_pack<VEC>(x + c);
     acc_t xs[VEC];
-    acc_t pack_max = kNegInf;
+    acc_t pack_max = -kInf;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       xs[i] = static_cast<acc_t>(packed_x.val[i]);
-      pack_max = xs[i] > pack_max ? xs[i] : pack_max;
+      pack_max = nan_max(xs[i], pack_max);
     }
-    if (pack_max > s.max) {
+    if (!(pack_max <= s.max)) {  // the max grows, or is NaN
       s.sum_exp = rescale(s.sum_exp, s.max, pack_max);
+      s.gap = regap(s, pack_max);
       s.max = pack_max;
     }
     // While every logit so far is -inf, exp(x - 0) adds the zeros it should.
-    const acc_t shift = s.max == kNegInf ? acc_t(0) : s.max;
+    const acc_t shift = s.max == -kInf ? acc_t(0) : s.max;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) s.sum_exp += std::exp(xs[i] - shift);
 
-    if (need_w) {
+    if (need_v) {
       const auto w = load_weights<VEC>(p, c);
-      if (need_wx) {
+      Pack<scalar_t, VEC> packed_q;
+      if constexpr (kProb) packed_q = load_pack<VEC>(q + c);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) s.sum_wx += w.val[i] * xs[i];
-      }
-      if constexpr (kProb) {
-        const auto packed_q = load_pack<VEC>(q + c);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          const acc_t wq = w.val[i] * static_cast<acc_t>(packed_q.val[i]);
-          s.sum_wq += wq;
-          s.sum_wqx += wq * xs[i];
-        }
+      for (int i = 0; i < VEC; ++i) {
+        const acc_t v = kProb ? w.val[i] * (keep * static_cast<acc_t>(packed_q.val[i]) + eps_c) : w.val[i];
+        // A -inf logit is +inf below any max, also below a max of -inf.
+        s.gap += v * (xs[i] == -kInf ? kInf : s.max - xs[i]);
+        s.weight += v;
       }
     }
   }
@@ -288,8 +304,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 // with scale the row's upstream gradient (over the mean's divisor).
 template <typename scalar_t, typename acc_t, int VEC, bool kProb>
 __global__ void __launch_bounds__(kMaxThreads)
-    backward_kernel(const Problem<scalar_t, acc_t> p, const acc_t* lse,
-                    const acc_t* scale, int64_t scale_stride,
+    backward_kernel(const Problem<scalar_t, acc_t> p, const acc_t* row_max,
+                    const acc_t* row_log_sum, const acc_t* scale, int64_t scale_stride,
                     const acc_t* target_weight_sum, scalar_t* grad) {
   const int64_t row = blockIdx.x;
   const int64_t begin = blockIdx.y * p.chunk;
@@ -316,11 +332,15 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     t = checked_target(p, raw);
     const acc_t w_t = t < 0 ? nan_value<acc_t>() : (p.weight == nullptr ? acc_t(1) : p.weight[t]);
-    softmax_coef = s * (keep * w_t + eps_c * total_class_weight(p));
+    // Without smoothing the other class weights take no part (a NaN among them
+    // must not reach the gradient).
+    softmax_coef = s * (keep * w_t + (p.smoothing > acc_t(0) ? eps_c * total_class_weight(p) : acc_t(0)));
     smooth_coef = s * eps_c;
     target_coef = s * keep * w_t;
   }
-  const acc_t row_lse = lse[row];
+  // softmax = exp((x - max) - log_sum), the two kept apart: precise at any scale.
+  const acc_t max = row_max[row];
+  const acc_t log_sum = row_log_sum[row];
   const bool need_w = kProb || p.smoothing > acc_t(0);
 
   for (int64_t c = begin + threadIdx.x * VEC; c < end; c += stride) {
@@ -332,15 +352,22 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const acc_t wq = (keep * static_cast<acc_t>(packed_q.val[i]) + eps_c) * w.val[i];
-        const acc_t value = softmax_coef * std::exp(static_cast<acc_t>(packed_x.val[i]) - row_lse) - s * wq;
+        const acc_t value =
+            softmax_coef * std::exp((static_cast<acc_t>(packed_x.val[i]) - max) - log_sum) - s * wq;
         out.val[i] = static_cast<scalar_t>(value);
       }
     } else {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        acc_t value = softmax_coef * std::exp(static_cast<acc_t>(packed_x.val[i]) - row_lse);
+        const acc_t softmax = std::exp((static_cast<acc_t>(packed_x.val[i]) - max) - log_sum);
+        acc_t value = softmax_coef * softmax;
         if (need_w) value -= smooth_coef * w.val[i];
-        if (c + i == t) value -= target_coef;
+        if (c + i == t) {
+          // target_coef (p - 1) + smooth_coef (W p - w_t): the terms grouped so that
+          // they cancel where they should (p - 1 is exact for p near 1).
+          value = target_coef * (softmax - acc_t(1)) +
+                  (need_w ? smooth_coef * (total_class_weight(p) * softmax - w.val[i]) : acc_t(0));
+        }
         out.val[i] = static_cast<scalar_t>(value);
       }
     }
@@ -395,34 +422,29 @@ struct Inputs {
   bool probabilities;
 };
 
-// Python checks the arguments; these checks keep a direct call of the op from
-// reading out of bounds.
-Inputs prepare(const at::Tensor& input, const at::Tensor& target,
+// Lays out checked arguments (csrc/cross_entropy.h) for the kernels. Class
+// indices are checked by the kernels as they read them: on the host that
+// would synchronise.
+Inputs prepare(const char* op, const at::Tensor& input, const at::Tensor& target,
                const std::optional<at::Tensor>& weight) {
-  TORCH_CHECK(input.dim() == 2, "cross_entropy: input must be (R, C), got shape ", input.sizes());
-  TORCH_CHECK(input.size(0) <= std::numeric_limits<int32_t>::max(),
-              "cross_entropy: at most 2^31 - 1 rows, got ", input.size(0));
-  TORCH_CHECK(target.device() == input.device(), "cross_entropy: target is on ", target.device(),
-              ", input on ", input.device());
-  const bool probabilities = target.dim() == 2;
-  if (probabilities) {
-    TORCH_CHECK(target.sizes() == input.sizes() && target.scalar_type() == input.scalar_type(),
-                "cross_entropy: probability targets must have the input's shape and dtype");
-  } else {
-    TORCH_CHECK(target.dim() == 1 && target.size(0) == input.size(0) &&
-                    target.scalar_type() == at::kLong,
-                "cross_entropy: class-index targets must be int64 of shape (", input.size(0),
-                ",), got ", target.scalar_type(), " of shape ", target.sizes());
-  }
-  Inputs in{input.contiguous(), target.contiguous(), at::Tensor(), at::Tensor(), probabilities};
+  TORCH_CHECK(input.size(0) <= std::numeric_limits<int32_t>::max(), op,
+              ": at most 2^31 - 1 rows, got ", input.size(0));
+  Inputs in{input.contiguous(), target.contiguous(), at::Tensor(), at::Tensor(),
+            target.is_floating_point()};
   if (weight.has_value()) {
-    TORCH_CHECK(weight->numel() == input.size(1) && weight->device() == input.device(),
-                "cross_entropy: weight must hold one entry per class on the input's device");
     in.weight = weight->to(at::toOpMathType(input.scalar_type())).contiguous();
     // Stays on the device: reading it on the host would synchronise.
     in.weight_sum = in.weight.sum();
   }
   return in;
+}
+
+// The mean's divisor, nan where it is 0 (a mean over no weight is nan, as in
+// PyTorch): on the device, with no host synchronisation.
+at::Tensor mean_divisor(const at::Tensor& total_weight) {
+  return at::where(total_weight.eq(0), at::full({}, std::numeric_limits<double>::quiet_NaN(),
+                                                total_weight.options()),
+                   total_weight);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -451,16 +473,19 @@ bool rows_aligned(const Problem<scalar_t, acc_t>& p, const void* grad) {
          (grad == nullptr || is_aligned(grad, 16));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
     const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing) {
+  constexpr const char* op = "cross_entropy_forward";
+  check_cross_entropy_inputs(op, input, target, weight, reduction, label_smoothing);
   const c10::cuda::CUDAGuard guard(input.device());
-  const Inputs in = prepare(input, target, weight);
+  const Inputs in = prepare(op, input, target, weight);
   const int64_t rows = in.x.size(0);
   const auto acc_options = in.x.options().dtype(at::toOpMathType(in.x.scalar_type()));
   at::Tensor losses = at::empty({rows}, acc_options);
-  at::Tensor lse = at::empty({rows}, acc_options);
+  at::Tensor row_max = at::empty({rows}, acc_options);
+  at::Tensor row_log_sum = at::empty({rows}, acc_options);
   at::Tensor row_weights = at::empty({rows}, acc_options);
 
   if (rows > 0) {
@@ -471,8 +496,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
           const bool packed = rows_aligned(p, nullptr);
           const Plan plan = make_plan(p.classes, packed ? kPack16<scalar_t> : 1);
           p.chunk = plan.chunk;
-          const RowOutputs<acc_t> out{losses.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
-                                      row_weights.data_ptr<acc_t>()};
+          const RowOutputs<acc_t> out{losses.data_ptr<acc_t>(), row_max.data_ptr<acc_t>(),
+                                      row_log_sum.data_ptr<acc_t>(), row_weights.data_ptr<acc_t>()};
           at::Tensor partial;
           RowStats<acc_t>* partial_ptr = nullptr;
           if (plan.splits > 1) {
@@ -501,34 +526,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
   // Reduced on the device with ATen ops: no host synchronisation.
   const at::Tensor total_weight = row_weights.sum();
   at::Tensor loss;
-  if (reduction == kNone) {
+  if (reduction == at::Reduction::None) {
     loss = losses.to(in.x.scalar_type());
-  } else if (reduction == kSum) {
+  } else if (reduction == at::Reduction::Sum) {
     loss = losses.sum().to(in.x.scalar_type());
   } else {
-    loss = losses.sum().div(total_weight).to(in.x.scalar_type());
+    loss = losses.sum().div(mean_divisor(total_weight)).to(in.x.scalar_type());
   }
-  return {loss, lse, total_weight};
+  return {loss, row_max, row_log_sum, total_weight};
 }
 
 // Writes the gradient into `grad`, which may be the logits themselves: each
 // thread reads a pack of logits before it writes the same pack.
 void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_loss,
-                   const at::Tensor& lse, const at::Tensor& total_weight, int64_t reduction,
-                   int64_t ignore_index, double label_smoothing) {
+                   const at::Tensor& row_max, const at::Tensor& row_log_sum,
+                   const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
+                   double label_smoothing) {
   const int64_t rows = in.x.size(0);
   const auto acc_type = at::toOpMathType(in.x.scalar_type());
-  TORCH_CHECK(lse.numel() == rows, "cross_entropy_backward: lse must hold one value per row");
-  const at::Tensor lse_c = lse.to(acc_type).contiguous();
+  const at::Tensor max_c = row_max.to(acc_type).contiguous();
+  const at::Tensor log_sum_c = row_log_sum.to(acc_type).contiguous();
   // The upstream gradient's factor for each row: one per row for "none",
   // else one for all (stride 0).
   at::Tensor scale = grad_loss.to(acc_type);
-  if (reduction == kMean) scale = scale.div(total_weight.to(acc_type));
+  if (reduction == at::Reduction::Mean) scale = scale.div(mean_divisor(total_weight.to(acc_type)));
   scale = scale.contiguous();
-  const int64_t scale_stride = reduction == kNone ? 1 : 0;
-  TORCH_CHECK(scale.numel() == (reduction == kNone ? rows : 1),
-              "cross_entropy_backward: grad_loss has ", scale.numel(), " elements for ", rows,
-              " rows and reduction ", reduction);
+  const int64_t scale_stride = reduction == at::Reduction::None ? 1 : 0;
   if (grad.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, in.x.scalar_type(), "cross_entropy_backward_cuda", [&] {
@@ -554,7 +577,8 @@ void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_lo
             with_pack_width<scalar_t>(packed, [&](auto width) {
               backward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(probabilities)::value>
                   <<<grid, plan.threads, 0, stream>>>(
-                      p, lse_c.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), scale_stride,
+                      p, max_c.data_ptr<acc_t>(), log_sum_c.data_ptr<acc_t>(),
+                      scale.data_ptr<acc_t>(), scale_stride,
                       in.probabilities ? target_weight_sum.data_ptr<acc_t>() : nullptr,
                       grad.data_ptr<scalar_t>());
               C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -565,27 +589,35 @@ void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_lo
 }
 
 at::Tensor cross_entropy_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& input,
-    const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& lse, const at::Tensor& total_weight, int64_t reduction,
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
+    const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing) {
+  constexpr const char* op = "cross_entropy_backward";
+  check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum,
+                                      total_weight, reduction, label_smoothing);
   const c10::cuda::CUDAGuard guard(input.device());
-  const Inputs in = prepare(input, target, weight);
+  const Inputs in = prepare(op, input, target, weight);
   at::Tensor grad = at::empty(in.x.sizes(), in.x.options());
-  backward_into(grad, in, grad_loss, lse, total_weight, reduction, ignore_index, label_smoothing);
+  backward_into(grad, in, grad_loss, row_max, row_log_sum, total_weight, reduction, ignore_index,
+                label_smoothing);
   return grad;
 }
 
 // The gradient written over the logits: no second R x C buffer.
 void cross_entropy_backward_inplace_cuda(
     const at::Tensor& grad_loss, at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& lse,
-    const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
-    double label_smoothing) {
-  TORCH_CHECK(input.is_contiguous(), "cross_entropy_backward_: input must be contiguous");
+    const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
+    const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing) {
+  constexpr const char* op = "cross_entropy_backward_";
+  check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum,
+                                      total_weight, reduction, label_smoothing);
+  TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous");
   const c10::cuda::CUDAGuard guard(input.device());
-  const Inputs in = prepare(input, target, weight);
-  backward_into(input, in, grad_loss, lse, total_weight, reduction, ignore_index, label_smoothing);
+  const Inputs in = prepare(op, input, target, weight);
+  backward_into(input, in, grad_loss, row_max, row_log_sum, total_weight, reduction, ignore_index,
+                label_smoothing);
 }
 
 }  // namespace

@@ -3,7 +3,7 @@
 // Forward is one cuBLASLt matmul whose epilogue adds the bias and applies the
 // ReLU, so the pre-activation never reaches memory. Where cuBLASLt refuses
 // (float64, operands not 16-byte aligned, empty shapes) the GEMM goes through
-// at::mm and our own kernel applies bias and ReLU in one pass.
+// at::addmm, the bias inside it, and our own kernel applies the ReLU.
 //
 // The output's sign is the ReLU mask that backward needs, so forward keeps no
 // aux mask (CUBLASLT_EPILOGUE_RELU_AUX_BIAS). For the same reason backward
@@ -32,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../linear_relu.h"
 #include "common.cuh"
 
 namespace myext {
@@ -144,24 +145,22 @@ bool lt_linear_relu(const at::Tensor& x, const at::Tensor& w,
 
 constexpr int kEpilogueThreads = 256;
 
-// out = relu(out + bias) in place: the epilogue of the at::mm fallback.
+// out = relu(out) in place: the epilogue of the at::mm / at::addmm fallback.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kEpilogueThreads)
-    bias_relu_kernel(scalar_t* out, const scalar_t* bias, int64_t rows, int64_t cols) {
-  using acc_t = at::opmath_type<scalar_t>;
+    relu_kernel(scalar_t* out, int64_t rows, int64_t cols) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= cols) return;
-  const acc_t b = bias == nullptr ? acc_t(0) : static_cast<acc_t>(bias[col]);
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     scalar_t& value = out[row * cols + col];
-    const acc_t pre = static_cast<acc_t>(value) + b;
     // Written so that NaN stays NaN, as in torch.relu.
-    value = static_cast<scalar_t>(pre < acc_t(0) ? acc_t(0) : pre);
+    value = value < scalar_t(0) ? scalar_t(0) : value;
   }
 }
 
 at::Tensor linear_relu_cuda(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias) {
+  check_linear_relu_inputs("linear_relu", input, weight, bias);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t in_features = weight.size(1);
   const int64_t out_features = weight.size(0);
@@ -173,10 +172,9 @@ at::Tensor linear_relu_cuda(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor output = at::empty({rows, out_features}, input.options());
 
   if (!lt_linear_relu(x, w, b, output)) {
-    // In bfloat16/half the GEMM accumulates in float32: adding the bias there rounds
-    // bias + x.w once, as cuBLASLt's epilogue and F.linear do, not twice.
-    const bool bias_in_gemm = b.defined() && at::isReducedFloatingType(x.scalar_type());
-    if (bias_in_gemm) {
+    // The bias inside the GEMM rounds bias + x.w once, as cuBLASLt's epilogue and
+    // F.linear do, not twice.
+    if (b.defined()) {
       at::addmm_out(output, b, x, w.t());
     } else {
       at::mm_out(output, x, w.t());
@@ -186,11 +184,8 @@ at::Tensor linear_relu_cuda(const at::Tensor& input, const at::Tensor& weight,
                       static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
       AT_DISPATCH_FLOATING_TYPES_AND2(
           at::kBFloat16, at::kHalf, x.scalar_type(), "linear_relu_cuda", [&] {
-            bias_relu_kernel<scalar_t>
-                <<<grid, kEpilogueThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                    output.data_ptr<scalar_t>(),
-                    b.defined() && !bias_in_gemm ? b.data_ptr<scalar_t>() : nullptr, rows,
-                    out_features);
+            relu_kernel<scalar_t><<<grid, kEpilogueThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                output.data_ptr<scalar_t>(), rows, out_features);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
     }
@@ -253,6 +248,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>,
 linear_relu_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
                           const at::Tensor& weight, const at::Tensor& output,
                           std::array<bool, 3> output_mask) {
+  check_linear_relu_backward_inputs("linear_relu_backward", grad_output, input, weight, output);
   const c10::cuda::CUDAGuard guard(output.device());
   const int64_t out_features = weight.size(0);
   const int64_t in_features = weight.size(1);

@@ -74,8 +74,8 @@ def check_cross_entropy(
                              "not to a floating-point target of probabilities")
         return True
 
-    if target.dtype != torch.int64:
-        raise TypeError(f"target must hold class indices as int64 (or probabilities of the input's "
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise TypeError(f"target must hold class indices as int64 or uint8 (or probabilities of the input's "
                         f"dtype), got {target.dtype}")
     expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
     if target.shape != expected:
@@ -107,16 +107,16 @@ def cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, l
     rows = input.shape[0]
     acc = acc_dtype(input.dtype)
     loss = input.new_empty((rows,) if reduction == 0 else ())
-    return loss, input.new_empty((rows,), dtype=acc), input.new_empty((), dtype=acc)
+    return loss, input.new_empty((rows,), dtype=acc), input.new_empty((rows,), dtype=acc), input.new_empty((), dtype=acc)
 
 
-def cross_entropy_backward_fake(grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index,
-                                label_smoothing):
+def cross_entropy_backward_fake(grad_loss, input, target, weight, row_max, row_log_sum, total_weight, reduction,
+                                ignore_index, label_smoothing):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
-def cross_entropy_backward_inplace_fake(grad_loss, input, target, weight, lse, total_weight, reduction,
-                                        ignore_index, label_smoothing):
+def cross_entropy_backward_inplace_fake(grad_loss, input, target, weight, row_max, row_log_sum, total_weight,
+                                        reduction, ignore_index, label_smoothing):
     return None
 
 
@@ -146,8 +146,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     ``CrossEntropyFunction.apply(input, target, weight, reduction, ignore_index,
     label_smoothing, backend, inplace_backward)`` with reduction 0 (none), 1 (mean) or
     2 (sum); the arguments already checked and reshaped to two dimensions (see
-    myext.cross_entropy). Forward keeps only the per-row log-sum-exp and the mean's
-    divisor for backward. With ``inplace_backward`` (cpp and cuda backends, contiguous
+    myext.cross_entropy). Forward keeps two numbers per row for backward, the row's
+    max and log(sum(exp(x - max))), and the mean's divisor. With ``inplace_backward`` (cpp and cuda backends, contiguous
     logits) backward writes the gradient over the logits and bumps their version, so
     any other autograd node that saved them raises an error instead of reading it.
     """
@@ -156,9 +156,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                 reduction: int, ignore_index: int, label_smoothing: float, backend: str,
                 inplace_backward: bool = False) -> torch.Tensor:
-        loss, lse, total_weight = op("cross_entropy_forward", backend)(
+        loss, row_max, row_log_sum, total_weight = op("cross_entropy_forward", backend)(
             input, target, weight, reduction, ignore_index, label_smoothing)
-        ctx.save_for_backward(input, target, weight, lse, total_weight)
+        ctx.save_for_backward(input, target, weight, row_max, row_log_sum, total_weight)
         ctx.options = (reduction, ignore_index, label_smoothing)
         ctx.backend = backend
         ctx.inplace_backward = inplace_backward
@@ -166,14 +166,15 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor):
-        input, target, weight, lse, total_weight = ctx.saved_tensors
+        input, target, weight, row_max, row_log_sum, total_weight = ctx.saved_tensors
         reduction, ignore_index, label_smoothing = ctx.options
         grad_input = grad_target = None
         # The target's gradient reads the logits, so it comes before any in-place write.
         if ctx.needs_input_grad[1] and target.is_floating_point():
             grad_target = _target_grad(grad_loss, input, weight, total_weight, reduction, label_smoothing)
         if ctx.needs_input_grad[0]:
-            args = (grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing)
+            args = (grad_loss, input, target, weight, row_max, row_log_sum, total_weight, reduction, ignore_index,
+                    label_smoothing)
             if torch.is_grad_enabled():
                 grad_input = CrossEntropyBackwardFunction.apply(*args, ctx.backend)
             elif ctx.inplace_backward:
@@ -195,12 +196,13 @@ class CrossEntropyBackwardFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, grad_loss, input, target, weight, lse, total_weight, reduction: int, ignore_index: int,
-                label_smoothing: float, backend: str):
+    def forward(ctx: Any, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, reduction: int,
+                ignore_index: int, label_smoothing: float, backend: str):
         ctx.save_for_backward(grad_loss, input, target, weight, total_weight)
         ctx.options = (reduction, ignore_index, label_smoothing)
         return op("cross_entropy_backward", backend)(
-            grad_loss, input, target, weight, lse, total_weight, reduction, ignore_index, label_smoothing)
+            grad_loss, input, target, weight, row_max, row_log_sum, total_weight, reduction, ignore_index,
+            label_smoothing)
 
     @staticmethod
     def backward(ctx: Any, grad_grad_input):
@@ -236,7 +238,7 @@ class CrossEntropyBackwardFunction(torch.autograd.Function):
         if target.is_floating_point() and ctx.needs_input_grad[2]:
             grad_target = (scale * (1.0 - eps) * w * (gg_dot_p - gg)).to(target.dtype)
         return (grad_grad_loss.to(grad_loss.dtype), grad_input.to(input.dtype), grad_target,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------- the public function
@@ -268,7 +270,7 @@ def cross_entropy(
 
     Args:
         input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``.
-        target: class indices (int64) of shape ``()``, ``(N)`` or ``(N, d1, ..., dk)``,
+        target: class indices (int64 or uint8) of shape ``()``, ``(N)`` or ``(N, d1, ..., dk)``,
             or class probabilities of the input's shape and dtype.
         weight: a weight per class ``(C)``, or ``None``.
         ignore_index: a class index that contributes neither loss nor gradient
@@ -299,6 +301,8 @@ def cross_entropy(
         True
     """
     probabilities = check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    if target.dtype == torch.uint8:
+        target = target.long()  # the kernels read int64 class indices
     if inplace_backward and input.is_leaf and input.requires_grad:
         raise ValueError("inplace_backward=True would overwrite input, a leaf tensor that requires grad, with "
                          "its own gradient; use it for logits computed by an earlier op")
@@ -333,12 +337,16 @@ def cross_entropy_2d(
 ) -> torch.Tensor:
     """Cross-entropy of logits (R, C) against class indices (R,) or probabilities (R, C).
 
-    With q the target distribution after label smoothing, q = (1 - eps) target + eps / C
-    (target one-hot for class indices), and w the class weights (ones if none):
-    loss_i = -sum_c w_c q_ic log_softmax(input)_ic. Rows whose class index is
-    ignore_index count nothing. 'mean' divides by the summed weight of the target
-    classes of the rows not ignored (class indices) or by R (probabilities).
-    half-precision input is computed in float32 and the loss cast back.
+    As PyTorch defines it, with logp = log_softmax(input) and w the class weights
+    (ones if none). Probabilities q, smoothed to (1 - eps) q + eps / C: loss_i =
+    -sum_c w_c q_ic logp_ic, and 'mean' divides by R. Class indices t: loss_i =
+    (1 - eps) nll_i + eps / C smooth_i with nll_i = -w_t logp_it and smooth_i =
+    -sum_c w_c logp_ic, 0 for rows whose index is ignore_index (their gradient is 0,
+    also for NaN or infinite logits, where PyTorch's is NaN); 'mean' divides each of
+    the two sums by the summed weight w_t of the rows kept, so that a divisor of 0
+    gives nan. The smoothing terms are left out for eps = 0 (where an infinite
+    logit would make 0 * inf). half-precision input is computed in float32 and the
+    loss cast back.
     """
     out_dtype = input.dtype
     if input.dtype in (torch.float16, torch.bfloat16):
@@ -346,29 +354,37 @@ def cross_entropy_2d(
         target = target.float() if target.is_floating_point() else target
         weight = weight.float() if weight is not None else None
     rows, classes = input.shape
-    logp = input - torch.logsumexp(input, dim=1, keepdim=True)
+    kept = None
+    if not target.is_floating_point():
+        # Ignored rows take no part, also where their logits are NaN or infinite (PyTorch
+        # computes their softmax anyway, and gives them a NaN gradient there).
+        kept = target != ignore_index
+        input = torch.where(kept.unsqueeze(1), input, torch.zeros_like(input))
+    # log_softmax as PyTorch computes it: a +inf logit makes x - max, and the row, NaN.
+    shifted = input - input.amax(dim=1, keepdim=True).detach()
+    logp = shifted - shifted.exp().sum(dim=1, keepdim=True).log()
     w = weight if weight is not None else torch.ones(classes, dtype=input.dtype, device=input.device)
     eps = label_smoothing
 
     if target.is_floating_point():
-        q = target * (1.0 - eps) + eps / classes
+        q = target * (1.0 - eps) + eps / classes if eps > 0 else target
         losses = -(logp * q * w).sum(dim=1)
-        denominator = torch.tensor(float(rows), dtype=input.dtype, device=input.device)
-    else:
-        kept = target != ignore_index
-        safe_target = torch.where(kept, target, torch.zeros_like(target))
-        w_target = w[safe_target] * kept
-        nll = -logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)
-        smooth = -(logp * w).sum(dim=1) / classes
-        losses = torch.where(kept, (1.0 - eps) * w_target * nll + eps * smooth, 0.0)
-        denominator = w_target.sum()
+        if reduction == "none":
+            return losses.to(out_dtype)
+        total = losses.sum()
+        return (total if reduction == "sum" else total / rows).to(out_dtype)
 
+    safe_target = torch.where(kept, target, torch.zeros_like(target))
+    w_target = w[safe_target] * kept
+    nll = torch.where(kept, -w_target * logp.gather(1, safe_target.unsqueeze(1)).squeeze(1), 0.0)
+    smooth = torch.where(kept, -(logp * w).sum(dim=1), 0.0) if eps > 0 else None
     if reduction == "none":
-        loss = losses
-    elif reduction == "sum":
-        loss = losses.sum()
-    else:
-        loss = losses.sum() / denominator
+        losses = (1.0 - eps) * nll + eps / classes * smooth if eps > 0 else nll
+        return losses.to(out_dtype)
+    divisor = w_target.sum() if reduction == "mean" else 1.0
+    loss = nll.sum() / divisor
+    if eps > 0:
+        loss = (1.0 - eps) * loss + eps / classes * (smooth.sum() / divisor)
     return loss.to(out_dtype)
 
 
@@ -467,6 +483,7 @@ SPEC = registry.register(registry.OpSpec(
     name=NAME,
     function=cross_entropy,
     reference=reference,
+    baseline=F.cross_entropy,
     dispatcher_ops=("cross_entropy_forward", "cross_entropy_backward"),
     fakes={"cross_entropy_forward": cross_entropy_forward_fake,
            "cross_entropy_backward": cross_entropy_backward_fake,
