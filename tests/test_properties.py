@@ -1,0 +1,141 @@
+"""Property-based tests: hypothesis draws the cases we did not think of.
+
+Shapes (empty, 1-d, N-d, sizes around the kernels' vector widths and block lengths,
+primes), dtypes, layouts (transposed, sliced with a step), options and logit scales;
+each backend against the op's reference with a float64 ground truth, under
+myext.testing's rule: our error at most twice PyTorch's own (F.cross_entropy's,
+F.linear's) in that dtype plus one unit of the dtype's rounding at the largest true
+value. Derandomized, so a
+run is repeatable; a failure prints the falsifying example. The Triton interpreter
+runs a few small examples only.
+"""
+
+import functools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import myext
+from myext import registry, testing
+from myext.testing import Sample
+
+DEVICE = "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# Around the CPU kernels' vector widths (8/16 lanes), their few-classes path (32) and
+# block (2048), and primes.
+SIZES = [1, 2, 3, 5, 7, 8, 9, 13, 15, 16, 17, 31, 32, 33, 47, 64, 65, 97, 127, 2047, 2049]
+SMALL_SIZES = [s for s in SIZES if s <= 65]
+
+
+def derandomized(max_examples: int) -> settings:
+    return settings(max_examples=max_examples, deadline=None, derandomize=True, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# The interpreter takes about a second an example: Triton gets a few small ones.
+MANY, FEW = derandomized(1500), derandomized(60)
+
+
+def backends_of(op, interpreted):
+    """The compiled backends of ``op`` here, the interpreted Triton apart."""
+    return [b for b in myext.available_backends(DEVICE, op=op) if b != "torch" and (b == "triton") == interpreted]
+
+
+def laid_out(data, shape, layout, scale=1.0):
+    """A float64 tensor of ``shape``: contiguous, transposed (its last two dimensions), or
+    a slice with a step of a wider one."""
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    if layout == "transposed" and len(shape) >= 2:
+        base = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=generator, dtype=torch.float64)
+        return base.transpose(-1, -2) * scale
+    if layout == "strided":
+        base = torch.randn(*shape[:-1], 2 * shape[-1], generator=generator, dtype=torch.float64) * scale
+        return base[..., ::2]
+    return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+
+
+def assert_agrees(op, backend, sample, dtype):
+    spec = registry.get(op)
+    fn = functools.partial(spec.function, backend=backend)
+    report = testing.check(fn, spec.reference, [sample], checks=["vs reference"], dtypes=(dtype,),
+                           baseline=spec.baseline, floor_ulps=spec.floor_ulps)
+    report.assert_ok()
+
+
+def cross_entropy_case(backend, data):
+    sizes = SMALL_SIZES if backend == "triton" else SIZES
+    classes = data.draw(st.sampled_from(sizes), label="classes")
+    rank = data.draw(st.sampled_from([1, 2, 2, 3]), label="rank")
+    rows = data.draw(st.integers(0 if rank > 1 else 1, 6), label="rows")
+    shape = (classes,) if rank == 1 else (rows, classes) if rank == 2 else (rows, classes, 2)
+    layout = data.draw(st.sampled_from(["contiguous", "transposed", "strided"]), label="layout")
+    scale = data.draw(st.sampled_from([1.0, 10.0, 1e3, 3e4]), label="logit scale")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    kind = data.draw(st.sampled_from(["class", "prob"]), label="target")
+    reduction = data.draw(st.sampled_from(["none", "mean", "sum"]), label="reduction")
+    smoothing = data.draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]), label="label_smoothing")
+    weighted = data.draw(st.booleans(), label="weighted")
+
+    logits = laid_out(data, shape, layout, scale).requires_grad_()
+    kwargs = dict(reduction=reduction, label_smoothing=smoothing)
+    batch = shape[:0] if rank == 1 else shape[:1] + shape[2:]
+    if kind == "class":
+        target = torch.randint(0, classes, batch, generator=torch.Generator().manual_seed(rows))
+        if target.numel() > 1 and data.draw(st.booleans(), label="ignore some"):
+            target.view(-1)[::2] = -100
+        args = (logits, target)
+    else:
+        probabilities = torch.softmax(laid_out(data, shape, layout), dim=0 if rank == 1 else 1)
+        args = (logits, probabilities.requires_grad_())
+    if weighted:
+        kwargs["weight"] = torch.rand(classes, generator=torch.Generator().manual_seed(classes),
+                                      dtype=torch.float64) + 0.25
+    assert_agrees("cross_entropy", backend, Sample(args, kwargs), dtype)
+
+
+def linear_relu_case(backend, data):
+    sizes = SMALL_SIZES
+    in_features = data.draw(st.sampled_from([0, *sizes]), label="in_features")
+    out_features = data.draw(st.sampled_from([0, *sizes]), label="out_features")
+    rank = data.draw(st.sampled_from([1, 2, 2, 3]), label="rank")
+    leading = [data.draw(st.integers(0, 9), label="rows") for _ in range(rank - 1)]
+    layout = data.draw(st.sampled_from(["contiguous", "transposed", "strided"]), label="layout")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    bias = data.draw(st.booleans(), label="bias")
+    x = laid_out(data, (*leading, in_features), layout)
+    w = laid_out(data, (out_features, in_features), layout) / max(in_features, 1) ** 0.5
+    args = [x.requires_grad_(), w.requires_grad_()]
+    if bias:
+        args.append(laid_out(data, (out_features,), layout).requires_grad_())
+    assert_agrees("linear_relu", backend, Sample(tuple(args)), dtype)
+
+
+@pytest.mark.parametrize("backend", backends_of("cross_entropy", interpreted=False))
+@MANY
+@given(data=st.data())
+def test_cross_entropy_properties(backend, data):
+    cross_entropy_case(backend, data)
+
+
+@pytest.mark.parametrize("backend", backends_of("cross_entropy", interpreted=True))
+@FEW
+@given(data=st.data())
+def test_cross_entropy_properties_interpreted(backend, data):
+    cross_entropy_case(backend, data)
+
+
+@pytest.mark.parametrize("backend", backends_of("linear_relu", interpreted=False))
+@MANY
+@given(data=st.data())
+def test_linear_relu_properties(backend, data):
+    linear_relu_case(backend, data)
+
+
+@pytest.mark.parametrize("backend", backends_of("linear_relu", interpreted=True))
+@FEW
+@given(data=st.data())
+def test_linear_relu_properties_interpreted(backend, data):
+    linear_relu_case(backend, data)
+
