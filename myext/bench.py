@@ -508,7 +508,8 @@ def run(args: argparse.Namespace) -> int:
     print(table_header(), flush=True)
     rows: list[dict[str, Any]] = []
     for op in ops:
-        sweep = registry.get(op).benchmark.quick_sweep if args.quick else registry.get(op).benchmark.sweep
+        cases = registry.get(op).benchmark
+        sweep = cases.quick_sweep if args.quick else cases.gpu_sweep if device.type == "cuda" else cases.sweep
         for series, shapes in sweep:
             for backward in (False, True):
                 for shape in shapes:

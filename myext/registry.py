@@ -27,6 +27,7 @@ class Benchmark:
         sweep: the sizes timed: series of (label, shapes), each shape a dict of sizes.
         quick_sweep: tiny sizes of the same form, for smoke runs and tests.
         cases: the sizes of the pytest-benchmark suite in ``benchmarks/``.
+        gpu_sweep: the sizes ``myext bench --device cuda`` times (GPUs want larger ones).
         x: the size a series sweeps (the x axis of its plot).
         inputs: ``inputs(**shape, device=, dtype=, requires_grad=)``: the op's positional
             arguments, in order, as a dict; for the backward, ``"grad_output"`` holds the
@@ -40,6 +41,7 @@ class Benchmark:
     sweep: Sequence[tuple[str, Sequence[Mapping[str, int]]]]
     quick_sweep: Sequence[tuple[str, Sequence[Mapping[str, int]]]]
     cases: Sequence[Mapping[str, int]]
+    gpu_sweep: Sequence[tuple[str, Sequence[Mapping[str, int]]]]
     x: str
     inputs: Callable[..., dict[str, torch.Tensor]]
     eager: Callable[..., torch.Tensor]

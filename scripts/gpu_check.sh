@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with no network (torch with CUDA, nvcc, ninja, pytest
 # and, optionally, triton already there): builds myext with its CUDA kernels in place,
-# runs the GPU tests, then times the cuda and triton backends against PyTorch eager.
-# Each step has a time limit; the whole run stays under 10 minutes (120 + 300 + 150 s).
+# runs the GPU tests, then times the cuda and triton backends against PyTorch eager and
+# torch.compile (`myext bench --device cuda`, the same harness and work model as on the
+# CPU, with the ops' GPU sizes). Each step has a time limit; the whole run stays under
+# 10 minutes (120 + 300 + 150 s).
 #
 # Environment: PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0: only the GPU at hand, to
 # save build time), MAX_JOBS (16), TEST_WORKERS (8).
@@ -10,7 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 export MYEXT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
-# The in-place build is imported from the repository root, also by scripts/gpu_bench.py.
+# The in-place build is imported from the repository root, also by `python -m myext`.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 status=0
@@ -41,5 +43,5 @@ if "$python" -c "import xdist" 2>/dev/null; then
   workers=(-n "${TEST_WORKERS:-8}")
 fi
 step "GPU tests" 300 "$python" -m pytest tests -q -m gpu -p no:cacheprovider -rfE "${workers[@]}"
-step "benchmark" 150 "$python" scripts/gpu_bench.py
+step "benchmark" 150 "$python" -m myext bench --device cuda --json docs/benchmarks/gpu.json
 exit $status

@@ -497,6 +497,7 @@ SPEC = registry.register(registry.OpSpec(
         sweep=[("N=4096", [dict(N=4096, C=c) for c in (10, 1000, 8192, 32000, 128256)])],
         quick_sweep=[("N=64", [dict(N=64, C=c) for c in (10, 100)])],
         cases=[dict(N=4096, C=c) for c in (10, 32000, 128256)],
+        gpu_sweep=[("N=16384", [dict(N=16384, C=c) for c in (32000, 128256)])],
         x="C",
         inputs=benchmark_inputs,
         eager=eager,

@@ -247,6 +247,9 @@ SPEC = registry.register(registry.OpSpec(
         # SimpleNet's layer at batch 64, 256 and 4096, and the MLP layer at batch 2048.
         cases=[dict(N=64, K=784, M=128), dict(N=256, K=784, M=128), dict(N=4096, K=784, M=128),
                dict(N=2048, K=1024, M=4096)],
+        gpu_sweep=[("4096->4096", [dict(N=4096, K=4096, M=4096)]),
+                   ("784->128", [dict(N=n, K=784, M=128) for n in (256, 4096)]),
+                   ("1024->4096", [dict(N=2048, K=1024, M=4096)])],
         x="N",
         inputs=benchmark_inputs,
         eager=eager,
