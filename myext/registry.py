@@ -72,10 +72,6 @@ class OpSpec:
         backends: the backends that implement the op.
         capabilities: optional features, each with the dispatcher op that provides it; a
             backend has one where it has a kernel for that op.
-        floor_ulps: the agreement checks' allowance beyond twice PyTorch's error, in units
-            of the dtype's rounding at the largest true value (myext.testing.check):
-            more than 1 where results are sums that another library may take in
-            another order (a GEMM's).
     """
 
     name: str
@@ -89,7 +85,6 @@ class OpSpec:
     benchmark: Benchmark
     backends: tuple[str, ...] = ("cpp", "cuda", "triton", "torch")
     capabilities: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    floor_ulps: float = 1.0
 
 
 _SPECS: dict[str, OpSpec] = {}

@@ -4,10 +4,9 @@ Shapes (empty, 1-d, N-d, sizes around the kernels' vector widths and block lengt
 primes), dtypes, layouts (transposed, sliced with a step), options and logit scales;
 each backend against the op's reference with a float64 ground truth, under
 myext.testing's rule: our error at most twice PyTorch's own (F.cross_entropy's,
-F.linear's) in that dtype plus one unit of the dtype's rounding at the largest true
-value. Derandomized, so a
-run is repeatable; a failure prints the falsifying example. The Triton interpreter
-runs a few small examples only.
+F.linear's) in that dtype plus four units of the dtype's rounding at the largest true
+value. Derandomized, so a run is repeatable; a failure prints the falsifying example.
+The Triton interpreter runs a few small examples only.
 """
 
 import functools
@@ -60,7 +59,7 @@ def assert_agrees(op, backend, sample, dtype):
     spec = registry.get(op)
     fn = functools.partial(spec.function, backend=backend)
     report = testing.check(fn, spec.reference, [sample], checks=["vs reference"], dtypes=(dtype,),
-                           baseline=spec.baseline, floor_ulps=spec.floor_ulps)
+                           baseline=spec.baseline)
     report.assert_ok()
 
 

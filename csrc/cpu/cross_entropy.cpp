@@ -68,57 +68,33 @@ T hmax(const T* x, int64_t n) {
   return m;
 }
 
-// A lane-wise compensated (Kahan) sum of vectors of finite terms: the error
-// of a long sum stays at a unit of rounding instead of growing with its length.
-template <typename T>
-struct CompensatedSum {
-  using Vec = Vectorized<T>;
-  Vec sum = Vec(T(0));
-  Vec lost = Vec(T(0));
-  void add(const Vec& v) {
-    const Vec y = v - lost;
-    const Vec t = sum + y;
-    lost = (t - sum) - y;
-    sum = t;
-  }
-  // The lanes' total, in double.
-  double total() const {
-    T sums[Vec::size()], losts[Vec::size()];
-    sum.store(sums);
-    lost.store(losts);
-    double total = 0;
-    for (int64_t i = 0; i < Vec::size(); ++i) total += static_cast<double>(sums[i]) - losts[i];
-    return total;
-  }
-};
-
-// sum(exp(x - shift)) over n elements, with the 1-ulp exp that PyTorch's own
-// log_softmax uses (exp_u20, 20 ulp, measured no faster here, would make the
-// loss and gradient less precise than PyTorch's).
+// sum(exp(x - shift)) over n elements, in double across blocks. exp_u20 (within
+// 20 ulp, as ATen's own softmax kernels use) is well ahead of the 1-ulp exp here.
 template <typename T>
 double sum_exp(const T* x, int64_t n, T shift) {
   using Vec = Vectorized<T>;
   const Vec vshift(shift);
-  CompensatedSum<T> acc;
+  Vec acc(T(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    acc.add((Vec::loadu(x + i) - vshift).exp());
+    acc = acc + (Vec::loadu(x + i) - vshift).exp_u20();
   }
   if (i < n) {
     // Lanes past the end load -inf and add exp(-inf) = 0.
     Vec tail(-kInf<T>);
     Vec partial = Vec::loadu(x + i, n - i);
     tail = Vec::set(tail, partial, n - i);
-    acc.add((tail - vshift).exp());
+    acc = acc + (tail - vshift).exp_u20();
   }
-  return acc.total();
+  return at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc);
 }
 
 // The options of one call, in the accumulation type.
 template <typename T>
 struct Options {
-  const T* weight;  // nullptr: every class weighs 1
-  T weight_sum;     // sum of the class weights (C without weights)
+  const T* weight;      // nullptr: every class weighs 1
+  const T* block_sums;  // the sum of the weights of each block of kBlock classes
+  T weight_sum;         // sum of the class weights (C without weights)
   int64_t classes;
   int64_t ignore_index;
   T smoothing;
@@ -129,24 +105,36 @@ T class_weight(const Options<T>& o, int64_t c) {
   return o.weight == nullptr ? T(1) : o.weight[c];
 }
 
-// The weights v of the gap sum sum(v (max - x)): the class weights (label
-// smoothing of class-index targets) or w q (probability targets). `load(i,
-// count)` gives classes [i, i + count), zero past count.
+// The weights v of the gap sum sum(v (max - x)): ones or the class weights
+// (label smoothing of class-index targets), or w q (probability targets).
+// `load(i)` gives the vector of classes [i, i + Vec::size()), `load(i, count)`
+// the first count of them, zero past count.
+template <typename T>
+struct Ones {
+  static constexpr bool kOnes = true;
+};
+
 template <typename T>
 struct ClassWeights {
+  static constexpr bool kOnes = false;
   const T* weight;
-  Vectorized<T> load(int64_t i, int64_t count) const {
-    using Vec = Vectorized<T>;
-    return weight != nullptr ? Vec::loadu(weight + i, count) : Vec::set(Vec(T(0)), Vec(T(1)), count);
-  }
+  const T* block_sums;  // the sum of the weights of each block of kBlock classes
+  Vectorized<T> load(int64_t i) const { return Vectorized<T>::loadu(weight + i); }
+  Vectorized<T> load(int64_t i, int64_t count) const { return Vectorized<T>::loadu(weight + i, count); }
 };
 
 template <typename T>
 struct TargetWeights {
+  static constexpr bool kOnes = false;
   const T* q;       // the row's target probabilities
   const T* weight;  // nullptr: ones
   T keep;           // 1 - eps
   T eps_c;          // eps / C
+  Vectorized<T> load(int64_t i) const {
+    using Vec = Vectorized<T>;
+    Vec v = at::vec::fmadd(Vec(keep), Vec::loadu(q + i), Vec(eps_c));
+    return weight != nullptr ? v * Vec::loadu(weight + i) : v;
+  }
   Vectorized<T> load(int64_t i, int64_t count) const {
     using Vec = Vectorized<T>;
     Vec v = at::vec::fmadd(Vec(keep), Vec::loadu(q + i, count), Vec(eps_c));
@@ -155,24 +143,50 @@ struct TargetWeights {
   }
 };
 
-// (sum(v (m - x)), sum(v)) over n elements, v from `weights.load(offset + i, .)`.
-// A -inf logit is +inf below any max, also a max of -inf (all so far -inf).
+// (sum(v (m - x)), sum(v)) over n elements, v from `weights.load(offset + i)`.
+// A -inf logit is +inf below a finite max; where the max itself is -inf (every
+// logit so far -inf) each term is v times +inf, as PyTorch's v log(0) is.
 template <typename T, typename Weights>
 std::array<T, 2> weighted_gap(const T* x, int64_t n, T m, const Weights& weights, int64_t offset) {
   using Vec = Vectorized<T>;
-  const Vec vm(m), inf(kInf<T>), minus_inf(-kInf<T>), zero(T(0));
+  const bool all_minus_inf = m == -kInf<T>;
+  const Vec vm(all_minus_inf ? kInf<T> : m), zero(T(0));
+  // Class weights are the same for every row: their sums per block are known.
+  constexpr bool kSumWeights = !Weights::kOnes && !std::is_same_v<Weights, ClassWeights<T>>;
   Vec gaps(T(0)), sums(T(0));
-  for (int64_t i = 0; i < n; i += Vec::size()) {
-    const int64_t count = std::min<int64_t>(Vec::size(), n - i);
-    const Vec vx = Vec::loadu(x + i, count);
-    const Vec v = weights.load(offset + i, count);
-    Vec term = v * Vec::blendv(vm - vx, inf, vx == minus_inf);
-    if (count < Vec::size()) term = Vec::set(zero, term, count);
-    gaps = gaps + term;
-    sums = sums + v;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    // (With m = -inf every x is -inf too, and +inf - -inf is the +inf wanted.)
+    const Vec diff = vm - Vec::loadu(x + i);
+    if constexpr (Weights::kOnes) {
+      gaps = gaps + diff;
+    } else {
+      const Vec v = weights.load(offset + i);
+      gaps = at::vec::fmadd(v, diff, gaps);
+      if constexpr (kSumWeights) sums = sums + v;
+    }
+  }
+  if (i < n) {
+    const int64_t count = n - i;
+    const Vec diff = Vec::set(zero, vm - Vec::loadu(x + i, count), count);
+    if constexpr (Weights::kOnes) {
+      gaps = gaps + diff;
+    } else {
+      const Vec v = weights.load(offset + i, count);
+      gaps = at::vec::fmadd(v, diff, gaps);
+      if constexpr (kSumWeights) sums = sums + v;
+    }
   }
   const auto add = [](Vec a, Vec b) { return a + b; };
-  return {at::vec::vec_reduce_all<T>(add, gaps), at::vec::vec_reduce_all<T>(add, sums)};
+  T weight;
+  if constexpr (Weights::kOnes) {
+    weight = static_cast<T>(n);
+  } else if constexpr (kSumWeights) {
+    weight = at::vec::vec_reduce_all<T>(add, sums);
+  } else {
+    weight = weights.block_sums[offset / kBlock];
+  }
+  return {at::vec::vec_reduce_all<T>(add, gaps), weight};
 }
 
 // A row's statistics: max, log(sum(exp(x - max))), and with weights v the gap
@@ -216,7 +230,7 @@ RowStats<T> row_stats(const T* x, int64_t n, const Weights& weights) {
       seen_weight += block_weight;
     }
   }
-  // A +inf logit makes x - max NaN, as in PyTorch (the vector exp may give inf).
+  // A +inf logit makes x - max NaN, as in PyTorch (exp_u20 would give inf).
   const double log_sum = running_max == kInf<T> ? std::nan("") : std::log(running_sum);
   return {running_max, log_sum, gap, seen_weight};
 }
@@ -247,8 +261,9 @@ struct RowResult {
 template <typename T>
 RowResult<T> forward_class_row(const T* x, int64_t target, const Options<T>& o) {
   if (target == o.ignore_index) return {T(0), T(0), T(0), T(0)};
-  const RowStats<T> s = o.smoothing > T(0) ? row_stats(x, o.classes, ClassWeights<T>{o.weight})
-                                           : row_stats(x, o.classes, NoWeights{});
+  const RowStats<T> s = o.smoothing <= T(0)       ? row_stats(x, o.classes, NoWeights{})
+                        : o.weight == nullptr ? row_stats(x, o.classes, Ones<T>{})
+                                              : row_stats(x, o.classes, ClassWeights<T>{o.weight, o.block_sums});
   const T w_t = class_weight(o, target);
   return {class_row_loss(s, x[target], w_t, o), s.max, s.log_sum, w_t};
 }
@@ -285,10 +300,10 @@ void forward_class_rows_few(const T* x, const int64_t* target, const Options<T>&
   const Vec inf(kInf<T>), minus_inf(-kInf<T>);
   // An all -inf row has max -inf: shift by 0 so that its sum is 0, not NaN.
   const Vec shift = Vec::blendv(max, Vec(T(0)), max == minus_inf);
-  CompensatedSum<T> sum;
+  Vec sum(T(0));
   Vec gap(T(0));  // sum(w (max - x)), for the smoothing term
   for (int64_t c = 0; c < n; ++c) {
-    sum.add((column[c] - shift).exp());
+    sum = sum + (column[c] - shift).exp_u20();
     if (o.smoothing > T(0)) {
       const Vec diff = Vec::blendv(max - column[c], inf, column[c] == minus_inf);
       gap = at::vec::fmadd(Vec(class_weight(o, c)), diff, gap);
@@ -296,8 +311,8 @@ void forward_class_rows_few(const T* x, const int64_t* target, const Options<T>&
   }
   T maxes[kLanes], log_sums[kLanes], gaps[kLanes];
   max.store(maxes);
-  // A +inf logit makes x - max NaN, as in PyTorch (the vector exp may give inf).
-  Vec::blendv((sum.sum - sum.lost).log(), Vec(std::numeric_limits<T>::quiet_NaN()), max == inf).store(log_sums);
+  // A +inf logit makes x - max NaN, as in PyTorch (exp_u20 would give inf).
+  Vec::blendv(sum.log(), Vec(std::numeric_limits<T>::quiet_NaN()), max == inf).store(log_sums);
   gap.store(gaps);
   for (int64_t lane = 0; lane < kLanes; ++lane) {
     const int64_t t = target[lane];
@@ -328,7 +343,7 @@ void backward_class_row(const T* x, T* grad, int64_t target, T max, T log_sum, T
   // Without smoothing the class weights other than w_t take no part (a NaN among
   // them must not reach the gradient).
   T a = scale * ((T(1) - o.smoothing) * w_t + (smoothing ? eps_c * o.weight_sum : T(0)));
-  // A NaN logit made the row's statistics NaN; the vector exp may turn NaN into inf.
+  // A NaN logit made the row's statistics NaN; exp_u20 would turn NaN into inf.
   if (std::isnan(max + log_sum)) a = std::numeric_limits<T>::quiet_NaN();
   const T b = scale * eps_c;
   // Read before the sweep, which may write the gradient over the logits.
@@ -338,10 +353,10 @@ void backward_class_row(const T* x, T* grad, int64_t target, T max, T log_sum, T
   // scalar loop of std::exp, which would cost rows of a few classes most of their time.
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), n - i);
-    Vec g = va * ((Vec::loadu(x + i, count) - vmax) - vlog_sum).exp();
-    if (smoothing) {
-      g = g - (o.weight == nullptr ? vb : vb * Vec::loadu(o.weight + i, count));
-    }
+    const Vec p = ((Vec::loadu(x + i, count) - vmax) - vlog_sum).exp_u20();
+    // a p - b w with a single rounding of a p (fmsub): exact where the two cancel.
+    const Vec g = smoothing ? at::vec::fmsub(va, p, o.weight == nullptr ? vb : vb * Vec::loadu(o.weight + i, count))
+                            : va * p;
     g.store(grad + i, count);
   }
   // The target's own: c (p_t - 1) + b (W p_t - w_t) with c = scale (1 - eps) w_t, the
@@ -358,19 +373,25 @@ void backward_prob_row(const T* x, const T* q, T* grad, T max, T log_sum, T scal
   using Vec = Vectorized<T>;
   const int64_t n = o.classes;
   const TargetWeights<T> weights{q, o.weight, T(1) - o.smoothing, o.smoothing / T(n)};
+  const int64_t full = n - n % Vec::size();
   // sum(w q), from the targets: forward's outputs do not carry it.
   Vec sums(T(0));
-  for (int64_t i = 0; i < n; i += Vec::size()) {
-    sums = sums + weights.load(i, std::min<int64_t>(Vec::size(), n - i));
-  }
+  for (int64_t i = 0; i < full; i += Vec::size()) sums = sums + weights.load(i);
+  if (full < n) sums = sums + weights.load(full, n - full);
   T sum_wq = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, sums);
-  // A NaN logit made the row's statistics NaN; the vector exp may turn NaN into inf.
+  // A NaN logit made the row's statistics NaN; exp_u20 would turn NaN into inf.
   if (std::isnan(max + log_sum)) sum_wq = std::numeric_limits<T>::quiet_NaN();
-  const Vec va(scale * sum_wq), vmax(max), vlog_sum(log_sum), vscale(scale);
-  for (int64_t i = 0; i < n; i += Vec::size()) {
-    const int64_t count = std::min<int64_t>(Vec::size(), n - i);
-    const Vec p = ((Vec::loadu(x + i, count) - vmax) - vlog_sum).exp();
-    (va * p - vscale * weights.load(i, count)).store(grad + i, count);
+  const Vec vsum_wq(sum_wq), vmax(max), vlog_sum(log_sum), vscale(scale);
+  // scale (sum(w q) p - w q), the difference rounded once (fmsub): where the target
+  // is close to the softmax the two nearly cancel.
+  for (int64_t i = 0; i < full; i += Vec::size()) {
+    const Vec p = ((Vec::loadu(x + i) - vmax) - vlog_sum).exp_u20();
+    (vscale * at::vec::fmsub(vsum_wq, p, weights.load(i))).store(grad + i);
+  }
+  if (full < n) {
+    const int64_t count = n - full;
+    const Vec p = ((Vec::loadu(x + full, count) - vmax) - vlog_sum).exp_u20();
+    (vscale * at::vec::fmsub(vsum_wq, p, weights.load(full, count))).store(grad + full, count);
   }
 }
 
@@ -436,16 +457,24 @@ Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor& targ
 
 // The options in the compute type calc_t; `weight_calc` holds the class
 // weights converted to it (undefined without weights).
+// `block_sums` receives the sum of the weights of each block of kBlock classes.
 template <typename calc_t>
 Options<calc_t> make_options(const Prepared& p, const at::Tensor& weight_calc, int64_t ignore_index,
-                             double smoothing) {
+                             double smoothing, std::vector<calc_t>& block_sums) {
   const int64_t classes = p.x.size(1);
   Options<calc_t> o;
   o.weight = weight_calc.defined() ? weight_calc.data_ptr<calc_t>() : nullptr;
+  o.block_sums = nullptr;
   o.weight_sum = static_cast<calc_t>(classes);
   if (o.weight != nullptr) {
     double sum = 0;
-    for (int64_t c = 0; c < classes; ++c) sum += o.weight[c];
+    for (int64_t start = 0; start < classes; start += kBlock) {
+      double block = 0;
+      for (int64_t c = start; c < std::min(classes, start + kBlock); ++c) block += o.weight[c];
+      block_sums.push_back(static_cast<calc_t>(block));
+      sum += block;
+    }
+    o.block_sums = block_sums.data();
     o.weight_sum = static_cast<calc_t>(sum);
   }
   o.classes = classes;
@@ -464,16 +493,16 @@ struct ForwardRows {
   std::vector<double> losses, weights;
 };
 
-// The forward sweep of every row, computing in calc_t: the input's own type,
-// float for bfloat16/float16, and double for float32 where the loss has gap
-// terms (smoothing, probability targets), whose sum float would round too often.
+// The forward sweep of every row, computing in calc_t: the input's own type, or
+// float for bfloat16/float16.
 template <typename scalar_t, typename calc_t, typename acc_t>
 ForwardRows forward_rows(const Prepared& p, int64_t ignore_index, double smoothing, acc_t* max_p,
                          acc_t* log_sum_p) {
   const int64_t rows = p.x.size(0);
   const int64_t classes = p.x.size(1);
   const at::Tensor weight_calc = weight_as<calc_t>(p);
-  const auto o = make_options<calc_t>(p, weight_calc, ignore_index, smoothing);
+  std::vector<calc_t> block_sums;
+  const auto o = make_options<calc_t>(p, weight_calc, ignore_index, smoothing, block_sums);
   const scalar_t* xp = p.x.data_ptr<scalar_t>();
   const int64_t* tp = p.class_targets ? p.target.data_ptr<int64_t>() : nullptr;
   ForwardRows out{std::vector<double>(rows), std::vector<double>(rows)};
@@ -523,20 +552,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   at::Tensor loss = at::empty(reduction == at::Reduction::None ? at::IntArrayRef{rows}
                                                                : at::IntArrayRef{},
                               p.x.options());
-  const bool gap_terms = !p.class_targets || label_smoothing > 0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, p.x.scalar_type(), "cross_entropy_forward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         acc_t* max_p = row_max.data_ptr<acc_t>();
         acc_t* log_sum_p = row_log_sum.data_ptr<acc_t>();
-        ForwardRows res;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          res = gap_terms ? forward_rows<scalar_t, double>(p, ignore_index, label_smoothing, max_p, log_sum_p)
-                          : forward_rows<scalar_t, float>(p, ignore_index, label_smoothing, max_p, log_sum_p);
-        } else {
-          res = forward_rows<scalar_t, acc_t>(p, ignore_index, label_smoothing, max_p, log_sum_p);
-        }
+        const ForwardRows res = forward_rows<scalar_t, acc_t>(p, ignore_index, label_smoothing, max_p, log_sum_p);
         // Summed serially, in double, so that the result does not depend on
         // the number of threads; R values cost nothing next to the R x C sweep.
         double loss_sum = 0, weight_sum = 0;
@@ -560,8 +582,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   return {loss, row_max, row_log_sum, total_weight};
 }
 
-// The gradient of every row into `gp`, computing in calc_t (double for float32:
-// each entry is then rounded once, as precise as a gradient can be).
+// The gradient of every row into `gp`, computing in calc_t: the input's own
+// type, or float for bfloat16/float16.
 template <typename scalar_t, typename calc_t>
 void backward_rows(const Prepared& p, scalar_t* gp, const at::Tensor& row_max, const at::Tensor& row_log_sum,
                    const at::Tensor& row_scales, double common_scale, int64_t ignore_index, double smoothing) {
@@ -569,7 +591,8 @@ void backward_rows(const Prepared& p, scalar_t* gp, const at::Tensor& row_max, c
   const int64_t classes = p.x.size(1);
   constexpr auto calc_type = c10::CppTypeToScalarType<calc_t>::value;
   const at::Tensor weight_calc = weight_as<calc_t>(p);
-  const auto o = make_options<calc_t>(p, weight_calc, ignore_index, smoothing);
+  std::vector<calc_t> block_sums;
+  const auto o = make_options<calc_t>(p, weight_calc, ignore_index, smoothing, block_sums);
   const at::Tensor max_c = row_max.to(calc_type).contiguous();
   const at::Tensor log_sum_c = row_log_sum.to(calc_type).contiguous();
   const at::Tensor scales_c = row_scales.defined() ? row_scales.to(calc_type).contiguous() : at::Tensor();
@@ -616,8 +639,7 @@ void backward_into(at::Tensor& grad_input, const Prepared& p, const at::Tensor& 
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, p.x.scalar_type(), "cross_entropy_backward_cpu", [&] {
-        using calc_t = std::conditional_t<std::is_same_v<scalar_t, float>, double, at::opmath_type<scalar_t>>;
-        backward_rows<scalar_t, calc_t>(p, grad_input.data_ptr<scalar_t>(), row_max, row_log_sum, row_scales,
+        backward_rows<scalar_t, at::opmath_type<scalar_t>>(p, grad_input.data_ptr<scalar_t>(), row_max, row_log_sum, row_scales,
                                         common_scale, ignore_index, label_smoothing);
       });
 }

@@ -234,9 +234,6 @@ SPEC = registry.register(registry.OpSpec(
     baseline=eager,
     dispatcher_ops=("linear_relu", "linear_relu_backward"),
     fakes={"linear_relu": linear_relu_fake, "linear_relu_backward": linear_relu_backward_fake},
-    # Our GEMMs and F.linear's may be different BLAS routines (mm against mv for one
-    # row, oneDNN against MKL), each summing in its own order.
-    floor_ulps=4.0,
     samples=samples,
     accuracy_samples=accuracy_samples,
     benchmark=registry.Benchmark(
