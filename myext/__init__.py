@@ -5,7 +5,7 @@ registered in the PyTorch dispatcher under ``torch.ops.myext``, and a plain-PyTo
 reference (``backend="torch"``) that every kernel is tested against.
 """
 
-import torch  # loads libtorch before the extension
+import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers the myext:: ops and their kernels)
 from . import ops  # noqa: F401  (registers each op: its spec, fake kernels)
