@@ -212,6 +212,7 @@ class _RecordOps(TorchDispatchMode):
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.numel() == 0:
         return 0.0
+    a, b = a.detach(), b.detach()
     diff = (a.double() - b.double()).abs()
     # Where both are the same infinity or both NaN, there is no error; where only one
     # is NaN, the error is infinite.
@@ -221,7 +222,7 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _largest_finite(t: torch.Tensor) -> float:
-    finite = t[t.isfinite()]
+    finite = t.detach()[t.isfinite()]
     return float(finite.abs().max()) if finite.numel() else 0.0
 
 

@@ -171,11 +171,11 @@ def linear_relu(
 
 def reference(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """relu(input @ weight.T + bias), from elementary torch ops: the executable spec."""
-    pre = torch.matmul(input, weight.t())
-    if bias is not None:
-        pre = pre + bias
-    # torch.relu's gradient at exactly 0 is 0, as F.relu's (clamp_min's would be 1).
-    return torch.relu(pre)
+    # The bias goes inside the GEMM's sum (F.linear), as in every backend: added to an
+    # output already rounded to bfloat16, it would round twice and move pre-activations
+    # near 0 across the ReLU's kink. torch.relu's gradient at exactly 0 is 0, as F.relu's
+    # (clamp_min's would be 1).
+    return torch.relu(F.linear(input, weight, bias))
 
 
 def _sample(shape: tuple[int, ...], out_features: int, device: str, bias: bool = True) -> registry.Sample:
