@@ -4,7 +4,21 @@
 
 #include "checks.h"
 
+#include <cmath>
+
 namespace myext {
+
+// The options: the reduction code, label smoothing in [0, 1], the z-loss scale
+// and the soft cap (0: none), both finite and >= 0.
+inline void check_cross_entropy_options(const char* op, int64_t reduction, double label_smoothing,
+                                        double lse_square_scale, double softcap) {
+  check_reduction(op, reduction);
+  check_unit_interval(op, "label_smoothing", label_smoothing);
+  TORCH_CHECK(std::isfinite(lse_square_scale) && lse_square_scale >= 0, op,
+              ": lse_square_scale must be finite and >= 0, got ", lse_square_scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be finite and > 0, or 0 for none, got ",
+              softcap);
+}
 
 // input (R, C) logits; target (R,) int64 class indices or (R, C) probabilities
 // of the input's dtype; weight (C) of the input's dtype, or absent. Class
@@ -12,7 +26,8 @@ namespace myext {
 inline void check_cross_entropy_inputs(const char* op, const at::Tensor& input,
                                        const at::Tensor& target,
                                        const std::optional<at::Tensor>& weight,
-                                       int64_t reduction, double label_smoothing) {
+                                       int64_t reduction, double label_smoothing,
+                                       double lse_square_scale, double softcap) {
   check_floating(op, "input", input);
   check_dim(op, "input", input, 2);
   check_device(op, "target", target, input);
@@ -26,8 +41,7 @@ inline void check_cross_entropy_inputs(const char* op, const at::Tensor& input,
     check_shape(op, "target (class indices)", target, {input.size(0)});
   }
   check_optional_vector(op, "weight", weight, input.size(1), input);
-  check_reduction(op, reduction);
-  check_unit_interval(op, "label_smoothing", label_smoothing);
+  check_cross_entropy_options(op, reduction, label_smoothing, lse_square_scale, softcap);
 }
 
 // The outputs of cross_entropy_forward that its backward reads: the row_max and
@@ -37,8 +51,9 @@ inline void check_cross_entropy_backward_inputs(
     const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
     const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_max, const at::Tensor& row_log_sum,
-    const at::Tensor& total_weight, int64_t reduction, double label_smoothing) {
-  check_cross_entropy_inputs(op, input, target, weight, reduction, label_smoothing);
+    const at::Tensor& total_weight, int64_t reduction, double label_smoothing,
+    double lse_square_scale, double softcap) {
+  check_cross_entropy_inputs(op, input, target, weight, reduction, label_smoothing, lse_square_scale, softcap);
   const int64_t rows = input.size(0);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"row_max", row_max},
                                 {"row_log_sum", row_log_sum}}) {

@@ -25,24 +25,30 @@ TORCH_LIBRARY(myext, m) {
       "Tensor output, bool[3] output_mask) -> "
       "(Tensor? grad_input, Tensor? grad_weight, Tensor? grad_bias)");
   // input (R, C); target (R,) int64 class indices or (R, C) probabilities.
-  // reduction follows at::Reduction: 0 none, 1 mean, 2 sum. Returns the
-  // loss; for backward, each row's max and log(sum(exp(x - max))), whose sum
-  // is its log-sum-exp (kept apart, the softmax stays precise at any scale);
-  // and the divisor of the mean (the summed weights of the targets not
-  // ignored, or R).
+  // reduction follows at::Reduction: 0 none, 1 mean, 2 sum. lse_square_scale
+  // adds that times lse^2 to each row's loss (the z-loss); softcap > 0 caps the
+  // logits at softcap * tanh(input / softcap) first (0: none). Returns the
+  // loss; for backward, each row's max and log(sum(exp(z - max))) of the
+  // capped logits z, whose sum is its log-sum-exp (kept apart, the softmax
+  // stays precise at any scale); the target's capped logit (for the token
+  // accuracy); and the divisor of the mean (the summed weights of the targets
+  // not ignored, or R).
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, "
-      "int reduction, int ignore_index, float label_smoothing) -> "
-      "(Tensor loss, Tensor row_max, Tensor row_log_sum, Tensor total_weight)");
+      "int reduction, int ignore_index, float label_smoothing, "
+      "float lse_square_scale, float softcap) -> "
+      "(Tensor loss, Tensor row_max, Tensor row_log_sum, Tensor target_logit, "
+      "Tensor total_weight)");
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, "
       "Tensor? weight, Tensor row_max, Tensor row_log_sum, Tensor total_weight, "
-      "int reduction, int ignore_index, float label_smoothing) -> Tensor");
+      "int reduction, int ignore_index, float label_smoothing, "
+      "float lse_square_scale, float softcap) -> Tensor");
   // The same gradient written over the logits (`input`), for callers that
   // have no further use for them: no second R x C buffer.
   m.def(
       "cross_entropy_backward_(Tensor grad_loss, Tensor(a!) input, "
       "Tensor target, Tensor? weight, Tensor row_max, Tensor row_log_sum, "
       "Tensor total_weight, int reduction, int ignore_index, "
-      "float label_smoothing) -> ()");
+      "float label_smoothing, float lse_square_scale, float softcap) -> ()");
 }

@@ -11,7 +11,7 @@ from . import _C  # noqa: F401  (registers the myext:: ops and their kernels)
 from . import ops  # noqa: F401  (registers each op: its spec, fake kernels)
 from . import autograd, backends, reference, registry, testing
 from .backends import available_backends
-from .functional import cross_entropy, linear_relu
+from .functional import CrossEntropyOutput, cross_entropy, linear_relu
 from . import models, nn
 from .fuse import fuse
 
@@ -19,6 +19,6 @@ if backends.triton_may_run():
     backends.probe_triton()
 backends.survey()
 
-__all__ = ["autograd", "available_backends", "cross_entropy", "fuse", "linear_relu", "models", "nn", "reference",
+__all__ = ["CrossEntropyOutput", "autograd", "available_backends", "cross_entropy", "fuse", "linear_relu", "models", "nn", "reference",
            "registry", "testing"]
 __version__ = "0.1.0"

@@ -143,6 +143,10 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         reduce: deprecated, see ``reduction``.
         reduction: ``"none"``, ``"mean"`` or ``"sum"``. Default: ``"mean"``.
         label_smoothing: a float in ``[0.0, 1.0]``, the amount of smoothing. Default: ``0.0``.
+        lse_square_scale: (keyword only) the z-loss scale, as in :func:`myext.cross_entropy`.
+            Default: ``0.0``.
+        softcap: (keyword only) the logits' soft cap, as in :func:`myext.cross_entropy`.
+            Default: ``None``.
         backend: (keyword only) the kernels to run, as in :func:`myext.cross_entropy`;
             ``None`` picks ``$MYEXT_BACKEND`` or the best one for the input's device.
         inplace_backward: (keyword only) write the gradient over the logits in backward,
@@ -168,10 +172,14 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
+        lse_square_scale: float = 0.0,
+        softcap: Optional[float] = None,
         backend: Optional[str] = None,
         inplace_backward: bool = False,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.lse_square_scale = lse_square_scale
+        self.softcap = softcap
         self.backend = backend
         self.inplace_backward = inplace_backward
 
@@ -187,12 +195,17 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                             reduction=self.reduction, label_smoothing=self.label_smoothing, backend=self.backend,
+                             reduction=self.reduction, label_smoothing=self.label_smoothing,
+                             lse_square_scale=self.lse_square_scale, softcap=self.softcap, backend=self.backend,
                              inplace_backward=self.inplace_backward)
 
     def extra_repr(self) -> str:
         # nn.CrossEntropyLoss prints no arguments; ours adds only what it adds.
-        added = [f"backend={self.backend!r}"] if self.backend is not None else []
+        added = [f"lse_square_scale={self.lse_square_scale}"] if self.lse_square_scale else []
+        if self.softcap is not None:
+            added.append(f"softcap={self.softcap}")
+        if self.backend is not None:
+            added.append(f"backend={self.backend!r}")
         if self.inplace_backward:
             added.append("inplace_backward=True")
         return ", ".join(added)

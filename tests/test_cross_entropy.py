@@ -2,6 +2,7 @@
 
 import decimal
 import itertools
+import math
 
 import pytest
 import torch
@@ -290,7 +291,7 @@ def test_out_of_range_target_fails_in_kernel():
     x = torch.randn(3, 4)
     ops = myext.backends.kernels("cpp")
     with pytest.raises(IndexError, match="class index 9"):
-        ops.cross_entropy_forward(x, torch.tensor([0, 9, 1]), None, 1, -100, 0.0)
+        ops.cross_entropy_forward(x, torch.tensor([0, 9, 1]), None, 1, -100, 0.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("kind", ["class", "prob"])
@@ -353,9 +354,10 @@ def test_inplace_op_opcheck():
     ops = myext.backends.kernels("cpp")
     x = torch.randn(4, 7, dtype=torch.float64)
     target = torch.tensor([1, 6, -100, 0])
-    loss, row_max, row_log_sum, total_weight = ops.cross_entropy_forward(x, target, None, 1, -100, 0.1)
+    loss, row_max, row_log_sum, _, total_weight = ops.cross_entropy_forward(x, target, None, 1, -100, 0.1, 1e-3, 0.0)
     torch.library.opcheck(torch.ops.myext.cross_entropy_backward_,
-                          (torch.ones(()), x.clone(), target, None, row_max, row_log_sum, total_weight, 1, -100, 0.1))
+                          (torch.ones(()), x.clone(), target, None, row_max, row_log_sum, total_weight, 1, -100, 0.1,
+                           1e-3, 0.0))
 
 
 # Direct calls of the dispatcher ops with arguments the Python layer refuses (the ops
@@ -365,46 +367,54 @@ DIRECT_SETUP = """
 x = torch.randn(4, 5, device=dev)
 t = torch.tensor([1, 2, 0, 4], device=dev)
 q = torch.softmax(torch.randn(4, 5, device=dev), 1)
-loss, row_max, row_log_sum, total = ops.cross_entropy_forward(x, t, None, 1, -100, 0.0)
+loss, row_max, row_log_sum, target_logit, total = ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, 0.0, 0.0)
 g = torch.ones((), device=dev)
 """
+# Each call is the set-up's good one with one argument made bad.
+B_ARGS = "g, x, t, None, row_max, row_log_sum, total, 1, -100, 0.0, 0.0, 0.0"
 BAD_DIRECT_CALLS = {
-    "target shorter than the rows": ("ops.cross_entropy_forward(x, t[:2], None, 1, -100, 0.0)", "target"),
+    "target shorter than the rows": ("ops.cross_entropy_forward(x, t[:2], None, 1, -100, 0.0, 0.0, 0.0)", "target"),
     "target longer than the rows": ("ops.cross_entropy_forward(x, torch.zeros(9, dtype=torch.long, device=dev), "
-                                    "None, 1, -100, 0.0)", "target"),
-    "int32 target": ("ops.cross_entropy_forward(x, t.int(), None, 1, -100, 0.0)", "target"),
-    "probabilities of another shape": ("ops.cross_entropy_forward(x, q[:, :3], None, 1, -100, 0.0)", "target"),
-    "probabilities of another dtype": ("ops.cross_entropy_forward(x, q.double(), None, 1, -100, 0.0)", "target"),
-    "weight shorter than the classes": ("ops.cross_entropy_forward(x, t, torch.ones(3, device=dev), 1, -100, 0.0)",
-                                        "weight"),
+                                    "None, 1, -100, 0.0, 0.0, 0.0)", "target"),
+    "int32 target": ("ops.cross_entropy_forward(x, t.int(), None, 1, -100, 0.0, 0.0, 0.0)", "target"),
+    "probabilities of another shape": ("ops.cross_entropy_forward(x, q[:, :3], None, 1, -100, 0.0, 0.0, 0.0)",
+                                       "target"),
+    "probabilities of another dtype": ("ops.cross_entropy_forward(x, q.double(), None, 1, -100, 0.0, 0.0, 0.0)",
+                                       "target"),
+    "weight shorter than the classes": ("ops.cross_entropy_forward(x, t, torch.ones(3, device=dev), 1, -100, 0.0, "
+                                        "0.0, 0.0)", "weight"),
     "weight of another dtype": ("ops.cross_entropy_forward(x, t, torch.ones(5, dtype=torch.float64, device=dev), "
-                                "1, -100, 0.0)", "weight"),
-    "3-d input": ("ops.cross_entropy_forward(x.view(2, 2, 5), t, None, 1, -100, 0.0)", "input"),
-    "1-d input": ("ops.cross_entropy_forward(x[0], t[:1], None, 1, -100, 0.0)", "input"),
-    "integer input": ("ops.cross_entropy_forward(x.long(), t, None, 1, -100, 0.0)", "input"),
-    "reduction 7": ("ops.cross_entropy_forward(x, t, None, 7, -100, 0.0)", "reduction"),
-    "label_smoothing 2": ("ops.cross_entropy_forward(x, t, None, 1, -100, 2.0)", "label_smoothing"),
-    "label_smoothing nan": ("ops.cross_entropy_forward(x, t, None, 1, -100, float('nan'))", "label_smoothing"),
+                                "1, -100, 0.0, 0.0, 0.0)", "weight"),
+    "3-d input": ("ops.cross_entropy_forward(x.view(2, 2, 5), t, None, 1, -100, 0.0, 0.0, 0.0)", "input"),
+    "1-d input": ("ops.cross_entropy_forward(x[0], t[:1], None, 1, -100, 0.0, 0.0, 0.0)", "input"),
+    "integer input": ("ops.cross_entropy_forward(x.long(), t, None, 1, -100, 0.0, 0.0, 0.0)", "input"),
+    "reduction 7": ("ops.cross_entropy_forward(x, t, None, 7, -100, 0.0, 0.0, 0.0)", "reduction"),
+    "label_smoothing 2": ("ops.cross_entropy_forward(x, t, None, 1, -100, 2.0, 0.0, 0.0)", "label_smoothing"),
+    "label_smoothing nan": ("ops.cross_entropy_forward(x, t, None, 1, -100, float('nan'), 0.0, 0.0)",
+                            "label_smoothing"),
+    "negative lse_square_scale": ("ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, -1.0, 0.0)",
+                                  "lse_square_scale"),
+    "negative softcap": ("ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, 0.0, -30.0)", "softcap"),
+    "infinite softcap": ("ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, 0.0, float('inf'))", "softcap"),
     "class index out of range": ("ops.cross_entropy_forward(x, torch.tensor([1, 2, 5, 0], device=dev), None, 1, "
-                                 "-100, 0.0)", "class index"),
-    "row_max shorter than the rows": ("ops.cross_entropy_backward(g, x, t, None, row_max[:2], row_log_sum, total, "
-                                      "1, -100, 0.0)", "row_max"),
-    "row_log_sum shorter than the rows": ("ops.cross_entropy_backward(g, x, t, None, row_max, row_log_sum[:3], "
-                                          "total, 1, -100, 0.0)", "row_log_sum"),
-    "total_weight not a scalar": ("ops.cross_entropy_backward(g, x, t, None, row_max, row_log_sum, "
-                                  "total.expand(2), 1, -100, 0.0)", "total_weight"),
-    "grad_loss of rows for a mean": ("ops.cross_entropy_backward(torch.ones(4, device=dev), x, t, None, row_max, "
-                                     "row_log_sum, total, 1, -100, 0.0)", "grad_loss"),
+                                 "-100, 0.0, 0.0, 0.0)", "class index"),
+    "row_max shorter than the rows": (f"ops.cross_entropy_backward({B_ARGS.replace('row_max', 'row_max[:2]')})",
+                                      "row_max"),
+    "row_log_sum shorter than the rows": (
+        f"ops.cross_entropy_backward({B_ARGS.replace('row_log_sum', 'row_log_sum[:3]')})", "row_log_sum"),
+    "total_weight not a scalar": (f"ops.cross_entropy_backward({B_ARGS.replace('total', 'total.expand(2)')})",
+                                  "total_weight"),
+    "grad_loss of rows for a mean": (
+        f"ops.cross_entropy_backward({B_ARGS.replace('g, ', 'torch.ones(4, device=dev), ', 1)})", "grad_loss"),
     "grad_loss shorter than the rows": ("ops.cross_entropy_backward(torch.ones(3, device=dev), x, t, None, "
-                                        "row_max, row_log_sum, total, 0, -100, 0.0)", "grad_loss"),
-    "backward target shorter than the rows": ("ops.cross_entropy_backward(g, x, t[:2], None, row_max, row_log_sum, "
-                                              "total, 1, -100, 0.0)", "target"),
+                                        "row_max, row_log_sum, total, 0, -100, 0.0, 0.0, 0.0)", "grad_loss"),
+    "backward target shorter than the rows": (f"ops.cross_entropy_backward({B_ARGS.replace(' t,', ' t[:2],')})",
+                                              "target"),
+    "backward softcap nan": (f"ops.cross_entropy_backward({B_ARGS[:-5]}, float('nan'))", "softcap"),
     "in-place backward target shorter than the rows": (
-        "ops.cross_entropy_backward_(g, x.clone(), t[:2], None, row_max, row_log_sum, total, 1, -100, 0.0)",
-        "target"),
+        f"ops.cross_entropy_backward_({B_ARGS.replace('g, x,', 'g, x.clone(),').replace(' t,', ' t[:2],')})", "target"),
     "in-place backward of a transposed input": (
-        "ops.cross_entropy_backward_(g, x.t().contiguous().t(), t, None, row_max, row_log_sum, total, 1, -100, 0.0)",
-        "contiguous"),
+        f"ops.cross_entropy_backward_({B_ARGS.replace('g, x,', 'g, x.t().contiguous().t(),')})", "contiguous"),
 }
 
 
@@ -420,4 +430,121 @@ def test_bad_direct_call_raises(isolated, backend, device, case):
     result = isolated(DIRECT_SETUP, code, backend, device)
     assert result["outcome"] == "raised", result
     assert mentions in result["message"], result
+
+
+# --- z-loss, soft-capping and the extras ------------------------------------------
+
+def _torch_z_loss_and_softcap(x, target, weight=None, lse_square_scale=0.0, softcap=None, **kwargs):
+    """The options as Liger-Kernel and Gemma 2 define them, from F.cross_entropy."""
+    z = softcap * torch.tanh(x / softcap) if softcap else x
+    loss = F.cross_entropy(z, target, weight, **{**kwargs, "reduction": "none"})
+    kept = target != kwargs.get("ignore_index", -100)
+    loss = loss + torch.where(kept, lse_square_scale * torch.logsumexp(z, dim=1) ** 2, 0.0)
+    reduction = kwargs.get("reduction", "mean")
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    w = weight if weight is not None else torch.ones(x.shape[1], dtype=x.dtype)
+    return loss.sum() / (w[torch.where(kept, target, 0)] * kept).sum()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_z_loss_and_softcap_match_their_definitions(backend, device, reduction):
+    x, target, weight = make_case((9, 13), "class", weighted=True, device=device, scale=20.0)
+    kwargs = dict(weight=weight, reduction=reduction, label_smoothing=0.1, lse_square_scale=1e-2, softcap=10.0)
+    loss = myext.cross_entropy(x, target, **kwargs, backend=backend)
+    grad_out = torch.rand_like(loss)
+    (grad,) = torch.autograd.grad(loss, x, grad_out)
+    x_ref = x.detach().cpu().requires_grad_()
+    cpu_kwargs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    loss_ref = _torch_z_loss_and_softcap(x_ref, target.cpu(), **cpu_kwargs)
+    (grad_ref,) = torch.autograd.grad(loss_ref, x_ref, grad_out.cpu())
+    torch.testing.assert_close(loss.cpu(), loss_ref)
+    torch.testing.assert_close(grad.cpu(), grad_ref)
+
+
+def test_z_loss_pulls_the_log_sum_exp_to_zero(backend, device):
+    """The z-loss's gradient step lowers |lse|, the point of it."""
+    x = (torch.randn(16, 50, dtype=torch.float64, device=device) + 5).requires_grad_()
+    target = torch.randint(0, 50, (16,), device=device)
+    lse_before = torch.logsumexp(x.detach(), 1).abs().mean()
+    (grad,) = torch.autograd.grad(myext.cross_entropy(x, target, lse_square_scale=1.0, backend=backend), x)
+    assert torch.logsumexp(x.detach() - 0.1 * grad, 1).abs().mean() < lse_before
+
+
+def test_softcap_bounds_the_logits(backend, device):
+    """Capped at 5, logits of 1e4 behave as logits of 5: the loss of the right class is
+    at most log(C) + 10."""
+    x = torch.randn(4, 8, device=device) * 1e4
+    target = torch.tensor([0, 1, 2, 3], device=device)
+    loss = myext.cross_entropy(x, target, softcap=5.0, reduction="none", backend=backend)
+    assert (loss <= math.log(8) + 10 + 1e-4).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_softcap_gradient_far_beyond_the_cap(backend, device, dtype):
+    """Logits thousands of caps out, on either side and at 0: a finite gradient, the
+    definition's (whose tanh saturates there, so its derivative is exact)."""
+    x = torch.tensor([[0.0, 1e-3, -2.0, 50.0], [-50.0, 0.3, 1e3, -1e3], [2e4, -2e4, 0.0, 1.0]],
+                     dtype=dtype, device=device, requires_grad=True)
+    target = torch.tensor([0, 2, 1], device=device)
+    (grad,) = torch.autograd.grad(myext.cross_entropy(x, target, softcap=0.5, backend=backend), x)
+    x_ref = x.detach().cpu().double().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(_torch_z_loss_and_softcap(x_ref, target.cpu(), softcap=0.5), x_ref)
+    assert grad.isfinite().all()
+    torch.testing.assert_close(grad.cpu().double(), grad_ref, **({} if dtype == torch.float64 else
+                                                                dict(rtol=1e-5, atol=1e-6)))
+
+
+@pytest.mark.parametrize("shape", [(7, 11), (2, 11, 3)], ids=str)
+def test_extras(backend, device, shape):
+    x, target, _ = make_case(shape, "class", dtype=torch.float32, device=device, scale=4.0, requires_grad=False)
+    target.view(-1)[0] = -100
+    out = myext.cross_entropy(x, target, softcap=3.0, reduction="none", return_lse=True, return_accuracy=True,
+                              backend=backend)
+    assert isinstance(out, myext.CrossEntropyOutput)
+    z = 3.0 * torch.tanh(x / 3.0)
+    lse = torch.logsumexp(z, dim=1)
+    kept = target != -100
+    torch.testing.assert_close(out.lse[kept], lse[kept])
+    assert out.lse[~kept].isnan().all()
+    assert out.lse.shape == out.loss.shape == target.shape
+    expected = (z.argmax(dim=1) == target)[kept].float().mean()
+    torch.testing.assert_close(out.accuracy, expected)
+    torch.testing.assert_close(out.loss, myext.cross_entropy(x, target, softcap=3.0, reduction="none",
+                                                             backend=backend))
+
+
+def test_extras_take_no_gradient_and_leave_the_loss_as_it_is(backend, device):
+    x, target, _ = make_case((6, 9), "class", dtype=torch.float64, device=device)
+    loss, lse, accuracy = myext.cross_entropy(x, target, return_lse=True, return_accuracy=True, backend=backend)
+    assert not lse.requires_grad and not accuracy.requires_grad
+    (grad,) = torch.autograd.grad(loss, x)
+    (grad_plain,) = torch.autograd.grad(myext.cross_entropy(x, target, backend=backend), x)
+    torch.testing.assert_close(grad, grad_plain)
+
+
+def test_accuracy_of_an_all_ignored_batch_is_nan(backend, device):
+    x = torch.randn(3, 4, device=device)
+    out = myext.cross_entropy(x, torch.full((3,), -100, device=device), return_accuracy=True, backend=backend)
+    assert out.accuracy.isnan() and out.lse is None
+
+
+def test_accuracy_needs_class_indices():
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="return_accuracy needs class-index targets"):
+        myext.cross_entropy(x, torch.softmax(x, 1), return_accuracy=True)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(lse_square_scale=-1.0), "lse_square_scale must be a finite float >= 0"),
+    (dict(lse_square_scale=math.inf), "lse_square_scale must be a finite float >= 0"),
+    (dict(softcap=0.0), "softcap must be a finite float > 0, or None"),
+    (dict(softcap=-3.0), "softcap must be a finite float > 0, or None"),
+    (dict(softcap="30"), "softcap must be a finite float > 0, or None"),
+], ids=lambda c: str(c) if isinstance(c, dict) else "")
+def test_bad_options(changes, message):
+    with pytest.raises(ValueError, match=message):
+        myext.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), **changes)
 

@@ -1,7 +1,8 @@
 """Property-based tests: hypothesis draws the cases we did not think of.
 
 Shapes (empty, 1-d, N-d, sizes around the kernels' vector widths and block lengths,
-primes), dtypes, layouts (transposed, sliced with a step), options and logit scales;
+primes), dtypes, layouts (transposed, sliced with a step), options (z-loss and
+soft-capping among them) and logit scales;
 each backend against the op's reference with a float64 ground truth, under
 myext.testing's rule: our error at most twice PyTorch's own (F.cross_entropy's,
 F.linear's) in that dtype plus four units of the dtype's rounding at the largest true
@@ -76,9 +77,11 @@ def cross_entropy_case(backend, data):
     reduction = data.draw(st.sampled_from(["none", "mean", "sum"]), label="reduction")
     smoothing = data.draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]), label="label_smoothing")
     weighted = data.draw(st.booleans(), label="weighted")
+    lse_square_scale = data.draw(st.sampled_from([0.0, 0.0, 1e-4, 0.1]), label="lse_square_scale")
+    softcap = data.draw(st.sampled_from([None, None, 5.0, 30.0]), label="softcap")
 
     logits = laid_out(data, shape, layout, scale).requires_grad_()
-    kwargs = dict(reduction=reduction, label_smoothing=smoothing)
+    kwargs = dict(reduction=reduction, label_smoothing=smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
     batch = shape[:0] if rank == 1 else shape[:1] + shape[2:]
     if kind == "class":
         target = torch.randint(0, classes, batch, generator=torch.Generator().manual_seed(rows))

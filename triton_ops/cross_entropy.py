@@ -20,30 +20,74 @@ probability targets, and for class targets with both weights and smoothing, a fi
 pass sums w q over the target and weights, without the logits.
 """
 
+import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRETED
 from ._host import check, check_floating, check_like, check_optional_vector, check_shape, wrap_triton
 
 # The most elements a program loads at a time: 16 KB of float32, eight per thread
 # of 16 warps. Tests lower it to run rows of many blocks cheaply.
 MAX_BLOCK_C = 4096
 
+@triton.jit
+def _kahan_expm1(u, v):
+    """exp(v) - 1 from u = exp(v) (Kahan: (u - 1) v / log(u)), exact where u - 1 cancels.
+    (The log is taken of a stand-in where u is 0 or 1 and the branch unused.)"""
+    unused = (u == 1.0) | (u == 0.0)
+    safe_u = tl.where(unused, 0.5, u)
+    return tl.where(u == 1.0, v, tl.where(u == 0.0, -1.0, (safe_u - 1.0) * v / tl.log(safe_u)))
+
+
+if INTERPRETED:
+    @triton.jit
+    def _tanh(x):
+        """tanh from exp and log alone (the interpreter has no libdevice), in float64 and
+        rounded once: -m / (2 + m) with m = expm1(-2|x|), expm1 by Kahan's
+        (u - 1) v / log(u), u = exp(v), exact where u - 1 cancels."""
+        v = -2.0 * tl.abs(x.to(tl.float64))
+        u = tl.exp(v)
+        m = _kahan_expm1(u, v)
+        t = -m / (2.0 + m)
+        return tl.where(x < 0, -t, t).to(x.dtype)
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _tanh(x):
+        return libdevice.tanh(x)
+
+
+@triton.jit
+def _expm1(v):
+    """exp(v) - 1 without its cancellation near v = 0."""
+    return _kahan_expm1(tl.exp(v), v)
+
+
+@triton.jit
+def _cap(x, cap, SOFTCAP: tl.constexpr):
+    """cap * tanh(x / cap) where SOFTCAP, else x."""
+    if SOFTCAP:
+        x = cap * _tanh(x / cap)
+    return x
+
 
 @triton.jit
 def _cross_entropy_forward_kernel(
-    x_ptr, target_ptr, weight_ptr, loss_ptr, max_ptr, log_sum_ptr, row_weight_ptr,
-    rows, classes, ignore_index, label_smoothing: tl.float64,
+    x_ptr, target_ptr, weight_ptr, loss_ptr, max_ptr, log_sum_ptr, target_logit_ptr, row_weight_ptr,
+    rows, classes, ignore_index, label_smoothing: tl.float64, lse_square_scale: tl.float64, softcap: tl.float64,
     stride_xr, stride_xc, stride_tr, stride_tc,
-    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """For BLOCK_R rows r of x (R, C): loss[r], the row's max[r] and log_sum[r], and
-    row_weight[r], the row's part of the mean's divisor. The outputs' dtype is the one
-    computed in."""
+    """For BLOCK_R rows r of x (R, C), capped to z = softcap * tanh(x / softcap) where
+    SOFTCAP: loss[r] (with the z-loss lse_square_scale * lse^2 where Z_LOSS), the row's
+    max[r] and log_sum[r] of z, the target's z target_logit[r], and row_weight[r], the
+    row's part of the mean's divisor. The outputs' dtype is the one computed in."""
     row_ids = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     # Rows past the end repeat the last one: loads need no row mask, stores do.
     row = tl.minimum(row_ids, rows - 1).to(tl.int64)
@@ -51,6 +95,7 @@ def _cross_entropy_forward_kernel(
     # label_smoothing is annotated float64: a Python float otherwise reaches the kernel
     # as float32, and float64 results would carry float32's rounding of it.
     eps = (tl.zeros((), tl.float64) + label_smoothing).to(acc_dtype)
+    cap = (tl.zeros((), tl.float64) + softcap).to(acc_dtype)
     x_rows = x_ptr + row[:, None] * stride_xr
     cols = tl.arange(0, BLOCK_C)[None, :]
 
@@ -64,6 +109,7 @@ def _cross_entropy_forward_kernel(
         offs = start + cols
         inside = offs < classes
         x = tl.load(x_rows + offs * stride_xc, mask=inside, other=float("-inf")).to(acc_dtype)
+        x = tl.where(inside, _cap(x, cap, SOFTCAP), float("-inf"))
         # tl.max passes over NaN: a NaN logit is looked for, and makes the row NaN.
         has_nan = tl.max(tl.where(x != x, 1, 0), axis=1) > 0
         new_max = tl.maximum(running_max, tl.max(x, axis=1), propagate_nan=tl.PropagateNan.ALL)
@@ -102,33 +148,44 @@ def _cross_entropy_forward_kernel(
         # reads nothing and makes the row NaN.
         valid = kept & (target >= 0) & (target < classes)
         x_target = tl.load(x_ptr + row * stride_xr + target * stride_xc, mask=valid, other=float("nan"))
+        z_target = _cap(x_target.to(acc_dtype), cap, SOFTCAP)
         if HAS_WEIGHT:
             w_target = tl.load(weight_ptr + target, mask=valid, other=float("nan")).to(acc_dtype)
         else:
             w_target = tl.where(valid, 1.0, float("nan")).to(acc_dtype)
-        loss += (1 - eps) * w_target * ((running_max - x_target.to(acc_dtype)) + log_sum)
+        loss += (1 - eps) * w_target * ((running_max - z_target) + log_sum)
+    if Z_LOSS:
+        lse = running_max + log_sum
+        loss += (tl.zeros((), tl.float64) + lse_square_scale).to(acc_dtype) * lse * lse
+    if PROB_TARGET:
+        target_logit = tl.zeros((BLOCK_R,), acc_dtype)
+    else:
         loss = tl.where(kept, loss, 0.0)
         row_weight = tl.where(kept, w_target, 0.0)
+        target_logit = tl.where(kept, z_target, 0.0)
     stored = row_ids < rows
     tl.store(loss_ptr + row, loss, mask=stored)
     tl.store(max_ptr + row, running_max, mask=stored)
     tl.store(log_sum_ptr + row, log_sum, mask=stored)
+    tl.store(target_logit_ptr + row, target_logit, mask=stored)
     tl.store(row_weight_ptr + row, row_weight, mask=stored)
 
 
 @triton.jit
 def _cross_entropy_backward_kernel(
     grad_ptr, x_ptr, target_ptr, weight_ptr, max_ptr, log_sum_ptr, scale_ptr,
-    rows, classes, ignore_index, label_smoothing: tl.float64,
+    rows, classes, ignore_index, label_smoothing: tl.float64, lse_square_scale: tl.float64, softcap: tl.float64,
     stride_gr, stride_xr, stride_xc, stride_tr, stride_tc, stride_scale,
-    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """BLOCK_R rows r of grad (R, C), unit column stride: scale[r] * (sum(w q) softmax(x[r]) - w q)."""
+    """BLOCK_R rows r of grad (R, C), unit column stride: scale[r] * ((sum(w q) + 2 lambda
+    lse) softmax(z[r]) - w q) with z the capped logits, times dz/dx."""
     row_ids = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row = tl.minimum(row_ids, rows - 1).to(tl.int64)
     acc_dtype = max_ptr.dtype.element_ty
     eps = (tl.zeros((), tl.float64) + label_smoothing).to(acc_dtype)
+    cap = (tl.zeros((), tl.float64) + softcap).to(acc_dtype)
     x_rows = x_ptr + row[:, None] * stride_xr
     grad_rows = grad_ptr + row[:, None] * stride_gr
     cols = tl.arange(0, BLOCK_C)[None, :]
@@ -173,6 +230,10 @@ def _cross_entropy_backward_kernel(
         target = target[:, None]
         w_target = w_target[:, None]
         smoothing_wq = smoothing_wq[:, None]
+    # The z-loss's coefficient of the softmax, 2 lambda lse.
+    z_coef = tl.zeros((BLOCK_R, 1), acc_dtype)
+    if Z_LOSS:
+        z_coef += 2 * (tl.zeros((), tl.float64) + lse_square_scale).to(acc_dtype) * (row_max + log_sum)
     sum_wq = sum_wq[:, None]
     scale = scale[:, None]
 
@@ -180,7 +241,8 @@ def _cross_entropy_backward_kernel(
         offs = start + cols
         inside = offs < classes
         # Lanes past the row get softmax 0 (and no overflow warnings in the interpreter).
-        x = tl.load(x_rows + offs * stride_xc, mask=inside, other=float("-inf")).to(acc_dtype)
+        x_raw = tl.load(x_rows + offs * stride_xc, mask=inside, other=float("-inf")).to(acc_dtype)
+        x = tl.where(inside, _cap(x_raw, cap, SOFTCAP), float("-inf"))
         if PROB_TARGET:
             p = tl.load(target_ptr + row[:, None] * stride_tr + offs * stride_tc, mask=inside, other=0.0)
             q = (1 - eps) * p.to(acc_dtype) + eps / classes
@@ -193,21 +255,29 @@ def _cross_entropy_backward_kernel(
         else:
             # Only the target's weight: no other class weight (a NaN among them) takes part.
             q = tl.where(offs == target, w_target, 0.0)
-        softmax = tl.exp((x - row_max) - log_sum)
-        grad = scale * (sum_wq * softmax - q)
+        log_softmax = (x - row_max) - log_sum
+        softmax = tl.exp(log_softmax)
+        # The z-loss's term apart: folded into sum(w q) it would carry the rounding of
+        # 1 + 2 lambda lse where the rest cancels to nearly 0.
+        grad = scale * (sum_wq * softmax - q) + scale * z_coef * softmax
         if not PROB_TARGET:
-            # The target's own, (1 - eps) w_t (p - 1) + s p - w_t eps / C with s the smoothing
-            # part of sum(w q): grouped so that its terms cancel where they should (p - 1 is
-            # exact near 1, and a row of one class gets exactly 0).
-            own = (1 - eps) * w_target * (softmax - 1)
+            # The target's own, (1 - eps) w_t (p - 1) + s p - w_t eps / C + 2 lambda lse p
+            # with s the smoothing part of sum(w q): grouped so that its terms cancel where
+            # they should (p - 1 as expm1, exact near 1; a row of one class gets exactly 0).
+            own = (1 - eps) * w_target * _expm1(log_softmax) + z_coef * softmax
             if SMOOTHING:
                 own += smoothing_wq * softmax - w_target * (eps / classes)
             grad = tl.where(offs == target, scale * own, grad)
+        if SOFTCAP:
+            # dz/dx = 1 / cosh^2(x / cap) = 4 e / (1 + e)^2, e = exp(-2 |x| / cap): 1 - tanh^2
+            # would cancel to nothing where tanh is within rounding of 1.
+            e = tl.exp(-2 * tl.abs(x_raw) / cap)
+            grad *= 4 * e / ((1 + e) * (1 + e))
         tl.store(grad_rows + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside & (row_ids < rows)[:, None])
 
 
 def _launch(kernel, *args, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-            label_smoothing: float) -> None:
+            label_smoothing: float, lse_square_scale: float, softcap: float) -> None:
     """Launches one of the kernels over the rows of input, with tiles sized for its rows."""
     rows, classes = input.shape
     block_c = min(triton.next_power_of_2(max(classes, 1)), MAX_BLOCK_C)
@@ -216,7 +286,8 @@ def _launch(kernel, *args, input: torch.Tensor, target: torch.Tensor, weight: Op
     num_warps = max(1, min(16, block_r * block_c // 256))
     wrap_triton(kernel)[(triton.cdiv(rows, block_r),)](
         *args, PROB_TARGET=target.is_floating_point(), HAS_WEIGHT=weight is not None,
-        SMOOTHING=label_smoothing > 0, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        SMOOTHING=label_smoothing > 0, Z_LOSS=lse_square_scale > 0, SOFTCAP=softcap > 0, BLOCK_R=block_r,
+        BLOCK_C=block_c, num_warps=num_warps)
 
 
 def _target_strides(target: torch.Tensor) -> tuple[int, int]:
@@ -224,7 +295,8 @@ def _target_strides(target: torch.Tensor) -> tuple[int, int]:
 
 
 def _check_inputs(op: str, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                  reduction: int, ignore_index: int, label_smoothing: float) -> None:
+                  reduction: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+                  softcap: float) -> None:
     """The checks of csrc/cross_entropy.h. Class indices are asserted on the device
     (no host sync): on a GPU an index out of range stops the kernels' stream."""
     check_floating(op, "input", input)
@@ -244,6 +316,8 @@ def _check_inputs(op: str, input: torch.Tensor, target: torch.Tensor, weight: Op
     check_optional_vector(op, "weight", weight, input.shape[1], input)
     check(reduction in (0, 1, 2), op, f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     check(0.0 <= label_smoothing <= 1.0, op, f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    check(0.0 <= lse_square_scale < math.inf, op, f"lse_square_scale must be finite and >= 0, got {lse_square_scale}")
+    check(0.0 <= softcap < math.inf, op, f"softcap must be finite and > 0, or 0 for none, got {softcap}")
 
 
 def _mean_divisor(total_weight: torch.Tensor) -> torch.Tensor:
@@ -253,28 +327,28 @@ def _mean_divisor(total_weight: torch.Tensor) -> torch.Tensor:
 
 def cross_entropy_forward(
     input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], reduction: int, ignore_index: int,
-    label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    label_smoothing: float, lse_square_scale: float, softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy of logits (R, C) against class indices (R,) or probabilities (R, C):
-    the op myext::cross_entropy_forward_triton.
+    the op myext::cross_entropy_forward_triton (see its schema in csrc/myext.cpp).
 
     Returns the loss (per row for reduction 0, else its mean (1) or sum (2)) in the
-    input's dtype; each row's max and log(sum(exp(x - max))); and the mean's divisor
-    (the summed weights of the targets not ignored, or R); the last three in float32
-    (float64 for float64 input).
+    input's dtype; each row's max and log(sum(exp(z - max))) of the capped logits z; the
+    target's z; and the mean's divisor (the summed weights of the targets not ignored,
+    or R); the last four in float32 (float64 for float64 input).
     """
     op = "cross_entropy_forward_triton"
-    _check_inputs(op, input, target, weight, reduction, ignore_index, label_smoothing)
+    _check_inputs(op, input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
     rows, classes = input.shape
     acc = torch.promote_types(input.dtype, torch.float32)  # float64 stays, the rest is float32
-    losses, row_max, row_log_sum, row_weight = (input.new_empty((rows,), dtype=acc) for _ in range(4))
+    losses, row_max, row_log_sum, target_logit, row_weight = (input.new_empty((rows,), dtype=acc) for _ in range(5))
     if rows > 0:
         weight = weight.contiguous() if weight is not None else None
         # A pointer the options switch off is never read: the input stands in.
         _launch(_cross_entropy_forward_kernel, input, target, weight if weight is not None else input, losses,
-                row_max, row_log_sum, row_weight, rows, classes, ignore_index, label_smoothing, *input.stride(),
-                *_target_strides(target), input=input, target=target, weight=weight,
-                label_smoothing=label_smoothing)
+                row_max, row_log_sum, target_logit, row_weight, rows, classes, ignore_index, label_smoothing,
+                lse_square_scale, softcap, *input.stride(), *_target_strides(target), input=input, target=target,
+                weight=weight, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
     total_weight = row_weight.sum()
     if reduction == 0:
         loss = losses
@@ -282,19 +356,19 @@ def cross_entropy_forward(
         loss = losses.sum()
     else:
         loss = losses.sum() / _mean_divisor(total_weight)
-    return loss.to(input.dtype), row_max, row_log_sum, total_weight
+    return loss.to(input.dtype), row_max, row_log_sum, target_logit, total_weight
 
 
 def cross_entropy_backward(
     grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
     row_max: torch.Tensor, row_log_sum: torch.Tensor, total_weight: torch.Tensor, reduction: int,
-    ignore_index: int, label_smoothing: float,
+    ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
 ) -> torch.Tensor:
     """Gradient of cross_entropy_forward's loss for the logits (R, C), given the loss's
     gradient grad_loss and forward's row_max, row_log_sum and total_weight: the op
     myext::cross_entropy_backward_triton."""
     op = "cross_entropy_backward_triton"
-    _check_inputs(op, input, target, weight, reduction, ignore_index, label_smoothing)
+    _check_inputs(op, input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
     rows, classes = input.shape
     for name, t in (("row_max", row_max), ("row_log_sum", row_log_sum)):
         check_floating(op, name, t)
@@ -316,7 +390,8 @@ def cross_entropy_backward(
             scale = scale / _mean_divisor(total_weight.to(acc))
         weight = weight.contiguous() if weight is not None else None
         _launch(_cross_entropy_backward_kernel, grad_input, input, target, weight if weight is not None else input,
-                row_max, row_log_sum, scale, rows, classes, ignore_index, label_smoothing, grad_input.stride(0),
-                *input.stride(), *_target_strides(target), scale.stride(0) if reduction == 0 else 0,
-                input=input, target=target, weight=weight, label_smoothing=label_smoothing)
+                row_max, row_log_sum, scale, rows, classes, ignore_index, label_smoothing, lse_square_scale, softcap,
+                grad_input.stride(0), *input.stride(), *_target_strides(target),
+                scale.stride(0) if reduction == 0 else 0, input=input, target=target, weight=weight,
+                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
     return grad_input

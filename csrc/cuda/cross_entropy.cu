@@ -67,14 +67,33 @@ struct Problem {
   int64_t chunk;                // block (row, j) covers classes [j chunk, (j + 1) chunk)
   int64_t ignore_index;
   acc_t smoothing;
+  acc_t z_loss;   // lambda of lambda lse^2; 0: none
+  acc_t softcap;  // logits capped at softcap tanh(x / softcap); 0: none
 };
+
+// dz/dx at a logit x: 1 / cosh^2(x / softcap) = 4 e / (1 + e)^2 with e =
+// exp(-2 |x| / softcap), 1 where not capped (1 - tanh^2 would cancel to nothing
+// where tanh is within rounding of 1).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t cap_slope(const Problem<scalar_t, acc_t>& p, acc_t x) {
+  if (p.softcap == acc_t(0)) return acc_t(1);
+  const acc_t e = std::exp(acc_t(-2) * std::abs(x) / p.softcap);
+  return acc_t(4) * e / ((acc_t(1) + e) * (acc_t(1) + e));
+}
+
+// The logit the softmax sees: capped where asked.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t capped(const Problem<scalar_t, acc_t>& p, acc_t x) {
+  return p.softcap == acc_t(0) ? x : p.softcap * std::tanh(x / p.softcap);
+}
 
 template <typename acc_t>
 struct RowOutputs {
   acc_t* loss;
   acc_t* max;
   acc_t* log_sum;
-  acc_t* row_weight;  // the row's share of the mean's divisor
+  acc_t* target_logit;  // the target's capped logit, for the token accuracy
+  acc_t* row_weight;    // the row's share of the mean's divisor
 };
 
 // Partial statistics of a row (or of a chunk of one). With weights v (w for
@@ -165,6 +184,7 @@ __device__ __forceinline__ void write_ignored_row(const RowOutputs<acc_t>& out, 
   out.loss[row] = acc_t(0);
   out.max[row] = acc_t(0);
   out.log_sum[row] = acc_t(0);
+  out.target_logit[row] = acc_t(0);
   out.row_weight[row] = acc_t(0);
 }
 
@@ -177,23 +197,28 @@ __device__ void finish_row(const Problem<scalar_t, acc_t>& p, int64_t row,
   const acc_t log_sum = std::log(s.sum_exp);
   acc_t loss;
   acc_t row_weight = acc_t(1);
+  acc_t z_t = acc_t(0);
   if constexpr (kProb) {
     // s.weight is sum(w q) here.
     loss = s.gap + s.weight * log_sum;
   } else {
     const int64_t t = checked_target(p, p.class_target[row]);
     row_weight = t < 0 ? nan_value<acc_t>() : (p.weight == nullptr ? acc_t(1) : p.weight[t]);
-    const acc_t x_t = t < 0 ? nan_value<acc_t>()
-                            : static_cast<acc_t>(p.input[row * p.classes + t]);
-    loss = (acc_t(1) - p.smoothing) * row_weight * ((s.max - x_t) + log_sum);
+    z_t = t < 0 ? nan_value<acc_t>() : capped(p, static_cast<acc_t>(p.input[row * p.classes + t]));
+    loss = (acc_t(1) - p.smoothing) * row_weight * ((s.max - z_t) + log_sum);
     if (p.smoothing > acc_t(0)) {
       // eps / C sum_c w_c (lse - x_c); s.weight is sum(w) here.
       loss += p.smoothing / static_cast<acc_t>(p.classes) * (s.gap + s.weight * log_sum);
     }
   }
+  if (p.z_loss != acc_t(0)) {
+    const acc_t lse = s.max + log_sum;
+    loss += p.z_loss * lse * lse;
+  }
   out.loss[row] = loss;
   out.max[row] = s.max;
   out.log_sum[row] = log_sum;
+  out.target_logit[row] = z_t;
   out.row_weight[row] = row_weight;
 }
 
@@ -228,7 +253,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     acc_t pack_max = -kInf;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      xs[i] = static_cast<acc_t>(packed_x.val[i]);
+      xs[i] = capped(p, static_cast<acc_t>(packed_x.val[i]));
       pack_max = nan_max(xs[i], pack_max);
     }
     if (!(pack_max <= s.max)) {  // the max grows, or is NaN
@@ -317,11 +342,15 @@ __global__ void __launch_bounds__(kMaxThreads)
   const acc_t s = scale[row * scale_stride];
   const acc_t keep = acc_t(1) - p.smoothing;
   const acc_t eps_c = p.smoothing / static_cast<acc_t>(p.classes);
-  acc_t softmax_coef;           // s * sum(w q)
+  // s 2 lambda lse: the z-loss's coefficient of the softmax.
+  const acc_t z_coef = p.z_loss == acc_t(0) ? acc_t(0) : s * acc_t(2) * p.z_loss * (row_max[row] + row_log_sum[row]);
+  acc_t softmax_coef;           // s * (sum(w q) + 2 lambda lse)
   acc_t smooth_coef = 0;        // s * eps / C: class-index targets' uniform part
   acc_t target_coef = 0;        // s * (1 - eps) * w_t, taken off at the target class
   int64_t t = -1;
   if constexpr (kProb) {
+    // The z-loss's term is added apart (below): folded in, it would carry the rounding
+    // of 1 + 2 lambda lse where the rest cancels to nearly 0.
     softmax_coef = s * (keep * target_weight_sum[row] + eps_c * total_class_weight(p));
   } else {
     const int64_t raw = p.class_target[row];
@@ -334,7 +363,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const acc_t w_t = t < 0 ? nan_value<acc_t>() : (p.weight == nullptr ? acc_t(1) : p.weight[t]);
     // Without smoothing the other class weights take no part (a NaN among them
     // must not reach the gradient).
-    softmax_coef = s * (keep * w_t + (p.smoothing > acc_t(0) ? eps_c * total_class_weight(p) : acc_t(0)));
+    softmax_coef = s * (keep * w_t + (p.smoothing > acc_t(0) ? eps_c * total_class_weight(p) : acc_t(0))) + z_coef;
     smooth_coef = s * eps_c;
     target_coef = s * keep * w_t;
   }
@@ -352,23 +381,26 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const acc_t wq = (keep * static_cast<acc_t>(packed_q.val[i]) + eps_c) * w.val[i];
-        const acc_t value =
-            softmax_coef * std::exp((static_cast<acc_t>(packed_x.val[i]) - max) - log_sum) - s * wq;
-        out.val[i] = static_cast<scalar_t>(value);
+        const acc_t x_i = static_cast<acc_t>(packed_x.val[i]);
+        const acc_t softmax = std::exp((capped(p, x_i) - max) - log_sum);
+        const acc_t value = (softmax_coef * softmax - s * wq) + z_coef * softmax;
+        out.val[i] = static_cast<scalar_t>(value * cap_slope(p, x_i));
       }
     } else {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const acc_t softmax = std::exp((static_cast<acc_t>(packed_x.val[i]) - max) - log_sum);
+        const acc_t x_i = static_cast<acc_t>(packed_x.val[i]);
+        const acc_t log_softmax = (capped(p, x_i) - max) - log_sum;
+        const acc_t softmax = std::exp(log_softmax);
         acc_t value = softmax_coef * softmax;
         if (need_w) value -= smooth_coef * w.val[i];
         if (c + i == t) {
-          // target_coef (p - 1) + smooth_coef (W p - w_t): the terms grouped so that
-          // they cancel where they should (p - 1 is exact for p near 1).
-          value = target_coef * (softmax - acc_t(1)) +
+          // target_coef (p - 1) + smooth_coef (W p - w_t) + z_coef p: the terms grouped
+          // so that they cancel where they should (p - 1 as expm1, exact for p near 1).
+          value = target_coef * std::expm1(log_softmax) + z_coef * softmax +
                   (need_w ? smooth_coef * (total_class_weight(p) * softmax - w.val[i]) : acc_t(0));
         }
-        out.val[i] = static_cast<scalar_t>(value);
+        out.val[i] = static_cast<scalar_t>(value * cap_slope(p, x_i));
       }
     }
     store_pack(g + c, out);
@@ -448,7 +480,8 @@ at::Tensor mean_divisor(const at::Tensor& total_weight) {
 }
 
 template <typename scalar_t, typename acc_t>
-Problem<scalar_t, acc_t> make_problem(const Inputs& in, int64_t ignore_index, double smoothing) {
+Problem<scalar_t, acc_t> make_problem(const Inputs& in, int64_t ignore_index, double smoothing,
+                                      double lse_square_scale, double softcap) {
   Problem<scalar_t, acc_t> p;
   p.input = in.x.data_ptr<scalar_t>();
   p.class_target = in.probabilities ? nullptr : in.target.data_ptr<int64_t>();
@@ -459,6 +492,8 @@ Problem<scalar_t, acc_t> make_problem(const Inputs& in, int64_t ignore_index, do
   p.chunk = p.classes;
   p.ignore_index = ignore_index;
   p.smoothing = static_cast<acc_t>(smoothing);
+  p.z_loss = static_cast<acc_t>(lse_square_scale);
+  p.softcap = static_cast<acc_t>(softcap);
   return p;
 }
 
@@ -473,12 +508,12 @@ bool rows_aligned(const Problem<scalar_t, acc_t>& p, const void* grad) {
          (grad == nullptr || is_aligned(grad, 16));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
     const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing) {
+    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap) {
   constexpr const char* op = "cross_entropy_forward";
-  check_cross_entropy_inputs(op, input, target, weight, reduction, label_smoothing);
+  check_cross_entropy_inputs(op, input, target, weight, reduction, label_smoothing, lse_square_scale, softcap);
   const c10::cuda::CUDAGuard guard(input.device());
   const Inputs in = prepare(op, input, target, weight);
   const int64_t rows = in.x.size(0);
@@ -486,18 +521,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   at::Tensor losses = at::empty({rows}, acc_options);
   at::Tensor row_max = at::empty({rows}, acc_options);
   at::Tensor row_log_sum = at::empty({rows}, acc_options);
+  at::Tensor target_logit = at::empty({rows}, acc_options);
   at::Tensor row_weights = at::empty({rows}, acc_options);
 
   if (rows > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, in.x.scalar_type(), "cross_entropy_forward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          auto p = make_problem<scalar_t, acc_t>(in, ignore_index, label_smoothing);
+          auto p = make_problem<scalar_t, acc_t>(in, ignore_index, label_smoothing, lse_square_scale, softcap);
           const bool packed = rows_aligned(p, nullptr);
           const Plan plan = make_plan(p.classes, packed ? kPack16<scalar_t> : 1);
           p.chunk = plan.chunk;
           const RowOutputs<acc_t> out{losses.data_ptr<acc_t>(), row_max.data_ptr<acc_t>(),
-                                      row_log_sum.data_ptr<acc_t>(), row_weights.data_ptr<acc_t>()};
+                                      row_log_sum.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(),
+                                      row_weights.data_ptr<acc_t>()};
           at::Tensor partial;
           RowStats<acc_t>* partial_ptr = nullptr;
           if (plan.splits > 1) {
@@ -533,7 +570,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
   } else {
     loss = losses.sum().div(mean_divisor(total_weight)).to(in.x.scalar_type());
   }
-  return {loss, row_max, row_log_sum, total_weight};
+  return {loss, row_max, row_log_sum, target_logit, total_weight};
 }
 
 // Writes the gradient into `grad`, which may be the logits themselves: each
@@ -541,7 +578,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward
 void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_loss,
                    const at::Tensor& row_max, const at::Tensor& row_log_sum,
                    const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
-                   double label_smoothing) {
+                   double label_smoothing, double lse_square_scale, double softcap) {
   const int64_t rows = in.x.size(0);
   const auto acc_type = at::toOpMathType(in.x.scalar_type());
   const at::Tensor max_c = row_max.to(acc_type).contiguous();
@@ -556,7 +593,7 @@ void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_lo
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, in.x.scalar_type(), "cross_entropy_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          auto p = make_problem<scalar_t, acc_t>(in, ignore_index, label_smoothing);
+          auto p = make_problem<scalar_t, acc_t>(in, ignore_index, label_smoothing, lse_square_scale, softcap);
           const bool packed = rows_aligned(p, grad.data_ptr());
           const Plan plan = make_plan(p.classes, packed ? kPack16<scalar_t> : 1);
           p.chunk = plan.chunk;
@@ -592,15 +629,15 @@ at::Tensor cross_entropy_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
     const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing) {
+    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap) {
   constexpr const char* op = "cross_entropy_backward";
   check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum,
-                                      total_weight, reduction, label_smoothing);
+                                      total_weight, reduction, label_smoothing, lse_square_scale, softcap);
   const c10::cuda::CUDAGuard guard(input.device());
   const Inputs in = prepare(op, input, target, weight);
   at::Tensor grad = at::empty(in.x.sizes(), in.x.options());
   backward_into(grad, in, grad_loss, row_max, row_log_sum, total_weight, reduction, ignore_index,
-                label_smoothing);
+                label_smoothing, lse_square_scale, softcap);
   return grad;
 }
 
@@ -609,15 +646,15 @@ void cross_entropy_backward_inplace_cuda(
     const at::Tensor& grad_loss, at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
     const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing) {
+    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap) {
   constexpr const char* op = "cross_entropy_backward_";
   check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum,
-                                      total_weight, reduction, label_smoothing);
+                                      total_weight, reduction, label_smoothing, lse_square_scale, softcap);
   TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous");
   const c10::cuda::CUDAGuard guard(input.device());
   const Inputs in = prepare(op, input, target, weight);
   backward_into(input, in, grad_loss, row_max, row_log_sum, total_weight, reduction, ignore_index,
-                label_smoothing);
+                label_smoothing, lse_square_scale, softcap);
 }
 
 }  // namespace

@@ -11,7 +11,8 @@ its registry spec (samples and benchmark cases).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,8 @@ from .._library import acc_dtype
 from .._validation import REDUCTIONS, check_float_dtype, check_same, check_tensor, needs_grad
 from ..backends import has_capability, op, resolve_backend
 
-__all__ = ["CrossEntropyBackwardFunction", "CrossEntropyFunction", "cross_entropy", "cross_entropy_2d",
-           "reference"]
+__all__ = ["CrossEntropyBackwardFunction", "CrossEntropyFunction", "CrossEntropyOutput", "Options", "cross_entropy",
+           "cross_entropy_2d", "reference"]
 
 NAME = "cross_entropy"
 INPLACE_BACKWARD = "inplace_backward"
@@ -37,6 +38,8 @@ def check_cross_entropy(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
 ) -> bool:
     """Checks the arguments of cross_entropy; returns True for probability targets."""
     check_tensor("input", input)
@@ -50,6 +53,10 @@ def check_cross_entropy(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not isinstance(lse_square_scale, (int, float)) or not 0.0 <= lse_square_scale < math.inf:
+        raise ValueError(f"lse_square_scale must be a finite float >= 0, got {lse_square_scale!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not 0.0 < softcap < math.inf):
+        raise ValueError(f"softcap must be a finite float > 0, or None, got {softcap!r}")
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}: "
                          "expected all tensors on one device")
@@ -89,8 +96,8 @@ def check_class_indices(target: torch.Tensor, classes: int, ignore_index: int) -
 
     It reads the values (a host sync on a GPU), which a traced graph does not have,
     so it is skipped while compiling, and for the C++ kernels, which raise the same
-    error as they read. In a compiled graph the CUDA kernels assert on such an index
-    and the Triton kernels give its row a nan loss; neither reads out of bounds.
+    error as they read. In a compiled graph the CUDA and Triton kernels assert on
+    such an index; neither reads out of bounds.
     """
     if torch.compiler.is_compiling() or target.numel() == 0:
         return
@@ -103,80 +110,83 @@ def check_class_indices(target: torch.Tensor, classes: int, ignore_index: int) -
 
 # --------------------------------------------------------------------------- fake kernels
 
-def cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, label_smoothing):
+def cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale,
+                               softcap):
     rows = input.shape[0]
     acc = acc_dtype(input.dtype)
     loss = input.new_empty((rows,) if reduction == 0 else ())
-    return loss, input.new_empty((rows,), dtype=acc), input.new_empty((rows,), dtype=acc), input.new_empty((), dtype=acc)
+    row_max, row_log_sum, target_logit = (input.new_empty((rows,), dtype=acc) for _ in range(3))
+    return loss, row_max, row_log_sum, target_logit, input.new_empty((), dtype=acc)
 
 
 def cross_entropy_backward_fake(grad_loss, input, target, weight, row_max, row_log_sum, total_weight, reduction,
-                                ignore_index, label_smoothing):
+                                ignore_index, label_smoothing, lse_square_scale, softcap):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 def cross_entropy_backward_inplace_fake(grad_loss, input, target, weight, row_max, row_log_sum, total_weight,
-                                        reduction, ignore_index, label_smoothing):
+                                        reduction, ignore_index, label_smoothing, lse_square_scale, softcap):
     return None
 
 
 # --------------------------------------------------------------------------- autograd
 
-def _row_scale(grad_loss: torch.Tensor, total_weight: torch.Tensor, reduction: int, dtype: torch.dtype):
-    """The factor of each row's loss gradient, broadcastable to (R, 1)."""
-    g = grad_loss.to(dtype)
-    if reduction == 0:
-        return g.unsqueeze(1)
-    return g / total_weight.to(dtype) if reduction == 1 else g
+class Options(NamedTuple):
+    """The options of a call as the dispatcher ops take them (softcap 0: none)."""
+
+    reduction: int
+    ignore_index: int
+    label_smoothing: float
+    lse_square_scale: float
+    softcap: float
+
+    def reference(self, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """The reference loss of rows of logits with these options."""
+        return cross_entropy_2d(input, target, weight, self.ignore_index, _REDUCTION_NAMES[self.reduction],
+                                self.label_smoothing, self.lse_square_scale, self.softcap or None)
 
 
-def _target_grad(grad_loss, input, weight, total_weight, reduction: int, label_smoothing: float):
-    """Gradient for probability targets: d loss_i / d target_ic = -(1 - eps) w_c log_softmax(input)_ic,
-    times row i's factor. Built from torch ops, so it differentiates again."""
-    acc = acc_dtype(input.dtype)
-    grad = torch.log_softmax(input.to(acc), dim=1) * (-(1.0 - label_smoothing))
-    if weight is not None:
-        grad = grad * weight.to(acc)
-    return (grad * _row_scale(grad_loss, total_weight, reduction, acc)).to(input.dtype)
+_REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy of logits (R, C) against class indices (R,) or probabilities (R, C).
 
-    ``CrossEntropyFunction.apply(input, target, weight, reduction, ignore_index,
-    label_smoothing, backend, inplace_backward)`` with reduction 0 (none), 1 (mean) or
-    2 (sum); the arguments already checked and reshaped to two dimensions (see
-    myext.cross_entropy). Forward keeps two numbers per row for backward, the row's
-    max and log(sum(exp(x - max))), and the mean's divisor. With ``inplace_backward`` (cpp and cuda backends, contiguous
-    logits) backward writes the gradient over the logits and bumps their version, so
-    any other autograd node that saved them raises an error instead of reading it.
+    ``CrossEntropyFunction.apply(input, target, weight, options, backend,
+    inplace_backward)`` with ``options`` an :class:`Options`; the arguments already
+    checked and reshaped to two dimensions (see myext.cross_entropy). Returns the loss,
+    and, not differentiable, each row's max and log(sum(exp(z - max))) of the capped
+    logits z and the target's capped logit (for myext.cross_entropy's extras). Forward
+    keeps those two numbers per row for backward, and the mean's divisor. With
+    ``inplace_backward`` (cpp and cuda backends, contiguous logits) backward writes the
+    gradient over the logits and bumps their version, so any other autograd node that
+    saved them raises an error instead of reading it.
     """
 
     @staticmethod
     def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                reduction: int, ignore_index: int, label_smoothing: float, backend: str,
-                inplace_backward: bool = False) -> torch.Tensor:
-        loss, row_max, row_log_sum, total_weight = op("cross_entropy_forward", backend)(
-            input, target, weight, reduction, ignore_index, label_smoothing)
+                options: Options, backend: str, inplace_backward: bool = False):
+        loss, row_max, row_log_sum, target_logit, total_weight = op("cross_entropy_forward", backend)(
+            input, target, weight, *options)
         ctx.save_for_backward(input, target, weight, row_max, row_log_sum, total_weight)
-        ctx.options = (reduction, ignore_index, label_smoothing)
+        ctx.options = options
         ctx.backend = backend
         ctx.inplace_backward = inplace_backward
-        return loss
+        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit)
+        return loss, row_max, row_log_sum, target_logit
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor):
+    def backward(ctx: Any, grad_loss: torch.Tensor, *unused_grads):
         input, target, weight, row_max, row_log_sum, total_weight = ctx.saved_tensors
-        reduction, ignore_index, label_smoothing = ctx.options
         grad_input = grad_target = None
         # The target's gradient reads the logits, so it comes before any in-place write.
         if ctx.needs_input_grad[1] and target.is_floating_point():
-            grad_target = _target_grad(grad_loss, input, weight, total_weight, reduction, label_smoothing)
+            grad_target = _reference_grads(grad_loss, input, target, weight, ctx.options, wrt_target=True)
         if ctx.needs_input_grad[0]:
-            args = (grad_loss, input, target, weight, row_max, row_log_sum, total_weight, reduction, ignore_index,
-                    label_smoothing)
+            args = (grad_loss, input, target, weight, row_max, row_log_sum, total_weight, *ctx.options)
             if torch.is_grad_enabled():
-                grad_input = CrossEntropyBackwardFunction.apply(*args, ctx.backend)
+                grad_input = CrossEntropyBackwardFunction.apply(grad_loss, input, target, weight, row_max,
+                                                                row_log_sum, total_weight, ctx.options, ctx.backend)
             elif ctx.inplace_backward:
                 op("cross_entropy_backward_", ctx.backend)(*args)
                 # The dispatcher does not bump versions for custom ops run in backward.
@@ -184,64 +194,74 @@ class CrossEntropyFunction(torch.autograd.Function):
                 grad_input = input
             else:
                 grad_input = op("cross_entropy_backward", ctx.backend)(*args)
-        return grad_input, grad_target, None, None, None, None, None, None
+        return grad_input, grad_target, None, None, None, None
+
+
+def _reference_grads(grad_loss, input, target, weight, options: Options, *, wrt_target: bool):
+    """The gradient of the reference loss for the logits (or, with ``wrt_target``, for
+    probability targets), built from torch ops so that it differentiates again."""
+    with torch.enable_grad():
+        leaf = target if wrt_target else input
+        if not leaf.requires_grad:
+            leaf = leaf.detach().requires_grad_()
+        loss = options.reference(input if wrt_target else leaf, leaf if wrt_target else target, weight)
+        (grad,) = torch.autograd.grad(loss, leaf, grad_loss, create_graph=torch.is_grad_enabled())
+    return grad
 
 
 class CrossEntropyBackwardFunction(torch.autograd.Function):
     """The backward of cross-entropy as a differentiable function, for double backward.
 
-    Row i's gradient is s_i D_i with D_i = a_i p_i - (w q)_i, p_i = softmax(x_i),
-    a_i = sum(w q_i) and s_i the upstream gradient (over the mean's divisor). The
-    backward recomputes p from the input with torch ops so that it differentiates again.
+    Forward runs the backend's backward kernel; its backward differentiates the
+    reference's gradient (torch ops) again, which makes double and higher backward
+    exact for every option.
     """
 
     @staticmethod
-    def forward(ctx: Any, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, reduction: int,
-                ignore_index: int, label_smoothing: float, backend: str):
-        ctx.save_for_backward(grad_loss, input, target, weight, total_weight)
-        ctx.options = (reduction, ignore_index, label_smoothing)
-        return op("cross_entropy_backward", backend)(
-            grad_loss, input, target, weight, row_max, row_log_sum, total_weight, reduction, ignore_index,
-            label_smoothing)
+    def forward(ctx: Any, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, options: Options,
+                backend: str):
+        ctx.save_for_backward(grad_loss, input, target, weight)
+        ctx.options = options
+        return op("cross_entropy_backward", backend)(grad_loss, input, target, weight, row_max, row_log_sum,
+                                                      total_weight, *options)
 
     @staticmethod
     def backward(ctx: Any, grad_grad_input):
-        grad_loss, input, target, weight, total_weight = ctx.saved_tensors
-        reduction, ignore_index, eps = ctx.options
-        acc = acc_dtype(input.dtype)
-        classes = input.shape[1]
-        p = torch.softmax(input.to(acc), dim=1)
-        w = weight.to(acc) if weight is not None else torch.ones(classes, dtype=acc, device=input.device)
-        if target.is_floating_point():
-            wq = w * (target.to(acc) * (1.0 - eps) + eps / classes)
-            a = wq.sum(dim=1)
-        else:
-            kept = target != ignore_index
-            safe_target = torch.where(kept, target, torch.zeros_like(target))
-            w_target = w[safe_target] * kept
-            a = (1.0 - eps) * w_target + (eps / classes) * w.sum() * kept
-            one_hot = F.one_hot(safe_target, classes).to(acc)
-            wq = (1.0 - eps) * w_target.unsqueeze(1) * one_hot + (eps / classes) * w * kept.unsqueeze(1)
-        gg = grad_grad_input.to(acc)
-        scale = _row_scale(grad_loss, total_weight, reduction, acc)
-        gg_dot_p = (gg * p).sum(dim=1, keepdim=True)
-
-        per_row = (gg * (a.unsqueeze(1) * p - wq)).sum(dim=1)
-        if reduction == 0:
-            grad_grad_loss = per_row
-        elif reduction == 1:
-            grad_grad_loss = per_row.sum() / total_weight
-        else:
-            grad_grad_loss = per_row.sum()
-        grad_input = scale * a.unsqueeze(1) * p * (gg - gg_dot_p)
-        grad_target = None
-        if target.is_floating_point() and ctx.needs_input_grad[2]:
-            grad_target = (scale * (1.0 - eps) * w * (gg_dot_p - gg)).to(target.dtype)
-        return (grad_grad_loss.to(grad_loss.dtype), grad_input.to(input.dtype), grad_target,
-                None, None, None, None, None, None, None, None)
+        grad_loss, input, target, weight = ctx.saved_tensors
+        create_graph = torch.is_grad_enabled()
+        probabilities = target.is_floating_point()
+        with torch.enable_grad():
+            g = grad_loss if grad_loss.requires_grad else grad_loss.detach().requires_grad_()
+            x = input if input.requires_grad else input.detach().requires_grad_()
+            t = target if not probabilities or target.requires_grad else target.detach().requires_grad_()
+            (grad_input,) = torch.autograd.grad(ctx.options.reference(x, t, weight), x, g, create_graph=True)
+            wrt = [g, x, t] if probabilities else [g, x]
+            grads = torch.autograd.grad(grad_input, wrt, grad_grad_input, allow_unused=True,
+                                        create_graph=create_graph)
+        grad_grad_loss, grad_x = grads[0], grads[1]
+        grad_t = grads[2] if probabilities else None
+        return grad_grad_loss, grad_x, grad_t, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- the public function
+
+class CrossEntropyOutput(NamedTuple):
+    """What :func:`cross_entropy` returns when asked for its extras.
+
+    Attributes:
+        loss: the loss, as without extras.
+        lse: with ``return_lse``, the log-sum-exp of each element's (capped) logits, of
+            the shape of an unreduced loss; NaN where the target is ignore_index (those
+            logits are not read). Else None.
+        accuracy: with ``return_accuracy``, the fraction of the elements not ignored
+            whose target's logit is the largest of its row (ties count as right); NaN
+            where all are ignored. Else None.
+    """
+
+    loss: torch.Tensor
+    lse: Optional[torch.Tensor]
+    accuracy: Optional[torch.Tensor]
+
 
 def _as_rows(input: torch.Tensor, target: torch.Tensor, probabilities: bool):
     """(R, C) logits, (R,) or (R, C) targets, and the batch shape of the unreduced loss."""
@@ -255,6 +275,24 @@ def _as_rows(input: torch.Tensor, target: torch.Tensor, probabilities: bool):
     return rows, target_rows, input.shape[:1] + input.shape[2:]
 
 
+def extras(row_max: torch.Tensor, row_log_sum: torch.Tensor, target_logit: torch.Tensor, target: torch.Tensor,
+           ignore_index: int, batch_shape: torch.Size, return_lse: bool, return_accuracy: bool):
+    """(lse, accuracy) from the kernels' per-row outputs (each None where not asked for).
+    Shared with the fused linear cross-entropy, whose kernels give the same outputs."""
+    lse = accuracy = None
+    probabilities = target.is_floating_point()
+    kept = None if probabilities else target != ignore_index
+    if return_lse:
+        lse = (row_max + row_log_sum).detach()
+        if kept is not None:
+            lse = torch.where(kept, lse, torch.full_like(lse, math.nan))
+        lse = lse.reshape(batch_shape)
+    if return_accuracy:
+        hits = ((target_logit >= row_max) & kept).to(row_max.dtype)
+        accuracy = hits.sum() / kept.sum()
+    return lse, accuracy
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -263,9 +301,13 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+    return_accuracy: bool = False,
     backend: Optional[str] = None,
     inplace_backward: bool = False,
-) -> torch.Tensor:
+) -> Union[torch.Tensor, CrossEntropyOutput]:
     r"""Cross-entropy between logits and targets, with the semantics of ``F.cross_entropy``.
 
     Args:
@@ -279,6 +321,15 @@ def cross_entropy(
             weights of the targets not ignored (class indices) or by the number of
             rows (probabilities), as PyTorch does; an all-ignored batch gives ``nan``.
         label_smoothing: in ``[0, 1]``; mixes the target with the uniform distribution.
+        lse_square_scale: the z-loss of PaLM: adds ``lse_square_scale * lse**2`` to the
+            loss of each element not ignored, before the reduction (so ``"mean"`` divides
+            it by the same divisor), ``lse`` the log-sum-exp of its logits.
+        softcap: caps the logits at ``softcap * tanh(input / softcap)`` before the
+            softmax (Gemma 2's logit soft-capping); ``None`` (default) leaves them.
+        return_lse: also return each element's log-sum-exp (of the capped logits), for
+            logging: computed in the same pass, no gradient flows through it.
+        return_accuracy: also return the token accuracy (class-index targets), computed
+            in the same pass, no gradient.
         backend: ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"torch"``; ``None`` picks
             ``$MYEXT_BACKEND`` or the best backend available for the tensors' device.
         inplace_backward: write the gradient over the logits' own buffer in backward,
@@ -290,17 +341,23 @@ def cross_entropy(
             ``triton``) and non-contiguous logits compute out of place.
 
     Returns:
-        A scalar, or for ``reduction="none"`` the loss of each element of the target's
-        batch shape. bfloat16 and float16 inputs are computed in float32 and the loss
-        returned in the input's dtype.
+        The loss: a scalar, or for ``reduction="none"`` the loss of each element of the
+        target's batch shape. bfloat16 and float16 inputs are computed in float32 and
+        the loss returned in the input's dtype. With ``return_lse`` or
+        ``return_accuracy``, a :class:`CrossEntropyOutput` ``(loss, lse, accuracy)``.
 
     Example::
 
         >>> logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
         >>> torch.allclose(myext.cross_entropy(logits, labels), F.cross_entropy(logits, labels))
         True
+        >>> loss, lse, accuracy = myext.cross_entropy(logits, labels, lse_square_scale=1e-4,
+        ...                                           return_lse=True, return_accuracy=True)
     """
-    probabilities = check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    probabilities = check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                        lse_square_scale, softcap)
+    if return_accuracy and probabilities:
+        raise ValueError("return_accuracy needs class-index targets, not probabilities")
     if target.dtype == torch.uint8:
         target = target.long()  # the kernels read int64 class indices
     if inplace_backward and input.is_leaf and input.requires_grad:
@@ -309,23 +366,69 @@ def cross_entropy(
     name = resolve_backend(backend, input.device, NAME)
     if not probabilities and name != "cpp":
         check_class_indices(target, input.size(0) if input.dim() == 1 else input.size(1), ignore_index)
-    if name == "torch":
-        return reference(input, target, weight, ignore_index, reduction, label_smoothing)
 
     # The kernels see rows of classes: (R, C) logits and (R,) or (R, C) targets.
     input_2d, target_2d, batch_shape = _as_rows(input, target, probabilities)
-    if not needs_grad(input_2d, target_2d):
-        loss = op("cross_entropy_forward", name)(input_2d, target_2d, weight, REDUCTIONS[reduction], ignore_index,
-                                                 float(label_smoothing))[0]
+    options = Options(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
+                      float(softcap or 0.0))
+    if name == "torch":
+        loss = options.reference(input_2d, target_2d, weight)
+        row_max, row_log_sum, target_logit = _reference_rows(input_2d, target_2d, options)
+    elif not needs_grad(input_2d, target_2d):
+        loss, row_max, row_log_sum, target_logit, _ = op("cross_entropy_forward", name)(
+            input_2d, target_2d, weight, *options)
     else:
         inplace = (inplace_backward and input_2d.is_contiguous()
                    and has_capability(NAME, INPLACE_BACKWARD, name, input.device))
-        loss = CrossEntropyFunction.apply(input_2d, target_2d, weight, REDUCTIONS[reduction], ignore_index,
-                                          float(label_smoothing), name, inplace)
-    return loss.reshape(batch_shape) if reduction == "none" else loss
+        loss, row_max, row_log_sum, target_logit = CrossEntropyFunction.apply(input_2d, target_2d, weight, options,
+                                                                              name, inplace)
+    loss = loss.reshape(batch_shape) if reduction == "none" else loss
+    if not (return_lse or return_accuracy):
+        return loss
+    return CrossEntropyOutput(loss, *extras(row_max, row_log_sum, target_logit, target_2d, ignore_index,
+                                            batch_shape, return_lse, return_accuracy))
 
 
 # --------------------------------------------------------------------------- the spec
+
+def _capped(input: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """softcap * tanh(input / softcap), from exp and expm1 so that both it and the
+    derivative autograd takes from it, 1 / cosh^2 = 4 e / (1 + e)^2 with e = exp(-2 |u|),
+    are precise; torch.tanh's derivative, 1 - tanh^2, cancels to nothing where tanh is
+    within rounding of 1. The kernels compute the same."""
+    if not softcap:
+        return input
+    u = input / softcap
+
+    def tanh_of_nonnegative(v):
+        # Near 0, -m / (2 + m) with m = expm1(-2v) (1 - e would cancel); further out
+        # (1 - e) / (1 + e), whose derivative, unlike expm1's (m + 1), keeps its digits.
+        m = torch.expm1(-2 * v)
+        e = torch.exp(-2 * v)
+        return torch.where(v < 0.5, -m / (2 + m), (1 - e) / (1 + e))
+
+    # tanh is odd: one evaluation at |u| (never at -|u|, where exp overflows and its
+    # derivative, though where() discards it, turns the gradient to NaN), with the sign
+    # chosen so that the derivative at 0 is 1 (abs's would be 0).
+    nonnegative = torch.where(u >= 0, u, -u)
+    magnitude = tanh_of_nonnegative(nonnegative)
+    return softcap * torch.where(u >= 0, magnitude, -magnitude)
+
+
+def _reference_rows(input: torch.Tensor, target: torch.Tensor, options: Options):
+    """Each row's max and log-sum and the target's logit, as the kernels give them, from
+    torch ops (the torch backend's extras)."""
+    with torch.no_grad():
+        z = _capped(input.float() if input.dtype in (torch.float16, torch.bfloat16) else input, options.softcap)
+        row_max = z.amax(dim=1)
+        row_log_sum = (z - row_max.unsqueeze(1)).exp().sum(dim=1).log()
+        if target.is_floating_point():
+            target_logit = torch.zeros_like(row_max)
+        else:
+            safe = torch.where(target == options.ignore_index, torch.zeros_like(target), target)
+            target_logit = z.gather(1, safe.unsqueeze(1)).squeeze(1)
+    return row_max, row_log_sum, target_logit
+
 
 def cross_entropy_2d(
     input: torch.Tensor,
@@ -334,10 +437,13 @@ def cross_entropy_2d(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """Cross-entropy of logits (R, C) against class indices (R,) or probabilities (R, C).
 
-    As PyTorch defines it, with logp = log_softmax(input) and w the class weights
+    As PyTorch defines it, with logp = log_softmax(z), z the logits capped at
+    softcap * tanh(input / softcap) where softcap is given, and w the class weights
     (ones if none). Probabilities q, smoothed to (1 - eps) q + eps / C: loss_i =
     -sum_c w_c q_ic logp_ic, and 'mean' divides by R. Class indices t: loss_i =
     (1 - eps) nll_i + eps / C smooth_i with nll_i = -w_t logp_it and smooth_i =
@@ -345,8 +451,9 @@ def cross_entropy_2d(
     also for NaN or infinite logits, where PyTorch's is NaN); 'mean' divides each of
     the two sums by the summed weight w_t of the rows kept, so that a divisor of 0
     gives nan. The smoothing terms are left out for eps = 0 (where an infinite
-    logit would make 0 * inf). half-precision input is computed in float32 and the
-    loss cast back.
+    logit would make 0 * inf). The z-loss adds lse_square_scale * lse_i^2 to the loss
+    of each row kept, divided by the same divisor for 'mean'. half-precision input
+    is computed in float32 and the loss cast back.
     """
     out_dtype = input.dtype
     if input.dtype in (torch.float16, torch.bfloat16):
@@ -360,15 +467,23 @@ def cross_entropy_2d(
         # computes their softmax anyway, and gives them a NaN gradient there).
         kept = target != ignore_index
         input = torch.where(kept.unsqueeze(1), input, torch.zeros_like(input))
-    # log_softmax as PyTorch computes it: a +inf logit makes x - max, and the row, NaN.
-    shifted = input - input.amax(dim=1, keepdim=True).detach()
-    logp = shifted - shifted.exp().sum(dim=1, keepdim=True).log()
+    z = _capped(input, softcap)
+    # log_softmax as PyTorch computes it: a +inf logit makes z - max, and the row, NaN.
+    shifted = z - z.amax(dim=1, keepdim=True).detach()
+    log_sum = shifted.exp().sum(dim=1, keepdim=True).log()
+    logp = shifted - log_sum
     w = weight if weight is not None else torch.ones(classes, dtype=input.dtype, device=input.device)
     eps = label_smoothing
+    z_loss = None
+    if lse_square_scale:
+        lse = (z.amax(dim=1).detach() + log_sum.squeeze(1))
+        z_loss = lse_square_scale * lse * lse
 
     if target.is_floating_point():
         q = target * (1.0 - eps) + eps / classes if eps > 0 else target
         losses = -(logp * q * w).sum(dim=1)
+        if z_loss is not None:
+            losses = losses + z_loss
         if reduction == "none":
             return losses.to(out_dtype)
         total = losses.sum()
@@ -378,13 +493,16 @@ def cross_entropy_2d(
     w_target = w[safe_target] * kept
     nll = torch.where(kept, -w_target * logp.gather(1, safe_target.unsqueeze(1)).squeeze(1), 0.0)
     smooth = torch.where(kept, -(logp * w).sum(dim=1), 0.0) if eps > 0 else None
+    z_loss = torch.where(kept, z_loss, 0.0) if z_loss is not None else None
     if reduction == "none":
         losses = (1.0 - eps) * nll + eps / classes * smooth if eps > 0 else nll
-        return losses.to(out_dtype)
+        return (losses + z_loss if z_loss is not None else losses).to(out_dtype)
     divisor = w_target.sum() if reduction == "mean" else 1.0
     loss = nll.sum() / divisor
     if eps > 0:
         loss = (1.0 - eps) * loss + eps / classes * (smooth.sum() / divisor)
+    if z_loss is not None:
+        loss = loss + z_loss.sum() / divisor
     return loss.to(out_dtype)
 
 
@@ -395,10 +513,14 @@ def reference(
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    *,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
-    """cross_entropy with F.cross_entropy's arguments, from elementary torch ops: the executable spec."""
+    """cross_entropy's loss with its arguments, from elementary torch ops: the executable spec."""
     input_2d, target_2d, batch_shape = _as_rows(input, target, target.is_floating_point())
-    loss = cross_entropy_2d(input_2d, target_2d, weight, ignore_index, reduction, float(label_smoothing))
+    loss = cross_entropy_2d(input_2d, target_2d, weight, ignore_index, reduction, float(label_smoothing),
+                            lse_square_scale, softcap)
     return loss.reshape(batch_shape) if reduction == "none" else loss
 
 
@@ -444,6 +566,9 @@ def samples(device: str) -> list[registry.Sample]:
         registry.Sample((torch.randn(4, 5, dtype=torch.float64, device=device).requires_grad_(),
                          torch.tensor([2, 0, 2, 4], device=device)), dict(ignore_index=2, label_smoothing=0.3),
                         name="(4, 5) class, ignore_index=2 a class"),
+        _sample((4, 5), device, weighted=True, scale=4.0, label_smoothing=0.1, lse_square_scale=0.1, softcap=3.0),
+        _sample((2, 4, 3), device, kind="prob", scale=4.0, lse_square_scale=0.2, softcap=2.0, reduction="none"),
+        _sample((6, 5), device, lse_square_scale=0.05, reduction="sum"),
     ]
 
 
@@ -454,7 +579,43 @@ def accuracy_samples(device: str) -> list[registry.Sample]:
         _sample((37, 70), device, kind="prob", weighted=True, scale=3.0, label_smoothing=0.1, reduction="none"),
         _sample((3, 5000), device, scale=3.0, reduction="sum"),
         _sample((2, 11, 3, 4), device, weighted=True, scale=3.0, reduction="none"),
+        _sample((37, 700), device, weighted=True, scale=30.0, label_smoothing=0.1, lse_square_scale=1e-3,
+                softcap=15.0),
     ]
+
+
+def baseline(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """What PyTorch itself computes for cross_entropy's arguments: F.cross_entropy of the
+    capped logits (torch.tanh), plus the z-loss from torch.logsumexp, as Liger-Kernel
+    defines it. The yardstick of the agreement checks."""
+    z = softcap * torch.tanh(input / softcap) if softcap else input
+    kwargs = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    if not lse_square_scale:
+        return F.cross_entropy(z, target, reduction=reduction, **kwargs)
+    class_dim = 0 if input.dim() == 1 else 1
+    z_loss = lse_square_scale * torch.logsumexp(z, dim=class_dim) ** 2
+    losses = F.cross_entropy(z, target, reduction="none", **kwargs)
+    if target.is_floating_point():
+        divisor = torch.tensor(float(losses.numel()), dtype=losses.dtype, device=losses.device)
+    else:
+        kept = target != ignore_index
+        z_loss = torch.where(kept, z_loss, 0.0)
+        w_target = weight[torch.where(kept, target, 0)] if weight is not None else torch.ones_like(losses)
+        divisor = (w_target * kept).sum()
+    losses = losses + z_loss
+    if reduction == "none":
+        return losses
+    return losses.sum() if reduction == "sum" else losses.sum() / divisor
 
 
 def eager(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -483,7 +644,7 @@ SPEC = registry.register(registry.OpSpec(
     name=NAME,
     function=cross_entropy,
     reference=reference,
-    baseline=F.cross_entropy,
+    baseline=baseline,
     dispatcher_ops=("cross_entropy_forward", "cross_entropy_backward"),
     fakes={"cross_entropy_forward": cross_entropy_forward_fake,
            "cross_entropy_backward": cross_entropy_backward_fake,

@@ -1,0 +1,649 @@
+// The CPU cross-entropy row kernels, shared by the cross_entropy ops
+// (cross_entropy.cpp) and the fused linear_cross_entropy ops, which run them on
+// each chunk of logits they compute (linear_cross_entropy.cpp).
+//
+// Each row of logits is read once from memory in forward (an online softmax
+// over L1-sized blocks gives the max, the sum of exponentials and the loss
+// terms together) and once in backward, which writes the gradient in the same
+// sweep. Forward keeps two numbers per row for backward, the row's max and
+// log(sum(exp(x - max))), never their rounded sum: softmax = exp((x - max) -
+// log_sum) is then as precise as PyTorch's at any scale of the logits.
+// bfloat16 and float16 rows are widened to float32 in a per-thread scratch row;
+// so are rows that are soft-capped, z = softcap * tanh(x / softcap), first.
+//
+// The per-row quantities: with z the (capped) logits, q the target
+// distribution after label smoothing (q = (1 - eps) target + eps / C, target
+// one-hot for class indices), w the class weights (ones if none) and lambda
+// the z-loss scale (lse_square_scale),
+//   loss = sum_c w_c q_c (lse - z_c) + lambda lse^2
+//        = sum(w q (max - z)) + sum(w q) log_sum + lambda lse^2,
+//   d loss / d z = (sum(w q) + 2 lambda lse) softmax(z) - w q,
+// times dz/dx = 1 / cosh^2(x / softcap) where capped. Every term of sum(w q (max -
+// z)) is >= 0, so it is summed without the cancellation that sum(w q) max -
+// sum(w q z) would suffer for large logits.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace myext {
+namespace ce {
+
+using at::vec::Vectorized;
+
+// Elements per block of the online softmax: small enough that the second
+// look at a block (the exponentials) hits L1.
+constexpr int64_t kBlock = 2048;
+
+int64_t rows_per_task(int64_t classes) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, classes));
+}
+
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+
+// max(a, b) that is NaN when either is.
+template <typename T>
+T nan_max(T a, T b) {
+  return (a > b || std::isnan(a)) ? a : b;
+}
+
+template <typename T>
+T hmax(const T* x, int64_t n) {
+  using Vec = Vectorized<T>;
+  Vec vmax(-kInf<T>);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    vmax = at::vec::maximum(vmax, Vec::loadu(x + i));  // propagates NaN
+  }
+  T m = at::vec::vec_reduce_all<T>(
+      [](Vec a, Vec b) { return at::vec::maximum(a, b); }, vmax);
+  for (; i < n; ++i) m = nan_max(m, x[i]);
+  return m;
+}
+
+// sum(exp(x - shift)) over n elements, in double across blocks. exp_u20 (within
+// 20 ulp, as ATen's own softmax kernels use) is well ahead of the 1-ulp exp here.
+template <typename T>
+double sum_exp(const T* x, int64_t n, T shift) {
+  using Vec = Vectorized<T>;
+  const Vec vshift(shift);
+  Vec acc(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    acc = acc + (Vec::loadu(x + i) - vshift).exp_u20();
+  }
+  if (i < n) {
+    // Lanes past the end load -inf and add exp(-inf) = 0.
+    Vec tail(-kInf<T>);
+    Vec partial = Vec::loadu(x + i, n - i);
+    tail = Vec::set(tail, partial, n - i);
+    acc = acc + (tail - vshift).exp_u20();
+  }
+  // The lanes added in double: a row whose largest term is 1 and the rest small (a
+  // confident prediction) keeps the digits of those, which its loss log(1 + small) is.
+  T lanes[Vec::size()];
+  acc.store(lanes);
+  double total = 0;
+  for (int64_t lane = 0; lane < Vec::size(); ++lane) total += lanes[lane];
+  return total;
+}
+
+// What a call asks for, besides its tensors.
+struct Settings {
+  int64_t ignore_index;
+  double label_smoothing;
+  double lse_square_scale;  // lambda of the z-loss; 0: none
+  double softcap;           // 0: no capping
+};
+
+// The options of one call, in the compute type T.
+template <typename T>
+struct Options {
+  const T* weight;      // nullptr: every class weighs 1
+  const T* block_sums;  // the sum of the weights of each block of kBlock classes
+  T weight_sum;         // sum of the class weights (C without weights)
+  int64_t classes;
+  int64_t ignore_index;
+  T smoothing;
+  T z_loss;             // lambda
+  T softcap;            // 0: none
+};
+
+template <typename T>
+T class_weight(const Options<T>& o, int64_t c) {
+  return o.weight == nullptr ? T(1) : o.weight[c];
+}
+
+// The weights v of the gap sum sum(v (max - x)): ones or the class weights
+// (label smoothing of class-index targets), or w q (probability targets).
+// `load(i)` gives the vector of classes [i, i + Vec::size()), `load(i, count)`
+// the first count of them, zero past count.
+template <typename T>
+struct Ones {
+  static constexpr bool kOnes = true;
+};
+
+template <typename T>
+struct ClassWeights {
+  static constexpr bool kOnes = false;
+  const T* weight;
+  const T* block_sums;  // the sum of the weights of each block of kBlock classes
+  Vectorized<T> load(int64_t i) const { return Vectorized<T>::loadu(weight + i); }
+  Vectorized<T> load(int64_t i, int64_t count) const { return Vectorized<T>::loadu(weight + i, count); }
+};
+
+template <typename T>
+struct TargetWeights {
+  static constexpr bool kOnes = false;
+  const T* q;       // the row's target probabilities
+  const T* weight;  // nullptr: ones
+  T keep;           // 1 - eps
+  T eps_c;          // eps / C
+  Vectorized<T> load(int64_t i) const {
+    using Vec = Vectorized<T>;
+    Vec v = at::vec::fmadd(Vec(keep), Vec::loadu(q + i), Vec(eps_c));
+    return weight != nullptr ? v * Vec::loadu(weight + i) : v;
+  }
+  Vectorized<T> load(int64_t i, int64_t count) const {
+    using Vec = Vectorized<T>;
+    Vec v = at::vec::fmadd(Vec(keep), Vec::loadu(q + i, count), Vec(eps_c));
+    if (weight != nullptr) v = v * Vec::loadu(weight + i, count);
+    return Vec::set(Vec(T(0)), v, count);
+  }
+};
+
+// (sum(v (m - x)), sum(v)) over n elements, v from `weights.load(offset + i)`.
+// A -inf logit is +inf below a finite max; where the max itself is -inf (every
+// logit so far -inf) each term is v times +inf, as PyTorch's v log(0) is.
+template <typename T, typename Weights>
+std::array<T, 2> weighted_gap(const T* x, int64_t n, T m, const Weights& weights, int64_t offset) {
+  using Vec = Vectorized<T>;
+  const bool all_minus_inf = m == -kInf<T>;
+  const Vec vm(all_minus_inf ? kInf<T> : m), zero(T(0));
+  // Class weights are the same for every row: their sums per block are known.
+  constexpr bool kSumWeights = !Weights::kOnes && !std::is_same_v<Weights, ClassWeights<T>>;
+  Vec gaps(T(0)), sums(T(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    // (With m = -inf every x is -inf too, and +inf - -inf is the +inf wanted.)
+    const Vec diff = vm - Vec::loadu(x + i);
+    if constexpr (Weights::kOnes) {
+      gaps = gaps + diff;
+    } else {
+      const Vec v = weights.load(offset + i);
+      gaps = at::vec::fmadd(v, diff, gaps);
+      if constexpr (kSumWeights) sums = sums + v;
+    }
+  }
+  if (i < n) {
+    const int64_t count = n - i;
+    const Vec diff = Vec::set(zero, vm - Vec::loadu(x + i, count), count);
+    if constexpr (Weights::kOnes) {
+      gaps = gaps + diff;
+    } else {
+      const Vec v = weights.load(offset + i, count);
+      gaps = at::vec::fmadd(v, diff, gaps);
+      if constexpr (kSumWeights) sums = sums + v;
+    }
+  }
+  const auto add = [](Vec a, Vec b) { return a + b; };
+  T weight;
+  if constexpr (Weights::kOnes) {
+    weight = static_cast<T>(n);
+  } else if constexpr (kSumWeights) {
+    weight = at::vec::vec_reduce_all<T>(add, sums);
+  } else {
+    weight = weights.block_sums[offset / kBlock];
+  }
+  return {at::vec::vec_reduce_all<T>(add, gaps), weight};
+}
+
+// A row's statistics: max, log(sum(exp(x - max))), and with weights v the gap
+// sum(v (max - x)) and sum(v).
+template <typename T>
+struct RowStats {
+  T max;
+  double log_sum;
+  T gap = 0;
+  T weight = 0;
+};
+
+struct NoWeights {};
+
+// One pass over the row from memory: each block is reduced for its max, then
+// summed from L1 against the running max, rescaling the running sums when the
+// max grows. A NaN logit makes the max NaN, and with it everything after.
+template <typename T, typename Weights>
+RowStats<T> row_stats(const T* x, int64_t n, const Weights& weights) {
+  constexpr bool kGap = !std::is_same_v<Weights, NoWeights>;
+  T running_max = -kInf<T>;
+  double running_sum = 0;
+  T gap = 0;
+  T seen_weight = 0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    const T block_max = hmax(x + start, len);
+    if (!(block_max <= running_max)) {
+      // (Empty running sums need no rescaling: short rows skip an exp.)
+      if (running_sum != 0) running_sum *= std::exp(static_cast<double>(running_max) - block_max);
+      if constexpr (kGap) {
+        if (seen_weight != T(0)) gap += seen_weight * (block_max - running_max);
+      }
+      running_max = block_max;
+    }
+    // While every logit so far is -inf, exp(x - 0) adds the zeros it should.
+    running_sum += sum_exp(x + start, len, running_max == -kInf<T> ? T(0) : running_max);
+    if constexpr (kGap) {
+      const auto [block_gap, block_weight] = weighted_gap(x + start, len, running_max, weights, start);
+      gap += block_gap;
+      seen_weight += block_weight;
+    }
+  }
+  // A +inf logit makes x - max NaN, as in PyTorch (exp_u20 would give inf).
+  const double log_sum = running_max == kInf<T> ? std::nan("") : std::log(running_sum);
+  return {running_max, log_sum, gap, seen_weight};
+}
+
+// The loss of a row with class-index target t (not ignored): the target's
+// term, plus with smoothing eps / C sum_c w_c (lse - z_c), plus the z-loss. In
+// double: the terms are rounded once, into the loss.
+template <typename T>
+double class_row_loss(const RowStats<T>& s, T z_target, T w_target, const Options<T>& o) {
+  const double gap_target = static_cast<double>(s.max) - z_target;
+  double loss = (1.0 - o.smoothing) * w_target * (gap_target + s.log_sum);
+  if (o.smoothing > T(0)) {
+    loss += static_cast<double>(o.smoothing) / o.classes * (s.gap + static_cast<double>(o.weight_sum) * s.log_sum);
+  }
+  return loss;
+}
+
+template <typename T>
+double z_loss(const RowStats<T>& s, const Options<T>& o) {
+  if (o.z_loss == T(0)) return 0;
+  const double lse = s.max + s.log_sum;
+  return o.z_loss * lse * lse;
+}
+
+// What forward writes for a row.
+template <typename T>
+struct RowResult {
+  double loss;
+  T max;
+  double log_sum;
+  T target_logit;  // the target's (capped) logit, for the token accuracy
+  T weight;        // the row's share of the mean's divisor
+};
+
+// Ignored rows skip the sweep: their max and log_sum are never read.
+template <typename T>
+RowResult<T> forward_class_row(const T* z, int64_t target, const Options<T>& o) {
+  if (target == o.ignore_index) return {0.0, T(0), 0.0, T(0), T(0)};
+  const RowStats<T> s = o.smoothing <= T(0)       ? row_stats(z, o.classes, NoWeights{})
+                        : o.weight == nullptr ? row_stats(z, o.classes, Ones<T>{})
+                                              : row_stats(z, o.classes, ClassWeights<T>{o.weight, o.block_sums});
+  const T w_t = class_weight(o, target);
+  return {class_row_loss(s, z[target], w_t, o) + z_loss(s, o), s.max, s.log_sum, z[target], w_t};
+}
+
+template <typename T>
+RowResult<T> forward_prob_row(const T* z, const T* q, const Options<T>& o) {
+  const TargetWeights<T> weights{q, o.weight, T(1) - o.smoothing, o.smoothing / T(o.classes)};
+  const RowStats<T> s = row_stats(z, o.classes, weights);
+  // s.weight is sum(w q).
+  return {s.gap + static_cast<double>(s.weight) * s.log_sum + z_loss(s, o), s.max, s.log_sum, T(0), T(1)};
+}
+
+// Rows of few classes (the article's 10 digits) go Vec::size() rows at a time,
+// one lane per row: the max, the sum of exponentials and the log become vector
+// operations across rows. Row by row they are two horizontal reductions and a
+// scalar log, most of the time such a row takes.
+constexpr int64_t kFewClasses = 32;
+
+// forward_class_row of Vec::size() consecutive rows of z, written to out[lane].
+template <typename T>
+void forward_class_rows_few(const T* z, const int64_t* target, const Options<T>& o, RowResult<T>* out) {
+  using Vec = Vectorized<T>;
+  using Index = Vectorized<at::vec::int_same_size_t<T>>;
+  constexpr int64_t kLanes = Vec::size();
+  const int64_t n = o.classes;
+  const Index row_starts = Index::arange(0, n);
+  std::array<Vec, kFewClasses> column;  // column[c]: class c of each lane's row
+  Vec max(-kInf<T>);
+  for (int64_t c = 0; c < n; ++c) {
+    column[c] = at::vec::gather<sizeof(T)>(z + c, row_starts);
+    max = at::vec::maximum(max, column[c]);
+  }
+  const Vec inf(kInf<T>), minus_inf(-kInf<T>);
+  // An all -inf row has max -inf: shift by 0 so that its sum is 0, not NaN.
+  const Vec shift = Vec::blendv(max, Vec(T(0)), max == minus_inf);
+  Vec sum(T(0));
+  Vec gap(T(0));  // sum(w (max - z)), for the smoothing term
+  for (int64_t c = 0; c < n; ++c) {
+    sum = sum + (column[c] - shift).exp_u20();
+    if (o.smoothing > T(0)) {
+      const Vec diff = Vec::blendv(max - column[c], inf, column[c] == minus_inf);
+      gap = at::vec::fmadd(Vec(class_weight(o, c)), diff, gap);
+    }
+  }
+  T maxes[kLanes], log_sums[kLanes], gaps[kLanes];
+  max.store(maxes);
+  // A +inf logit makes z - max NaN, as in PyTorch (exp_u20 would give inf).
+  Vec::blendv(sum.log(), Vec(std::numeric_limits<T>::quiet_NaN()), max == inf).store(log_sums);
+  gap.store(gaps);
+  for (int64_t lane = 0; lane < kLanes; ++lane) {
+    const int64_t t = target[lane];
+    if (t == o.ignore_index) {
+      out[lane] = {0.0, T(0), 0.0, T(0), T(0)};
+      continue;
+    }
+    const RowStats<T> s{maxes[lane], static_cast<double>(log_sums[lane]), gaps[lane], T(0)};
+    const T w_t = class_weight(o, t);
+    const T z_t = z[lane * n + t];
+    out[lane] = {class_row_loss(s, z_t, w_t, o) + z_loss(s, o), s.max, s.log_sum, z_t, w_t};
+  }
+}
+
+// d loss / d z of a row with class-index target t: scale * (a softmax(z) - b w)
+// with a = (1 - eps) w_t + eps / C W + 2 lambda lse and b = eps / C, and at the
+// target class -scale (1 - eps) w_t more.
+template <typename T>
+void backward_class_row(const T* z, T* grad, int64_t target, T max, T log_sum, T scale, const Options<T>& o) {
+  using Vec = Vectorized<T>;
+  const int64_t n = o.classes;
+  if (target == o.ignore_index) {
+    std::fill(grad, grad + n, T(0));
+    return;
+  }
+  const T w_t = class_weight(o, target);
+  const bool smoothing = o.smoothing > T(0);
+  const T eps_c = o.smoothing / T(n);
+  // scale 2 lambda lse: the z-loss's coefficient of the softmax.
+  const T z_coef = o.z_loss == T(0) ? T(0) : scale * T(2) * o.z_loss * (max + log_sum);
+  // Without smoothing the class weights other than w_t take no part (a NaN among
+  // them must not reach the gradient).
+  T a = scale * ((T(1) - o.smoothing) * w_t + (smoothing ? eps_c * o.weight_sum : T(0))) + z_coef;
+  // A NaN logit made the row's statistics NaN; exp_u20 would turn NaN into inf.
+  if (std::isnan(max + log_sum)) a = std::numeric_limits<T>::quiet_NaN();
+  const T b = scale * eps_c;
+  // Read before the sweep, which may write the gradient over the logits.
+  const T p_t = std::exp((z[target] - max) - log_sum);
+  const T p_t_minus_1 = std::expm1((z[target] - max) - log_sum);
+  const Vec va(a), vb(b), vmax(max), vlog_sum(log_sum);
+  // count = Vec::size() but for the last, partial vector: a masked one, not a
+  // scalar loop of std::exp, which would cost rows of a few classes most of their time.
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - i);
+    const Vec p = ((Vec::loadu(z + i, count) - vmax) - vlog_sum).exp_u20();
+    // a p - b w with a single rounding of a p (fmsub): exact where the two cancel.
+    const Vec g = smoothing ? at::vec::fmsub(va, p, o.weight == nullptr ? vb : vb * Vec::loadu(o.weight + i, count))
+                            : va * p;
+    g.store(grad + i, count);
+  }
+  // The target's own: c (p_t - 1) + b (W p_t - w_t) + z_coef p_t with c = scale
+  // (1 - eps) w_t: the terms grouped so that they cancel where they should (p_t - 1
+  // as expm1, exact for p_t near 1; a row of one class gets exactly 0).
+  const T c = scale * (T(1) - o.smoothing) * w_t;
+  grad[target] = c * p_t_minus_1 + (smoothing ? b * (o.weight_sum * p_t - w_t) : T(0)) + z_coef * p_t;
+  if (std::isnan(a)) grad[target] = a;
+}
+
+template <typename T>
+void backward_prob_row(const T* z, const T* q, T* grad, T max, T log_sum, T scale, const Options<T>& o) {
+  using Vec = Vectorized<T>;
+  const int64_t n = o.classes;
+  const TargetWeights<T> weights{q, o.weight, T(1) - o.smoothing, o.smoothing / T(n)};
+  const int64_t full = n - n % Vec::size();
+  // sum(w q), from the targets: forward's outputs do not carry it.
+  Vec sums(T(0));
+  for (int64_t i = 0; i < full; i += Vec::size()) sums = sums + weights.load(i);
+  if (full < n) sums = sums + weights.load(full, n - full);
+  T sum_wq = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, sums);
+  // A NaN logit made the row's statistics NaN; exp_u20 would turn NaN into inf.
+  if (std::isnan(max + log_sum)) sum_wq = std::numeric_limits<T>::quiet_NaN();
+  // The z-loss's term, scale 2 lambda lse softmax, added apart: folded into sum(w q) it
+  // would carry the rounding of 1 + 2 lambda lse where the rest cancels to nearly 0.
+  const T z_coef = o.z_loss == T(0) ? T(0) : scale * T(2) * o.z_loss * (max + log_sum);
+  const Vec vsum_wq(sum_wq), vmax(max), vlog_sum(log_sum), vscale(scale), vz_coef(z_coef);
+  // scale (sum(w q) p - w q), the difference rounded once (fmsub): where the target is
+  // close to the softmax the two nearly cancel.
+  const auto grad_of = [&](const Vec& p, const Vec& wq) {
+    const Vec g = vscale * at::vec::fmsub(vsum_wq, p, wq);
+    return z_coef == T(0) ? g : at::vec::fmadd(vz_coef, p, g);
+  };
+  for (int64_t i = 0; i < full; i += Vec::size()) {
+    const Vec p = ((Vec::loadu(z + i) - vmax) - vlog_sum).exp_u20();
+    grad_of(p, weights.load(i)).store(grad + i);
+  }
+  if (full < n) {
+    const int64_t count = n - full;
+    const Vec p = ((Vec::loadu(z + full, count) - vmax) - vlog_sum).exp_u20();
+    grad_of(p, weights.load(full, count)).store(grad + full, count);
+  }
+}
+
+// z = softcap * tanh(x / softcap) over n elements, into z (which may be x), and
+// where `slope` is given dz/dx = 1 / cosh^2(x / softcap) into it. Both come from one
+// exponential of a = -2 |x| / softcap, e = exp(a), a third of the cost of the
+// vectorised tanh: tanh |y| = (1 - e) / (1 + e) and the slope 4 e / (1 + e)^2. Where
+// e >= 1/2 (|y| small) 1 - e would cancel, so m = expm1(a) stands in: 1 - e = -m and
+// e = 1 + m, both exact there; where e < 1/2, exp(a) itself keeps the digits of e
+// that 1 + m would lose. The slope never takes 1 - tanh^2, which loses all of its
+// digits where tanh is within rounding of 1.
+template <typename T>
+void cap(const T* x, T* z, T* slope, int64_t n, T softcap) {
+  using Vec = Vectorized<T>;
+  const Vec vcap(softcap), minus_two_over_cap(T(-2) / softcap), minus_ln2(-std::log(T(2)));
+  const Vec one(T(1)), four(T(4));
+  constexpr int kAllLanes = (1 << Vec::size()) - 1;
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - i);
+    const Vec xv = Vec::loadu(x + i, count);
+    const Vec a = xv.abs() * minus_two_over_cap;
+    // zero_mask of a comparison: a bit for each lane where it is false. Each branch
+    // takes only the exponential its lanes need, both where the vector straddles.
+    const int large = (a >= minus_ln2).zero_mask();
+    Vec e, one_minus_e;
+    if (large != kAllLanes) {
+      const Vec m = a.expm1();
+      e = one + m;
+      one_minus_e = -m;
+    }
+    if (large != 0) {
+      const Vec e_large = a.exp();
+      const Vec is_small = a >= minus_ln2;
+      e = large == kAllLanes ? e_large : Vec::blendv(e_large, e, is_small);
+      one_minus_e = large == kAllLanes ? one - e_large : Vec::blendv(one - e_large, one_minus_e, is_small);
+    }
+    const Vec d = one + e;
+    (vcap * (one_minus_e / d).copysign(xv)).store(z + i, count);
+    if (slope != nullptr) (four * e / (d * d)).store(slope + i, count);
+  }
+}
+
+// Gives a pointer to row r of `src` as acc_t: the row itself when the types
+// match, else the row widened into `scratch`.
+template <typename scalar_t, typename acc_t>
+const acc_t* row_as_acc(const scalar_t* src, int64_t r, int64_t n,
+                        std::vector<acc_t>& scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src + r * n;
+  } else {
+    scratch.resize(n);
+    at::vec::convert(src + r * n, scratch.data(), n);
+    return scratch.data();
+  }
+}
+
+// Where row r of the gradient is computed: in place when the types match,
+// else in `scratch`, narrowed into place by store_grad_row.
+template <typename scalar_t, typename acc_t>
+acc_t* grad_row_as_acc(scalar_t* dst, int64_t r, int64_t n,
+                       std::vector<acc_t>& scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return dst + r * n;
+  } else {
+    scratch.resize(n);
+    return scratch.data();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_grad_row(const acc_t* row, scalar_t* dst, int64_t r, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    at::vec::convert(row, dst + r * n, n);
+  }
+}
+
+// Rows r of `src` (n elements each, count of them) as the compute type T, capped
+// where the options ask: the rows themselves where nothing is to be done, else
+// a copy in `scratch`.
+template <typename scalar_t, typename T>
+const T* rows_as_calc(const scalar_t* src, int64_t r, int64_t n, int64_t count, std::vector<T>& scratch,
+                      const Options<T>& o) {
+  const T* rows = row_as_acc<scalar_t, T>(src + r * n, 0, count * n, scratch);
+  if (o.softcap == T(0)) return rows;
+  scratch.resize(count * n);
+  cap(rows, scratch.data(), static_cast<T*>(nullptr), count * n, o.softcap);
+  return scratch.data();
+}
+
+// The options for rows of `classes` logits, in T; `weight` (C), in any floating
+// dtype or undefined, is converted into `weight_storage`, and `block_sums`
+// receives the sum of its weights over each block of kBlock classes.
+template <typename T>
+Options<T> make_options(int64_t classes, const at::Tensor& weight, const Settings& settings,
+                        at::Tensor& weight_storage, std::vector<T>& block_sums) {
+  Options<T> o;
+  o.weight = nullptr;
+  o.block_sums = nullptr;
+  o.weight_sum = static_cast<T>(classes);
+  if (weight.defined()) {
+    weight_storage = weight.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    o.weight = weight_storage.data_ptr<T>();
+    double sum = 0;
+    for (int64_t start = 0; start < classes; start += kBlock) {
+      double block = 0;
+      for (int64_t c = start; c < std::min(classes, start + kBlock); ++c) block += o.weight[c];
+      block_sums.push_back(static_cast<T>(block));
+      sum += block;
+    }
+    o.block_sums = block_sums.data();
+    o.weight_sum = static_cast<T>(sum);
+  }
+  o.classes = classes;
+  o.ignore_index = settings.ignore_index;
+  o.smoothing = static_cast<T>(settings.label_smoothing);
+  o.z_loss = static_cast<T>(settings.lse_square_scale);
+  o.softcap = static_cast<T>(settings.softcap);
+  return o;
+}
+
+// A block of rows of logits and their targets, contiguous.
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* x;            // (rows, classes)
+  int64_t rows;
+  int64_t classes;
+  const int64_t* class_target;  // (rows,), or null
+  const scalar_t* prob_target;  // (rows, classes), or null
+};
+
+// Where forward writes each row's results (acc_t: the input's accumulation type).
+template <typename acc_t>
+struct ForwardOut {
+  double* loss;
+  acc_t* max;
+  acc_t* log_sum;
+  acc_t* target_logit;
+  double* weight;
+};
+
+// The forward sweep of every row of `in`, in parallel.
+template <typename scalar_t>
+void forward(const Rows<scalar_t>& in, const at::Tensor& weight, const Settings& settings,
+             const ForwardOut<at::opmath_type<scalar_t>>& out) {
+  using T = at::opmath_type<scalar_t>;
+  at::Tensor weight_storage;
+  std::vector<T> block_sums;
+  const auto o = make_options<T>(in.classes, weight, settings, weight_storage, block_sums);
+  const int64_t n = in.classes;
+  const auto store = [&](int64_t r, const RowResult<T>& res) {
+    out.loss[r] = res.loss;
+    out.max[r] = res.max;
+    out.log_sum[r] = static_cast<T>(res.log_sum);
+    out.target_logit[r] = res.target_logit;
+    out.weight[r] = res.weight;
+  };
+  at::parallel_for(0, in.rows, rows_per_task(n), [&](int64_t begin, int64_t end) {
+    std::vector<T> x_scratch, q_scratch;
+    int64_t r = begin;
+    if (in.class_target != nullptr && n <= kFewClasses) {
+      constexpr int64_t kLanes = Vectorized<T>::size();
+      std::array<RowResult<T>, kLanes> res;
+      for (; r + kLanes <= end; r += kLanes) {
+        // The block of kLanes rows as one "row" of kLanes * classes elements.
+        forward_class_rows_few(rows_as_calc(in.x, r, n, kLanes, x_scratch, o), in.class_target + r, o, res.data());
+        for (int64_t lane = 0; lane < kLanes; ++lane) store(r + lane, res[lane]);
+      }
+    }
+    for (; r < end; ++r) {
+      const T* z = rows_as_calc(in.x, r, n, 1, x_scratch, o);
+      store(r, in.class_target != nullptr
+                   ? forward_class_row(z, in.class_target[r], o)
+                   : forward_prob_row(z, row_as_acc<scalar_t, T>(in.prob_target, r, n, q_scratch), o));
+    }
+  });
+}
+
+// The gradient of every row of `in` into `grad` (which may be `in.x` itself):
+// row r's upstream factor is row_scale[r], or common_scale where row_scale is null.
+template <typename scalar_t>
+void backward(const Rows<scalar_t>& in, scalar_t* grad, const at::Tensor& weight,
+              const at::opmath_type<scalar_t>* row_max, const at::opmath_type<scalar_t>* row_log_sum,
+              const at::opmath_type<scalar_t>* row_scale, double common_scale, const Settings& settings) {
+  using T = at::opmath_type<scalar_t>;
+  at::Tensor weight_storage;
+  std::vector<T> block_sums;
+  const auto o = make_options<T>(in.classes, weight, settings, weight_storage, block_sums);
+  const int64_t n = in.classes;
+  const T scale_all = static_cast<T>(common_scale);
+  at::parallel_for(0, in.rows, rows_per_task(n), [&](int64_t begin, int64_t end) {
+    std::vector<T> x_scratch, z_scratch, q_scratch, g_scratch, slope;
+    for (int64_t r = begin; r < end; ++r) {
+      // z (capped, a copy: the gradient may then overwrite the logits) and dz/dx
+      // together, from one exponential per logit.
+      const T* z = row_as_acc<scalar_t, T>(in.x, r, n, x_scratch);
+      if (o.softcap != T(0)) {
+        slope.resize(n);
+        z_scratch.resize(n);
+        cap(z, z_scratch.data(), slope.data(), n, o.softcap);
+        z = z_scratch.data();
+      }
+      T* grad_row = grad_row_as_acc<scalar_t, T>(grad, r, n, g_scratch);
+      const T scale = row_scale != nullptr ? row_scale[r] : scale_all;
+      if (in.class_target != nullptr) {
+        backward_class_row(z, grad_row, in.class_target[r], row_max[r], row_log_sum[r], scale, o);
+      } else {
+        backward_prob_row(z, row_as_acc<scalar_t, T>(in.prob_target, r, n, q_scratch), grad_row, row_max[r],
+                          row_log_sum[r], scale, o);
+      }
+      if (o.softcap != T(0)) at::vec::map2<T>([](Vectorized<T> g, Vectorized<T> d) { return g * d; }, grad_row,
+                                              grad_row, slope.data(), n);
+      store_grad_row(grad_row, grad, r, n);
+    }
+  });
+}
+
+}  // namespace ce
+}  // namespace myext
