@@ -1,18 +1,17 @@
 // Fused Linear+ReLU on the CPU. The forward and input-gradient GEMMs go through
-// oneDNN where it is faster than ATen's BLAS (float32, see use_onednn), else
+// oneDNN where it is faster than ATen's BLAS (float32, see gemm.h), else
 // through at::mm / at::addmm, the bias inside the GEMM; the ReLU is one
 // vectorised pass over the output.
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "../linear_relu.h"
+#include "gemm.h"
 
 #include <algorithm>
 #include <array>
@@ -23,55 +22,6 @@ namespace myext {
 namespace {
 
 using at::vec::Vectorized;
-
-// oneDNN's matmul, reached through the op torch.compile's CPU backend uses for
-// linear layers (mkldnn::_linear_pointwise). On the project's AMD AVX-512 CPUs,
-// where ATen's BLAS (MKL) takes its AVX2 path, it runs float32 GEMMs of SimpleNet's
-// and MLP sizes faster than at::mm; below kOneDnnMinFlops its per-call set-up costs
-// more than it saves (docs/BENCHMARKS.md has the measurements). Its ReLU post-op
-// turns NaN into 0, so only the GEMM and bias are asked of it and the ReLU stays ours.
-constexpr double kOneDnnMinFlops = 8e6;
-
-// The op, or nullptr where this torch lacks it or has changed its schema (it is
-// internal to torch): then at::mm does all the GEMMs.
-const c10::OperatorHandle* onednn_linear_op() {
-  static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
-    auto found = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
-    if (!found.has_value() || !found->hasSchema()) return std::nullopt;
-    const auto& args = found->schema().arguments();
-    const std::array<const char*, 6> expected{"X", "W", "B", "attr", "scalars", "algorithm"};
-    if (args.size() != expected.size()) return std::nullopt;
-    for (size_t i = 0; i < expected.size(); ++i) {
-      if (args[i].name() != expected[i]) return std::nullopt;
-    }
-    return found;
-  }();
-  return op.has_value() ? &*op : nullptr;
-}
-
-bool use_onednn(const at::Tensor& a, int64_t rows, int64_t inner, int64_t cols) {
-  return a.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() &&
-         2.0 * static_cast<double>(rows) * inner * cols >= kOneDnnMinFlops &&
-         onednn_linear_op() != nullptr;
-}
-
-// a (rows, inner) @ b_t (cols, inner)^T (+ bias), i.e. F.linear(a, b_t, bias), as a
-// contiguous (rows, cols) tensor; a and b_t may have any strides.
-at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& b_t,
-                         const std::optional<at::Tensor>& bias) {
-  torch::jit::Stack stack{a, b_t, bias, std::string("none"),
-                          c10::List<std::optional<at::Scalar>>(), c10::IValue()};
-  onednn_linear_op()->callBoxed(stack);
-  return stack.back().toTensor().contiguous();
-}
-
-// a (rows, inner) @ b (inner, cols), by oneDNN where use_onednn says so.
-at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
-  if (use_onednn(a, a.size(0), a.size(1), b.size(1))) {
-    return onednn_linear(a, b.t(), std::nullopt);
-  }
-  return a.mm(b);
-}
 
 // Rows handed to one task: enough that a task moves at least ~32k elements.
 int64_t rows_per_task(int64_t row_length) {
@@ -113,8 +63,8 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   // does: bias + x.w rounds once (a separate bias pass would round twice, and lose
   // to F.linear where bias and x.w nearly cancel).
   at::Tensor output;
-  if (use_onednn(input, rows, in_features, out_features)) {
-    output = onednn_linear(input_2d, weight, bias_c);
+  if (cpu::use_onednn(input, rows, in_features, out_features)) {
+    output = cpu::onednn_linear(input_2d, weight, bias_c);
   } else if (bias_c.has_value()) {
     output = at::addmm(*bias_c, input_2d, weight.t());
   } else {
@@ -210,7 +160,7 @@ linear_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
 
   std::optional<at::Tensor> grad_input, grad_weight;
   if (output_mask[0]) {
-    grad_input = gemm(grad_pre, weight).view(input.sizes());
+    grad_input = cpu::gemm(grad_pre, weight).view(input.sizes());
   }
   if (output_mask[1]) {
     // G^T @ X on at::mm, whose BLAS reads G^T in place: oneDNN's linear would first
