@@ -20,9 +20,27 @@ inline void check_cross_entropy_options(const char* op, int64_t reduction, doubl
               softcap);
 }
 
-// input (R, C) logits; target (R,) int64 class indices or (R, C) probabilities
-// of the input's dtype; weight (C) of the input's dtype, or absent. Class
-// indices themselves are checked by the kernels as they read them.
+// target (rows,) int64 class indices or (rows, classes) probabilities of the
+// dtype of `ref` (the logits, or the input they are computed from); weight
+// (classes) of that dtype, or absent. Class indices themselves are checked by
+// the kernels as they read them.
+inline void check_cross_entropy_targets(const char* op, const at::Tensor& target,
+                                        const std::optional<at::Tensor>& weight, int64_t rows,
+                                        int64_t classes, const at::Tensor& ref) {
+  check_device(op, "target", target, ref);
+  if (target.is_floating_point()) {
+    check_like(op, "target", target, ref);
+    check_shape(op, "target (probabilities)", target, {rows, classes});
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong, op,
+                ": target must hold int64 class indices or probabilities of the input's dtype, got ",
+                target.scalar_type());
+    check_shape(op, "target (class indices)", target, {rows});
+  }
+  check_optional_vector(op, "weight", weight, classes, ref);
+}
+
+// input (R, C) logits, and targets and weights for them.
 inline void check_cross_entropy_inputs(const char* op, const at::Tensor& input,
                                        const at::Tensor& target,
                                        const std::optional<at::Tensor>& weight,
@@ -30,23 +48,36 @@ inline void check_cross_entropy_inputs(const char* op, const at::Tensor& input,
                                        double lse_square_scale, double softcap) {
   check_floating(op, "input", input);
   check_dim(op, "input", input, 2);
-  check_device(op, "target", target, input);
-  if (target.is_floating_point()) {
-    check_like(op, "target", target, input);
-    check_shape(op, "target (probabilities)", target, input.sizes());
-  } else {
-    TORCH_CHECK(target.scalar_type() == at::kLong, op,
-                ": target must hold int64 class indices or probabilities of the input's dtype, got ",
-                target.scalar_type());
-    check_shape(op, "target (class indices)", target, {input.size(0)});
-  }
-  check_optional_vector(op, "weight", weight, input.size(1), input);
+  check_cross_entropy_targets(op, target, weight, input.size(0), input.size(1), input);
   check_cross_entropy_options(op, reduction, label_smoothing, lse_square_scale, softcap);
 }
 
-// The outputs of cross_entropy_forward that its backward reads: the row_max and
-// row_log_sum of each row (R,) and the mean's divisor (a scalar), on the input's
-// device; grad_loss is (R,) for reduction none, else a scalar.
+// Each row's row_max and row_log_sum (rows,) and the mean's divisor (a scalar),
+// as a forward op returned them, on the device of `ref`; grad_loss (rows,) for
+// reduction none, else a scalar.
+inline void check_cross_entropy_row_outputs(const char* op, const at::Tensor& grad_loss,
+                                            const at::Tensor& row_max, const at::Tensor& row_log_sum,
+                                            const at::Tensor& total_weight, int64_t rows,
+                                            int64_t reduction, const at::Tensor& ref) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"row_max", row_max},
+                                {"row_log_sum", row_log_sum}}) {
+    check_floating(op, name, t);
+    check_device(op, name, t, ref);
+    check_shape(op, name, t, {rows});
+  }
+  check_floating(op, "total_weight", total_weight);
+  check_device(op, "total_weight", total_weight, ref);
+  check_shape(op, "total_weight", total_weight, {});
+  check_floating(op, "grad_loss", grad_loss);
+  check_device(op, "grad_loss", grad_loss, ref);
+  if (reduction == at::Reduction::None) {
+    check_shape(op, "grad_loss (reduction none)", grad_loss, {rows});
+  } else {
+    check_shape(op, "grad_loss (a reduced loss)", grad_loss, {});
+  }
+}
+
+// The outputs of cross_entropy_forward that its backward reads, and grad_loss.
 inline void check_cross_entropy_backward_inputs(
     const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
     const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -54,23 +85,8 @@ inline void check_cross_entropy_backward_inputs(
     const at::Tensor& total_weight, int64_t reduction, double label_smoothing,
     double lse_square_scale, double softcap) {
   check_cross_entropy_inputs(op, input, target, weight, reduction, label_smoothing, lse_square_scale, softcap);
-  const int64_t rows = input.size(0);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"row_max", row_max},
-                                {"row_log_sum", row_log_sum}}) {
-    check_floating(op, name, t);
-    check_device(op, name, t, input);
-    check_shape(op, name, t, {rows});
-  }
-  check_floating(op, "total_weight", total_weight);
-  check_device(op, "total_weight", total_weight, input);
-  check_shape(op, "total_weight", total_weight, {});
-  check_floating(op, "grad_loss", grad_loss);
-  check_device(op, "grad_loss", grad_loss, input);
-  if (reduction == at::Reduction::None) {
-    check_shape(op, "grad_loss (reduction none)", grad_loss, {rows});
-  } else {
-    check_shape(op, "grad_loss (a reduced loss)", grad_loss, {});
-  }
+  check_cross_entropy_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, input.size(0), reduction,
+                                  input);
 }
 
 }  // namespace myext

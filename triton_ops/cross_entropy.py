@@ -297,30 +297,58 @@ def _target_strides(target: torch.Tensor) -> tuple[int, int]:
 def _check_inputs(op: str, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                   reduction: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
                   softcap: float) -> None:
-    """The checks of csrc/cross_entropy.h. Class indices are asserted on the device
-    (no host sync): on a GPU an index out of range stops the kernels' stream."""
+    """The checks of csrc/cross_entropy.h."""
     check_floating(op, "input", input)
     check(input.dim() == 2, op, f"input must be 2-d, got shape {tuple(input.shape)}")
-    check(target.device == input.device, op, f"target is on {target.device} but input is on {input.device}")
+    check_targets(op, target, weight, input.shape[0], input.shape[1], input, ignore_index)
+    check_options(op, reduction, label_smoothing, lse_square_scale, softcap)
+
+
+def check_targets(op: str, target: torch.Tensor, weight: Optional[torch.Tensor], rows: int, classes: int,
+                  ref: torch.Tensor, ignore_index: int) -> None:
+    """target (rows,) int64 or (rows, classes) probabilities, weight (classes) or None, of
+    the dtype and device of ``ref`` (the logits, or the input they are computed from).
+    Class indices are asserted on the device (no host sync): on a GPU an index out of
+    range stops the kernels' stream."""
+    check(target.device == ref.device, op, f"target is on {target.device} but input is on {ref.device}")
     if target.is_floating_point():
-        check_like(op, "target", target, "input", input)
-        check_shape(op, "target (probabilities)", target, input.shape)
+        check_like(op, "target", target, "input", ref)
+        check_shape(op, "target (probabilities)", target, (rows, classes))
     else:
         check(target.dtype == torch.int64, op,
               f"target must hold int64 class indices or probabilities of the input's dtype, got {target.dtype}")
-        check_shape(op, "target (class indices)", target, input.shape[:1])
+        check_shape(op, "target (class indices)", target, (rows,))
         if target.numel():
-            in_range = (target == ignore_index) | ((target >= 0) & (target < input.shape[1]))
-            torch._assert_async(in_range.all(), f"{op}: a class index is outside [0, {input.shape[1]}) "
+            in_range = (target == ignore_index) | ((target >= 0) & (target < classes))
+            torch._assert_async(in_range.all(), f"{op}: a class index is outside [0, {classes}) "
                                                 f"and not ignore_index ({ignore_index})")
-    check_optional_vector(op, "weight", weight, input.shape[1], input)
+    check_optional_vector(op, "weight", weight, classes, ref)
+
+
+def check_options(op: str, reduction: int, label_smoothing: float, lse_square_scale: float, softcap: float) -> None:
     check(reduction in (0, 1, 2), op, f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     check(0.0 <= label_smoothing <= 1.0, op, f"label_smoothing must be in [0, 1], got {label_smoothing}")
     check(0.0 <= lse_square_scale < math.inf, op, f"lse_square_scale must be finite and >= 0, got {lse_square_scale}")
     check(0.0 <= softcap < math.inf, op, f"softcap must be finite and > 0, or 0 for none, got {softcap}")
 
 
-def _mean_divisor(total_weight: torch.Tensor) -> torch.Tensor:
+def check_row_outputs(op: str, grad_loss: torch.Tensor, row_max: torch.Tensor, row_log_sum: torch.Tensor,
+                      total_weight: torch.Tensor, rows: int, reduction: int, ref: torch.Tensor) -> None:
+    """A forward op's row_max and row_log_sum (rows,) and total_weight (0-d), and
+    grad_loss, (rows,) for reduction none, else 0-d; on the device of ``ref``."""
+    for name, t in (("row_max", row_max), ("row_log_sum", row_log_sum)):
+        check_floating(op, name, t)
+        check(t.device == ref.device, op, f"{name} is on {t.device} but input is on {ref.device}")
+        check_shape(op, name, t, (rows,))
+    check_floating(op, "total_weight", total_weight)
+    check_shape(op, "total_weight", total_weight, ())
+    check_floating(op, "grad_loss", grad_loss)
+    check(grad_loss.device == ref.device, op, f"grad_loss is on {grad_loss.device} but input is on {ref.device}")
+    check_shape(op, "grad_loss (reduction none)" if reduction == 0 else "grad_loss (a reduced loss)", grad_loss,
+                (rows,) if reduction == 0 else ())
+
+
+def mean_divisor(total_weight: torch.Tensor) -> torch.Tensor:
     """The mean's divisor, nan where it is 0 (a mean over no weight is nan, as in PyTorch)."""
     return torch.where(total_weight == 0, torch.full_like(total_weight, float("nan")), total_weight)
 
@@ -342,20 +370,15 @@ def cross_entropy_forward(
     rows, classes = input.shape
     acc = torch.promote_types(input.dtype, torch.float32)  # float64 stays, the rest is float32
     losses, row_max, row_log_sum, target_logit, row_weight = (input.new_empty((rows,), dtype=acc) for _ in range(5))
-    if rows > 0:
-        weight = weight.contiguous() if weight is not None else None
-        # A pointer the options switch off is never read: the input stands in.
-        _launch(_cross_entropy_forward_kernel, input, target, weight if weight is not None else input, losses,
-                row_max, row_log_sum, target_logit, row_weight, rows, classes, ignore_index, label_smoothing,
-                lse_square_scale, softcap, *input.stride(), *_target_strides(target), input=input, target=target,
-                weight=weight, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
+    forward_rows(input, target, weight, losses, row_max, row_log_sum, target_logit, row_weight, ignore_index,
+                 label_smoothing, lse_square_scale, softcap)
     total_weight = row_weight.sum()
     if reduction == 0:
         loss = losses
     elif reduction == 2:
         loss = losses.sum()
     else:
-        loss = losses.sum() / _mean_divisor(total_weight)
+        loss = losses.sum() / mean_divisor(total_weight)
     return loss.to(input.dtype), row_max, row_log_sum, target_logit, total_weight
 
 
@@ -370,28 +393,52 @@ def cross_entropy_backward(
     op = "cross_entropy_backward_triton"
     _check_inputs(op, input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
     rows, classes = input.shape
-    for name, t in (("row_max", row_max), ("row_log_sum", row_log_sum)):
-        check_floating(op, name, t)
-        check(t.device == input.device, op, f"{name} is on {t.device} but input is on {input.device}")
-        check_shape(op, name, t, (rows,))
-    check_floating(op, "total_weight", total_weight)
-    check_shape(op, "total_weight", total_weight, ())
-    check_floating(op, "grad_loss", grad_loss)
-    check(grad_loss.device == input.device, op, f"grad_loss is on {grad_loss.device} but input is on {input.device}")
-    check_shape(op, "grad_loss (reduction none)" if reduction == 0 else "grad_loss (a reduced loss)", grad_loss,
-                (rows,) if reduction == 0 else ())
+    check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, reduction, input)
     grad_input = torch.empty((rows, classes), dtype=input.dtype, device=input.device)
-    if rows > 0:
-        acc = torch.promote_types(input.dtype, torch.float32)
-        row_max, row_log_sum = row_max.to(acc).contiguous(), row_log_sum.to(acc).contiguous()
-        # The factor of each row: the upstream gradient, over the mean's divisor.
-        scale = grad_loss.to(acc)
-        if reduction == 1:
-            scale = scale / _mean_divisor(total_weight.to(acc))
-        weight = weight.contiguous() if weight is not None else None
-        _launch(_cross_entropy_backward_kernel, grad_input, input, target, weight if weight is not None else input,
-                row_max, row_log_sum, scale, rows, classes, ignore_index, label_smoothing, lse_square_scale, softcap,
-                grad_input.stride(0), *input.stride(), *_target_strides(target),
-                scale.stride(0) if reduction == 0 else 0, input=input, target=target, weight=weight,
-                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
+    acc = torch.promote_types(input.dtype, torch.float32)
+    # The factor of each row: the upstream gradient, over the mean's divisor.
+    scale = grad_loss.to(acc)
+    if reduction == 1:
+        scale = scale / mean_divisor(total_weight.to(acc))
+    backward_rows(grad_input, input, target, weight, row_max, row_log_sum, scale, ignore_index, label_smoothing,
+                  lse_square_scale, softcap)
     return grad_input
+
+
+def forward_rows(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], losses: torch.Tensor,
+                 row_max: torch.Tensor, row_log_sum: torch.Tensor, target_logit: torch.Tensor,
+                 row_weight: torch.Tensor, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+                 softcap: float) -> None:
+    """The forward kernel over checked rows (R, C) of logits: each row's loss, max,
+    log-sum, target logit and share of the mean's divisor into the (R,) outputs, all of
+    the accumulation dtype. Shared with the fused linear cross-entropy's chunks."""
+    rows, classes = input.shape
+    if rows == 0:
+        return
+    weight = weight.contiguous() if weight is not None else None
+    # A pointer the options switch off is never read: the input stands in.
+    _launch(_cross_entropy_forward_kernel, input, target, weight if weight is not None else input, losses,
+            row_max, row_log_sum, target_logit, row_weight, rows, classes, ignore_index, label_smoothing,
+            lse_square_scale, softcap, *input.stride(), *_target_strides(target), input=input, target=target,
+            weight=weight, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
+
+
+def backward_rows(grad: torch.Tensor, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                  row_max: torch.Tensor, row_log_sum: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+                  label_smoothing: float, lse_square_scale: float, softcap: float) -> None:
+    """The backward kernel over checked rows (R, C): the logits' gradient times
+    ``scale`` (one per row, (R,), or one for all, 0-d) into ``grad`` (R, C), unit column
+    stride, which may be ``input`` itself: each block of a row is read before it is
+    written. Shared with the fused linear cross-entropy's chunks."""
+    rows, classes = input.shape
+    if rows == 0:
+        return
+    acc = torch.promote_types(input.dtype, torch.float32)
+    row_max, row_log_sum = row_max.to(acc).contiguous(), row_log_sum.to(acc).contiguous()
+    scale = scale.to(acc)
+    weight = weight.contiguous() if weight is not None else None
+    _launch(_cross_entropy_backward_kernel, grad, input, target, weight if weight is not None else input,
+            row_max, row_log_sum, scale, rows, classes, ignore_index, label_smoothing, lse_square_scale, softcap,
+            grad.stride(0), *input.stride(), *_target_strides(target), scale.stride(0) if scale.dim() else 0,
+            input=input, target=target, weight=weight, label_smoothing=label_smoothing,
+            lse_square_scale=lse_square_scale, softcap=softcap)

@@ -32,13 +32,7 @@ Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor& targ
   Prepared p{input.contiguous(), target.contiguous(), weight.has_value() ? *weight : at::Tensor(),
              !target.is_floating_point()};
   if (p.class_targets) {
-    const int64_t classes = input.size(1);
-    const int64_t* t = p.target.data_ptr<int64_t>();
-    for (int64_t r = 0; r < p.target.numel(); ++r) {
-      TORCH_CHECK_INDEX(t[r] == ignore_index || (t[r] >= 0 && t[r] < classes), op,
-                        ": target holds class index ", t[r], ", expected a value in [0, ",
-                        classes, ") or ignore_index (", ignore_index, ")");
-    }
+    ce::check_class_indices(op, p.target.data_ptr<int64_t>(), p.target.numel(), input.size(1), ignore_index);
   }
   return p;
 }

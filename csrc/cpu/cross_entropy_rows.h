@@ -45,7 +45,7 @@ using at::vec::Vectorized;
 // look at a block (the exponentials) hits L1.
 constexpr int64_t kBlock = 2048;
 
-int64_t rows_per_task(int64_t classes) {
+inline int64_t rows_per_task(int64_t classes) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, classes));
 }
 
@@ -97,6 +97,17 @@ double sum_exp(const T* x, int64_t n, T shift) {
   double total = 0;
   for (int64_t lane = 0; lane < Vec::size(); ++lane) total += lanes[lane];
   return total;
+}
+
+// Raises IndexError, naming the op, for a class index outside [0, classes)
+// that is not ignore_index: checked before any kernel reads with them.
+inline void check_class_indices(const char* op, const int64_t* target, int64_t rows, int64_t classes,
+                                int64_t ignore_index) {
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK_INDEX(target[r] == ignore_index || (target[r] >= 0 && target[r] < classes), op,
+                      ": target holds class index ", target[r], ", expected a value in [0, ", classes,
+                      ") or ignore_index (", ignore_index, ")");
+  }
 }
 
 // What a call asks for, besides its tensors.

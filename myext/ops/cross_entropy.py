@@ -47,6 +47,17 @@ def check_cross_entropy(
     check_float_dtype("input", input)
     if input.dim() < 1:
         raise ValueError("input must be (C), (N, C) or (N, C, d1, ..., dk), got a 0-d tensor")
+    check_options(ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
+    classes = input.size(0) if input.dim() == 1 else input.size(1)
+    check_class_weight(weight, classes, input)
+    class_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    return check_target(target, input, ignore_index, class_shape=class_shape, prob_shape=input.shape,
+                        prob_shape_name="the input's shape")
+
+
+def check_options(ignore_index: int, reduction: str, label_smoothing: float, lse_square_scale: float,
+                  softcap: Optional[float]) -> None:
+    """Checks the options of the cross-entropy ops (shared with linear_cross_entropy)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
@@ -57,36 +68,42 @@ def check_cross_entropy(
         raise ValueError(f"lse_square_scale must be a finite float >= 0, got {lse_square_scale!r}")
     if softcap is not None and (not isinstance(softcap, (int, float)) or not 0.0 < softcap < math.inf):
         raise ValueError(f"softcap must be a finite float > 0, or None, got {softcap!r}")
+
+
+def check_class_weight(weight: Optional[torch.Tensor], classes: int, input: torch.Tensor) -> None:
+    """``weight``: None or one entry per class, on the input's device and of its dtype."""
+    if weight is None:
+        return
+    check_tensor("weight", weight)
+    check_same("weight", weight, "input", input)
+    if weight.shape != (classes,):
+        raise ValueError(f"weight must have one entry per class, shape ({classes},), got {tuple(weight.shape)}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weight requires grad, but myext does not differentiate the class weights; "
+                         "pass weight.detach()")
+
+
+def check_target(target: torch.Tensor, input: torch.Tensor, ignore_index: int, *, class_shape: torch.Size,
+                 prob_shape: torch.Size, prob_shape_name: str) -> bool:
+    """Checks a target of class indices (int64 or uint8, of ``class_shape``) or of
+    probabilities (``prob_shape``, the input's dtype); returns True for probabilities."""
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}: "
                          "expected all tensors on one device")
-    classes = input.size(0) if input.dim() == 1 else input.size(1)
-    if weight is not None:
-        check_tensor("weight", weight)
-        check_same("weight", weight, "input", input)
-        if weight.shape != (classes,):
-            raise ValueError(f"weight must have one entry per class, shape ({classes},), "
-                             f"got {tuple(weight.shape)}")
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError("weight requires grad, but myext does not differentiate the class weights; "
-                             "pass weight.detach()")
-
     if target.is_floating_point():
-        if target.shape != input.shape:
-            raise ValueError(f"a floating-point target holds class probabilities and must have the "
-                             f"input's shape {tuple(input.shape)}, got {tuple(target.shape)}")
+        if target.shape != prob_shape:
+            raise ValueError(f"a floating-point target holds class probabilities and must have "
+                             f"{prob_shape_name} {tuple(prob_shape)}, got {tuple(target.shape)}")
         check_same("target", target, "input", input)
         if ignore_index != -100:
             raise ValueError(f"ignore_index ({ignore_index}) applies to class-index targets only, "
                              "not to a floating-point target of probabilities")
         return True
-
     if target.dtype not in (torch.int64, torch.uint8):
         raise TypeError(f"target must hold class indices as int64 or uint8 (or probabilities of the input's "
                         f"dtype), got {target.dtype}")
-    expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
-    if target.shape != expected:
-        raise ValueError(f"target of class indices must have shape {tuple(expected)} for input of shape "
+    if target.shape != class_shape:
+        raise ValueError(f"target of class indices must have shape {tuple(class_shape)} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
     return False
 

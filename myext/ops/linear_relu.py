@@ -171,11 +171,20 @@ def linear_relu(
 
 def reference(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """relu(input @ weight.T + bias), from elementary torch ops: the executable spec."""
-    # The bias goes inside the GEMM's sum (F.linear), as in every backend: added to an
+    # The bias goes inside the GEMM's sum (addmm), as in every backend: added to an
     # output already rounded to bfloat16, it would round twice and move pre-activations
     # near 0 across the ReLU's kink. torch.relu's gradient at exactly 0 is 0, as F.relu's
     # (clamp_min's would be 1).
-    return torch.relu(F.linear(input, weight, bias))
+    return torch.relu(affine(input, weight, bias))
+
+
+def affine(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """input @ weight.T + bias for input (*, in_features), the bias added inside the
+    GEMM's sum (torch.addmm), from elementary ops: F.linear's result, written out."""
+    if bias is None:
+        return torch.matmul(input, weight.t())
+    rows = input.reshape(-1, input.shape[-1])
+    return torch.addmm(bias, rows, weight.t()).reshape(*input.shape[:-1], weight.shape[0])
 
 
 def _sample(shape: tuple[int, ...], out_features: int, device: str, bias: bool = True) -> registry.Sample:
