@@ -198,7 +198,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         grad_input = grad_target = None
         # The target's gradient reads the logits, so it comes before any in-place write.
         if ctx.needs_input_grad[1] and target.is_floating_point():
-            grad_target = _reference_grads(grad_loss, input, target, weight, ctx.options, wrt_target=True)
+            grad_target = probability_target_grad(grad_loss, input, target, weight, ctx.options)
         if ctx.needs_input_grad[0]:
             args = (grad_loss, input, target, weight, row_max, row_log_sum, total_weight, *ctx.options)
             if torch.is_grad_enabled():
@@ -214,16 +214,23 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad_input, grad_target, None, None, None, None
 
 
-def _reference_grads(grad_loss, input, target, weight, options: Options, *, wrt_target: bool):
-    """The gradient of the reference loss for the logits (or, with ``wrt_target``, for
-    probability targets), built from torch ops so that it differentiates again."""
-    with torch.enable_grad():
-        leaf = target if wrt_target else input
-        if not leaf.requires_grad:
-            leaf = leaf.detach().requires_grad_()
-        loss = options.reference(input if wrt_target else leaf, leaf if wrt_target else target, weight)
-        (grad,) = torch.autograd.grad(loss, leaf, grad_loss, create_graph=torch.is_grad_enabled())
-    return grad
+def probability_target_grad(grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
+                            weight: Optional[torch.Tensor], options: Options) -> torch.Tensor:
+    """The gradient for probability targets q of logits (R, C): -(1 - eps) w_c logp_ic
+    times row i's upstream gradient (divided by R for 'mean'), logp the log-softmax of
+    the capped logits. From torch ops, without autograd.grad, so that torch.compile
+    traces it and autograd differentiates it again."""
+    logits = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+    logp = torch.log_softmax(_capped(logits, options.softcap or None), dim=1)
+    scale = grad_loss.to(logp.dtype)
+    if options.reduction == REDUCTIONS["none"]:
+        scale = scale.unsqueeze(1)
+    elif options.reduction == REDUCTIONS["mean"]:
+        scale = scale / input.shape[0]
+    grad = logp * (-(1.0 - options.label_smoothing) * scale)
+    if weight is not None:
+        grad = grad * weight.to(logp.dtype)
+    return grad.to(target.dtype)
 
 
 class CrossEntropyBackwardFunction(torch.autograd.Function):
