@@ -46,7 +46,11 @@ def op(name: str, backend: str) -> torch._ops.OpOverloadPacket:
     if found is None:
         if backend == "triton":
             probe_triton()
-        found = _OPS[key] = getattr(torch.ops.myext, name + _SUFFIX[backend])
+        found = getattr(torch.ops.myext, name + _SUFFIX[backend])
+        # Not while dynamo traces: it refuses an autograd.Function whose backward writes
+        # to module state, so a first call compiled would fail to trace.
+        if not torch.compiler.is_compiling():
+            _OPS[key] = found
     return found
 
 

@@ -350,6 +350,26 @@ def test_inplace_backward_compiles(backend, device):
     torch.testing.assert_close(grad_c, x_ref.grad)
 
 
+@pytest.mark.compiled_backends
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_probability_target_gradient_compiles(backend, device, reduction):
+    torch._dynamo.reset()
+    x = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    q = torch.softmax(torch.randn(5, 4, dtype=torch.float64, device=device), dim=1).requires_grad_()
+    weight = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+    upstream = torch.randn(5 if reduction == "none" else (), dtype=torch.float64, device=device)
+
+    def step(x, q):
+        return myext.cross_entropy(x, q, weight=weight, reduction=reduction, label_smoothing=0.1, softcap=2.0,
+                                   backend=backend)
+
+    got = torch.autograd.grad(torch.compile(step, fullgraph=True)(x, q), (x, q), upstream)
+    want = torch.autograd.grad(myext.reference.cross_entropy(x, q, weight, reduction=reduction,
+                                                             label_smoothing=0.1, softcap=2.0), (x, q), upstream)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_inplace_op_opcheck():
     ops = myext.backends.kernels("cpp")
     x = torch.randn(4, 7, dtype=torch.float64)
