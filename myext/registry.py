@@ -10,7 +10,7 @@ registering.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -63,6 +63,9 @@ class OpSpec:
             in each dtype ours may exceed by about twice at most.
         dispatcher_ops: the ``myext::`` ops (schemas in csrc/myext.cpp) that forward and
             backward call; a compiled backend has the op when it has all of them.
+        always_run: those of them that every differentiated call runs (``ops ran``
+            checks them); None: all of them. (The fused linear cross-entropy's backward
+            op runs only where forward could not compute the gradients.)
         fakes: a fake kernel for each dispatcher op, and for each op of ``capabilities``.
         samples: ``samples(device)``: small float64 calls for gradcheck, gradgradcheck,
             opcheck and the other conformance checks.
@@ -85,6 +88,11 @@ class OpSpec:
     benchmark: Benchmark
     backends: tuple[str, ...] = ("cpp", "cuda", "triton", "torch")
     capabilities: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    always_run: Optional[tuple[str, ...]] = None
+
+    def ops_always_run(self) -> tuple[str, ...]:
+        """The dispatcher ops every differentiated call runs."""
+        return self.dispatcher_ops if self.always_run is None else self.always_run
 
 
 _SPECS: dict[str, OpSpec] = {}

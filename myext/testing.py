@@ -68,8 +68,8 @@ _BUILTIN_NAMESPACES = frozenset({"aten", "prims", "prim", "_ops", "profiler", "d
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """The arguments of one call. The tensors in ``args`` that require grad are the
-    differentiable inputs; everything else, ``kwargs`` included, is held fixed."""
+    """The arguments of one call. The tensors in ``args`` and ``kwargs`` that require
+    grad are the differentiable inputs; everything else is held fixed."""
 
     args: tuple
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -150,19 +150,26 @@ class _Call:
             self.param_names, self.params = [], []
         self.fn = fn
         self.arg_slots = [i for i, a in enumerate(self.args) if isinstance(a, torch.Tensor) and a.requires_grad]
+        # Keyword tensors that require grad are differentiated too (a keyword-only bias).
+        self.kwarg_slots = [k for k, v in self.kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
 
     @property
     def inputs(self) -> list[torch.Tensor]:
-        return [self.args[i] for i in self.arg_slots] + list(self.params)
+        return ([self.args[i] for i in self.arg_slots] + [self.kwargs[k] for k in self.kwarg_slots]
+                + list(self.params))
 
     def __call__(self, *values: torch.Tensor):
-        args = list(self.args)
+        args, kwargs = list(self.args), dict(self.kwargs)
         for slot, value in zip(self.arg_slots, values):
             args[slot] = value
+        values = values[len(self.arg_slots):]
+        for name, value in zip(self.kwarg_slots, values):
+            kwargs[name] = value
+        values = values[len(self.kwarg_slots):]
         if self.module is None:
-            return self.fn(*args, **self.kwargs)
-        params = dict(zip(self.param_names, values[len(self.arg_slots):]))
-        return torch.func.functional_call(self.module, params, tuple(args), self.kwargs)
+            return self.fn(*args, **kwargs)
+        params = dict(zip(self.param_names, values))
+        return torch.func.functional_call(self.module, params, tuple(args), kwargs)
 
 
 def _tensors(out) -> list[torch.Tensor]:

@@ -42,7 +42,7 @@ def _checked(op: str, backend: str):
 def _own_ops(op: str, backend: str) -> list[str]:
     if backend == "torch":
         return []
-    return [backends.qualified_name(name, backend) for name in registry.get(op).dispatcher_ops]
+    return [backends.qualified_name(name, backend) for name in registry.get(op).ops_always_run()]
 
 
 @pytest.mark.parametrize("op,backend,device,index", _op_backend_device(with_samples=True))
