@@ -51,4 +51,34 @@ TORCH_LIBRARY(myext, m) {
       "Tensor target, Tensor? weight, Tensor row_max, Tensor row_log_sum, "
       "Tensor total_weight, int reduction, int ignore_index, "
       "float label_smoothing, float lse_square_scale, float softcap) -> ()");
+
+  // F.linear then cross_entropy_forward, the logits (R x V) never held whole:
+  // input (R, H), linear_weight (V, H), linear_bias (V) or none; target and
+  // the options as cross_entropy_forward's. The rows go in chunks of
+  // chunk_size (0: chosen from the shapes); each chunk's logits are one GEMM
+  // into a chunk-sized buffer. Where grad_mask asks and the reduction is mean
+  // or sum, the same pass turns the buffer into the logits' gradient (for an
+  // upstream gradient of 1) and accumulates the gradients of (input,
+  // linear_weight, linear_bias), returned here (None where not asked); backward
+  // only scales them. Else they are None and linear_cross_entropy_backward
+  // computes them.
+  m.def(
+      "linear_cross_entropy_forward(Tensor input, Tensor linear_weight, "
+      "Tensor? linear_bias, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing, float lse_square_scale, "
+      "float softcap, int chunk_size, bool[3] grad_mask) -> "
+      "(Tensor loss, Tensor row_max, Tensor row_log_sum, Tensor target_logit, "
+      "Tensor total_weight, Tensor? grad_input, Tensor? grad_linear_weight, "
+      "Tensor? grad_linear_bias)");
+  // The gradients for (input, linear_weight, linear_bias) where output_mask
+  // asks, for any reduction (grad_loss (R,) for none, else a scalar): each
+  // chunk's logits computed again and turned into their gradient with the
+  // forward's row_max and row_log_sum.
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_loss, Tensor input, "
+      "Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
+      "Tensor row_max, Tensor row_log_sum, Tensor total_weight, int reduction, "
+      "int ignore_index, float label_smoothing, float lse_square_scale, "
+      "float softcap, int chunk_size, bool[3] output_mask) -> "
+      "(Tensor? grad_input, Tensor? grad_linear_weight, Tensor? grad_linear_bias)");
 }

@@ -1,4 +1,4 @@
-"""myext: fused Linear+ReLU and cross-entropy ops for PyTorch.
+"""myext: fused Linear+ReLU, cross-entropy and linear cross-entropy ops for PyTorch.
 
 Each op has C++ (CPU), CUDA and Triton kernels behind one ``torch.autograd.Function``,
 registered in the PyTorch dispatcher under ``torch.ops.myext``, and a plain-PyTorch
@@ -11,7 +11,7 @@ from . import _C  # noqa: F401  (registers the myext:: ops and their kernels)
 from . import ops  # noqa: F401  (registers each op: its spec, fake kernels)
 from . import autograd, backends, reference, registry, testing
 from .backends import available_backends
-from .functional import CrossEntropyOutput, cross_entropy, linear_relu
+from .functional import CrossEntropyOutput, cross_entropy, linear_cross_entropy, linear_relu
 from . import models, nn
 from .fuse import fuse
 
@@ -19,6 +19,6 @@ if backends.triton_may_run():
     backends.probe_triton()
 backends.survey()
 
-__all__ = ["CrossEntropyOutput", "autograd", "available_backends", "cross_entropy", "fuse", "linear_relu", "models", "nn", "reference",
-           "registry", "testing"]
+__all__ = ["CrossEntropyOutput", "autograd", "available_backends", "cross_entropy", "fuse", "linear_cross_entropy",
+           "linear_relu", "models", "nn", "reference", "registry", "testing"]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ the rest of its op in myext/ops/<op>.py (and is its spec's ``reference``).
 
 from .ops.cross_entropy import cross_entropy_2d
 from .ops.cross_entropy import reference as cross_entropy
+from .ops.linear_cross_entropy import reference as linear_cross_entropy
 from .ops.linear_relu import reference as linear_relu
 
-__all__ = ["cross_entropy", "cross_entropy_2d", "linear_relu"]
+__all__ = ["cross_entropy", "cross_entropy_2d", "linear_cross_entropy", "linear_relu"]

@@ -241,6 +241,68 @@ def test_cross_entropy_out_of_range_class_is_an_error():
     assert "class index out of range" in output or "device-side assert" in output, output
 
 
+# --- linear_cross_entropy --------------------------------------------------------
+
+def check_linear_cross_entropy(backend, x, w, target, reduction, chunk_size=None, **options):
+    """Loss and gradients of the fused op against float64, as precise as PyTorch's
+    F.cross_entropy(F.linear(...)) in the same dtype."""
+    dtype = x.dtype
+    leaves = [t.detach().requires_grad_() for t in (x, w)]
+    loss = myext.linear_cross_entropy(*leaves, target, reduction=reduction, chunk_size=chunk_size, **options,
+                                      backend=backend)
+    grad_loss = torch.rand_like(loss)
+    grads = torch.autograd.grad(loss, leaves, grad_loss)
+
+    def pytorch(x, w):
+        return F.cross_entropy(F.linear(x, w), target, reduction=reduction, **options)
+
+    torch_leaves = [t.detach().requires_grad_() for t in (x, w)]
+    loss_torch = pytorch(*torch_leaves)
+    grads_torch = torch.autograd.grad(loss_torch, torch_leaves, grad_loss)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w)]
+    loss64 = pytorch(*leaves64)
+    grads64 = torch.autograd.grad(loss64, leaves64, grad_loss.double())
+    assert_as_precise_as_torch(loss, loss_torch, loss64.detach(), dtype, "loss", terms=x.shape[0])
+    for name, ours, theirs, truth, terms in zip(("grad_input", "grad_linear_weight"), grads, grads_torch, grads64,
+                                                (w.shape[0], x.shape[0])):
+        assert ours.dtype == dtype
+        assert_as_precise_as_torch(ours, theirs, truth, dtype, name, terms=terms)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("classes", VOCABULARIES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_as_precise_as_torch(backend, dtype, classes, reduction):
+    require(backend)
+    x = torch.randn(1024, 512, device="cuda").to(dtype)
+    w = (torch.randn(classes, 512, device="cuda") * 3 / 512 ** 0.5).to(dtype)
+    target = torch.randint(0, classes, (1024,), device="cuda")
+    target[::7] = IGNORE_INDEX
+    check_linear_cross_entropy(backend, x, w, target, reduction, label_smoothing=0.1, chunk_size=384)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_linear_cross_entropy_memory(backend):
+    """Training memory beyond the inputs and their gradients: at most 1/8 of the logits
+    (bf16, 4096 x 1024 -> 128256: 1 GiB of logits)."""
+    require(backend)
+    N, H, V = 4096, 1024, 128256
+    x = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(V, H, device="cuda") / H ** 0.5).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, V, (N,), device="cuda")
+    myext.linear_cross_entropy(x, w, target, backend=backend).backward()
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    myext.linear_cross_entropy(x, w, target, backend=backend).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - (x.numel() + w.numel()) * x.element_size()
+    logits = N * V * x.element_size()
+    assert extra <= logits / 8, f"{extra / 2**20:.0f} MiB beyond the gradients, logits {logits / 2**20:.0f} MiB"
+
+
 # --- which kernels ran -----------------------------------------------------------
 
 def test_cuda_backend_runs_its_kernels():
@@ -262,3 +324,10 @@ def test_cuda_backend_runs_its_kernels():
         names = cuda_kernel_names(lambda: myext.cross_entropy(x, target, backend="cuda").backward())
         assert ran(names, "forward_kernel") and ran(names, "backward_kernel")
         assert ran(names, "combine_kernel") == splits
+
+    x = torch.randn(512, 256, device="cuda", requires_grad=True)
+    w = torch.randn(32000, 256, device="cuda", requires_grad=True)
+    target = torch.randint(0, 32000, (512,), device="cuda")
+    names = cuda_kernel_names(lambda: myext.linear_cross_entropy(x, w, target, chunk_size=128,
+                                                                 backend="cuda").backward())
+    assert ran(names, "forward_kernel") and ran(names, "backward_kernel")

@@ -56,11 +56,19 @@ def laid_out(data, shape, layout, scale=1.0):
     return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
 
 
-def assert_agrees(op, backend, sample, dtype):
+def assert_agrees(op, backend, sample, dtype, terms=1, amplification=1.0):
+    """terms: the most products one result sums (a GEMM's inner size). Two float32 (or
+    float64) sums of the same products in another order differ by about sqrt(terms)
+    roundings of the accumulator, which the floor allows beside twice PyTorch's error,
+    as tests/test_gpu.py's rule does; times ``amplification`` where a later step
+    multiplies such a difference (a logit's rounding moves the softmax's gradient by
+    the logits' spread times as much)."""
     spec = registry.get(op)
     fn = functools.partial(spec.function, backend=backend)
+    accumulator = torch.float64 if dtype == torch.float64 else torch.float32
+    floor_ulps = 4.0 + amplification * terms ** 0.5 * torch.finfo(accumulator).eps / torch.finfo(dtype).eps
     report = testing.check(fn, spec.reference, [sample], checks=["vs reference"], dtypes=(dtype,),
-                           baseline=spec.baseline)
+                           baseline=spec.baseline, floor_ulps=floor_ulps)
     report.assert_ok()
 
 
@@ -114,6 +122,41 @@ def linear_relu_case(backend, data):
     assert_agrees("linear_relu", backend, Sample(tuple(args)), dtype)
 
 
+def linear_cross_entropy_case(backend, data):
+    features = data.draw(st.sampled_from(SMALL_SIZES), label="features")
+    classes = data.draw(st.sampled_from(SMALL_SIZES if backend == "triton" else SIZES), label="classes")
+    rank = data.draw(st.sampled_from([1, 2, 2, 3]), label="rank")
+    leading = [data.draw(st.integers(0 if rank > 1 else 1, 9), label="rows") for _ in range(rank - 1)]
+    layout = data.draw(st.sampled_from(["contiguous", "transposed", "strided"]), label="layout")
+    scale = data.draw(st.sampled_from([1.0, 10.0, 100.0]), label="logit scale")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    kind = data.draw(st.sampled_from(["class", "prob"]), label="target")
+    kwargs = dict(
+        reduction=data.draw(st.sampled_from(["none", "mean", "sum"]), label="reduction"),
+        label_smoothing=data.draw(st.sampled_from([0.0, 0.1, 1.0]), label="label_smoothing"),
+        lse_square_scale=data.draw(st.sampled_from([0.0, 0.0, 1e-3]), label="lse_square_scale"),
+        softcap=data.draw(st.sampled_from([None, None, 5.0]), label="softcap"),
+        chunk_size=data.draw(st.sampled_from([None, 1, 2, 3, 7]), label="chunk_size"),
+    )
+    batch = tuple(leading)
+    x = laid_out(data, (*batch, features), layout).requires_grad_()
+    w = (laid_out(data, (classes, features), layout) * scale / features ** 0.5).requires_grad_()
+    if data.draw(st.booleans(), label="bias"):
+        kwargs["linear_bias"] = laid_out(data, (classes,), layout).requires_grad_()
+    if data.draw(st.booleans(), label="weighted"):
+        kwargs["weight"] = torch.rand(classes, generator=torch.Generator().manual_seed(classes),
+                                      dtype=torch.float64) + 0.25
+    if kind == "class":
+        target = torch.randint(0, classes, batch, generator=torch.Generator().manual_seed(features))
+        if target.numel() > 1 and data.draw(st.booleans(), label="ignore some"):
+            target.view(-1)[::2] = -100
+    else:
+        target = torch.softmax(laid_out(data, (*batch, classes), layout), dim=-1).requires_grad_()
+    rows = x.numel() // max(features, 1)
+    assert_agrees("linear_cross_entropy", backend, Sample((x, w, target), kwargs), dtype,
+                  terms=max(features, classes, rows), amplification=1.0 + scale)
+
+
 @pytest.mark.parametrize("backend", backends_of("cross_entropy", interpreted=False))
 @MANY
 @given(data=st.data())
@@ -141,3 +184,16 @@ def test_linear_relu_properties(backend, data):
 def test_linear_relu_properties_interpreted(backend, data):
     linear_relu_case(backend, data)
 
+
+@pytest.mark.parametrize("backend", backends_of("linear_cross_entropy", interpreted=False))
+@MANY
+@given(data=st.data())
+def test_linear_cross_entropy_properties(backend, data):
+    linear_cross_entropy_case(backend, data)
+
+
+@pytest.mark.parametrize("backend", backends_of("linear_cross_entropy", interpreted=True))
+@FEW
+@given(data=st.data())
+def test_linear_cross_entropy_properties_interpreted(backend, data):
+    linear_cross_entropy_case(backend, data)

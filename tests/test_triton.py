@@ -64,6 +64,23 @@ def test_kernels_run(device, launches):
     assert launches == {"ce_forward": 1, "ce_backward": 1}
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_linear_cross_entropy_runs_the_row_kernels_per_chunk(device, launches):
+    """Fused linear cross-entropy in chunks of 4 rows of 10: for 'mean' forward runs
+    both row kernels on each of the 3 chunks (the gradients in the same pass) and
+    backward none; for 'none' forward runs the loss kernel, backward the gradient one."""
+    x = torch.randn(10, 5, device=device, requires_grad=True)
+    w = torch.randn(7, 5, device=device, requires_grad=True)
+    target = torch.randint(0, 7, (10,), device=device)
+    for _ in range(2):
+        launches.clear()
+        myext.linear_cross_entropy(x, w, target, chunk_size=4, backend="triton").backward()
+    assert launches == {"ce_forward": 3, "ce_backward": 3}
+    launches.clear()
+    myext.linear_cross_entropy(x, w, target, reduction="none", chunk_size=4, backend="triton").sum().backward()
+    assert launches == {"ce_forward": 3, "ce_backward": 3}
+
+
 def test_schemas_match_the_core_ops():
     """The ops have the schemas of their myext:: counterparts, in both registration modes."""
     for name in (op for spec in myext.registry.specs() for op in spec.dispatcher_ops):

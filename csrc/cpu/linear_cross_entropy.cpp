@@ -1,0 +1,228 @@
+// Fused linear cross-entropy on the CPU: the chunk loop of
+// linear_cross_entropy.h with the GEMMs of gemm.h (oneDNN for float32 where it
+// is faster, else ATen's BLAS, whose bfloat16 GEMMs use AMX where the CPU has
+// it) and the row kernels of cross_entropy_rows.h, which read each chunk's
+// logits and, where gradients are wanted, write their gradient over them.
+// Per-row losses are reduced serially in double, as cross_entropy's are, so
+// the loss depends on neither the thread count nor the chunk size.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "../linear_cross_entropy.h"
+#include "cross_entropy_rows.h"
+#include "gemm.h"
+
+#include <cmath>
+#include <vector>
+
+namespace myext {
+namespace {
+
+struct CpuGemms {
+  at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) const {
+    if (cpu::use_onednn(x, x.size(0), x.size(1), w.size(0))) return cpu::onednn_linear(x, w, b);
+    return b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+  }
+
+  void input_grad(const at::Tensor& d, const at::Tensor& w, at::Tensor out) const {
+    if (cpu::use_onednn(d, d.size(0), d.size(1), w.size(1))) {
+      out.copy_(cpu::onednn_linear(d, w.t(), std::nullopt));
+    } else {
+      at::mm_out(out, d, w);
+    }
+  }
+
+  void add_weight_grad(at::Tensor& acc, const at::Tensor& d, const at::Tensor& x) const {
+    if (cpu::use_onednn(d, std::min(kWeightGradBlock, d.size(1)), d.size(0), x.size(1))) {
+      // oneDNN's matmul has no accumulating form here: a block's product, then an add.
+      add_weight_grad_blocked(acc, d, x, [](const at::Tensor& block, const at::Tensor& rows) {
+        return cpu::onednn_linear(block.t(), rows.t(), std::nullopt);
+      });
+    } else if (acc.scalar_type() == d.scalar_type()) {
+      acc.addmm_(d.t(), x);
+    } else {
+      add_weight_grad_blocked(acc, d, x, [](const at::Tensor& block, const at::Tensor& rows) {
+        return block.t().mm(rows);
+      });
+    }
+  }
+};
+
+// The operands in the layout the kernels read.
+struct Operands {
+  at::Tensor x;                     // (R, H) contiguous
+  at::Tensor w;                     // (V, H) contiguous
+  std::optional<at::Tensor> b;      // (V) contiguous
+  at::Tensor target;                // (R,) int64 or (R, V) contiguous
+  at::Tensor weight;                // (V), or undefined
+  bool class_targets;
+};
+
+Operands prepare(const char* op, const at::Tensor& input, const at::Tensor& linear_weight,
+                 const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+                 const std::optional<at::Tensor>& weight, int64_t ignore_index) {
+  Operands p{input.contiguous(),
+             linear_weight.contiguous(),
+             linear_bias.has_value() ? std::optional<at::Tensor>(linear_bias->contiguous()) : std::nullopt,
+             target.contiguous(),
+             weight.has_value() ? *weight : at::Tensor(),
+             !target.is_floating_point()};
+  if (p.class_targets) {
+    ce::check_class_indices(op, p.target.data_ptr<int64_t>(), p.target.numel(), p.w.size(0), ignore_index);
+  }
+  return p;
+}
+
+// Rows [begin, begin + count) of the targets, for the chunk of logits `z`.
+template <typename scalar_t>
+ce::Rows<scalar_t> chunk_rows_of(const Operands& p, const scalar_t* z, int64_t begin, int64_t count) {
+  const int64_t classes = p.w.size(0);
+  return {z, count, classes, p.class_targets ? p.target.data_ptr<int64_t>() + begin : nullptr,
+          p.class_targets ? nullptr : p.target.data_ptr<scalar_t>() + begin * classes};
+}
+
+// The mean's divisor: the summed weights of the class targets not ignored, or
+// the number of rows for probabilities. Known before the first chunk, so that
+// forward can scale the gradients as it computes them.
+double mean_divisor(const Operands& p, int64_t ignore_index) {
+  const int64_t rows = p.x.size(0);
+  if (!p.class_targets) return static_cast<double>(rows);
+  const at::Tensor w = p.weight.defined() ? p.weight.to(at::kDouble).contiguous() : at::Tensor();
+  const double* w_p = w.defined() ? w.data_ptr<double>() : nullptr;
+  const int64_t* t = p.target.data_ptr<int64_t>();
+  double total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (t[r] != ignore_index) total += w_p == nullptr ? 1.0 : w_p[t[r]];
+  }
+  return total;
+}
+
+using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>,
+           std::optional<at::Tensor>, std::optional<at::Tensor>>
+linear_cross_entropy_forward_cpu(const at::Tensor& input, const at::Tensor& linear_weight,
+                                 const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+                                 const std::optional<at::Tensor>& weight, int64_t reduction, int64_t ignore_index,
+                                 double label_smoothing, double lse_square_scale, double softcap,
+                                 int64_t chunk_size, std::array<bool, 3> grad_mask) {
+  constexpr const char* op = "linear_cross_entropy_forward";
+  check_linear_cross_entropy_inputs(op, input, linear_weight, linear_bias, target, weight, reduction,
+                                    label_smoothing, lse_square_scale, softcap, chunk_size);
+  const Operands p = prepare(op, input, linear_weight, linear_bias, target, weight, ignore_index);
+  const int64_t rows = p.x.size(0);
+  const int64_t classes = p.w.size(0);
+  const auto acc_options = p.x.options().dtype(at::toOpMathType(p.x.scalar_type()));
+  at::Tensor row_max = at::empty({rows}, acc_options);
+  at::Tensor row_log_sum = at::empty({rows}, acc_options);
+  at::Tensor target_logit = at::empty({rows}, acc_options);
+  at::Tensor total_weight = at::empty({}, acc_options);
+  at::Tensor loss = at::empty(reduction == at::Reduction::None ? at::IntArrayRef{rows} : at::IntArrayRef{},
+                              p.x.options());
+  const ce::Settings settings{ignore_index, label_smoothing, lse_square_scale, softcap};
+  const bool grads = reduction != at::Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
+  LinearGrads g = grads ? make_linear_grads(p.x, p.w, grad_mask) : LinearGrads{};
+  double grad_scale = 1;
+  if (grads && reduction == at::Reduction::Mean) {
+    const double divisor = mean_divisor(p, ignore_index);
+    grad_scale = divisor == 0 ? std::nan("") : 1 / divisor;
+  }
+  const int64_t chunk = chunk_rows(rows, classes, p.x.element_size(), chunk_size);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, p.x.scalar_type(), "linear_cross_entropy_forward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        std::vector<double> losses(rows), weights(rows);
+        acc_t* max_p = row_max.data_ptr<acc_t>();
+        acc_t* log_sum_p = row_log_sum.data_ptr<acc_t>();
+        acc_t* target_logit_p = target_logit.data_ptr<acc_t>();
+        for_each_chunk(p.x, p.w, p.b, chunk, grads, g, CpuGemms{},
+                       [&](const at::Tensor& logits, int64_t begin, int64_t count) {
+                         scalar_t* z = logits.data_ptr<scalar_t>();
+                         const ce::Rows<scalar_t> chunk_in = chunk_rows_of(p, z, begin, count);
+                         ce::forward(chunk_in, p.weight, settings,
+                                     ce::ForwardOut<acc_t>{losses.data() + begin, max_p + begin,
+                                                           log_sum_p + begin, target_logit_p + begin,
+                                                           weights.data() + begin});
+                         if (grads) {
+                           ce::backward(chunk_in, z, p.weight, max_p + begin, log_sum_p + begin, nullptr,
+                                        grad_scale, settings);
+                         }
+                       });
+        double loss_sum = 0, weight_sum = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          loss_sum += losses[r];
+          weight_sum += weights[r];
+        }
+        total_weight.data_ptr<acc_t>()[0] = static_cast<acc_t>(weight_sum);
+        scalar_t* loss_p = loss.data_ptr<scalar_t>();
+        if (reduction == at::Reduction::None) {
+          for (int64_t r = 0; r < rows; ++r) loss_p[r] = static_cast<scalar_t>(losses[r]);
+        } else {
+          const double value = reduction == at::Reduction::Sum ? loss_sum
+                               : weight_sum == 0           ? std::nan("")
+                                                           : loss_sum / weight_sum;
+          loss_p[0] = static_cast<scalar_t>(value);
+        }
+      });
+  const Grads out = grads ? finish(g, p.x.scalar_type()) : Grads{};
+  return {loss, row_max, row_log_sum, target_logit, total_weight, std::get<0>(out), std::get<1>(out),
+          std::get<2>(out)};
+}
+
+Grads linear_cross_entropy_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
+    const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& row_max, const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap, int64_t chunk_size,
+    std::array<bool, 3> output_mask) {
+  constexpr const char* op = "linear_cross_entropy_backward";
+  check_linear_cross_entropy_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
+                                             row_max, row_log_sum, total_weight, reduction, label_smoothing,
+                                             lse_square_scale, softcap, chunk_size);
+  if (!(output_mask[0] || output_mask[1] || output_mask[2])) return {};
+  const Operands p = prepare(op, input, linear_weight, linear_bias, target, weight, ignore_index);
+  const int64_t rows = p.x.size(0);
+  const auto acc_type = at::toOpMathType(p.x.scalar_type());
+  const at::Tensor max_c = row_max.to(acc_type).contiguous();
+  const at::Tensor log_sum_c = row_log_sum.to(acc_type).contiguous();
+  // Each row's factor: its upstream gradient with no reduction, else one scalar
+  // (over the mean's divisor; nan for a divisor of 0), as cross_entropy's.
+  const at::Tensor row_scales =
+      reduction == at::Reduction::None ? grad_loss.to(acc_type).contiguous() : at::Tensor();
+  double common_scale = 0;
+  if (reduction != at::Reduction::None) {
+    common_scale = grad_loss.item<double>();
+    if (reduction == at::Reduction::Mean) {
+      const double divisor = total_weight.item<double>();
+      common_scale = divisor == 0 ? std::nan("") : common_scale / divisor;
+    }
+  }
+  const ce::Settings settings{ignore_index, label_smoothing, lse_square_scale, softcap};
+  LinearGrads g = make_linear_grads(p.x, p.w, output_mask);
+  const int64_t chunk = chunk_rows(rows, p.w.size(0), p.x.element_size(), chunk_size);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, p.x.scalar_type(), "linear_cross_entropy_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const acc_t* scales = row_scales.defined() ? row_scales.data_ptr<acc_t>() : nullptr;
+        for_each_chunk(p.x, p.w, p.b, chunk, true, g, CpuGemms{},
+                       [&](const at::Tensor& logits, int64_t begin, int64_t count) {
+                         scalar_t* z = logits.data_ptr<scalar_t>();
+                         ce::backward(chunk_rows_of(p, z, begin, count), z, p.weight,
+                                      max_c.data_ptr<acc_t>() + begin, log_sum_c.data_ptr<acc_t>() + begin,
+                                      scales == nullptr ? nullptr : scales + begin, common_scale, settings);
+                       });
+      });
+  return finish(g, p.x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(myext, CPU, m) {
+  m.impl("linear_cross_entropy_forward", &linear_cross_entropy_forward_cpu);
+  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
+}
+
+}  // namespace myext

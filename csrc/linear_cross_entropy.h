@@ -1,0 +1,141 @@
+// The fused linear cross-entropy ops (schemas in myext.cpp), shared by their
+// CPU and CUDA kernels: the argument checks, the chunk size, and the chunk
+// loop, which each device runs with its own GEMMs and cross-entropy rows.
+//
+// The loop: rows of the input go in chunks; a chunk's logits are one GEMM into
+// a chunk-sized buffer, never all R x V of them at once. The device's row step
+// reads the buffer (each row's max, log-sum and loss) and, where gradients are
+// wanted, overwrites it with the logits' gradient; the gradient GEMMs then
+// read it: the chunk's rows of the input gradient, and the weight and bias
+// gradients accumulated over chunks (the weight's in float32 for bfloat16 and
+// float16, in the row blocks of kWeightGradBlock classes its device takes).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "cross_entropy.h"
+
+#include <algorithm>
+#include <array>
+#include <optional>
+
+namespace myext {
+
+// The logits of one chunk take about this much memory, at least kMinChunkRows
+// rows (fewer rows and each GEMM reads the whole weight for too little work).
+constexpr int64_t kChunkBytes = int64_t(32) << 20;
+constexpr int64_t kMinChunkRows = 128;
+
+// Rows per chunk: `requested` where > 0, else from the shapes.
+inline int64_t chunk_rows(int64_t rows, int64_t classes, int64_t element_size, int64_t requested) {
+  if (requested > 0) return std::max<int64_t>(1, std::min(requested, rows));
+  const int64_t fit = kChunkBytes / std::max<int64_t>(1, classes * element_size);
+  return std::max<int64_t>(1, std::min(rows, std::max(fit, kMinChunkRows)));
+}
+
+// input (R, H); linear_weight (V, H) and linear_bias (V) or absent, of the
+// input's dtype and device; target and weight as cross_entropy's for (R, V)
+// logits; the options; chunk_size >= 0.
+inline void check_linear_cross_entropy_inputs(
+    const char* op, const at::Tensor& input, const at::Tensor& linear_weight,
+    const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, int64_t reduction, double label_smoothing,
+    double lse_square_scale, double softcap, int64_t chunk_size) {
+  check_floating(op, "input", input);
+  check_dim(op, "input", input, 2);
+  check_like(op, "linear_weight", linear_weight, input);
+  check_dim(op, "linear_weight", linear_weight, 2);
+  TORCH_CHECK(linear_weight.size(1) == input.size(1), op, ": linear_weight must have shape (classes, ",
+              input.size(1), "), the input's features last, got ", linear_weight.sizes());
+  const int64_t classes = linear_weight.size(0);
+  check_optional_vector(op, "linear_bias", linear_bias, classes, input);
+  check_cross_entropy_targets(op, target, weight, input.size(0), classes, input);
+  check_cross_entropy_options(op, reduction, label_smoothing, lse_square_scale, softcap);
+  TORCH_CHECK(chunk_size >= 0, op, ": chunk_size must be >= 0 (0: chosen from the shapes), got ", chunk_size);
+}
+
+inline void check_linear_cross_entropy_backward_inputs(
+    const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
+    const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
+    const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
+    double label_smoothing, double lse_square_scale, double softcap, int64_t chunk_size) {
+  check_linear_cross_entropy_inputs(op, input, linear_weight, linear_bias, target, weight, reduction,
+                                    label_smoothing, lse_square_scale, softcap, chunk_size);
+  check_cross_entropy_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, input.size(0), reduction,
+                                  input);
+}
+
+// Classes per block of the weight gradient where a device accumulates it from
+// a temporary product (bfloat16 into float32, or a GEMM without accumulation):
+// the temporary stays a small fraction of the chunk's buffer.
+constexpr int64_t kWeightGradBlock = 2048;
+
+// The gradients the loop accumulates: each undefined where not wanted.
+struct LinearGrads {
+  at::Tensor input;   // (R, H), the input's dtype
+  at::Tensor weight;  // (V, H), float32 for bfloat16/float16 input
+  at::Tensor bias;    // (V), float64
+};
+
+// Gradient buffers for `mask` (input, weight, bias) of the operands.
+inline LinearGrads make_linear_grads(const at::Tensor& input, const at::Tensor& linear_weight,
+                                     std::array<bool, 3> mask) {
+  LinearGrads g;
+  if (mask[0]) g.input = at::empty(input.sizes(), input.options());
+  if (mask[1]) {
+    g.weight = at::zeros(linear_weight.sizes(), linear_weight.options().dtype(
+                                                    at::toOpMathType(linear_weight.scalar_type())));
+  }
+  if (mask[2]) g.bias = at::zeros({linear_weight.size(0)}, linear_weight.options().dtype(at::kDouble));
+  return g;
+}
+
+// The accumulated gradients in the input's dtype, None where not wanted.
+inline std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> finish(
+    const LinearGrads& g, at::ScalarType dtype) {
+  const auto as_output = [&](const at::Tensor& t) -> std::optional<at::Tensor> {
+    if (!t.defined()) return std::nullopt;
+    return t.scalar_type() == dtype ? t : t.to(dtype);
+  };
+  return {as_output(g.input), as_output(g.weight), as_output(g.bias)};
+}
+
+// Runs the chunks of `input` (R, H), contiguous. For each, `gemms.linear`
+// computes its logits and `row_step(logits, begin, count)` handles its rows
+// [begin, begin + count); with `grads` (the row step then leaves the logits'
+// gradient in the buffer), the gradients in `g` are accumulated.
+//
+// Gemms:
+//   at::Tensor linear(x, w, b)         x @ w^T + b, contiguous (rows, V)
+//   void input_grad(d, w, out)         out = d @ w
+//   void add_weight_grad(acc, d, x)    acc += d^T @ x
+template <typename Gemms, typename RowStep>
+void for_each_chunk(const at::Tensor& input, const at::Tensor& linear_weight,
+                    const std::optional<at::Tensor>& linear_bias, int64_t chunk, bool grads,
+                    LinearGrads& g, const Gemms& gemms, const RowStep& row_step) {
+  const int64_t rows = input.size(0);
+  for (int64_t begin = 0; begin < rows; begin += chunk) {
+    const int64_t count = std::min(chunk, rows - begin);
+    const at::Tensor x = input.narrow(0, begin, count);
+    at::Tensor logits = gemms.linear(x, linear_weight, linear_bias);
+    row_step(logits, begin, count);
+    if (!grads) continue;
+    if (g.input.defined()) gemms.input_grad(logits, linear_weight, g.input.narrow(0, begin, count));
+    if (g.weight.defined()) gemms.add_weight_grad(g.weight, logits, x);
+    if (g.bias.defined()) g.bias.add_(logits.sum({0}, false, at::kDouble));
+  }
+}
+
+// acc += d^T @ x in blocks of kWeightGradBlock classes, each through a
+// temporary `product(d_block, x)` (d_block^T @ x, any dtype).
+template <typename Product>
+void add_weight_grad_blocked(at::Tensor& acc, const at::Tensor& d, const at::Tensor& x, const Product& product) {
+  const int64_t classes = d.size(1);
+  for (int64_t begin = 0; begin < classes; begin += kWeightGradBlock) {
+    const int64_t count = std::min(kWeightGradBlock, classes - begin);
+    acc.narrow(0, begin, count).add_(product(d.narrow(1, begin, count), x));
+  }
+}
+
+}  // namespace myext

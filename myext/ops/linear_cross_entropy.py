@@ -1,0 +1,452 @@
+"""Fused linear + cross-entropy: the loss of ``F.linear(input, linear_weight, linear_bias)``
+as logits, which are never held whole.
+
+Dispatcher ops (schemas in csrc/myext.cpp): ``myext::linear_cross_entropy_forward`` and
+``myext::linear_cross_entropy_backward``; kernels in csrc/cpu/linear_cross_entropy.cpp,
+csrc/cuda/linear_cross_entropy.cpp and triton_ops/linear_cross_entropy.py, each a loop
+over chunks of rows that runs the cross-entropy row kernels of its backend on one chunk
+of logits at a time. This module holds the rest of the op: its argument checks, fake
+kernels, autograd Function, the public function with the semantics of
+``F.linear_cross_entropy``, the plain-PyTorch reference and its registry spec. The
+options and the per-row outputs are cross_entropy's (myext/ops/cross_entropy.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import registry
+from .._library import acc_dtype
+from .._validation import REDUCTIONS, check_float_dtype, check_same, check_tensor, needs_grad
+from ..backends import op, resolve_backend
+from . import cross_entropy as ce
+from .cross_entropy import CrossEntropyOutput, Options
+from .linear_relu import affine
+
+__all__ = ["LinearCrossEntropyFunction", "default_chunk_size", "linear_cross_entropy", "reference"]
+
+NAME = "linear_cross_entropy"
+
+# As csrc/linear_cross_entropy.h: a chunk's logits take about this many bytes, in at
+# least this many rows.
+CHUNK_BYTES = 32 << 20
+MIN_CHUNK_ROWS = 128
+
+
+def default_chunk_size(rows: int, classes: int, dtype: torch.dtype) -> int:
+    """Rows per chunk when none is given: a chunk's logits take about 32 MiB (at most
+    1/8 of the logits from 256 MiB of them on), in at least 128 rows, so that each
+    chunk's GEMMs have work enough to run at full speed."""
+    fit = CHUNK_BYTES // max(1, classes * dtype.itemsize)
+    return max(1, min(rows, max(fit, MIN_CHUNK_ROWS)))
+
+
+# --------------------------------------------------------------------------- checks
+
+def check_linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    linear_bias: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: Optional[float],
+    chunk_size: Optional[int],
+) -> bool:
+    """Checks the arguments of linear_cross_entropy; returns True for probability targets."""
+    check_tensor("input", input)
+    check_tensor("linear_weight", linear_weight)
+    check_tensor("target", target)
+    check_float_dtype("input", input)
+    if input.dim() < 1:
+        raise ValueError("input must be (H), (N, H) or (*, H), got a 0-d tensor")
+    check_same("linear_weight", linear_weight, "input", input)
+    if linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight must be (C, H), got shape {tuple(linear_weight.shape)}; "
+                         "the K-dimensional form (C, d1, ..., dk, H) of F.linear_cross_entropy is not supported")
+    features, classes = input.shape[-1], linear_weight.shape[0]
+    if linear_weight.shape[1] != features:
+        raise ValueError(f"linear_weight must have shape (C, {features}), the input's features last, "
+                         f"got {tuple(linear_weight.shape)}")
+    if linear_bias is not None:
+        check_tensor("linear_bias", linear_bias)
+        check_same("linear_bias", linear_bias, "input", input)
+        if linear_bias.shape != (classes,):
+            raise ValueError(f"linear_bias must have shape ({classes},), got {tuple(linear_bias.shape)}")
+    ce.check_options(ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
+    ce.check_class_weight(weight, classes, input)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
+    batch = input.shape[:-1]
+    return ce.check_target(target, input, ignore_index, class_shape=batch, prob_shape=batch + (classes,),
+                           prob_shape_name="the shape (*, C)")
+
+
+# --------------------------------------------------------------------------- fake kernels
+
+def _grad_fakes(input, linear_weight, linear_bias, mask):
+    return (torch.empty_like(input, memory_format=torch.contiguous_format) if mask[0] else None,
+            torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if mask[1] else None,
+            linear_weight.new_empty(linear_weight.shape[:1]) if mask[2] else None)
+
+
+def linear_cross_entropy_forward_fake(input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
+                                      label_smoothing, lse_square_scale, softcap, chunk_size, grad_mask):
+    rows = input.shape[0]
+    acc = acc_dtype(input.dtype)
+    loss = input.new_empty((rows,) if reduction == 0 else ())
+    row_max, row_log_sum, target_logit = (input.new_empty((rows,), dtype=acc) for _ in range(3))
+    grads = (_grad_fakes(input, linear_weight, linear_bias, grad_mask) if reduction != 0
+             else (None, None, None))
+    return (loss, row_max, row_log_sum, target_logit, input.new_empty((), dtype=acc), *grads)
+
+
+def linear_cross_entropy_backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, row_max,
+                                       row_log_sum, total_weight, reduction, ignore_index, label_smoothing,
+                                       lse_square_scale, softcap, chunk_size, output_mask):
+    return _grad_fakes(input, linear_weight, linear_bias, output_mask)
+
+
+# --------------------------------------------------------------------------- autograd
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` (rows (R, H)) against
+    class indices (R,) or probabilities (R, C).
+
+    ``LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
+    options, chunk_size, backend)``, the arguments checked and reshaped to rows (see
+    myext.linear_cross_entropy). Returns the loss and, not differentiable, each row's max
+    and log-sum of the capped logits and the target's capped logit.
+
+    For reduction mean or sum, forward computes the gradients in the same pass over the
+    chunks (for an upstream gradient of 1) and backward scales them: the chunk's logits
+    are made once. For reduction none, backward makes them again, with each row's own
+    upstream gradient. Double backward goes through the reference (torch ops, which
+    hold the logits); so does the gradient of probability targets, itself the logits' size.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+                target: torch.Tensor, weight: Optional[torch.Tensor], options: Options, chunk_size: int,
+                backend: str):
+        mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
+        in_forward = options.reduction != 0 and any(mask)
+        (loss, row_max, row_log_sum, target_logit, total_weight, grad_input, grad_weight,
+         grad_bias) = op("linear_cross_entropy_forward", backend)(
+            input, linear_weight, linear_bias, target, weight, *options, chunk_size,
+            mask if in_forward else [False, False, False])
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight,
+                              grad_input, grad_weight, grad_bias)
+        ctx.in_forward = in_forward
+        ctx.options, ctx.chunk_size, ctx.backend = options, chunk_size, backend
+        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit)
+        return loss, row_max, row_log_sum, target_logit
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, *unused_grads):
+        (input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight, grad_input,
+         grad_weight, grad_bias) = ctx.saved_tensors
+        mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
+        wants_target = bool(ctx.needs_input_grad[3]) and target.is_floating_point()
+        if torch.is_grad_enabled():
+            grads = _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weight, ctx.options,
+                                     mask, wants_target)
+        else:
+            grad_target = (ce.probability_target_grad(grad_loss, affine(input, linear_weight, linear_bias), target,
+                                                      weight, ctx.options) if wants_target else None)
+            grads = (*_kernel_grads(ctx, grad_loss, mask), grad_target)
+        return (*grads, None, None, None, None)
+
+
+def _kernel_grads(ctx: Any, grad_loss: torch.Tensor, mask: list[bool]):
+    """The gradients of (input, linear_weight, linear_bias) from the kernels: forward's,
+    scaled by the upstream gradient, or the backward op's."""
+    (input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight, grad_input,
+     grad_weight, grad_bias) = ctx.saved_tensors
+    if ctx.in_forward:
+        scale = grad_loss.to(input.dtype)
+        return tuple(g * scale if g is not None and wanted else None
+                     for g, wanted in zip((grad_input, grad_weight, grad_bias), mask))
+    return op("linear_cross_entropy_backward", ctx.backend)(
+        grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight,
+        *ctx.options, ctx.chunk_size, mask)
+
+
+def _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weight, options: Options, mask,
+                     wants_target: bool):
+    """The gradients of the reference loss for (input, linear_weight, linear_bias,
+    target) where asked, built from torch ops so that they differentiate again."""
+    with torch.enable_grad():
+        leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_()
+                  for t in (input, linear_weight, linear_bias)]
+        t = target if not wants_target or target.requires_grad else target.detach().requires_grad_()
+        wanted = [x for x, m in zip([*leaves, t], [*mask, wants_target]) if m and x is not None]
+        loss = options.reference(affine(leaves[0], leaves[1], leaves[2]), t, weight)
+        found = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=torch.is_grad_enabled()))
+    return tuple(next(found) if m and x is not None else None
+                 for x, m in zip([*leaves, t], [*mask, wants_target]))
+
+
+# --------------------------------------------------------------------------- the public function
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = -100,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    return_lse: bool = False,
+    return_accuracy: bool = False,
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, CrossEntropyOutput]:
+    r"""Cross-entropy of ``F.linear(input, linear_weight, linear_bias)`` against ``target``,
+    with the semantics of ``F.linear_cross_entropy``, without ever holding the logits whole.
+
+    The rows of ``input`` go in chunks of ``chunk_size``: each chunk's logits are one
+    GEMM into a buffer of ``chunk_size x C``, which the cross-entropy kernels turn into
+    the logits' gradient in place for the gradient GEMMs. For the mean and sum reductions
+    the gradients are computed in forward, so training makes each chunk's logits once.
+
+    Args:
+        input: ``(H)``, ``(N, H)`` or ``(*, H)`` (a language model's ``(B, T, H)``).
+        linear_weight: ``(C, H)``, as ``nn.Linear(H, C).weight``.
+        target: class indices (int64 or uint8) of the input's batch shape ``(*)``, or class
+            probabilities ``(*, C)`` of the input's dtype.
+        linear_bias: ``(C)``, or ``None``.
+        weight: a weight per class ``(C)``, or ``None``.
+        reduction: ``"none"`` (a loss of shape ``(*)``), ``"mean"`` or ``"sum"``, as
+            ``F.cross_entropy``'s.
+        ignore_index: a class index that contributes neither loss nor gradient; ``None``
+            means -100, as in ``F.linear_cross_entropy``.
+        label_smoothing: in ``[0, 1]``.
+        lse_square_scale: the z-loss: adds ``lse_square_scale * lse**2`` to the loss of
+            each element not ignored, before the reduction.
+        softcap: caps the logits at ``softcap * tanh(logits / softcap)`` before the
+            softmax; ``None`` (default) leaves them.
+        chunk_size: rows per chunk; ``None`` chooses from the shapes (chunks of about
+            32 MiB of logits). Results do not depend on it beyond rounding.
+        return_lse: also return each element's log-sum-exp, from the same pass.
+        return_accuracy: also return the token accuracy (class-index targets).
+        backend: ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"torch"``; ``None`` picks
+            ``$MYEXT_BACKEND`` or the best backend available for the tensors' device.
+
+    Returns:
+        The loss, a scalar or for ``reduction="none"`` of the input's batch shape; with
+        ``return_lse`` or ``return_accuracy``, a :class:`CrossEntropyOutput`.
+
+    Example::
+
+        >>> hidden, head = torch.randn(2, 16, 64), torch.nn.Linear(64, 1000)
+        >>> labels = torch.randint(0, 1000, (2, 16))
+        >>> loss = myext.linear_cross_entropy(hidden, head.weight, labels, linear_bias=head.bias)
+        >>> torch.allclose(loss, F.cross_entropy(head(hidden).flatten(0, 1), labels.flatten()))
+        True
+    """
+    if ignore_index is None:
+        ignore_index = -100
+    probabilities = check_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index,
+                                               reduction, label_smoothing, lse_square_scale, softcap, chunk_size)
+    if return_accuracy and probabilities:
+        raise ValueError("return_accuracy needs class-index targets, not probabilities")
+    if target.dtype == torch.uint8:
+        target = target.long()
+    classes = linear_weight.shape[0]
+    name = resolve_backend(backend, input.device, NAME)
+    if not probabilities and name != "cpp":
+        ce.check_class_indices(target, classes, ignore_index)
+
+    batch_shape = input.shape[:-1]
+    input_2d = input.reshape(-1, input.shape[-1])
+    target_2d = target.reshape(-1, classes) if probabilities else target.reshape(-1)
+    options = Options(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
+                      float(softcap or 0.0))
+    chunk = chunk_size or default_chunk_size(input_2d.shape[0], classes, input.dtype)
+    if name == "torch":
+        logits = affine(input_2d, linear_weight, linear_bias)
+        loss = options.reference(logits, target_2d, weight)
+        if return_lse or return_accuracy:
+            row_max, row_log_sum, target_logit = ce._reference_rows(logits, target_2d, options)
+    elif not needs_grad(input_2d, linear_weight, linear_bias, target_2d):
+        loss, row_max, row_log_sum, target_logit, *_ = op("linear_cross_entropy_forward", name)(
+            input_2d, linear_weight, linear_bias, target_2d, weight, *options, chunk, [False, False, False])
+    else:
+        loss, row_max, row_log_sum, target_logit = LinearCrossEntropyFunction.apply(
+            input_2d, linear_weight, linear_bias, target_2d, weight, options, chunk, name)
+    loss = loss.reshape(batch_shape) if reduction == "none" else loss
+    if not (return_lse or return_accuracy):
+        return loss
+    return CrossEntropyOutput(loss, *ce.extras(row_max, row_log_sum, target_logit, target_2d, ignore_index,
+                                               batch_shape, return_lse, return_accuracy))
+
+
+# --------------------------------------------------------------------------- the spec
+
+def reference(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = -100,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """linear_cross_entropy's loss, from elementary torch ops: cross_entropy's reference
+    of the logits ``input @ linear_weight.T + linear_bias``, held whole; the executable
+    spec. ``chunk_size`` changes nothing."""
+    ignore_index = -100 if ignore_index is None else ignore_index
+    classes = linear_weight.shape[0]
+    logits = affine(input, linear_weight, linear_bias).reshape(-1, classes)
+    target_2d = target.reshape(-1, classes) if target.is_floating_point() else target.reshape(-1)
+    loss = ce.cross_entropy_2d(logits, target_2d, weight, ignore_index, reduction, float(label_smoothing),
+                               lse_square_scale, softcap)
+    return loss.reshape(input.shape[:-1]) if reduction == "none" else loss
+
+
+def baseline(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = -100,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """What PyTorch itself computes: cross_entropy's baseline (F.cross_entropy, with
+    torch.tanh's cap and logsumexp's z-loss) of F.linear's logits."""
+    ignore_index = -100 if ignore_index is None else ignore_index
+    classes = linear_weight.shape[0]
+    logits = F.linear(input, linear_weight, linear_bias).reshape(-1, classes)
+    target_2d = target.reshape(-1, classes) if target.is_floating_point() else target.reshape(-1)
+    loss = ce.baseline(logits, target_2d, weight, ignore_index, reduction, label_smoothing,
+                       lse_square_scale=lse_square_scale, softcap=softcap)
+    return loss.reshape(input.shape[:-1]) if reduction == "none" else loss
+
+
+def _sample(batch: tuple[int, ...], features: int, classes: int, device: str, *, kind: str = "class",
+            bias: bool = True, weighted: bool = False, scale: float = 1.0, **options: Any) -> registry.Sample:
+    """Input ``(*batch, features)``, a (classes, features) weight scaled so that the
+    logits have about ``scale``'s spread, a bias, and a target: class indices with the
+    second ignored, or probabilities that require grad."""
+    x = torch.randn(*batch, features, dtype=torch.float64, device=device).requires_grad_()
+    w = (torch.randn(classes, features, dtype=torch.float64, device=device) * scale / math.sqrt(features))
+    w.requires_grad_()
+    kwargs = dict(options)
+    if bias:
+        kwargs["linear_bias"] = torch.randn(classes, dtype=torch.float64, device=device).requires_grad_()
+    if kind == "class":
+        target = torch.randint(0, classes, batch, device=device)
+        if target.numel() > 1:
+            target.view(-1)[1] = options.get("ignore_index", -100)
+    else:
+        target = torch.softmax(torch.randn(*batch, classes, dtype=torch.float64, device=device), dim=-1)
+        target.requires_grad_()
+    if weighted:
+        kwargs["weight"] = torch.rand(classes, dtype=torch.float64, device=device).add(0.5)
+    described = [f"{tuple(batch)}x{features}->{classes} {kind}"] + (["no bias"] if not bias else [])
+    described += (["weighted"] if weighted else []) + [f"{k}={v}" for k, v in options.items()]
+    return registry.Sample((x, w, target), kwargs, name=", ".join(described))
+
+
+def samples(device: str) -> list[registry.Sample]:
+    """1-d, 2-d and 3-d inputs, with and without bias, each target kind, weights,
+    smoothing, z-loss, soft-capping and every reduction, in chunks smaller than the batch."""
+    return [
+        _sample((), 4, 5, device),
+        _sample((5,), 4, 6, device, weighted=True, label_smoothing=0.2, chunk_size=2),
+        _sample((2, 3), 4, 5, device, bias=False, reduction="none", chunk_size=4),
+        _sample((5,), 3, 6, device, weighted=True, reduction="sum", ignore_index=-1, chunk_size=3),
+        _sample((4,), 3, 5, device, kind="prob", label_smoothing=0.1, chunk_size=3),
+        _sample((2, 2), 3, 5, device, kind="prob", weighted=True, reduction="none"),
+        _sample((6,), 4, 5, device, weighted=True, scale=4.0, label_smoothing=0.1, lse_square_scale=0.1,
+                softcap=3.0, chunk_size=4),
+        _sample((2, 3), 4, 5, device, kind="prob", scale=4.0, lse_square_scale=0.2, softcap=2.0, reduction="sum",
+                chunk_size=2),
+    ]
+
+
+def accuracy_samples(device: str) -> list[registry.Sample]:
+    """Logits of spread 3 over more classes than a chunk of rows, N-d, both target kinds."""
+    return [
+        _sample((64,), 32, 100, device, weighted=True, scale=3.0, ignore_index=-1, label_smoothing=0.1,
+                chunk_size=16),
+        _sample((3, 17), 24, 70, device, scale=3.0, reduction="none", chunk_size=20),
+        _sample((37,), 16, 60, device, kind="prob", weighted=True, scale=3.0, reduction="sum"),
+        _sample((40,), 32, 300, device, weighted=True, scale=30.0, label_smoothing=0.1, lse_square_scale=1e-3,
+                softcap=15.0, chunk_size=8),
+    ]
+
+
+def eager(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The PyTorch baseline of myext.linear_cross_entropy: the logits, then the loss."""
+    return F.cross_entropy(F.linear(input, linear_weight), target)
+
+
+def benchmark_inputs(N: int, H: int, V: int, *, device: torch.device | str, dtype: torch.dtype,
+                     requires_grad: bool) -> dict[str, torch.Tensor]:
+    """A language model's last layer: hidden states, a head initialised like nn.Linear's
+    and class-index targets."""
+    bound = 1.0 / math.sqrt(H)
+    return {
+        "input": torch.randn(N, H, device=device, dtype=dtype).requires_grad_(requires_grad),
+        "linear_weight": torch.empty(V, H, device=device, dtype=dtype).uniform_(-bound, bound)
+        .requires_grad_(requires_grad),
+        "target": torch.randint(0, V, (N,), device=device),
+    }
+
+
+def work(shape, backward: bool, dtype: torch.dtype) -> tuple[float, str]:
+    """FLOPs: the logits' GEMM, 2NHV; with backward the input and weight gradients' too."""
+    flops = 2 * shape["N"] * shape["H"] * shape["V"]
+    return (3 * flops if backward else flops), "GFLOP/s"
+
+
+SPEC = registry.register(registry.OpSpec(
+    name=NAME,
+    function=linear_cross_entropy,
+    reference=reference,
+    baseline=baseline,
+    dispatcher_ops=("linear_cross_entropy_forward", "linear_cross_entropy_backward"),
+    always_run=("linear_cross_entropy_forward",),
+    fakes={"linear_cross_entropy_forward": linear_cross_entropy_forward_fake,
+           "linear_cross_entropy_backward": linear_cross_entropy_backward_fake},
+    samples=samples,
+    accuracy_samples=accuracy_samples,
+    benchmark=registry.Benchmark(
+        # A language model's head: 4096 tokens of hidden size 1024 over 32000 classes
+        # (524 MB of float32 logits), and a small classifier.
+        sweep=[("N=4096, H=1024", [dict(N=4096, H=1024, V=v) for v in (1000, 8192, 32000)])],
+        quick_sweep=[("N=64, H=32", [dict(N=64, H=32, V=v) for v in (10, 100)])],
+        cases=[dict(N=4096, H=1024, V=32000), dict(N=256, H=784, V=10)],
+        gpu_sweep=[("N=16384, H=4096", [dict(N=16384, H=4096, V=v) for v in (32000, 128256)])],
+        x="V",
+        inputs=benchmark_inputs,
+        eager=eager,
+        work=work,
+        label=lambda shape: f"{shape['N']}x{shape['H']}->{shape['V']}",
+    ),
+))

@@ -1,0 +1,337 @@
+"""myext.linear_cross_entropy on every backend, against F.cross_entropy of F.linear's logits.
+
+The generic battery (tests/test_ops.py) runs gradcheck, gradgradcheck, opcheck, compile
+and the float64 ground-truth rule on the op's samples; these tests add what is the
+fused op's own: every option against PyTorch, chunk-size invariance, batch shapes,
+the gradients computed in forward, and bad arguments.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import myext
+
+# Tests taking backend and device run on every backend of the op (conftest.py).
+OP = "linear_cross_entropy"
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def make_case(batch=(9,), features=8, classes=11, *, kind="class", bias=True, weighted=False, dtype=torch.float64,
+              device="cpu", scale=2.0, ignore_index=-100):
+    """Hidden states ``(*batch, features)``, a head whose logits spread about ``scale``,
+    a bias, class weights and a target (class indices with one ignored, or probabilities)."""
+    x = torch.randn(*batch, features, dtype=torch.float64)
+    w = torch.randn(classes, features, dtype=torch.float64) * scale / features ** 0.5
+    b = torch.randn(classes, dtype=torch.float64) if bias else None
+    if kind == "class":
+        target = torch.randint(0, classes, batch)
+        if target.numel() > 1:
+            target.view(-1)[1] = ignore_index
+    else:
+        target = torch.softmax(torch.randn(*batch, classes, dtype=torch.float64), dim=-1).to(dtype)
+    weight = torch.rand(classes, dtype=torch.float64).add(0.5).to(dtype) if weighted else None
+
+    def on_device(t):
+        return None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    return on_device(x), on_device(w), on_device(b), target.to(device), on_device(weight)
+
+
+def loss_and_grads(fn, x, w, b, target, upstream=None, **kwargs):
+    """The loss and the gradients of (input, linear_weight, linear_bias) under ``upstream``."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    loss = fn(leaves[0], leaves[1], target, linear_bias=leaves[2], **kwargs)
+    wrt = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(loss, wrt, upstream if upstream is not None else torch.ones_like(loss))
+    return loss.detach(), grads
+
+
+def pytorch_linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, **kwargs):
+    """F.cross_entropy of F.linear's logits (F.linear_cross_entropy's definition)."""
+    classes = linear_weight.shape[0]
+    logits = F.linear(input, linear_weight, linear_bias)
+    flat = target.reshape(-1, classes) if target.is_floating_point() else target.reshape(-1)
+    loss = F.cross_entropy(logits.reshape(-1, classes), flat, **kwargs)
+    return loss.reshape(input.shape[:-1]) if kwargs.get("reduction") == "none" else loss
+
+
+TOLERANCES = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+AGREEMENT_CASES = list(itertools.product(["class", "prob"], [(False, 0.0), (True, 0.1)], REDUCTIONS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind,weighted_smoothing,reduction", AGREEMENT_CASES, ids=str)
+def test_matches_pytorch(backend, device, dtype, kind, weighted_smoothing, reduction):
+    """Loss and gradients as F.cross_entropy(F.linear(...)) computes them in float64,
+    within the dtype's rounding; reduction 'none' under a random upstream gradient."""
+    weighted, smoothing = weighted_smoothing
+    x, w, b, target, weight = make_case((37,), 16, 70, kind=kind, weighted=weighted, dtype=dtype, device=device)
+    options = dict(weight=weight, reduction=reduction, label_smoothing=smoothing)
+    upstream = torch.randn(37, dtype=dtype, device=device) if reduction == "none" else None
+    loss, grads = loss_and_grads(myext.linear_cross_entropy, x, w, b, target, upstream, chunk_size=8,
+                                 backend=backend, **options)
+    as64 = [t.double() if t is not None else None for t in (x, w, b)]
+    target64 = target.double() if kind == "prob" else target
+    options64 = dict(options, weight=weight.double() if weighted else None)
+    want, want_grads = loss_and_grads(pytorch_linear_cross_entropy, *as64, target64,
+                                      upstream.double() if upstream is not None else None, **options64)
+    assert loss.dtype == dtype and loss.shape == want.shape
+    torch.testing.assert_close(loss.double(), want, **TOLERANCES[dtype])
+    for got, expected in zip(grads, want_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["class", "prob"])
+def test_chunk_size_invariance(backend, device, reduction, kind):
+    """Every chunk size gives the same loss and gradients, from one row a chunk to all."""
+    x, w, b, target, weight = make_case((13,), 6, 9, kind=kind, weighted=True, device=device)
+    upstream = torch.randn(13, dtype=torch.float64, device=device) if reduction == "none" else None
+    results = [loss_and_grads(myext.linear_cross_entropy, x, w, b, target, upstream, weight=weight,
+                              reduction=reduction, label_smoothing=0.1, lse_square_scale=0.01, softcap=5.0,
+                              chunk_size=chunk, backend=backend)
+               for chunk in (1, 2, 5, 13, 100, None)]
+    first_loss, first_grads = results[0]
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, first_loss, rtol=1e-12, atol=1e-12)
+        for got, want in zip(grads, first_grads):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_batch_shapes(backend, device, reduction):
+    """(*, H) with target (*): per-element losses of the batch shape for 'none', the
+    same numbers as the flattened rows; and (H) with a 0-d target."""
+    x, w, b, target, _ = make_case((2, 3, 4), 5, 7, device=device)
+    loss = myext.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction, backend=backend)
+    flat = myext.linear_cross_entropy(x.reshape(-1, 5), w, target.reshape(-1), linear_bias=b, reduction=reduction,
+                                      backend=backend)
+    assert loss.shape == ((2, 3, 4) if reduction == "none" else ())
+    torch.testing.assert_close(loss.reshape(-1) if reduction == "none" else loss, flat)
+    q = torch.softmax(torch.randn(2, 3, 4, 7, dtype=torch.float64, device=device), dim=-1)
+    prob_loss = myext.linear_cross_entropy(x, w, q, linear_bias=b, reduction=reduction, backend=backend)
+    torch.testing.assert_close(prob_loss, pytorch_linear_cross_entropy(x, w, q, linear_bias=b, reduction=reduction))
+
+    one_x, one_target = x[0, 0, 0], target[0, 0, 0]
+    one = myext.linear_cross_entropy(one_x, w, one_target, linear_bias=b, reduction=reduction, backend=backend)
+    assert one.shape == ()
+    torch.testing.assert_close(one, F.cross_entropy(F.linear(one_x, w, b), one_target))
+
+
+def test_matches_torch_linear_cross_entropy(backend, device):
+    """PyTorch's own op (2.13 on), without options and with its chunked path."""
+    if not hasattr(F, "linear_cross_entropy"):
+        pytest.skip("this torch has no F.linear_cross_entropy")
+    x, w, b, target, _ = make_case((33,), 8, 21, dtype=torch.float32, device=device, bias=False)
+    ours, our_grads = loss_and_grads(myext.linear_cross_entropy, x, w, None, target, backend=backend,
+                                     ignore_index=None)
+    theirs, their_grads = loss_and_grads(F.linear_cross_entropy, x, w, None, target)
+    torch.testing.assert_close(ours, theirs, **TOLERANCES[torch.float32])
+    for got, want in zip(our_grads, their_grads):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+
+
+def test_all_ignored_and_empty_batches(backend, device):
+    """As F.cross_entropy: a mean over no kept row is nan (0/0), the sum 0, gradients 0."""
+    x, w, b, _, _ = make_case((4,), 3, 5, device=device)
+    ignored = torch.full((4,), -100, device=device)
+    for reduction, expect in (("mean", float("nan")), ("sum", 0.0)):
+        loss, grads = loss_and_grads(myext.linear_cross_entropy, x, w, b, ignored, reduction=reduction,
+                                     backend=backend)
+        torch.testing.assert_close(loss, torch.tensor(expect, dtype=torch.float64, device=device), equal_nan=True)
+        if reduction == "sum":
+            assert all(torch.count_nonzero(g) == 0 for g in grads)
+    empty = myext.linear_cross_entropy(x[:0], w, ignored[:0], linear_bias=b, reduction="none", backend=backend)
+    assert empty.shape == (0,)
+
+
+def test_gradients_from_forward_scale_with_the_upstream_gradient(backend, device):
+    """For 'mean' and 'sum' forward computes the gradients and backward scales them:
+    backward twice (retain_graph) and under an upstream gradient of 3 give the same,
+    and the kept gradients are not changed by backward."""
+    x, w, b, target, weight = make_case((10,), 6, 9, weighted=True, device=device)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    loss = myext.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2], weight=weight,
+                                      chunk_size=3, backend=backend)
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    tripled = torch.autograd.grad(loss, leaves, torch.tensor(3.0, dtype=torch.float64, device=device),
+                                  retain_graph=True)
+    again = torch.autograd.grad(loss, leaves)
+    _, want = loss_and_grads(pytorch_linear_cross_entropy, x, w, b, target, weight=weight)
+    for f, t, a, expected in zip(first, tripled, again, want):
+        torch.testing.assert_close(f, expected)
+        torch.testing.assert_close(t, 3 * expected)
+        torch.testing.assert_close(a, expected)
+
+
+def test_only_the_gradients_asked_for(backend, device):
+    """A frozen head (linear_weight without grad) still gives the input's gradient,
+    and a frozen input the head's."""
+    x, w, b, target, _ = make_case((7,), 4, 6, device=device)
+    for wants in ((True, False, False), (False, True, True), (False, False, True)):
+        leaves = [t.clone().requires_grad_(want) for t, want in zip((x, w, b), wants)]
+        loss = myext.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2], backend=backend)
+        grads = torch.autograd.grad(loss, [t for t in leaves if t.requires_grad])
+        _, want = loss_and_grads(pytorch_linear_cross_entropy, x, w, b, target)
+        for got, expected in zip(grads, [g for g, wanted in zip(want, wants) if wanted]):
+            torch.testing.assert_close(got, expected)
+
+
+def test_no_grad_gives_the_same_loss(backend, device):
+    x, w, b, target, weight = make_case((9,), 5, 8, weighted=True, device=device)
+    with torch.no_grad():
+        loss = myext.linear_cross_entropy(x, w, target, linear_bias=b, weight=weight, label_smoothing=0.2,
+                                          backend=backend)
+    torch.testing.assert_close(loss, pytorch_linear_cross_entropy(x, w, target, linear_bias=b, weight=weight,
+                                                                  label_smoothing=0.2))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_extras_match_cross_entropy_of_the_logits(backend, device, reduction):
+    x, w, b, target, _ = make_case((3, 5), 6, 9, device=device)
+    out = myext.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction, softcap=4.0,
+                                     return_lse=True, return_accuracy=True, chunk_size=4, backend=backend)
+    want = myext.cross_entropy(F.linear(x, w, b).permute(0, 2, 1), target, reduction=reduction, softcap=4.0,
+                               return_lse=True, return_accuracy=True, backend="torch")
+    assert out.lse.shape == (3, 5)
+    torch.testing.assert_close(out.loss, want.loss)
+    torch.testing.assert_close(out.lse, want.lse.reshape(3, 5), equal_nan=True)
+    torch.testing.assert_close(out.accuracy, want.accuracy)
+
+
+@pytest.mark.compiled_backends
+def test_compiles_to_one_fused_op_per_pass(backend, device):
+    """torch.compile(fullgraph=True) records the fused op as one node: forward holds no
+    GEMM of its own, and backward (mean) only scales forward's gradients."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    x, w, b, target, _ = make_case((12,), 6, 10, dtype=torch.float32, device=device)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+
+    def step(x, w, b):
+        return myext.linear_cross_entropy(x, w, target, linear_bias=b, chunk_size=5, backend=backend)
+
+    compiled = torch.compile(step, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    grads = torch.autograd.grad(compiled(*leaves), leaves)
+    forward, backward = graphs
+    targets = [str(n.target) for n in forward.graph.nodes if n.op == "call_function"]
+    assert sum("linear_cross_entropy_forward" in t for t in targets) == 1, targets
+    assert not any("aten.mm" in t or "aten.addmm" in t for t in targets), targets
+    backward_targets = [str(n.target) for n in backward.graph.nodes if n.op == "call_function"]
+    assert not any("linear_cross_entropy" in t or "aten.mm" in t for t in backward_targets), backward_targets
+    _, want = loss_and_grads(pytorch_linear_cross_entropy, x, w, b, target)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, **TOLERANCES[torch.float32])
+
+
+# --- bad arguments -----------------------------------------------------------------
+
+def _bad(**changes):
+    return changes
+
+
+BAD_INPUTS = [
+    (_bad(input=lambda x: x.long()), TypeError, "input must have a floating dtype"),
+    (_bad(input=lambda x: x.sum()), ValueError, "input must be"),
+    (_bad(linear_weight=lambda w: w[:, :3]), ValueError, r"linear_weight must have shape \(C, 4\)"),
+    (_bad(linear_weight=lambda w: w.unsqueeze(1)), ValueError, "K-dimensional form"),
+    (_bad(linear_weight=lambda w: w.double()), TypeError, "linear_weight has dtype"),
+    (_bad(linear_bias=lambda b: b[:2]), ValueError, r"linear_bias must have shape \(5,\)"),
+    (_bad(target=lambda t: t[:2]), ValueError, "target of class indices must have shape"),
+    (_bad(target=lambda t: t.int()), TypeError, "target must hold class indices as int64"),
+    (_bad(target=lambda t: torch.rand(6, 4)), ValueError, r"probabilities and must have the shape \(\*, C\)"),
+    (_bad(target=lambda t: torch.where(t == 1, 9, t)), IndexError, "class index 9"),
+    (_bad(weight=lambda w: w[:3]), ValueError, "weight must have one entry per class"),
+    (_bad(reduction="avg"), ValueError, "reduction must be one of"),
+    (_bad(label_smoothing=1.5), ValueError, "label_smoothing must be a float"),
+    (_bad(lse_square_scale=-1.0), ValueError, "lse_square_scale must be"),
+    (_bad(softcap=0.0), ValueError, "softcap must be"),
+    (_bad(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+    (_bad(chunk_size=2.5), ValueError, "chunk_size must be a positive int"),
+    (_bad(return_accuracy=True, target=lambda t: torch.softmax(torch.randn(6, 5), 1)), ValueError,
+     "return_accuracy needs class-index targets"),
+    (_bad(backend="fortran"), ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("changes,error,message", BAD_INPUTS, ids=[str(i) for i in range(len(BAD_INPUTS))])
+def test_bad_input(backend, device, changes, error, message):
+    args = dict(input=torch.randn(6, 4, device=device), linear_weight=torch.randn(5, 4, device=device),
+                target=torch.tensor([0, 1, 2, 1, 4, 3], device=device), linear_bias=torch.randn(5, device=device),
+                weight=torch.ones(5, device=device), backend=backend)
+    for key, change in changes.items():
+        args[key] = change(args[key]).to(device) if callable(change) else change
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(error, match=message):
+        myext.linear_cross_entropy(**args)
+    for key, saved in before.items():
+        assert torch.equal(args[key], saved)
+
+
+# Direct calls of the dispatcher ops with arguments the Python layer refuses: each must
+# raise, naming the argument, never crash or read out of bounds (conftest.isolated).
+DIRECT_SETUP = """
+x = torch.randn(6, 4, device=dev)
+w = torch.randn(5, 4, device=dev)
+b = torch.randn(5, device=dev)
+t = torch.tensor([1, 2, 0, 4, 3, 1], device=dev)
+loss, row_max, row_log_sum, target_logit, total, *grads = ops.linear_cross_entropy_forward(
+    x, w, b, t, None, 0, -100, 0.0, 0.0, 0.0, 0, [False, False, False])
+g = torch.ones(6, device=dev)
+"""
+F_ARGS = "x, w, b, t, None, 1, -100, 0.0, 0.0, 0.0, 0, [True, True, True]"
+B_ARGS = "g, x, w, b, t, None, row_max, row_log_sum, total, 0, -100, 0.0, 0.0, 0.0, 0, [True, True, True]"
+
+
+def _forward(**replace):
+    args = F_ARGS
+    for old, new in replace.items():
+        args = args.replace(old, new, 1)
+    return f"ops.linear_cross_entropy_forward({args})"
+
+
+BAD_DIRECT_CALLS = {
+    "1-d input": (_forward(**{"x,": "x[0],"}), "input"),
+    "integer input": (_forward(**{"x,": "x.long(),"}), "input"),
+    "weight of other features": (_forward(**{"w,": "w[:, :3],"}), "linear_weight"),
+    "weight of another dtype": (_forward(**{"w,": "w.double(),"}), "linear_weight"),
+    "3-d weight": (_forward(**{"w,": "w.unsqueeze(1),"}), "linear_weight"),
+    "bias shorter than the classes": (_forward(**{"b,": "b[:2],"}), "linear_bias"),
+    "target shorter than the rows": (_forward(**{"t,": "t[:2],"}), "target"),
+    "class index out of range": (_forward(**{"t,": "torch.tensor([1, 2, 9, 0, 0, 0], device=dev),"}),
+                                 "class index"),
+    "class weight shorter than the classes": (_forward(**{"None,": "torch.ones(3, device=dev),"}), "weight"),
+    "reduction 7": (_forward(**{" 1,": " 7,"}), "reduction"),
+    "label_smoothing 2": (_forward(**{"0.0,": "2.0,"}), "label_smoothing"),
+    "negative softcap": (_forward(**{"0.0, 0,": "-1.0, 0,"}), "softcap"),
+    "negative chunk_size": (_forward(**{" 0, [": " -4, ["}), "chunk_size"),
+    "row_max shorter than the rows": (
+        f"ops.linear_cross_entropy_backward({B_ARGS.replace('row_max', 'row_max[:2]')})", "row_max"),
+    "grad_loss shorter than the rows": (
+        f"ops.linear_cross_entropy_backward({B_ARGS.replace('g, ', 'g[:3], ', 1)})", "grad_loss"),
+    "backward weight of other features": (
+        f"ops.linear_cross_entropy_backward({B_ARGS.replace(' w,', ' w[:, :3],')})", "linear_weight"),
+}
+
+
+@pytest.mark.compiled_backends
+@pytest.mark.parametrize("case", BAD_DIRECT_CALLS)
+def test_bad_direct_call_raises(isolated, backend, device, case):
+    code, mentions = BAD_DIRECT_CALLS[case]
+    if case == "class index out of range" and device == "cuda":
+        pytest.skip("on CUDA a device-side assertion, which ends the process's CUDA context (see test_gpu.py)")
+    result = isolated(DIRECT_SETUP, code, backend, device)
+    assert result["outcome"] == "raised", result
+    assert mentions in result["message"], result

@@ -1,0 +1,172 @@
+"""Fused linear cross-entropy for ``backend="triton"``: the host functions of the ops
+``myext::linear_cross_entropy_forward_triton`` and ``..._backward_triton`` (schemas in
+csrc/myext.cpp).
+
+The loop of the C++ ops (csrc/linear_cross_entropy.h): the rows go in chunks; each
+chunk's logits are one GEMM (``torch.mm``: cuBLAS on a GPU) into a chunk-sized buffer,
+which the Triton cross-entropy kernels of :mod:`triton_ops.cross_entropy` read and,
+where gradients are wanted, overwrite with the logits' gradient; the gradient GEMMs
+then read it. The logits are never held whole. No step reads a value on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import cross_entropy as ce
+from ._host import check, check_floating, check_like, check_optional_vector
+
+# As csrc/linear_cross_entropy.h: a chunk's logits take about this many bytes, in at
+# least this many rows.
+CHUNK_BYTES = 32 << 20
+MIN_CHUNK_ROWS = 128
+# Classes per block of a weight gradient accumulated from a temporary product.
+WEIGHT_GRAD_BLOCK = 2048
+
+
+def chunk_rows(rows: int, classes: int, element_size: int, requested: int) -> int:
+    """Rows per chunk: ``requested`` where > 0, else from the shapes (as the C++ ops)."""
+    if requested > 0:
+        return max(1, min(requested, rows))
+    fit = CHUNK_BYTES // max(1, classes * element_size)
+    return max(1, min(rows, max(fit, MIN_CHUNK_ROWS)))
+
+
+def _check_inputs(op: str, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+                  target: torch.Tensor, weight: Optional[torch.Tensor], reduction: int, ignore_index: int,
+                  label_smoothing: float, lse_square_scale: float, softcap: float, chunk_size: int) -> None:
+    """The checks of csrc/linear_cross_entropy.h; class indices are asserted on the
+    device, as by the cross-entropy ops."""
+    check_floating(op, "input", input)
+    check(input.dim() == 2, op, f"input must be 2-d, got shape {tuple(input.shape)}")
+    check_like(op, "linear_weight", linear_weight, "input", input)
+    check(linear_weight.dim() == 2 and linear_weight.shape[1] == input.shape[1], op,
+          f"linear_weight must have shape (classes, {input.shape[1]}), the input's features last, "
+          f"got {tuple(linear_weight.shape)}")
+    classes = linear_weight.shape[0]
+    check_optional_vector(op, "linear_bias", linear_bias, classes, input)
+    ce.check_targets(op, target, weight, input.shape[0], classes, input, ignore_index)
+    ce.check_options(op, reduction, label_smoothing, lse_square_scale, softcap)
+    check(chunk_size >= 0, op, f"chunk_size must be >= 0 (0: chosen from the shapes), got {chunk_size}")
+
+
+def _divisor_before(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The mean's divisor before the first chunk, on the device: the summed weights of
+    the class targets not ignored, or the number of rows for probabilities."""
+    if target.is_floating_point():
+        return torch.tensor(float(target.shape[0]), dtype=dtype, device=target.device)
+    kept = target != ignore_index
+    if weight is None:
+        return kept.sum().to(dtype)
+    return torch.where(kept, weight.to(dtype)[torch.where(kept, target, 0)], 0).sum()
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.addmm(b, x, w.t()) if b is not None else x @ w.t()
+
+
+def _grad_buffers(input: torch.Tensor, linear_weight: torch.Tensor, mask: Sequence[bool]):
+    """The accumulators: the input's gradient in its dtype, the weight's in float32 for
+    half-precision input, the bias's in float64."""
+    acc = torch.promote_types(input.dtype, torch.float32)
+    return (torch.empty_like(input) if mask[0] else None,
+            torch.zeros(linear_weight.shape, dtype=acc, device=input.device) if mask[1] else None,
+            torch.zeros(linear_weight.shape[0], dtype=torch.float64, device=input.device) if mask[2] else None)
+
+
+def _accumulate(grads, grad_logits: torch.Tensor, x: torch.Tensor, w: torch.Tensor, begin: int) -> None:
+    """Adds one chunk's share to each gradient in ``grads`` (input, weight, bias)."""
+    grad_input, grad_weight, grad_bias = grads
+    if grad_input is not None:
+        torch.mm(grad_logits, w, out=grad_input[begin:begin + grad_logits.shape[0]])
+    if grad_weight is not None:
+        if grad_weight.dtype == grad_logits.dtype:
+            grad_weight.addmm_(grad_logits.t(), x)
+        else:
+            for start in range(0, grad_logits.shape[1], WEIGHT_GRAD_BLOCK):
+                block = grad_logits[:, start:start + WEIGHT_GRAD_BLOCK]
+                grad_weight[start:start + block.shape[1]] += block.t() @ x
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0, dtype=torch.float64)
+
+
+def _finish(grads, dtype: torch.dtype):
+    return tuple(g.to(dtype) if g is not None else None for g in grads)
+
+
+def linear_cross_entropy_forward(
+    input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor], target: torch.Tensor,
+    weight: Optional[torch.Tensor], reduction: int, ignore_index: int, label_smoothing: float,
+    lse_square_scale: float, softcap: float, chunk_size: int, grad_mask: Sequence[bool],
+):
+    """cross_entropy_forward of ``input @ linear_weight.T + linear_bias``, in chunks of
+    rows; for reduction mean or sum also the gradients ``grad_mask`` asks for (for an
+    upstream gradient of 1): the op myext::linear_cross_entropy_forward_triton."""
+    op = "linear_cross_entropy_forward_triton"
+    _check_inputs(op, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
+                  lse_square_scale, softcap, chunk_size)
+    rows, classes = input.shape[0], linear_weight.shape[0]
+    acc = torch.promote_types(input.dtype, torch.float32)
+    losses, row_max, row_log_sum, target_logit, row_weight = (input.new_empty((rows,), dtype=acc) for _ in range(5))
+    with_grads = reduction != 0 and any(grad_mask)
+    grads = _grad_buffers(input, linear_weight, grad_mask) if with_grads else (None, None, None)
+    if with_grads:
+        scale = torch.ones((), dtype=acc, device=input.device)
+        if reduction == 1:
+            scale = scale / ce.mean_divisor(_divisor_before(target, weight, ignore_index, acc))
+    chunk = chunk_rows(rows, classes, input.element_size(), chunk_size)
+    for begin in range(0, rows, chunk):
+        end = min(rows, begin + chunk)
+        x, t = input[begin:end], target[begin:end]
+        logits = _linear(x, linear_weight, linear_bias)
+        ce.forward_rows(logits, t, weight, losses[begin:end], row_max[begin:end], row_log_sum[begin:end],
+                        target_logit[begin:end], row_weight[begin:end], ignore_index, label_smoothing,
+                        lse_square_scale, softcap)
+        if with_grads:
+            ce.backward_rows(logits, logits, t, weight, row_max[begin:end], row_log_sum[begin:end], scale,
+                             ignore_index, label_smoothing, lse_square_scale, softcap)
+            _accumulate(grads, logits, x, linear_weight, begin)
+    total_weight = row_weight.sum()
+    if reduction == 0:
+        loss = losses
+    elif reduction == 2:
+        loss = losses.sum()
+    else:
+        loss = losses.sum() / ce.mean_divisor(total_weight)
+    return (loss.to(input.dtype), row_max, row_log_sum, target_logit, total_weight, *_finish(grads, input.dtype))
+
+
+def linear_cross_entropy_backward(
+    grad_loss: torch.Tensor, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+    target: torch.Tensor, weight: Optional[torch.Tensor], row_max: torch.Tensor, row_log_sum: torch.Tensor,
+    total_weight: torch.Tensor, reduction: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+    softcap: float, chunk_size: int, output_mask: Sequence[bool],
+):
+    """The gradients for (input, linear_weight, linear_bias) that ``output_mask`` asks
+    for, each chunk's logits computed again: the op
+    myext::linear_cross_entropy_backward_triton."""
+    op = "linear_cross_entropy_backward_triton"
+    _check_inputs(op, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
+                  lse_square_scale, softcap, chunk_size)
+    rows, classes = input.shape[0], linear_weight.shape[0]
+    ce.check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, reduction, input)
+    if not any(output_mask):
+        return None, None, None
+    acc = torch.promote_types(input.dtype, torch.float32)
+    scale = grad_loss.to(acc)
+    if reduction == 1:
+        scale = scale / ce.mean_divisor(total_weight.to(acc))
+    grads = _grad_buffers(input, linear_weight, output_mask)
+    chunk = chunk_rows(rows, classes, input.element_size(), chunk_size)
+    for begin in range(0, rows, chunk):
+        end = min(rows, begin + chunk)
+        x = input[begin:end]
+        logits = _linear(x, linear_weight, linear_bias)
+        ce.backward_rows(logits, logits, target[begin:end], weight, row_max[begin:end], row_log_sum[begin:end],
+                         scale[begin:end] if reduction == 0 else scale, ignore_index, label_smoothing,
+                         lse_square_scale, softcap)
+        _accumulate(grads, logits, x, linear_weight, begin)
+    return _finish(grads, input.dtype)
