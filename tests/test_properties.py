@@ -123,7 +123,7 @@ def linear_relu_case(backend, data):
 
 
 def linear_cross_entropy_case(backend, data):
-    features = data.draw(st.sampled_from(SMALL_SIZES), label="features")
+    features = data.draw(st.sampled_from([0, *SMALL_SIZES]), label="features")
     classes = data.draw(st.sampled_from(SMALL_SIZES if backend == "triton" else SIZES), label="classes")
     rank = data.draw(st.sampled_from([1, 2, 2, 3]), label="rank")
     leading = [data.draw(st.integers(0 if rank > 1 else 1, 9), label="rows") for _ in range(rank - 1)]

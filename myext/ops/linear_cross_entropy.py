@@ -271,8 +271,9 @@ def linear_cross_entropy(
         ce.check_class_indices(target, classes, ignore_index)
 
     batch_shape = input.shape[:-1]
-    input_2d = input.reshape(-1, input.shape[-1])
-    target_2d = target.reshape(-1, classes) if probabilities else target.reshape(-1)
+    rows = math.prod(batch_shape)
+    input_2d = input.reshape(rows, input.shape[-1])
+    target_2d = target.reshape(rows, classes) if probabilities else target.reshape(rows)
     options = Options(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
                       float(softcap or 0.0))
     chunk = chunk_size or default_chunk_size(input_2d.shape[0], classes, input.dtype)
@@ -315,8 +316,9 @@ def reference(
     spec. ``chunk_size`` changes nothing."""
     ignore_index = -100 if ignore_index is None else ignore_index
     classes = linear_weight.shape[0]
-    logits = affine(input, linear_weight, linear_bias).reshape(-1, classes)
-    target_2d = target.reshape(-1, classes) if target.is_floating_point() else target.reshape(-1)
+    rows = math.prod(input.shape[:-1])
+    logits = affine(input, linear_weight, linear_bias).reshape(rows, classes)
+    target_2d = target.reshape(rows, classes) if target.is_floating_point() else target.reshape(rows)
     loss = ce.cross_entropy_2d(logits, target_2d, weight, ignore_index, reduction, float(label_smoothing),
                                lse_square_scale, softcap)
     return loss.reshape(input.shape[:-1]) if reduction == "none" else loss
@@ -340,8 +342,9 @@ def baseline(
     torch.tanh's cap and logsumexp's z-loss) of F.linear's logits."""
     ignore_index = -100 if ignore_index is None else ignore_index
     classes = linear_weight.shape[0]
-    logits = F.linear(input, linear_weight, linear_bias).reshape(-1, classes)
-    target_2d = target.reshape(-1, classes) if target.is_floating_point() else target.reshape(-1)
+    rows = math.prod(input.shape[:-1])
+    logits = F.linear(input, linear_weight, linear_bias).reshape(rows, classes)
+    target_2d = target.reshape(rows, classes) if target.is_floating_point() else target.reshape(rows)
     loss = ce.baseline(logits, target_2d, weight, ignore_index, reduction, label_smoothing,
                        lse_square_scale=lse_square_scale, softcap=softcap)
     return loss.reshape(input.shape[:-1]) if reduction == "none" else loss

@@ -119,12 +119,13 @@ class LinearReLUBackwardFunction(torch.autograd.Function):
             grad_pre = grad_pre + grad_grad_bias
         grad_grad_output = torch.where(mask, grad_pre, torch.zeros_like(grad_pre))
 
-        masked = torch.where(mask, grad_output, torch.zeros_like(grad_output)).reshape(-1, out_features)
+        rows = math.prod(output.shape[:-1])
+        masked = torch.where(mask, grad_output, torch.zeros_like(grad_output)).reshape(rows, out_features)
         grad_input = grad_weight = None
         if grad_grad_weight is not None and ctx.needs_input_grad[1]:
             grad_input = masked.mm(grad_grad_weight).reshape(input.shape)
         if grad_grad_input is not None and ctx.needs_input_grad[2]:
-            grad_weight = masked.t().mm(grad_grad_input.reshape(-1, in_features))
+            grad_weight = masked.t().mm(grad_grad_input.reshape(rows, in_features))
         return grad_grad_output, grad_input, grad_weight, None, None, None
 
 
@@ -183,7 +184,7 @@ def affine(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     GEMM's sum (torch.addmm), from elementary ops: F.linear's result, written out."""
     if bias is None:
         return torch.matmul(input, weight.t())
-    rows = input.reshape(-1, input.shape[-1])
+    rows = input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
     return torch.addmm(bias, rows, weight.t()).reshape(*input.shape[:-1], weight.shape[0])
 
 
