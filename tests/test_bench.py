@@ -46,7 +46,8 @@ def test_quick_run_writes_table_json_and_plots(tmp_path):
     assert len(results["results"]) == len(rows)
     for row in results["results"]:
         assert row["op"] in bench.OPS and row["pass"] in bench.PASSES
-        assert row["unit"] == ("GFLOP/s" if row["op"] == "linear_relu" else "GB/s")
+        work = registry.get(row["op"]).benchmark.work
+        assert row["unit"] == work(row["shape"], row["pass"] == "fwd+bwd", torch.float32)[1]
         assert 0 < row["min_ms"] <= row["median_ms"]
         assert len(row["times_ms"]) >= bench.QUICK_SETTINGS.min_repeats
         assert row["rate"] > 0 and row["percent_of_limit"] > 0
