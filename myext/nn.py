@@ -1,9 +1,10 @@
 """Drop-in ``torch.nn`` modules backed by myext's fused ops.
 
 :class:`FusedLinearReLU` replaces an ``nn.Linear`` followed by an ``nn.ReLU``;
-:class:`CrossEntropyLoss` replaces ``nn.CrossEntropyLoss``. Both keep the parameter,
-buffer and ``state_dict`` names of the modules they replace, so checkpoints move
-between them in either direction.
+:class:`CrossEntropyLoss` replaces ``nn.CrossEntropyLoss``; :class:`LinearCrossEntropyLoss`
+replaces ``nn.LinearCrossEntropyLoss`` (a classifier's last layer and its loss). Each
+keeps the parameter, buffer and ``state_dict`` names of the module it replaces, so
+checkpoints move between them in either direction.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .functional import cross_entropy, linear_relu
+from .functional import cross_entropy, linear_cross_entropy, linear_relu
 
-__all__ = ["CrossEntropyLoss", "FusedLinearReLU"]
+__all__ = ["CrossEntropyLoss", "FusedLinearReLU", "LinearCrossEntropyLoss"]
 
 
 class FusedLinearReLU(nn.Module):
@@ -209,3 +210,109 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         if self.inplace_backward:
             added.append("inplace_backward=True")
         return ", ".join(added)
+
+
+class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
+    r"""``nn.LinearCrossEntropyLoss`` computed by :func:`myext.linear_cross_entropy`:
+    the cross-entropy of ``self.linear(input)`` without holding those logits whole.
+
+    Takes ``nn.LinearCrossEntropyLoss``'s constructor arguments and keeps its names:
+    the head is ``self.linear`` (an ``nn.Linear(in_features, num_classes)``), the class
+    weights the buffer ``weight``, so ``state_dict``\ s (``linear.weight``,
+    ``linear.bias``) load into either module. Beyond PyTorch's, the options of
+    :func:`myext.linear_cross_entropy`. Not supported: a K-dimensional head
+    (``out_features`` other than ``()``) and PyTorch's ``options`` (ours always runs
+    in chunks, allows backward more than once, and takes ``chunk_size`` instead).
+
+    Args:
+        in_features: size of each input sample, :math:`H`.
+        num_classes: number of classes, :math:`C`.
+        out_features: ``()`` only.
+        bias: whether the head adds a learnable bias. Default: ``False``.
+        device, dtype: of the head's parameters.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``. Default: ``"mean"``.
+        weight: a manual rescaling weight given to each class, of size ``C``.
+        ignore_index: a target value that is ignored; ``None`` (default) means -100.
+        label_smoothing: a float in ``[0.0, 1.0]``. Default: ``0.0``.
+        lse_square_scale, softcap, chunk_size, backend: as in
+            :func:`myext.linear_cross_entropy`.
+
+    Shape:
+        - Input: :math:`(H)`, :math:`(N, H)` or :math:`(*, H)`.
+        - Target: class indices :math:`()`, :math:`(N)` or :math:`(*)`, or probabilities
+          with a last dimension of ``C``.
+        - Output: a scalar; for ``reduction="none"`` the target's batch shape.
+
+    Example::
+
+        >>> head = myext.nn.LinearCrossEntropyLoss(64, 32000, bias=True)
+        >>> hidden = torch.randn(2, 16, 64, requires_grad=True)
+        >>> head(hidden, torch.randint(0, 32000, (2, 16))).backward()
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Optional[torch.Tensor] = None,
+        ignore_index: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        lse_square_scale: float = 0.0,
+        softcap: Optional[float] = None,
+        chunk_size: Optional[int] = None,
+        backend: Optional[str] = None,
+    ) -> None:
+        if tuple(out_features) != ():
+            raise ValueError(f"out_features must be () (a K-dimensional head is not supported), got {out_features}")
+        if weight is not None and weight.shape != (num_classes,):
+            raise ValueError(f"weight must have shape ({num_classes},), got {tuple(weight.shape)}")
+        super().__init__(weight=weight, reduction=reduction)
+        self.num_classes = num_classes
+        self.out_features = ()
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.lse_square_scale = lse_square_scale
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+        self.backend = backend
+        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_torch(cls, loss: nn.Module, backend: Optional[str] = None) -> "LinearCrossEntropyLoss":
+        """Builds the myext loss from an ``nn.LinearCrossEntropyLoss``, sharing its head
+        and ``weight`` (no copy); PyTorch's ``options`` are left behind."""
+        torch_class = getattr(nn, "LinearCrossEntropyLoss", None)
+        if torch_class is None or not isinstance(loss, torch_class):
+            raise TypeError(f"from_torch expects an nn.LinearCrossEntropyLoss, got {type(loss).__name__}")
+        converted = cls(loss.linear.in_features, loss.num_classes, out_features=loss.out_features,
+                        reduction=loss.reduction, weight=loss.weight, ignore_index=loss.ignore_index,
+                        label_smoothing=loss.label_smoothing, backend=backend, device="meta")
+        converted.linear = loss.linear
+        converted.train(loss.training)
+        return converted
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(input, self.linear.weight, target, linear_bias=self.linear.bias,
+                                    weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing, lse_square_scale=self.lse_square_scale,
+                                    softcap=self.softcap, chunk_size=self.chunk_size, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        text = (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"bias={self.linear.bias is not None}, reduction={self.reduction}, "
+                f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}")
+        if self.lse_square_scale:
+            text += f", lse_square_scale={self.lse_square_scale}"
+        if self.softcap is not None:
+            text += f", softcap={self.softcap}"
+        if self.chunk_size is not None:
+            text += f", chunk_size={self.chunk_size}"
+        if self.backend is not None:
+            text += f", backend={self.backend!r}"
+        return text

@@ -296,3 +296,59 @@ def test_cross_entropy_loss_inplace_backward():
     reference = logits_source.detach().requires_grad_()
     F.cross_entropy(reference * 2.0, target, label_smoothing=0.1).backward()
     torch.testing.assert_close(logits_source.grad, reference.grad)
+
+
+# ------------------------------------------------------------------ LinearCrossEntropyLoss
+
+needs_torch_module = pytest.mark.skipif(not hasattr(nn, "LinearCrossEntropyLoss"),
+                                        reason="this torch has no nn.LinearCrossEntropyLoss")
+
+
+@needs_torch_module
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("config", [{}, {"bias": True}, {"bias": True, "reduction": "none", "ignore_index": 2},
+                                    {"reduction": "sum", "label_smoothing": 0.2, "weighted": True}],
+                         ids=["default", "bias", "none-ignore", "sum-smoothed-weighted"])
+def test_linear_cross_entropy_loss_matches_torch(backend, config):
+    config = dict(config)
+    if config.pop("weighted", False):
+        config["weight"] = torch.rand(7) + 0.5
+    torch.manual_seed(0)
+    ref = nn.LinearCrossEntropyLoss(6, 7, **config)
+    ours = myext.nn.LinearCrossEntropyLoss(6, 7, **config, backend=backend)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    x, target = torch.randn(9, 6, requires_grad=True), torch.randint(0, 7, (9,))
+    loss, loss_ref = ours(x, target), ref(x, target)
+    torch.testing.assert_close(loss, loss_ref)
+    grad = torch.randn_like(loss)
+    wrt, wrt_ref = (x, *ours.parameters()), (x, *ref.parameters())
+    for g, g_ref in zip(torch.autograd.grad(loss, wrt, grad), torch.autograd.grad(loss_ref, wrt_ref, grad)):
+        torch.testing.assert_close(g, g_ref)
+
+
+@needs_torch_module
+def test_linear_cross_entropy_loss_surface_and_checkpoints():
+    weight = torch.rand(5) + 0.5
+    ours = myext.nn.LinearCrossEntropyLoss(4, 5, bias=True, weight=weight, dtype=torch.float64)
+    ref = nn.LinearCrossEntropyLoss(4, 5, bias=True, weight=weight, dtype=torch.float64)
+    assert ours.weight is weight and ours.linear.weight.dtype == torch.float64
+    assert dict(ours.named_buffers()).keys() == dict(ref.named_buffers()).keys() == {"weight"}
+    assert list(ours.state_dict()) == list(ref.state_dict()) == ["weight", "linear.weight", "linear.bias"]
+    ref.load_state_dict(saved_and_loaded(ours.state_dict()))
+    assert torch.equal(ref.linear.weight, ours.linear.weight)
+    assert repr(myext.nn.LinearCrossEntropyLoss(4, 5, softcap=30.0)) == (
+        "LinearCrossEntropyLoss(\n  in_features=4, num_classes=5, bias=False, reduction=mean, ignore_index=None, "
+        "label_smoothing=0.0, softcap=30.0\n  (linear): Linear(in_features=4, out_features=5, bias=False)\n)")
+    with pytest.raises(ValueError, match="out_features must be"):
+        myext.nn.LinearCrossEntropyLoss(4, 5, out_features=(2,))
+    with pytest.raises(ValueError, match=r"weight must have shape \(5,\)"):
+        myext.nn.LinearCrossEntropyLoss(4, 5, weight=torch.ones(3))
+
+    torch_loss = nn.LinearCrossEntropyLoss(4, 5, bias=True, reduction="sum", label_smoothing=0.1).eval()
+    converted = myext.nn.LinearCrossEntropyLoss.from_torch(torch_loss, backend="cpp")
+    assert converted.linear is torch_loss.linear and not converted.training
+    x, target = torch.randn(3, 2, 4), torch.randint(0, 5, (3, 2))
+    torch.testing.assert_close(converted(x, target), torch_loss(x.reshape(6, 4), target.reshape(6)))
+    with pytest.raises(TypeError, match="expects an nn.LinearCrossEntropyLoss"):
+        myext.nn.LinearCrossEntropyLoss.from_torch(nn.CrossEntropyLoss())
