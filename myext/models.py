@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .functional import cross_entropy
+from .functional import cross_entropy, linear_cross_entropy
 from .nn import FusedLinearReLU
 
 __all__ = ["MultiTaskNet", "PlainMultiTaskNet", "PlainSimpleNet", "SimpleNet", "multitask_loss"]
@@ -51,6 +51,14 @@ class SimpleNet(nn.Module):
         x = torch.flatten(x, 1)
         return self.fc2(self.fc1(x))
 
+    def loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of ``self(x)`` against ``target``, the head ``fc2`` and
+        the loss fused (:func:`myext.linear_cross_entropy`): the training step's loss
+        without the logits. Equals ``F.cross_entropy(self(x), target)`` up to rounding."""
+        hidden = self.fc1(torch.flatten(x, 1))
+        return linear_cross_entropy(hidden, self.fc2.weight, target, linear_bias=self.fc2.bias,
+                                    backend=self.fc1.backend)
+
 
 class MultiTaskNet(nn.Module):
     r"""flatten → shared ``fc1`` (784→128) + ReLU, fused → two heads ``fc2`` and ``fc3``.
@@ -82,6 +90,15 @@ class MultiTaskNet(nn.Module):
         x = torch.flatten(x, 1)
         x = self.fc1(x)
         return self.fc2(x), self.fc3(x)
+
+    def loss(self, x: torch.Tensor, target1: torch.Tensor, target2: torch.Tensor) -> torch.Tensor:
+        """The article's summed loss, the mean cross-entropy of each head, each head and
+        its loss fused (:func:`myext.linear_cross_entropy`) on the shared ``fc1``.
+        Equals ``multitask_loss(self(x), (target1, target2))`` up to rounding."""
+        hidden = self.fc1(torch.flatten(x, 1))
+        backend = self.fc1.backend
+        return (linear_cross_entropy(hidden, self.fc2.weight, target1, linear_bias=self.fc2.bias, backend=backend)
+                + linear_cross_entropy(hidden, self.fc3.weight, target2, linear_bias=self.fc3.bias, backend=backend))
 
 
 class PlainSimpleNet(nn.Module):

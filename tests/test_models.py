@@ -125,3 +125,23 @@ def test_one_corrected_training_step_matches_the_article_model():
             optimizer.step()
     for key, value in article.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("ours_cls", [models.SimpleNet, models.MultiTaskNet], ids=["SimpleNet", "MultiTaskNet"])
+def test_fused_loss_matches_logits_then_loss(ours_cls, backend):
+    """model.loss runs each head fused with its loss: the same loss and parameter
+    gradients as cross-entropy of forward's logits (the article's summed loss for two heads)."""
+    torch.manual_seed(0)
+    net = ours_cls(backend=backend)
+    x = torch.randn(16, 1, 28, 28)
+    y1, y2 = torch.randint(0, 10, (16,)), torch.randint(0, 10, (16,))
+    if ours_cls is models.SimpleNet:
+        fused, unfused = net.loss(x, y1), F.cross_entropy(net(x), y1)
+    else:
+        out1, out2 = net(x)
+        fused, unfused = net.loss(x, y1, y2), F.cross_entropy(out1, y1) + F.cross_entropy(out2, y2)
+    torch.testing.assert_close(fused, unfused)
+    params = list(net.parameters())
+    for g, g_ref in zip(torch.autograd.grad(fused, params), torch.autograd.grad(unfused, params)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)

@@ -5,6 +5,7 @@ test accuracy and time per epoch of both."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -18,8 +19,7 @@ from torch import nn
 
 from ..backends import BACKENDS, resolve_backend
 from ..data import ImageData, load_digits_dataset, load_mnist_dataset
-from ..models import MultiTaskNet, PlainMultiTaskNet, PlainSimpleNet, SimpleNet, multitask_loss
-from ..nn import CrossEntropyLoss
+from ..models import MultiTaskNet, PlainMultiTaskNet, PlainSimpleNet, SimpleNet
 from ._errors import CommandError
 
 
@@ -61,10 +61,14 @@ class _Result(NamedTuple):
         return statistics.median(self.epoch_seconds)
 
 
-def _train_and_test(label: str, model: nn.Module, loss_fn: Callable, data: ImageData, args: argparse.Namespace,
+def _train_and_test(label: str, model: nn.Module, loss_of: Callable, data: ImageData, args: argparse.Namespace,
                     device: torch.device) -> _Result:
+    """Trains ``model`` on the loss ``loss_of(model, images, labels)``, then tests it."""
     train_x, train_y = data.train_images.to(device), data.train_labels.to(device)
-    runner = torch.compile(model) if args.compile else model
+    step_loss = functools.partial(loss_of, model)
+    runner = model
+    if args.compile:
+        step_loss, runner = torch.compile(step_loss), torch.compile(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     # One generator per run, seeded alike: both models see the batches in the same order.
     order = torch.Generator().manual_seed(args.seed)
@@ -80,7 +84,7 @@ def _train_and_test(label: str, model: nn.Module, loss_fn: Callable, data: Image
         for batch in range(batches):
             index = permutation[batch * args.batch_size:(batch + 1) * args.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(runner(train_x[index]), train_y[index])
+            loss = step_loss(train_x[index], train_y[index])
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach()
@@ -149,21 +153,29 @@ def _load_data(args: argparse.Namespace) -> ImageData:
 
 
 def _models_and_losses(args: argparse.Namespace) -> tuple[nn.Module, Callable, nn.Module, Callable]:
-    """(myext model, its loss, plain-PyTorch model, its loss), both models with the same initial weights."""
+    """(myext model, its loss, plain-PyTorch model, its loss), both models with the same
+    initial weights; a loss is ``loss(model, images, labels)``. myext's runs each head
+    fused with its loss (the models' ``loss``), PyTorch's the logits then nn.CrossEntropyLoss."""
     torch.manual_seed(args.seed)
+    torch_ce = nn.CrossEntropyLoss()
     if args.model == "multitask":
         plain: nn.Module = PlainMultiTaskNet(10, 2)
         fused: nn.Module = MultiTaskNet(10, 2, backend=args.backend)
-        torch_ce = nn.CrossEntropyLoss()
 
-        def plain_loss(outputs, labels):
+        def plain_loss(model, images, labels):
+            outputs = model(images)
             return torch_ce(outputs[0], labels[:, 0]) + torch_ce(outputs[1], labels[:, 1])
 
-        def fused_loss(outputs, labels):
-            return multitask_loss(outputs, labels.unbind(1), backend=args.backend)
+        def fused_loss(model, images, labels):
+            return model.loss(images, labels[:, 0], labels[:, 1])
     else:
         plain, fused = PlainSimpleNet(), SimpleNet(backend=args.backend)
-        plain_loss, fused_loss = nn.CrossEntropyLoss(), CrossEntropyLoss(backend=args.backend)
+
+        def plain_loss(model, images, labels):
+            return torch_ce(model(images), labels)
+
+        def fused_loss(model, images, labels):
+            return model.loss(images, labels)
     # Same initial weights for both, whatever each constructor draws.
     fused.load_state_dict(plain.state_dict())
     return fused, fused_loss, plain, plain_loss
