@@ -5,7 +5,10 @@
 * every Linear (``nn.Linear`` module or ``F.linear``) whose output goes only into a ReLU
   (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu``, in place or not) becomes one
   :func:`myext.linear_relu`;
-* every ``nn.CrossEntropyLoss`` module and ``F.cross_entropy`` call becomes myext's.
+* every Linear whose output goes only into a cross-entropy (``nn.CrossEntropyLoss`` or
+  ``F.cross_entropy``) becomes one :func:`myext.linear_cross_entropy`, the logits never
+  held whole;
+* every other ``nn.CrossEntropyLoss`` module and ``F.cross_entropy`` call becomes myext's.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import nn as myext_nn
-from .functional import cross_entropy, linear_relu
+from .functional import cross_entropy, linear_cross_entropy, linear_relu
 
 __all__ = ["FuseTraceError", "Fusion", "fuse"]
 
@@ -42,7 +45,7 @@ class Fusion(NamedTuple):
     """One rewrite made by :func:`myext.fuse`.
 
     Attributes:
-        kind: ``"linear_relu"`` or ``"cross_entropy"``.
+        kind: ``"linear_relu"``, ``"linear_cross_entropy"`` or ``"cross_entropy"``.
         original: what the model ran, e.g. ``"fc1 (nn.Linear) + torch.relu"``.
         replacement: what the fused model runs instead, e.g. ``"fc1 (myext.nn.FusedLinearReLU)"``.
     """
@@ -76,11 +79,14 @@ def fuse(
     module or ``F.linear``) whose output feeds only a ReLU (``nn.ReLU``, ``F.relu``,
     ``torch.relu``, ``Tensor.relu``, in place or not) becomes one fused
     :func:`myext.linear_relu`; a Linear whose output is also used elsewhere is left as it
-    is, since its pre-activation is needed. Each ``nn.CrossEntropyLoss`` and
-    ``F.cross_entropy`` becomes :class:`myext.nn.CrossEntropyLoss` /
-    :func:`myext.cross_entropy` (calls that pass the deprecated ``size_average`` or
-    ``reduce`` are left alone). Outputs equal the original model's up to floating-point
-    rounding, in forward and backward.
+    is, since its pre-activation is needed. Each Linear whose output feeds only a
+    cross-entropy (``nn.CrossEntropyLoss`` or ``F.cross_entropy``) becomes one
+    :func:`myext.linear_cross_entropy` with the loss's options (for inputs of more than
+    two dimensions, whose logits cross-entropy reads classes-second, it keeps the two
+    steps). Each other ``nn.CrossEntropyLoss`` and ``F.cross_entropy`` becomes
+    :class:`myext.nn.CrossEntropyLoss` / :func:`myext.cross_entropy`. Calls that pass
+    the deprecated ``size_average`` or ``reduce`` are left alone. Outputs equal the
+    original model's up to floating-point rounding, in forward and backward.
 
     **Parameters and buffers are shared, not copied**: the fused model holds the
     original's ``nn.Parameter`` objects, so training either trains both, and its
@@ -132,6 +138,7 @@ def fuse(
     fusions: list[Fusion] = []
     skipped: list[str] = []
     _fuse_linear_relu(gm, backend, fusions, skipped)
+    _fuse_linear_cross_entropy(gm, backend, fusions)
     _replace_cross_entropy(gm, backend, fusions)
     gm.graph.lint()
     gm.recompile()
@@ -247,6 +254,72 @@ def _describe_linear(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"{node.target} (nn.Linear)" if node.op == "call_module" else f"{node.name} (F.linear)"
 
 
+def _cross_entropy_options(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[Any, Any, dict[str, Any], str]]:
+    """For a cross-entropy node (an nn.CrossEntropyLoss module or F.cross_entropy):
+    (its logits, its target, its options as keywords of myext's, how it is named); a
+    module's class weight is given as the name of its buffer. None for anything else,
+    and for calls with the deprecated size_average or reduce."""
+    if node.op == "call_module":
+        module = _module(gm, node)
+        if not (isinstance(module, nn.CrossEntropyLoss) and not isinstance(module, myext_nn.CrossEntropyLoss)
+                and type(module).forward is nn.CrossEntropyLoss.forward):
+            return None
+        logits, target = _call_args(node, ("input", "target"))
+        weight = f"{node.target}.weight" if module.weight is not None else None
+        return logits, target, dict(weight=weight, ignore_index=module.ignore_index, reduction=module.reduction,
+                                    label_smoothing=module.label_smoothing), f"{node.target} (nn.CrossEntropyLoss)"
+    if node.op == "call_function" and node.target is F.cross_entropy:
+        bound = _CROSS_ENTROPY_SIGNATURE.bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        # The deprecated flags fold into reduction with PyTorch's warnings; rather than
+        # re-implement that, such calls keep running PyTorch's op.
+        if arguments.pop("size_average") is not None or arguments.pop("reduce") is not None:
+            return None
+        return arguments.pop("input"), arguments.pop("target"), arguments, f"{node.name} (F.cross_entropy)"
+    return None
+
+
+def linear_then_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+                              target: torch.Tensor, *, backend: Optional[str] = None, **options: Any) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, **options)``
+    as :func:`myext.fuse` writes it: one :func:`myext.linear_cross_entropy` for input
+    ``(N, H)`` or ``(H)``. For more dimensions the Linear's logits are ``(N, *, C)``,
+    which cross-entropy reads with the classes second, so the two steps stay."""
+    if input.dim() > 2:
+        return cross_entropy(F.linear(input, linear_weight, linear_bias), target, backend=backend, **options)
+    return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, backend=backend, **options)
+
+
+def _fuse_linear_cross_entropy(gm: fx.GraphModule, backend: Optional[str], fusions: list[Fusion]) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if _linear_kind(gm, node) is None or len(node.users) != 1:
+            continue
+        (loss,) = node.users
+        found = _cross_entropy_options(gm, loss)
+        if found is None or found[0] is not node:
+            continue
+        _, target, options, loss_name = found
+        with graph.inserting_before(loss):
+            if loss.op == "call_module" and options["weight"] is not None:
+                options["weight"] = graph.get_attr(options["weight"])
+            if node.op == "call_module":
+                module = gm.get_submodule(node.target)
+                (x,) = _call_args(node, ("input",))
+                weight = graph.get_attr(f"{node.target}.weight")
+                bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+            else:
+                x, weight, bias = _call_args(node, ("input", "weight", "bias"))
+            fused = graph.call_function(linear_then_cross_entropy, (x, weight, bias, target),
+                                        {**options, "backend": backend})
+        loss.replace_all_uses_with(fused)
+        graph.erase_node(loss)
+        graph.erase_node(node)
+        fusions.append(Fusion("linear_cross_entropy", f"{_describe_linear(gm, node)} + {loss_name}",
+                              "myext.linear_cross_entropy"))
+
+
 def _replace_cross_entropy(gm: fx.GraphModule, backend: Optional[str], fusions: list[Fusion]) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
@@ -256,20 +329,12 @@ def _replace_cross_entropy(gm: fx.GraphModule, backend: Optional[str], fusions: 
                 _set_submodule(gm, node.target, myext_nn.CrossEntropyLoss.from_torch(module, backend))
                 fusions.append(Fusion("cross_entropy", f"{node.target} (nn.CrossEntropyLoss)",
                                       f"{node.target} (myext.nn.CrossEntropyLoss)"))
-        elif node.op == "call_function" and node.target is F.cross_entropy:
-            bound = _CROSS_ENTROPY_SIGNATURE.bind(*node.args, **node.kwargs)
-            bound.apply_defaults()
-            arguments = dict(bound.arguments)
-            # The deprecated flags fold into reduction with PyTorch's warnings; rather
-            # than re-implement that, such calls keep running PyTorch's op.
-            legacy = (arguments.pop("size_average"), arguments.pop("reduce"))
-            if any(flag is not None for flag in legacy):
-                continue
-            input, target = arguments.pop("input"), arguments.pop("target")
+        elif node.op == "call_function" and (found := _cross_entropy_options(gm, node)) is not None:
+            input, target, arguments, name = found
             node.target = cross_entropy
             node.args = (input, target)
             node.kwargs = {**arguments, "backend": backend}
-            fusions.append(Fusion("cross_entropy", f"{node.name} (F.cross_entropy)", "myext.cross_entropy"))
+            fusions.append(Fusion("cross_entropy", name, "myext.cross_entropy"))
 
 
 def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx
 
 import myext
-from myext.fuse import FuseTraceError
+from myext.fuse import FuseTraceError, linear_then_cross_entropy
 from myext.nn import CrossEntropyLoss, FusedLinearReLU
 from article import MultiTaskNet, SimpleNet  # the article's classes, verbatim
 
@@ -207,6 +207,72 @@ def test_cross_entropy_module_and_function():
     assert fused.criterion.backend == "cpp" and fused.criterion.label_smoothing == 0.1
     assert F.cross_entropy not in [target for _, target in ops_in(fused)]
     x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    assert_same_function(model, fused, x, y)
+
+
+class ClassifierWithLoss(nn.Module):
+    """The article's SimpleNet followed by its training loss, in one forward."""
+
+    def __init__(self, criterion):
+        super().__init__()
+        self.net = SimpleNet()
+        self.criterion = criterion
+
+    def forward(self, x, y):
+        return self.criterion(self.net(x), y)
+
+
+@pytest.mark.parametrize("criterion", ["module", "weighted module", "function"])
+def test_linear_into_cross_entropy_becomes_one_fused_op(criterion):
+    weight = torch.rand(10) + 0.5
+    if criterion == "function":
+        class Loss(nn.Module):
+            def forward(self, logits, y):
+                return F.cross_entropy(logits, y, label_smoothing=0.1, reduction="sum")
+        model = ClassifierWithLoss(Loss())
+    else:
+        model = ClassifierWithLoss(nn.CrossEntropyLoss(weight=weight if criterion == "weighted module" else None,
+                                                       ignore_index=3))
+    keys = list(model.state_dict())
+    fused = myext.fuse(model, backend="cpp")
+    loss_name = "cross_entropy (F.cross_entropy)" if criterion == "function" else "criterion (nn.CrossEntropyLoss)"
+    assert sorted(str(f) for f in fused.myext_fusions) == sorted([
+        "net.fc1 (nn.Linear) + torch.relu -> net.fc1 (myext.nn.FusedLinearReLU)",
+        f"net.fc2 (nn.Linear) + {loss_name} -> myext.linear_cross_entropy"])
+    assert [target for _, target in ops_in(fused)][-1] is linear_then_cross_entropy
+    assert list(fused.state_dict()) == keys
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    assert_same_function(model, fused, x, y)
+
+
+def test_linear_output_also_used_elsewhere_keeps_its_cross_entropy_unfused():
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x, y):
+            logits = self.fc(x)
+            return F.cross_entropy(logits, y), logits
+
+    fused = myext.fuse(Both())
+    assert [f.kind for f in fused.myext_fusions] == ["cross_entropy"]
+
+
+def test_linear_cross_entropy_of_more_dimensions_keeps_pytorch_meaning():
+    """F.cross_entropy reads (N, d, C) logits with the classes second: the rewrite runs
+    the two steps there, as the original model."""
+    class Spatial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x, y):
+            return F.cross_entropy(self.fc(x), y)
+
+    model = Spatial()
+    fused = myext.fuse(model)
+    x, y = torch.randn(4, 3, 5), torch.randint(0, 3, (4, 3))
     assert_same_function(model, fused, x, y)
 
 
