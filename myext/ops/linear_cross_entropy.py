@@ -127,9 +127,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     and log-sum of the capped logits and the target's capped logit.
 
     For reduction mean or sum, forward computes the gradients in the same pass over the
-    chunks (for an upstream gradient of 1) and backward scales them: the chunk's logits
-    are made once. For reduction none, backward makes them again, with each row's own
-    upstream gradient. Double backward goes through the reference (torch ops, which
+    chunks (for an upstream gradient of 1) and backward scales them in place: the chunk's
+    logits are made once. For reduction none (and a second backward through a retained
+    graph), backward makes them again, with each row's own upstream gradient. Double backward goes through the reference (torch ops, which
     hold the logits); so does the gradient of probability targets, itself the logits' size.
     """
 
@@ -143,17 +143,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
          grad_bias) = op("linear_cross_entropy_forward", backend)(
             input, linear_weight, linear_bias, target, weight, *options, chunk_size,
             mask if in_forward else [False, False, False])
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight,
-                              grad_input, grad_weight, grad_bias)
-        ctx.in_forward = in_forward
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight)
+        # Not saved tensors: the first backward scales them in place and hands them on,
+        # so that a step holds each gradient once, not twice.
+        ctx.grads_from_forward = [grad_input, grad_weight, grad_bias] if in_forward else None
         ctx.options, ctx.chunk_size, ctx.backend = options, chunk_size, backend
         ctx.mark_non_differentiable(row_max, row_log_sum, target_logit)
         return loss, row_max, row_log_sum, target_logit
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, *unused_grads):
-        (input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight, grad_input,
-         grad_weight, grad_bias) = ctx.saved_tensors
+        input, linear_weight, linear_bias, target, weight = ctx.saved_tensors[:5]
         mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
         wants_target = bool(ctx.needs_input_grad[3]) and target.is_floating_point()
         if torch.is_grad_enabled():
@@ -167,14 +167,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _kernel_grads(ctx: Any, grad_loss: torch.Tensor, mask: list[bool]):
-    """The gradients of (input, linear_weight, linear_bias) from the kernels: forward's,
-    scaled by the upstream gradient, or the backward op's."""
-    (input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight, grad_input,
-     grad_weight, grad_bias) = ctx.saved_tensors
-    if ctx.in_forward:
+    """The gradients of (input, linear_weight, linear_bias) from the kernels: the first
+    time forward's, scaled in place by the upstream gradient; else (reduction none, or
+    a second backward of a retained graph) the backward op's."""
+    input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight = ctx.saved_tensors
+    if ctx.grads_from_forward is not None:
+        grads, ctx.grads_from_forward = ctx.grads_from_forward, None
         scale = grad_loss.to(input.dtype)
-        return tuple(g * scale if g is not None and wanted else None
-                     for g, wanted in zip((grad_input, grad_weight, grad_bias), mask))
+        return tuple(g.mul_(scale) if g is not None and wanted else None for g, wanted in zip(grads, mask))
     return op("linear_cross_entropy_backward", ctx.backend)(
         grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight,
         *ctx.options, ctx.chunk_size, mask)
