@@ -1,0 +1,200 @@
+"""linear_cross_entropy against PyTorch: logits then loss (eager and compiled),
+F.linear_cross_entropy with and without its chunked path, and the GEMM floor.
+
+Under pytest (``pytest benchmarks/ --benchmark-only``): the op's registered cases
+(myext/ops/linear_cross_entropy.py) for myext, eager and compile, and in the same
+groups PyTorch's own fused op and the three GEMMs alone. As a script, the comparison
+docs/BENCHMARKS.md records, time and memory of one training step (forward and the
+input and weight gradients) at a language model's head::
+
+    python benchmarks/bench_linear_cross_entropy.py            # N=4096 H=1024 V=32000 float32
+    python benchmarks/bench_linear_cross_entropy.py --dtype bfloat16
+
+Times: the providers called in turn, round after round, the median of each (ratios
+within one run are what compare). Memory: each provider in a fresh process, one call
+after a warm-up, the growth of the resident set's peak (VmHWM) less the gradients the
+call returns: what the step holds beyond its results. The GEMM floor is the forward
+GEMM and the two gradient GEMMs into preallocated outputs, the least any
+implementation that makes the logits must do; with torch.mm (MKL on x86 CPUs) as the
+issue defines it, and through oneDNN, the GEMMs myext's cpp kernels run for float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import myext
+from myext import registry
+from myext.bench import inputs
+
+OP = "linear_cross_entropy"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def test_linear_cross_entropy(run_case, case, device, provider):
+    run_case(OP, case, device, provider)
+
+
+def step(loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, w: torch.Tensor,
+         target: torch.Tensor) -> Callable[[], None]:
+    """One training step of the head: the loss, then its gradients for x and w."""
+
+    def call() -> None:
+        torch.autograd.grad(loss_fn(x, w, target), (x, w))
+
+    return call
+
+
+def gemm_floor(x: torch.Tensor, w: torch.Tensor) -> Callable[[], None]:
+    """The three GEMMs of the step (logits, input gradient, weight gradient) into
+    preallocated outputs."""
+    logits = x.new_empty(x.shape[0], w.shape[0])
+    grad_x, grad_w = torch.empty_like(x), torch.empty_like(w)
+
+    def call() -> None:
+        torch.mm(x, w.t(), out=logits)
+        torch.mm(logits, w, out=grad_x)
+        torch.mm(logits.t(), x, out=grad_w)
+
+    return call
+
+
+def onednn_gemm_floor(x: torch.Tensor, w: torch.Tensor) -> Callable[[], None]:
+    """The same three GEMMs through oneDNN, which myext's cpp kernels call for float32
+    where it beats torch.mm (csrc/cpu/gemm.h): the floor of the library they use."""
+    linear = torch.ops.mkldnn._linear_pointwise
+
+    def call() -> None:
+        logits = linear(x, w, None, "none", [], None)
+        linear(logits, w.t(), None, "none", [], None)
+        linear(logits.t(), x.t(), None, "none", [], None)
+
+    return call
+
+
+def pytorch_fused(chunked: bool) -> Callable[..., torch.Tensor]:
+    options = torch.nn.LinearCrossEntropyOptions() if chunked else None
+    return lambda x, w, target: F.linear_cross_entropy(x, w, target, options=options)
+
+
+def providers(backends: list[str]) -> dict[str, Callable[..., Callable[[], None]]]:
+    """Each provider by name, as a maker of its step from (x, w, target); PyTorch's
+    fused op where this torch has it."""
+    eager = registry.get(OP).benchmark.eager
+    makers = {f"myext-{b}": lambda x, w, t, b=b: step(functools.partial(myext.linear_cross_entropy, backend=b),
+                                                        x, w, t)
+              for b in backends}
+    makers["eager"] = lambda x, w, t: step(eager, x, w, t)
+    makers["compile"] = lambda x, w, t: step(torch.compile(eager), x, w, t)
+    if hasattr(F, "linear_cross_entropy"):
+        makers["F.linear_cross_entropy"] = lambda x, w, t: step(pytorch_fused(chunked=False), x, w, t)
+        makers["F.linear_cross_entropy chunked"] = lambda x, w, t: step(pytorch_fused(chunked=True), x, w, t)
+    makers["GEMM floor"] = lambda x, w, t: gemm_floor(x.detach(), w.detach())
+    if torch.backends.mkldnn.is_available():
+        makers["GEMM floor, oneDNN"] = lambda x, w, t: onednn_gemm_floor(x.detach(), w.detach())
+    return makers
+
+
+@pytest.mark.parametrize("variant", ["F.linear_cross_entropy", "F.linear_cross_entropy chunked", "GEMM floor"])
+@pytest.mark.parametrize("shape", registry.get(OP).benchmark.cases, ids=registry.get(OP).benchmark.label)
+def test_pytorch_fused_and_gemm_floor(run_benchmark, variant, shape):
+    if variant != "GEMM floor" and not hasattr(F, "linear_cross_entropy"):
+        pytest.skip("this torch has no F.linear_cross_entropy")
+    tensors = inputs(OP, shape, device="cpu", dtype=torch.float32, requires_grad=True)
+    x, w, target = tensors["input"], tensors["linear_weight"], tensors["target"]
+    call = gemm_floor(x.detach(), w.detach()) if variant == "GEMM floor" else step(
+        pytorch_fused(variant.endswith("chunked")), x, w, target)
+    run_benchmark(call, "cpu", group=f"{OP} cpu {registry.get(OP).benchmark.label(shape)} fwd+bwd")
+
+
+# --------------------------------------------------------------------------- the script
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line for line in f if line.startswith("model name")).split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1]) * 1024
+
+
+def _tensors(args: argparse.Namespace):
+    torch.manual_seed(0)
+    t = inputs(OP, dict(N=args.N, H=args.H, V=args.V), device="cpu", dtype=DTYPES[args.dtype], requires_grad=True)
+    return t["input"], t["linear_weight"], t["target"]
+
+
+def _memory_of_one(args: argparse.Namespace) -> None:
+    """In a fresh process: one provider's peak resident growth during a step, less the
+    gradients it returns, as JSON on stdout."""
+    x, w, target = _tensors(args)
+    call = providers([args.provider.removeprefix("myext-")])[args.provider](x, w, target)
+    call()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) restarts from the resident set now
+    before = _status_bytes("VmRSS")
+    call()
+    growth = _status_bytes("VmHWM") - before
+    gradients = (x.numel() + w.numel()) * x.element_size()
+    print(json.dumps({"growth": growth, "beyond_gradients": growth - gradients}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--N", type=int, default=4096)
+    parser.add_argument("--H", type=int, default=1024)
+    parser.add_argument("--V", type=int, default=32000)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--provider", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.provider:
+        return _memory_of_one(args)
+
+    x, w, target = _tensors(args)
+    backends = [b for b in myext.available_backends("cpu") if b == "cpp"]
+    calls = {name: make(x, w, target) for name, make in providers(backends).items()}
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+
+    logits = args.N * args.V * DTYPES[args.dtype].itemsize
+    print(f"linear_cross_entropy step, N={args.N} H={args.H} V={args.V} {args.dtype} (logits {logits / 1e6:.0f} MB), "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {_cpu_name()}")
+    print(f"{'provider':32} {'median s':>9} {'vs myext':>9} {'vs floor':>9} {'peak growth':>12} {'beyond grads':>13}")
+    ours = medians.get("myext-cpp")
+    for name in calls:
+        vs_ours = f"{medians[name] / ours:.2f}x" if ours else "-"
+        memory = "            -             -"
+        if not name.startswith("GEMM floor"):  # their outputs are preallocated, or not the step's
+            measured = json.loads(subprocess.run(
+                [sys.executable, __file__, "--N", str(args.N), "--H", str(args.H), "--V", str(args.V),
+                 "--dtype", args.dtype, "--provider", name], check=True, capture_output=True, text=True).stdout)
+            memory = f"{measured['growth'] / 1e6:9.0f} MB {measured['beyond_gradients'] / 1e6:10.0f} MB"
+        print(f"{name:32} {medians[name]:9.3f} {vs_ours:>9} {medians[name] / medians['GEMM floor']:8.2f}x {memory}")
+
+
+if __name__ == "__main__":
+    main()
