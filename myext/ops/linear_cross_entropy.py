@@ -315,13 +315,10 @@ def reference(
     of the logits ``input @ linear_weight.T + linear_bias``, held whole; the executable
     spec. ``chunk_size`` changes nothing."""
     ignore_index = -100 if ignore_index is None else ignore_index
-    classes = linear_weight.shape[0]
-    rows = math.prod(input.shape[:-1])
-    logits = affine(input, linear_weight, linear_bias).reshape(rows, classes)
-    target_2d = target.reshape(rows, classes) if target.is_floating_point() else target.reshape(rows)
-    loss = ce.cross_entropy_2d(logits, target_2d, weight, ignore_index, reduction, float(label_smoothing),
-                               lse_square_scale, softcap)
-    return loss.reshape(input.shape[:-1]) if reduction == "none" else loss
+    return _loss_of_rows(
+        lambda logits, rows_target: ce.cross_entropy_2d(logits, rows_target, weight, ignore_index, reduction,
+                                                        float(label_smoothing), lse_square_scale, softcap),
+        affine(input, linear_weight, linear_bias), target, reduction)
 
 
 def baseline(
@@ -341,13 +338,21 @@ def baseline(
     """What PyTorch itself computes: cross_entropy's baseline (F.cross_entropy, with
     torch.tanh's cap and logsumexp's z-loss) of F.linear's logits."""
     ignore_index = -100 if ignore_index is None else ignore_index
-    classes = linear_weight.shape[0]
-    rows = math.prod(input.shape[:-1])
-    logits = F.linear(input, linear_weight, linear_bias).reshape(rows, classes)
-    target_2d = target.reshape(rows, classes) if target.is_floating_point() else target.reshape(rows)
-    loss = ce.baseline(logits, target_2d, weight, ignore_index, reduction, label_smoothing,
-                       lse_square_scale=lse_square_scale, softcap=softcap)
-    return loss.reshape(input.shape[:-1]) if reduction == "none" else loss
+    return _loss_of_rows(
+        lambda logits, rows_target: ce.baseline(logits, rows_target, weight, ignore_index, reduction,
+                                                label_smoothing, lse_square_scale=lse_square_scale,
+                                                softcap=softcap),
+        F.linear(input, linear_weight, linear_bias), target, reduction)
+
+
+def _loss_of_rows(loss_of_rows, logits: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``loss_of_rows`` of logits ``(*, C)`` and their target (``(*)`` or ``(*, C)``) as
+    rows; for reduction none, the losses back in the batch shape ``(*)``."""
+    batch, classes = logits.shape[:-1], logits.shape[-1]
+    rows = math.prod(batch)
+    rows_target = target.reshape(rows, classes) if target.is_floating_point() else target.reshape(rows)
+    loss = loss_of_rows(logits.reshape(rows, classes), rows_target)
+    return loss.reshape(batch) if reduction == "none" else loss
 
 
 def _sample(batch: tuple[int, ...], features: int, classes: int, device: str, *, kind: str = "class",
