@@ -52,7 +52,7 @@ import torch
 import myext
 import triton_ops
 
-from . import registry
+from . import machine, registry
 
 OPS = tuple(registry.names())
 PASSES = ("fwd", "fwd+bwd")
@@ -437,7 +437,8 @@ def write_plots(results: dict[str, Any], plot_dir: str) -> list[str]:
 # Command line.
 
 def describe_machine(device: torch.device) -> dict[str, Any]:
-    """What ran the benchmark: device, its name, thread count and software versions."""
+    """What ran the benchmark: device, its name (on the CPU: the model, the ISA of
+    myext's kernels and torch's, and the GEMM path), thread count and software versions."""
     info: dict[str, Any] = {
         "device": device.type,
         "torch": torch.__version__,
@@ -448,15 +449,11 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
         return info
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    capability = torch.backends.cpu.get_cpu_capability()
-    info["device_name"] = f"{name}, {torch.get_num_threads()} threads, {capability}"
-    info["cpu_capability"] = capability
+    cpu = machine.describe_cpu()
+    info["device_name"] = machine.cpu_description()
+    info["cpu_capability"] = cpu["myext_cpu_capability"]
+    info["torch_cpu_capability"] = cpu["torch_cpu_capability"]
+    info["gemm"] = cpu["gemm"]
     return info
 
 

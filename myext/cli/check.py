@@ -20,6 +20,7 @@ import myext
 
 from .. import registry, testing
 from ..backends import available_backends
+from ..machine import cpu_description
 from ._errors import CommandError
 
 FLOAT64_CHECKS = ("gradcheck", "gradgradcheck", "opcheck", "vs reference")
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         plan += [(device, backend) for backend in backends]
     print(f"myext {myext.__version__}, torch {torch.__version__}; "
           + "; ".join(f"{d}: {', '.join(available_backends(d))}" for d in devices))
+    print(f"cpu: {cpu_description()}")
 
     torch.manual_seed(0)
     rows = [row for device, backend in plan for spec in registry.specs()
