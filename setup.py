@@ -103,15 +103,19 @@ def extension():
     # -ffp-contract=off: a product written once rounds the same everywhere (a fused
     # multiply-add would not), so that terms meant to cancel do, e.g. the gradient of
     # a row of one class is exactly 0; the vector code asks for its fmadds itself.
-    cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fdiagnostics-color=always"]
+    # -fopenmp: at::parallel_for is inline code over OpenMP; compiled without it, its
+    # pragmas are ignored and every CPU kernel runs on one thread. The library it
+    # links is torch's own libgomp.so.1, already loaded: one OpenMP runtime.
+    cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fopenmp", "-fdiagnostics-color=always"]
     cxx_flags += CPU_CAPABILITY_FLAGS[detect_cpu_capability()]
     extra_compile_args = {"cxx": cxx_flags}
-    kwargs = {}
+    kwargs = {"extra_link_args": ["-fopenmp"]}
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-        include_flags, kwargs = cublaslt_build_options()
+        include_flags, cuda_kwargs = cublaslt_build_options()
+        kwargs.update(cuda_kwargs)
         extra_compile_args["cxx"] = cxx_flags + include_flags
         extra_compile_args["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"] + include_flags
         ext_class = cpp_extension.CUDAExtension
