@@ -4,7 +4,7 @@
 # runs the GPU tests, then times the cuda and triton backends against PyTorch eager and
 # torch.compile (`myext bench --device cuda`, the same harness and work model as on the
 # CPU, with the ops' GPU sizes). Each step has a time limit; the whole run stays under
-# 10 minutes (120 + 300 + 150 s).
+# 10 minutes (120 + 300 + 100 + 80 s).
 #
 # Environment: PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0: only the GPU at hand, to
 # save build time), MAX_JOBS (16), TEST_WORKERS (8).
@@ -43,5 +43,10 @@ if "$python" -c "import xdist" 2>/dev/null; then
   workers=(-n "${TEST_WORKERS:-8}")
 fi
 step "GPU tests" 300 "$python" -m pytest tests -q -m gpu -p no:cacheprovider -rfE "${workers[@]}"
-step "benchmark" 150 "$python" -m myext bench --device cuda --json docs/benchmarks/gpu.json
+# One step per group of ops, each with its own JSON: a slow op's limit does not take the
+# others' results with it.
+step "benchmark (linear_relu, cross_entropy)" 100 "$python" -m myext bench --device cuda \
+  --op linear_relu --op cross_entropy --json docs/benchmarks/gpu.json
+step "benchmark (linear_cross_entropy)" 80 "$python" -m myext bench --device cuda \
+  --op linear_cross_entropy --json docs/benchmarks/gpu_linear_cross_entropy.json
 exit $status
