@@ -61,10 +61,20 @@ T nan_max(T a, T b) {
 template <typename T>
 T hmax(const T* x, int64_t n) {
   using Vec = Vectorized<T>;
-  Vec vmax(-kInf<T>);
+  constexpr int64_t kStep = 4 * Vec::size();
+  // Four running maxima: one would chain every vector's max (and its NaN test)
+  // on the one before, and the loop would wait on that chain, not on its loads.
+  Vec m0(-kInf<T>), m1(-kInf<T>), m2(-kInf<T>), m3(-kInf<T>);
   int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    m0 = at::vec::maximum(m0, Vec::loadu(x + i));  // propagates NaN
+    m1 = at::vec::maximum(m1, Vec::loadu(x + i + Vec::size()));
+    m2 = at::vec::maximum(m2, Vec::loadu(x + i + 2 * Vec::size()));
+    m3 = at::vec::maximum(m3, Vec::loadu(x + i + 3 * Vec::size()));
+  }
+  Vec vmax = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    vmax = at::vec::maximum(vmax, Vec::loadu(x + i));  // propagates NaN
+    vmax = at::vec::maximum(vmax, Vec::loadu(x + i));
   }
   T m = at::vec::vec_reduce_all<T>(
       [](Vec a, Vec b) { return at::vec::maximum(a, b); }, vmax);
