@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import myext
-from myext import registry
-from myext.bench import inputs
+from myext import machine, registry
+from myext.bench import inputs, peak_rss_bytes
 
 OP = "linear_cross_entropy"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -121,19 +120,6 @@ def test_pytorch_fused_and_gemm_floor(run_benchmark, variant, shape):
 
 # --------------------------------------------------------------------------- the script
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line for line in f if line.startswith("model name")).split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        return platform.machine()
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(field + ":")).split()[1]) * 1024
-
-
 def _tensors(args: argparse.Namespace):
     torch.manual_seed(0)
     t = inputs(OP, dict(N=args.N, H=args.H, V=args.V), device="cpu", dtype=DTYPES[args.dtype], requires_grad=True)
@@ -146,11 +132,9 @@ def _memory_of_one(args: argparse.Namespace) -> None:
     x, w, target = _tensors(args)
     call = providers([args.provider.removeprefix("myext-")])[args.provider](x, w, target)
     call()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak (VmHWM) restarts from the resident set now
-    before = _status_bytes("VmRSS")
-    call()
-    growth = _status_bytes("VmHWM") - before
+    growth = peak_rss_bytes(call)
+    if growth is None:
+        raise SystemExit("the peak resident set cannot be reset here (/proc/self/clear_refs)")
     gradients = (x.numel() + w.numel()) * x.element_size()
     print(json.dumps({"growth": growth, "beyond_gradients": growth - gradients}))
 
@@ -182,7 +166,7 @@ def main() -> None:
 
     logits = args.N * args.V * DTYPES[args.dtype].itemsize
     print(f"linear_cross_entropy step, N={args.N} H={args.H} V={args.V} {args.dtype} (logits {logits / 1e6:.0f} MB), "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {_cpu_name()}")
+          f"torch {torch.__version__}, {machine.cpu_description()}")
     print(f"{'provider':32} {'median s':>9} {'vs myext':>9} {'vs floor':>9} {'peak growth':>12} {'beyond grads':>13}")
     ours = medians.get("myext-cpp")
     for name in calls:
