@@ -69,23 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_ent
         ce::forward(rows_of<scalar_t>(p), p.weight, settings,
                     ce::ForwardOut<acc_t>{losses.data(), row_max.data_ptr<acc_t>(), row_log_sum.data_ptr<acc_t>(),
                                           target_logit.data_ptr<acc_t>(), weights.data()});
-        double loss_sum = 0, weight_sum = 0;
-        for (int64_t r = 0; r < rows; ++r) {
-          loss_sum += losses[r];
-          weight_sum += weights[r];
-        }
-        total_weight.data_ptr<acc_t>()[0] = static_cast<acc_t>(weight_sum);
-        scalar_t* loss_p = loss.data_ptr<scalar_t>();
-        if (reduction == at::Reduction::None) {
-          for (int64_t r = 0; r < rows; ++r) loss_p[r] = static_cast<scalar_t>(losses[r]);
-        } else {
-          // A mean over no weight is nan, as in PyTorch (whose nll term is 0 / 0
-          // even where smoothing adds to the numerator).
-          const double value = reduction == at::Reduction::Sum ? loss_sum
-                               : weight_sum == 0           ? std::nan("")
-                                                           : loss_sum / weight_sum;
-          loss_p[0] = static_cast<scalar_t>(value);
-        }
+        ce::reduce_rows<scalar_t>(losses, weights, reduction, loss, total_weight);
       });
   return {loss, row_max, row_log_sum, target_logit, total_weight};
 }

@@ -24,6 +24,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/Reduction.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -625,6 +626,33 @@ void forward(const Rows<scalar_t>& in, const at::Tensor& weight, const Settings&
                    : forward_prob_row(z, row_as_acc<scalar_t, T>(in.prob_target, r, n, q_scratch), o));
     }
   });
+}
+
+// The op's loss from forward's per-row losses and weights, both summed in double:
+// `loss` gets each row's loss (reduction none) or their sum or mean, and
+// `total_weight` the summed weights (the mean's divisor).
+template <typename scalar_t>
+void reduce_rows(const std::vector<double>& losses, const std::vector<double>& weights, int64_t reduction,
+                 at::Tensor& loss, at::Tensor& total_weight) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = static_cast<int64_t>(losses.size());
+  double loss_sum = 0, weight_sum = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    loss_sum += losses[r];
+    weight_sum += weights[r];
+  }
+  total_weight.data_ptr<acc_t>()[0] = static_cast<acc_t>(weight_sum);
+  scalar_t* loss_p = loss.data_ptr<scalar_t>();
+  if (reduction == at::Reduction::None) {
+    for (int64_t r = 0; r < rows; ++r) loss_p[r] = static_cast<scalar_t>(losses[r]);
+  } else {
+    // A mean over no weight is nan, as in PyTorch (whose nll term is 0 / 0
+    // even where smoothing adds to the numerator).
+    const double value = reduction == at::Reduction::Sum ? loss_sum
+                         : weight_sum == 0           ? std::nan("")
+                                                     : loss_sum / weight_sum;
+    loss_p[0] = static_cast<scalar_t>(value);
+  }
 }
 
 // The gradient of every row of `in` into `grad` (which may be `in.x` itself):

@@ -151,21 +151,7 @@ linear_cross_entropy_forward_cpu(const at::Tensor& input, const at::Tensor& line
                                         grad_scale, settings);
                          }
                        });
-        double loss_sum = 0, weight_sum = 0;
-        for (int64_t r = 0; r < rows; ++r) {
-          loss_sum += losses[r];
-          weight_sum += weights[r];
-        }
-        total_weight.data_ptr<acc_t>()[0] = static_cast<acc_t>(weight_sum);
-        scalar_t* loss_p = loss.data_ptr<scalar_t>();
-        if (reduction == at::Reduction::None) {
-          for (int64_t r = 0; r < rows; ++r) loss_p[r] = static_cast<scalar_t>(losses[r]);
-        } else {
-          const double value = reduction == at::Reduction::Sum ? loss_sum
-                               : weight_sum == 0           ? std::nan("")
-                                                           : loss_sum / weight_sum;
-          loss_p[0] = static_cast<scalar_t>(value);
-        }
+        ce::reduce_rows<scalar_t>(losses, weights, reduction, loss, total_weight);
       });
   const Grads out = grads ? finish(g, p.x.scalar_type()) : Grads{};
   return {loss, row_max, row_log_sum, target_logit, total_weight, std::get<0>(out), std::get<1>(out),
