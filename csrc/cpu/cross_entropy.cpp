@@ -80,26 +80,13 @@ void backward_into(at::Tensor& grad_input, const Prepared& p, const at::Tensor& 
                    const at::Tensor& row_max, const at::Tensor& row_log_sum,
                    const at::Tensor& total_weight, int64_t reduction, const ce::Settings& settings) {
   const auto acc_type = at::toOpMathType(p.x.scalar_type());
-  const at::Tensor max_c = row_max.to(acc_type).contiguous();
-  const at::Tensor log_sum_c = row_log_sum.to(acc_type).contiguous();
-  // The factor of each row's gradient: its upstream gradient with no reduction,
-  // else one scalar (divided by the mean's divisor; nan for a divisor of 0).
-  const at::Tensor row_scales =
-      reduction == at::Reduction::None ? grad_loss.to(acc_type).contiguous() : at::Tensor();
-  double common_scale = 0;
-  if (reduction != at::Reduction::None) {
-    common_scale = grad_loss.item<double>();
-    if (reduction == at::Reduction::Mean) {
-      const double divisor = total_weight.item<double>();
-      common_scale = divisor == 0 ? std::nan("") : common_scale / divisor;
-    }
-  }
+  const ce::BackwardInputs b = ce::backward_inputs(grad_loss, row_max, row_log_sum, total_weight, reduction, acc_type);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, p.x.scalar_type(), "cross_entropy_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        ce::backward(rows_of<scalar_t>(p), grad_input.data_ptr<scalar_t>(), p.weight, max_c.data_ptr<acc_t>(),
-                     log_sum_c.data_ptr<acc_t>(), row_scales.defined() ? row_scales.data_ptr<acc_t>() : nullptr,
-                     common_scale, settings);
+        ce::backward(rows_of<scalar_t>(p), grad_input.data_ptr<scalar_t>(), p.weight, b.row_max.data_ptr<acc_t>(),
+                     b.row_log_sum.data_ptr<acc_t>(), b.row_scale.defined() ? b.row_scale.data_ptr<acc_t>() : nullptr,
+                     b.common_scale, settings);
       });
 }
 

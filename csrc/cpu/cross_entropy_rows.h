@@ -655,6 +655,31 @@ void reduce_rows(const std::vector<double>& losses, const std::vector<double>& w
   }
 }
 
+// What backward reads besides the logits, in the accumulation type `acc_type`:
+// forward's per-row max and log-sum, and each row's factor: its upstream
+// gradient with no reduction (`row_scale`), else one scalar (`common_scale`,
+// divided by the mean's divisor; nan for a divisor of 0).
+struct BackwardInputs {
+  at::Tensor row_max, row_log_sum, row_scale;  // row_scale undefined unless reduction none
+  double common_scale = 0;
+};
+
+inline BackwardInputs backward_inputs(const at::Tensor& grad_loss, const at::Tensor& row_max,
+                                      const at::Tensor& row_log_sum, const at::Tensor& total_weight,
+                                      int64_t reduction, at::ScalarType acc_type) {
+  BackwardInputs b{row_max.to(acc_type).contiguous(), row_log_sum.to(acc_type).contiguous(), at::Tensor(), 0};
+  if (reduction == at::Reduction::None) {
+    b.row_scale = grad_loss.to(acc_type).contiguous();
+    return b;
+  }
+  b.common_scale = grad_loss.item<double>();
+  if (reduction == at::Reduction::Mean) {
+    const double divisor = total_weight.item<double>();
+    b.common_scale = divisor == 0 ? std::nan("") : b.common_scale / divisor;
+  }
+  return b;
+}
+
 // The gradient of every row of `in` into `grad` (which may be `in.x` itself):
 // row r's upstream factor is row_scale[r], or common_scale where row_scale is null.
 template <typename scalar_t>

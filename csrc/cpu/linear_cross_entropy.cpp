@@ -172,33 +172,20 @@ Grads linear_cross_entropy_backward_cpu(
   const Operands p = prepare(op, input, linear_weight, linear_bias, target, weight, ignore_index);
   const int64_t rows = p.x.size(0);
   const auto acc_type = at::toOpMathType(p.x.scalar_type());
-  const at::Tensor max_c = row_max.to(acc_type).contiguous();
-  const at::Tensor log_sum_c = row_log_sum.to(acc_type).contiguous();
-  // Each row's factor: its upstream gradient with no reduction, else one scalar
-  // (over the mean's divisor; nan for a divisor of 0), as cross_entropy's.
-  const at::Tensor row_scales =
-      reduction == at::Reduction::None ? grad_loss.to(acc_type).contiguous() : at::Tensor();
-  double common_scale = 0;
-  if (reduction != at::Reduction::None) {
-    common_scale = grad_loss.item<double>();
-    if (reduction == at::Reduction::Mean) {
-      const double divisor = total_weight.item<double>();
-      common_scale = divisor == 0 ? std::nan("") : common_scale / divisor;
-    }
-  }
+  const ce::BackwardInputs b = ce::backward_inputs(grad_loss, row_max, row_log_sum, total_weight, reduction, acc_type);
   const ce::Settings settings{ignore_index, label_smoothing, lse_square_scale, softcap};
   LinearGrads g = make_linear_grads(p.x, p.w, output_mask);
   const int64_t chunk = chunk_rows(rows, p.w.size(0), p.x.element_size(), chunk_size);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, p.x.scalar_type(), "linear_cross_entropy_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const acc_t* scales = row_scales.defined() ? row_scales.data_ptr<acc_t>() : nullptr;
+        const acc_t* scales = b.row_scale.defined() ? b.row_scale.data_ptr<acc_t>() : nullptr;
         for_each_chunk(p.x, p.w, p.b, chunk, true, g, CpuGemms{},
                        [&](const at::Tensor& logits, int64_t begin, int64_t count) {
                          scalar_t* z = logits.data_ptr<scalar_t>();
                          ce::backward(chunk_rows_of(p, z, begin, count), z, p.weight,
-                                      max_c.data_ptr<acc_t>() + begin, log_sum_c.data_ptr<acc_t>() + begin,
-                                      scales == nullptr ? nullptr : scales + begin, common_scale, settings);
+                                      b.row_max.data_ptr<acc_t>() + begin, b.row_log_sum.data_ptr<acc_t>() + begin,
+                                      scales == nullptr ? nullptr : scales + begin, b.common_scale, settings);
                        });
       });
   return finish(g, p.x.scalar_type());
