@@ -230,14 +230,7 @@ def _fuse_linear_relu(gm: fx.GraphModule, backend: Optional[str], fusions: list[
             replacement = f"{linear.target} (myext.nn.FusedLinearReLU)"
         else:
             with graph.inserting_before(linear):
-                if linear.op == "call_module":
-                    module = gm.get_submodule(linear.target)
-                    (x,) = _call_args(linear, ("input",))
-                    weight = graph.get_attr(f"{linear.target}.weight")
-                    bias = graph.get_attr(f"{linear.target}.bias") if module.bias is not None else None
-                else:
-                    x, weight, bias = _call_args(linear, ("input", "weight", "bias"))
-                fused_node = graph.call_function(linear_relu, (x, weight, bias), {"backend": backend})
+                fused_node = graph.call_function(linear_relu, _linear_operands(gm, linear), {"backend": backend})
             replacement = "myext.linear_relu"
         relu.replace_all_uses_with(fused_node)
         graph.erase_node(relu)
@@ -248,6 +241,17 @@ def _fuse_linear_relu(gm: fx.GraphModule, backend: Optional[str], fusions: list[
     still_called = {node.target for node in graph.nodes if node.op == "call_module"}
     for target in relu_modules - still_called:
         gm.delete_submodule(target)
+
+
+def _linear_operands(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any, Any]:
+    """(input, weight, bias) of a Linear node, as graph values at the insertion point:
+    an nn.Linear module's parameters are read with get_attr."""
+    if node.op != "call_module":
+        return tuple(_call_args(node, ("input", "weight", "bias")))
+    (x,) = _call_args(node, ("input",))
+    weight = gm.graph.get_attr(f"{node.target}.weight")
+    bias = gm.graph.get_attr(f"{node.target}.bias") if gm.get_submodule(node.target).bias is not None else None
+    return x, weight, bias
 
 
 def _describe_linear(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -304,14 +308,7 @@ def _fuse_linear_cross_entropy(gm: fx.GraphModule, backend: Optional[str], fusio
         with graph.inserting_before(loss):
             if loss.op == "call_module" and options["weight"] is not None:
                 options["weight"] = graph.get_attr(options["weight"])
-            if node.op == "call_module":
-                module = gm.get_submodule(node.target)
-                (x,) = _call_args(node, ("input",))
-                weight = graph.get_attr(f"{node.target}.weight")
-                bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
-            else:
-                x, weight, bias = _call_args(node, ("input", "weight", "bias"))
-            fused = graph.call_function(linear_then_cross_entropy, (x, weight, bias, target),
+            fused = graph.call_function(linear_then_cross_entropy, (*_linear_operands(gm, node), target),
                                         {**options, "backend": backend})
         loss.replace_all_uses_with(fused)
         graph.erase_node(loss)
