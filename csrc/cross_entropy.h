@@ -89,4 +89,28 @@ inline void check_cross_entropy_backward_inputs(
                                   input);
 }
 
+// The arguments of cross_entropy_shard_backward: those of cross_entropy_backward
+// (class indices are read by the kernels, against `classes`), a shard
+// [class_start, class_start + C_local) within [0, classes), row_weight (R,) and
+// weight_sum (a scalar) of row_max's dtype on the input's device.
+inline void check_cross_entropy_shard_backward_inputs(
+    const char* op, const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& row_max, const at::Tensor& row_log_sum,
+    const at::Tensor& row_weight, const at::Tensor& total_weight, const at::Tensor& weight_sum,
+    int64_t reduction, double label_smoothing, double lse_square_scale, double softcap, int64_t class_start,
+    int64_t classes) {
+  check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight,
+                                      reduction, label_smoothing, lse_square_scale, softcap);
+  TORCH_CHECK(class_start >= 0 && classes >= 0 && class_start <= classes - input.size(1), op,
+              ": the shard's classes [class_start, class_start + ", input.size(1), ") = [", class_start, ", ",
+              class_start + input.size(1), ") must lie within the ", classes, " classes");
+  for (const auto& [name, t, shape] :
+       {std::tuple<const char*, const at::Tensor&, at::IntArrayRef>{"row_weight", row_weight, {input.size(0)}},
+        {"weight_sum", weight_sum, {}}}) {
+    check_floating(op, name, t);
+    check_device(op, name, t, input);
+    check_shape(op, name, t, shape);
+  }
+}
+
 }  // namespace myext

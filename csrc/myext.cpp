@@ -67,6 +67,22 @@ TORCH_LIBRARY(myext, m) {
       "Tensor target, Tensor? weight, Tensor row_max, Tensor row_log_sum, "
       "Tensor total_weight, int reduction, int ignore_index, "
       "float label_smoothing, float lse_square_scale, float softcap) -> ()");
+  // Vocabulary parallelism: the gradient of the loss over all `classes` classes
+  // w.r.t. a shard of them. input (R, C_local) holds the logits of classes
+  // [class_start, class_start + C_local); target (R,) int64 indices into all
+  // the classes, or (R, C_local) the shard's probabilities; weight the shard's
+  // class weights. row_max and row_log_sum are those of the whole rows,
+  // row_weight (R,) each row's sum(w q) over every class (q the target after
+  // label smoothing), total_weight the mean's divisor and weight_sum (a scalar)
+  // the sum of every class's weight (C without weights); the rest as
+  // cross_entropy_backward's. Forward needs no op of its own: the shard's
+  // cross_entropy_forward gives its rows' statistics (myext/vocab_parallel.py).
+  m.def(
+      "cross_entropy_shard_backward(Tensor grad_loss, Tensor input, Tensor target, "
+      "Tensor? weight, Tensor row_max, Tensor row_log_sum, Tensor row_weight, "
+      "Tensor total_weight, Tensor weight_sum, int reduction, int ignore_index, "
+      "float label_smoothing, float lse_square_scale, float softcap, "
+      "int class_start, int classes) -> Tensor");
 
   // F.linear then cross_entropy_forward, the logits (R x V) never held whole:
   // input (R, H), linear_weight (V, H), linear_bias (V) or none; target and

@@ -81,7 +81,8 @@ _capable: dict[tuple[str, str, str, str], bool] = {}
 
 
 def probe_triton() -> bool:
-    """Imports the Triton module of every registered op and registers its ops, once;
+    """Imports the Triton module of every registered op and registers its ops (and those
+    of its capabilities that the module implements), once;
     returns whether that worked.
 
     myext's import calls it where Triton can run (a CUDA device, or TRITON_INTERPRET=1),
@@ -96,7 +97,8 @@ def probe_triton() -> bool:
             _triton_loaded, _triton_error = False, f"{type(err).__name__}: {err}"
         else:
             for spec, module in modules:
-                register_triton_ops(spec.dispatcher_ops, spec.fakes, module)
+                optional = tuple(name for name in spec.capabilities.values() if hasattr(module, name))
+                register_triton_ops(spec.dispatcher_ops + optional, spec.fakes, module)
             _triton_loaded = True
     return _triton_loaded
 

@@ -27,12 +27,15 @@ struct Prepared {
 
 // Lays out checked arguments for the kernels, and checks the class indices
 // (the op is public) before any kernel reads with them.
+// Class indices are checked against `classes`: the row's, or with a shard of
+// them every class's.
 Prepared prepare(const char* op, const at::Tensor& input, const at::Tensor& target,
-                 const std::optional<at::Tensor>& weight, int64_t ignore_index) {
+                 const std::optional<at::Tensor>& weight, int64_t ignore_index, int64_t classes = -1) {
   Prepared p{input.contiguous(), target.contiguous(), weight.has_value() ? *weight : at::Tensor(),
              !target.is_floating_point()};
   if (p.class_targets) {
-    ce::check_class_indices(op, p.target.data_ptr<int64_t>(), p.target.numel(), input.size(1), ignore_index);
+    ce::check_class_indices(op, p.target.data_ptr<int64_t>(), p.target.numel(),
+                            classes < 0 ? input.size(1) : classes, ignore_index);
   }
   return p;
 }
@@ -119,12 +122,40 @@ void cross_entropy_backward_inplace_cpu(
                 {ignore_index, label_smoothing, lse_square_scale, softcap});
 }
 
+at::Tensor cross_entropy_shard_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& row_max, const at::Tensor& row_log_sum,
+    const at::Tensor& row_weight, const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap, int64_t class_start,
+    int64_t classes) {
+  constexpr const char* op = "cross_entropy_shard_backward";
+  check_cross_entropy_shard_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, row_weight,
+                                            total_weight, weight_sum, reduction, label_smoothing, lse_square_scale,
+                                            softcap, class_start, classes);
+  const Prepared p = prepare(op, input, target, weight, ignore_index, classes);
+  const auto acc_type = at::toOpMathType(p.x.scalar_type());
+  const ce::BackwardInputs b = ce::backward_inputs(grad_loss, row_max, row_log_sum, total_weight, reduction, acc_type);
+  const at::Tensor row_weight_acc = row_weight.to(acc_type).contiguous();
+  at::Tensor grad_input = empty_large(p.x.sizes(), p.x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, p.x.scalar_type(), "cross_entropy_shard_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const ce::Shard<acc_t> shard{class_start, classes, weight_sum.item<double>(),
+                                     row_weight_acc.data_ptr<acc_t>()};
+        ce::backward(rows_of<scalar_t>(p), grad_input.data_ptr<scalar_t>(), p.weight, b.row_max.data_ptr<acc_t>(),
+                     b.row_log_sum.data_ptr<acc_t>(), b.row_scale.defined() ? b.row_scale.data_ptr<acc_t>() : nullptr,
+                     b.common_scale, {ignore_index, label_smoothing, lse_square_scale, softcap}, &shard);
+      });
+  return grad_input;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(myext, CPU, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward_cpu);
   m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
   m.impl("cross_entropy_backward_", &cross_entropy_backward_inplace_cpu);
+  m.impl("cross_entropy_shard_backward", &cross_entropy_shard_backward_cpu);
 }
 
 }  // namespace myext

@@ -135,7 +135,9 @@ struct Options {
   const T* weight;      // nullptr: every class weighs 1
   const T* block_sums;  // the sum of the weights of each block of kBlock classes
   T weight_sum;         // sum of the class weights (C without weights)
-  int64_t classes;
+  int64_t classes;      // C, of which each row holds `columns` from class_start on
+  int64_t columns;
+  int64_t class_start;
   int64_t ignore_index;
   T smoothing;
   T z_loss;             // lambda
@@ -378,29 +380,38 @@ void forward_class_rows_few(const T* z, const int64_t* target, const Options<T>&
 
 // d loss / d z of a row with class-index target t: scale * (a softmax(z) - b w)
 // with a = (1 - eps) w_t + eps / C W + 2 lambda lse and b = eps / C, and at the
-// target class -scale (1 - eps) w_t more.
+// target class -scale (1 - eps) w_t more. The row holds the columns of classes
+// [class_start, class_start + columns); t may be outside them (a row of a shard
+// that does not hold its target), and then `row_weight`, sum(w q) =
+// (1 - eps) w_t + eps / C W over every class, gives a (else it is null).
 template <typename T>
-void backward_class_row(const T* z, T* grad, int64_t target, T max, T log_sum, T scale, const Options<T>& o) {
+void backward_class_row(const T* z, T* grad, int64_t target, T max, T log_sum, T scale, const Options<T>& o,
+                        const T* row_weight = nullptr) {
   using Vec = Vectorized<T>;
-  const int64_t n = o.classes;
+  const int64_t n = o.columns;
   if (target == o.ignore_index) {
     std::fill(grad, grad + n, T(0));
     return;
   }
-  const T w_t = class_weight(o, target);
+  const int64_t local = target - o.class_start;
+  const bool holds_target = local >= 0 && local < n;
+  const T w_t = holds_target ? class_weight(o, local) : T(0);
   const bool smoothing = o.smoothing > T(0);
-  const T eps_c = o.smoothing / T(n);
+  const T eps_c = o.smoothing / T(o.classes);
   // scale 2 lambda lse: the z-loss's coefficient of the softmax.
   const T z_coef = o.z_loss == T(0) ? T(0) : scale * T(2) * o.z_loss * (max + log_sum);
   // Without smoothing the class weights other than w_t take no part (a NaN among
   // them must not reach the gradient).
-  T a = scale * ((T(1) - o.smoothing) * w_t + (smoothing ? eps_c * o.weight_sum : T(0))) + z_coef;
+  T a = row_weight != nullptr ? scale * *row_weight + z_coef
+                              : scale * ((T(1) - o.smoothing) * w_t + (smoothing ? eps_c * o.weight_sum : T(0))) +
+                                    z_coef;
   // A NaN logit made the row's statistics NaN; exp_u20 would turn NaN into inf.
   if (std::isnan(max + log_sum)) a = std::numeric_limits<T>::quiet_NaN();
   const T b = scale * eps_c;
   // Read before the sweep, which may write the gradient over the logits.
-  const T p_t = std::exp((z[target] - max) - log_sum);
-  const T p_t_minus_1 = std::expm1((z[target] - max) - log_sum);
+  const T z_t = holds_target ? z[local] : T(0);
+  const T p_t = std::exp((z_t - max) - log_sum);
+  const T p_t_minus_1 = std::expm1((z_t - max) - log_sum);
   const Vec va(a), vb(b), vmax(max), vlog_sum(log_sum);
   // count = Vec::size() but for the last, partial vector: a masked one, not a
   // scalar loop of std::exp, which would cost rows of a few classes most of their time.
@@ -415,22 +426,31 @@ void backward_class_row(const T* z, T* grad, int64_t target, T max, T log_sum, T
   // The target's own: c (p_t - 1) + b (W p_t - w_t) + z_coef p_t with c = scale
   // (1 - eps) w_t: the terms grouped so that they cancel where they should (p_t - 1
   // as expm1, exact for p_t near 1; a row of one class gets exactly 0).
+  if (!holds_target) return;
   const T c = scale * (T(1) - o.smoothing) * w_t;
-  grad[target] = c * p_t_minus_1 + (smoothing ? b * (o.weight_sum * p_t - w_t) : T(0)) + z_coef * p_t;
-  if (std::isnan(a)) grad[target] = a;
+  grad[local] = c * p_t_minus_1 + (smoothing ? b * (o.weight_sum * p_t - w_t) : T(0)) + z_coef * p_t;
+  if (std::isnan(a)) grad[local] = a;
 }
 
+// The same for probability targets q (the row's columns of them); `row_weight`,
+// where given, is sum(w q) over every class, which a row of a shard does not hold.
 template <typename T>
-void backward_prob_row(const T* z, const T* q, T* grad, T max, T log_sum, T scale, const Options<T>& o) {
+void backward_prob_row(const T* z, const T* q, T* grad, T max, T log_sum, T scale, const Options<T>& o,
+                       const T* row_weight = nullptr) {
   using Vec = Vectorized<T>;
-  const int64_t n = o.classes;
-  const TargetWeights<T> weights{q, o.weight, T(1) - o.smoothing, o.smoothing / T(n)};
+  const int64_t n = o.columns;
+  const TargetWeights<T> weights{q, o.weight, T(1) - o.smoothing, o.smoothing / T(o.classes)};
   const int64_t full = n - n % Vec::size();
-  // sum(w q), from the targets: forward's outputs do not carry it.
-  Vec sums(T(0));
-  for (int64_t i = 0; i < full; i += Vec::size()) sums = sums + weights.load(i);
-  if (full < n) sums = sums + weights.load(full, n - full);
-  T sum_wq = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, sums);
+  T sum_wq;
+  if (row_weight != nullptr) {
+    sum_wq = *row_weight;
+  } else {
+    // sum(w q), from the targets: forward's outputs do not carry it.
+    Vec sums(T(0));
+    for (int64_t i = 0; i < full; i += Vec::size()) sums = sums + weights.load(i);
+    if (full < n) sums = sums + weights.load(full, n - full);
+    sum_wq = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, sums);
+  }
   // A NaN logit made the row's statistics NaN; exp_u20 would turn NaN into inf.
   if (std::isnan(max + log_sum)) sum_wq = std::numeric_limits<T>::quiet_NaN();
   // The z-loss's term, scale 2 lambda lse softmax, added apart: folded into sum(w q) it
@@ -564,6 +584,8 @@ Options<T> make_options(int64_t classes, const at::Tensor& weight, const Setting
     o.weight_sum = static_cast<T>(sum);
   }
   o.classes = classes;
+  o.columns = classes;
+  o.class_start = 0;
   o.ignore_index = settings.ignore_index;
   o.smoothing = static_cast<T>(settings.label_smoothing);
   o.z_loss = static_cast<T>(settings.lse_square_scale);
@@ -680,16 +702,35 @@ inline BackwardInputs backward_inputs(const at::Tensor& grad_loss, const at::Ten
   return b;
 }
 
+// Rows that hold a shard of the classes, [class_start, class_start + columns)
+// of `classes` (vocabulary parallelism): weight_sum is W, the sum of the weights
+// of every class, and row_weight[r] row r's sum(w q) over every class.
+template <typename T>
+struct Shard {
+  int64_t class_start;
+  int64_t classes;
+  double weight_sum;
+  const T* row_weight;
+};
+
 // The gradient of every row of `in` into `grad` (which may be `in.x` itself):
 // row r's upstream factor is row_scale[r], or common_scale where row_scale is null.
+// With `shard`, the gradient of the loss over every class w.r.t. the shard's
+// columns; row_max and row_log_sum are then those of the whole rows.
 template <typename scalar_t>
 void backward(const Rows<scalar_t>& in, scalar_t* grad, const at::Tensor& weight,
               const at::opmath_type<scalar_t>* row_max, const at::opmath_type<scalar_t>* row_log_sum,
-              const at::opmath_type<scalar_t>* row_scale, double common_scale, const Settings& settings) {
+              const at::opmath_type<scalar_t>* row_scale, double common_scale, const Settings& settings,
+              const Shard<at::opmath_type<scalar_t>>* shard = nullptr) {
   using T = at::opmath_type<scalar_t>;
   at::Tensor weight_storage;
   std::vector<T> block_sums;
-  const auto o = make_options<T>(in.classes, weight, settings, weight_storage, block_sums);
+  auto o = make_options<T>(in.classes, weight, settings, weight_storage, block_sums);
+  if (shard != nullptr) {
+    o.classes = shard->classes;
+    o.class_start = shard->class_start;
+    o.weight_sum = static_cast<T>(shard->weight_sum);
+  }
   const int64_t n = in.classes;
   const T scale_all = static_cast<T>(common_scale);
   at::parallel_for(0, in.rows, rows_per_task(n), [&](int64_t begin, int64_t end) {
@@ -706,11 +747,12 @@ void backward(const Rows<scalar_t>& in, scalar_t* grad, const at::Tensor& weight
       }
       T* grad_row = grad_row_as_acc<scalar_t, T>(grad, r, n, g_scratch);
       const T scale = row_scale != nullptr ? row_scale[r] : scale_all;
+      const T* row_weight = shard != nullptr ? shard->row_weight + r : nullptr;
       if (in.class_target != nullptr) {
-        backward_class_row(z, grad_row, in.class_target[r], row_max[r], row_log_sum[r], scale, o);
+        backward_class_row(z, grad_row, in.class_target[r], row_max[r], row_log_sum[r], scale, o, row_weight);
       } else {
         backward_prob_row(z, row_as_acc<scalar_t, T>(in.prob_target, r, n, q_scratch), grad_row, row_max[r],
-                          row_log_sum[r], scale, o);
+                          row_log_sum[r], scale, o, row_weight);
       }
       if (o.softcap != T(0)) at::vec::map2<T>([](Vectorized<T> g, Vectorized<T> d) { return g * d; }, grad_row,
                                               grad_row, slope.data(), n);

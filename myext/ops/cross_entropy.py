@@ -27,6 +27,8 @@ __all__ = ["CrossEntropyBackwardFunction", "CrossEntropyFunction", "CrossEntropy
 
 NAME = "cross_entropy"
 INPLACE_BACKWARD = "inplace_backward"
+# The backward of a shard of the classes (myext.distributed's vocabulary parallelism).
+SHARD_BACKWARD = "shard_backward"
 
 
 # --------------------------------------------------------------------------- checks
@@ -138,6 +140,12 @@ def cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, l
 
 def cross_entropy_backward_fake(grad_loss, input, target, weight, row_max, row_log_sum, total_weight, reduction,
                                 ignore_index, label_smoothing, lse_square_scale, softcap):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def cross_entropy_shard_backward_fake(grad_loss, input, target, weight, row_max, row_log_sum, row_weight,
+                                     total_weight, weight_sum, reduction, ignore_index, label_smoothing,
+                                     lse_square_scale, softcap, class_start, classes):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
@@ -672,8 +680,9 @@ SPEC = registry.register(registry.OpSpec(
     dispatcher_ops=("cross_entropy_forward", "cross_entropy_backward"),
     fakes={"cross_entropy_forward": cross_entropy_forward_fake,
            "cross_entropy_backward": cross_entropy_backward_fake,
-           "cross_entropy_backward_": cross_entropy_backward_inplace_fake},
-    capabilities={INPLACE_BACKWARD: "cross_entropy_backward_"},
+           "cross_entropy_backward_": cross_entropy_backward_inplace_fake,
+           "cross_entropy_shard_backward": cross_entropy_shard_backward_fake},
+    capabilities={INPLACE_BACKWARD: "cross_entropy_backward_", SHARD_BACKWARD: "cross_entropy_shard_backward"},
     samples=samples,
     accuracy_samples=accuracy_samples,
     benchmark=registry.Benchmark(
