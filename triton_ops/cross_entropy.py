@@ -17,7 +17,9 @@ exponentials and the weighted sums the loss needs. It writes the loss, the row's
 and log_sum, and its weight in the mean; torch ops on the device then reduce those,
 with no sync to the host. Backward writes the gradient in one sweep over the row; for
 probability targets, and for class targets with both weights and smoothing, a first
-pass sums w q over the target and weights, without the logits.
+pass sums w q over the target and weights, without the logits. The backward of a shard
+of the classes (vocabulary parallelism) is the same sweep over the shard's columns,
+given the whole rows' max, log_sum and sum(w q).
 """
 
 import math
@@ -173,14 +175,21 @@ def _cross_entropy_forward_kernel(
 
 @triton.jit
 def _cross_entropy_backward_kernel(
-    grad_ptr, x_ptr, target_ptr, weight_ptr, max_ptr, log_sum_ptr, scale_ptr,
-    rows, classes, ignore_index, label_smoothing: tl.float64, lse_square_scale: tl.float64, softcap: tl.float64,
+    grad_ptr, x_ptr, target_ptr, weight_ptr, max_ptr, log_sum_ptr, scale_ptr, row_weight_ptr, weight_sum_ptr,
+    rows, columns, classes, class_start, ignore_index, label_smoothing: tl.float64, lse_square_scale: tl.float64,
+    softcap: tl.float64,
     stride_gr, stride_xr, stride_xc, stride_tr, stride_tc, stride_scale,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, Z_LOSS: tl.constexpr,
-    SOFTCAP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    SOFTCAP: tl.constexpr, SHARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """BLOCK_R rows r of grad (R, C), unit column stride: scale[r] * ((sum(w q) + 2 lambda
-    lse) softmax(z[r]) - w q) with z the capped logits, times dz/dx."""
+    lse) softmax(z[r]) - w q) with z the capped logits, times dz/dx.
+
+    Without SHARD the rows are whole (columns == classes, class_start 0). With SHARD
+    they hold the columns of classes [class_start, class_start + columns) of all
+    `classes`, and what the other columns add comes in: max and log_sum are those of
+    the whole rows, row_weight[r] is row r's sum(w q) over every class and
+    weight_sum[0] the sum of every class's weight. Class indices index every class."""
     row_ids = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row = tl.minimum(row_ids, rows - 1).to(tl.int64)
     acc_dtype = max_ptr.dtype.element_ty
@@ -195,11 +204,14 @@ def _cross_entropy_backward_kernel(
 
     # sum(w q), needed before the first block: summed over the row first unless
     # it is known (q's smoothing part is eps / C, so sum(q) = eps without weights).
-    if PROB_TARGET or (SMOOTHING and HAS_WEIGHT):
+    # A shard holds only some of its terms: the sum over every class comes in.
+    if SHARD:
+        sum_wq = tl.load(row_weight_ptr + row).to(acc_dtype)
+    elif PROB_TARGET or (SMOOTHING and HAS_WEIGHT):
         lanes_wq = tl.zeros((BLOCK_R, BLOCK_C), acc_dtype)
-        for start in range(0, classes, BLOCK_C):
+        for start in range(0, columns, BLOCK_C):
             offs = start + cols
-            inside = offs < classes
+            inside = offs < columns
             q = eps / classes
             if PROB_TARGET:
                 p = tl.load(target_ptr + row[:, None] * stride_tr + offs * stride_tc, mask=inside, other=0.0)
@@ -212,17 +224,31 @@ def _cross_entropy_backward_kernel(
     else:
         sum_wq = tl.zeros((BLOCK_R,), acc_dtype) + eps
     # For class targets so far only the smoothing part of sum(w q): kept apart, as the
-    # target's own gradient below needs it.
-    smoothing_wq = sum_wq
+    # target's own gradient below needs it. (A shard's is eps / C times every weight.)
+    if SHARD:
+        smoothing_wq = tl.zeros((BLOCK_R,), acc_dtype) + eps / classes * tl.load(weight_sum_ptr).to(acc_dtype)
+    else:
+        smoothing_wq = sum_wq
     if not PROB_TARGET:
         target = tl.load(target_ptr + row * stride_tr)
         kept = target != ignore_index
         valid = kept & (target >= 0) & (target < classes)
+        if SHARD:
+            # The target's column in the shard. A row whose target another shard holds
+            # gets no target term here: -1 matches no column.
+            target = target - class_start
+            held = valid & (target >= 0) & (target < columns)
+            target = tl.where(held, target, -1)
+            # An ignored row's row_weight takes no part, as its target's weight does not.
+            sum_wq = tl.where(kept, sum_wq, 0.0)
+        else:
+            held = valid
         if HAS_WEIGHT:
-            w_target = tl.load(weight_ptr + target, mask=valid, other=0.0).to(acc_dtype)
+            w_target = tl.load(weight_ptr + target, mask=held, other=0.0).to(acc_dtype)
         else:
             w_target = tl.full((BLOCK_R,), 1.0, acc_dtype)
-        sum_wq += (1 - eps) * w_target
+        if not SHARD:
+            sum_wq += (1 - eps) * w_target
         # Ignored rows get zeros, even where scale is nan (a mean over no weight); as
         # in forward, an index out of range makes the row NaN.
         scale = tl.where(kept, scale, 0.0)
@@ -237,9 +263,9 @@ def _cross_entropy_backward_kernel(
     sum_wq = sum_wq[:, None]
     scale = scale[:, None]
 
-    for start in range(0, classes, BLOCK_C):
+    for start in range(0, columns, BLOCK_C):
         offs = start + cols
-        inside = offs < classes
+        inside = offs < columns
         # Lanes past the row get softmax 0 (and no overflow warnings in the interpreter).
         x_raw = tl.load(x_rows + offs * stride_xc, mask=inside, other=float("-inf")).to(acc_dtype)
         x = tl.where(inside, _cap(x_raw, cap, SOFTCAP), float("-inf"))
@@ -277,8 +303,9 @@ def _cross_entropy_backward_kernel(
 
 
 def _launch(kernel, *args, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-            label_smoothing: float, lse_square_scale: float, softcap: float) -> None:
-    """Launches one of the kernels over the rows of input, with tiles sized for its rows."""
+            label_smoothing: float, lse_square_scale: float, softcap: float, **flags: bool) -> None:
+    """Launches one of the kernels over the rows of input, with tiles sized for its rows;
+    ``flags`` are the constexprs of that kernel alone."""
     rows, classes = input.shape
     block_c = min(triton.next_power_of_2(max(classes, 1)), MAX_BLOCK_C)
     block_r = min(triton.next_power_of_2(rows), MAX_BLOCK_C // block_c)
@@ -287,7 +314,7 @@ def _launch(kernel, *args, input: torch.Tensor, target: torch.Tensor, weight: Op
     wrap_triton(kernel)[(triton.cdiv(rows, block_r),)](
         *args, PROB_TARGET=target.is_floating_point(), HAS_WEIGHT=weight is not None,
         SMOOTHING=label_smoothing > 0, Z_LOSS=lse_square_scale > 0, SOFTCAP=softcap > 0, BLOCK_R=block_r,
-        BLOCK_C=block_c, num_warps=num_warps)
+        BLOCK_C=block_c, num_warps=num_warps, **flags)
 
 
 def _target_strides(target: torch.Tensor) -> tuple[int, int]:
@@ -296,19 +323,29 @@ def _target_strides(target: torch.Tensor) -> tuple[int, int]:
 
 def _check_inputs(op: str, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                   reduction: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
-                  softcap: float) -> None:
-    """The checks of csrc/cross_entropy.h."""
+                  softcap: float, shard: Optional[tuple[int, int]] = None) -> None:
+    """The checks of csrc/cross_entropy.h; with ``shard`` = (class_start, classes), input
+    holds the logits of classes [class_start, class_start + C_local) of ``classes``,
+    which the class indices index."""
     check_floating(op, "input", input)
     check(input.dim() == 2, op, f"input must be 2-d, got shape {tuple(input.shape)}")
-    check_targets(op, target, weight, input.shape[0], input.shape[1], input, ignore_index)
+    rows, columns = input.shape
+    classes = columns
+    if shard is not None:
+        class_start, classes = shard
+        check(0 <= class_start and 0 <= classes and class_start <= classes - columns, op,
+              f"the shard's classes [class_start, class_start + {columns}) = [{class_start}, "
+              f"{class_start + columns}) must lie within the {classes} classes")
+    check_targets(op, target, weight, rows, columns, input, ignore_index, index_classes=classes)
     check_options(op, reduction, label_smoothing, lse_square_scale, softcap)
 
 
 def check_targets(op: str, target: torch.Tensor, weight: Optional[torch.Tensor], rows: int, classes: int,
-                  ref: torch.Tensor, ignore_index: int) -> None:
+                  ref: torch.Tensor, ignore_index: int, index_classes: Optional[int] = None) -> None:
     """target (rows,) int64 or (rows, classes) probabilities, weight (classes) or None, of
     the dtype and device of ``ref`` (the logits, or the input they are computed from).
-    Class indices are asserted on the device (no host sync): on a GPU an index out of
+    Class indices, in [0, index_classes) (default ``classes``; a shard's rows index
+    every class), are asserted on the device (no host sync): on a GPU an index out of
     range stops the kernels' stream."""
     check(target.device == ref.device, op, f"target is on {target.device} but input is on {ref.device}")
     if target.is_floating_point():
@@ -319,8 +356,9 @@ def check_targets(op: str, target: torch.Tensor, weight: Optional[torch.Tensor],
               f"target must hold int64 class indices or probabilities of the input's dtype, got {target.dtype}")
         check_shape(op, "target (class indices)", target, (rows,))
         if target.numel():
-            in_range = (target == ignore_index) | ((target >= 0) & (target < classes))
-            torch._assert_async(in_range.all(), f"{op}: a class index is outside [0, {classes}) "
+            bound = classes if index_classes is None else index_classes
+            in_range = (target == ignore_index) | ((target >= 0) & (target < bound))
+            torch._assert_async(in_range.all(), f"{op}: a class index is outside [0, {bound}) "
                                                 f"and not ignore_index ({ignore_index})")
     check_optional_vector(op, "weight", weight, classes, ref)
 
@@ -351,6 +389,14 @@ def check_row_outputs(op: str, grad_loss: torch.Tensor, row_max: torch.Tensor, r
 def mean_divisor(total_weight: torch.Tensor) -> torch.Tensor:
     """The mean's divisor, nan where it is 0 (a mean over no weight is nan, as in PyTorch)."""
     return torch.where(total_weight == 0, torch.full_like(total_weight, float("nan")), total_weight)
+
+
+def _row_scale(grad_loss: torch.Tensor, total_weight: torch.Tensor, reduction: int, acc: torch.dtype) -> torch.Tensor:
+    """The factor of each row: the upstream gradient, over the mean's divisor."""
+    scale = grad_loss.to(acc)
+    if reduction == 1:
+        scale = scale / mean_divisor(total_weight.to(acc))
+    return scale
 
 
 def cross_entropy_forward(
@@ -396,12 +442,39 @@ def cross_entropy_backward(
     check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, reduction, input)
     grad_input = torch.empty((rows, classes), dtype=input.dtype, device=input.device)
     acc = torch.promote_types(input.dtype, torch.float32)
-    # The factor of each row: the upstream gradient, over the mean's divisor.
-    scale = grad_loss.to(acc)
-    if reduction == 1:
-        scale = scale / mean_divisor(total_weight.to(acc))
-    backward_rows(grad_input, input, target, weight, row_max, row_log_sum, scale, ignore_index, label_smoothing,
+    backward_rows(grad_input, input, target, weight, row_max, row_log_sum,
+                  _row_scale(grad_loss, total_weight, reduction, acc), ignore_index, label_smoothing,
                   lse_square_scale, softcap)
+    return grad_input
+
+
+def cross_entropy_shard_backward(
+    grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+    row_max: torch.Tensor, row_log_sum: torch.Tensor, row_weight: torch.Tensor, total_weight: torch.Tensor,
+    weight_sum: torch.Tensor, reduction: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+    softcap: float, class_start: int, classes: int,
+) -> torch.Tensor:
+    """Gradient of the loss over all ``classes`` classes for a shard of them, the logits
+    (R, C_local) of classes [class_start, class_start + C_local) (vocabulary parallelism):
+    the op myext::cross_entropy_shard_backward_triton. target holds class indices into
+    every class, or the shard's probabilities, weight the shard's class weights;
+    row_max and row_log_sum are those of the whole rows, row_weight (R,) each row's
+    sum(w q) over every class and weight_sum (0-d) the sum of every class's weight (C
+    without weights); the rest as cross_entropy_backward's."""
+    op = "cross_entropy_shard_backward_triton"
+    _check_inputs(op, input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
+                  shard=(class_start, classes))
+    rows, columns = input.shape
+    check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, reduction, input)
+    for name, t, shape in (("row_weight", row_weight, (rows,)), ("weight_sum", weight_sum, ())):
+        check_floating(op, name, t)
+        check(t.device == input.device, op, f"{name} is on {t.device} but input is on {input.device}")
+        check_shape(op, name, t, shape)
+    grad_input = torch.empty((rows, columns), dtype=input.dtype, device=input.device)
+    acc = torch.promote_types(input.dtype, torch.float32)
+    backward_rows(grad_input, input, target, weight, row_max, row_log_sum,
+                  _row_scale(grad_loss, total_weight, reduction, acc), ignore_index, label_smoothing,
+                  lse_square_scale, softcap, shard=(class_start, classes, row_weight, weight_sum))
     return grad_input
 
 
@@ -425,20 +498,30 @@ def forward_rows(input: torch.Tensor, target: torch.Tensor, weight: Optional[tor
 
 def backward_rows(grad: torch.Tensor, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                   row_max: torch.Tensor, row_log_sum: torch.Tensor, scale: torch.Tensor, ignore_index: int,
-                  label_smoothing: float, lse_square_scale: float, softcap: float) -> None:
+                  label_smoothing: float, lse_square_scale: float, softcap: float,
+                  shard: Optional[tuple[int, int, torch.Tensor, torch.Tensor]] = None) -> None:
     """The backward kernel over checked rows (R, C): the logits' gradient times
     ``scale`` (one per row, (R,), or one for all, 0-d) into ``grad`` (R, C), unit column
     stride, which may be ``input`` itself: each block of a row is read before it is
-    written. Shared with the fused linear cross-entropy's chunks."""
-    rows, classes = input.shape
+    written. With ``shard`` = (class_start, classes, row_weight, weight_sum) the rows
+    hold the classes [class_start, class_start + C) of ``classes`` (see
+    cross_entropy_shard_backward). Shared with the fused linear cross-entropy's chunks."""
+    rows, columns = input.shape
     if rows == 0:
         return
     acc = torch.promote_types(input.dtype, torch.float32)
     row_max, row_log_sum = row_max.to(acc).contiguous(), row_log_sum.to(acc).contiguous()
     scale = scale.to(acc)
     weight = weight.contiguous() if weight is not None else None
+    if shard is not None:
+        class_start, classes, row_weight, weight_sum = shard
+        row_weight, weight_sum = row_weight.to(acc).contiguous(), weight_sum.to(acc)
+    else:
+        # Whole rows: scale stands in for the pointers the kernel then never reads.
+        class_start, classes, row_weight, weight_sum = 0, columns, scale, scale
     _launch(_cross_entropy_backward_kernel, grad, input, target, weight if weight is not None else input,
-            row_max, row_log_sum, scale, rows, classes, ignore_index, label_smoothing, lse_square_scale, softcap,
-            grad.stride(0), *input.stride(), *_target_strides(target), scale.stride(0) if scale.dim() else 0,
-            input=input, target=target, weight=weight, label_smoothing=label_smoothing,
-            lse_square_scale=lse_square_scale, softcap=softcap)
+            row_max, row_log_sum, scale, row_weight, weight_sum, rows, columns, classes, class_start, ignore_index,
+            label_smoothing, lse_square_scale, softcap, grad.stride(0), *input.stride(), *_target_strides(target),
+            scale.stride(0) if scale.dim() else 0, input=input, target=target, weight=weight,
+            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+            SHARD=shard is not None)

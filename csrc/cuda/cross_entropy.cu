@@ -11,7 +11,9 @@
 // vocabularies) is split over several blocks whose statistics a second,
 // small kernel merges. Backward writes the gradient, into a new buffer or over
 // the logits, in one read of them (probability targets also take a first pass
-// over the targets for sum(w q), which forward's outputs do not carry).
+// over the targets for sum(w q), which forward's outputs do not carry). The
+// backward of a shard of the classes (vocabulary parallelism) is the same
+// kernel given the whole rows' statistics and sum(w q).
 // Math is in float32 for bfloat16/float16 inputs (float64 for float64), and
 // loads are 128-bit wherever every row starts 16-byte aligned.
 //
@@ -62,7 +64,7 @@ struct Problem {
   const int64_t* class_target;  // (R,) class indices, or null
   const scalar_t* prob_target;  // (R, C) probabilities, or null
   const acc_t* weight;          // (C,) class weights, or null: all ones
-  const acc_t* weight_sum;      // device scalar sum of weight, or null: C
+  const acc_t* weight_sum;      // device scalar sum of every class's weight, or null: C
   int64_t classes;
   int64_t chunk;                // block (row, j) covers classes [j chunk, (j + 1) chunk)
   int64_t ignore_index;
@@ -168,12 +170,12 @@ __device__ __forceinline__ Pack<acc_t, VEC> load_weights(const Problem<scalar_t,
   return ones;
 }
 
-// The class index of a row that is not ignored. An index outside [0, C) stops
-// the kernel with a device-side assertion; where assertions are compiled out
-// it yields -1, which callers turn into NaN without reading memory with it.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ int64_t checked_target(const Problem<scalar_t, acc_t>& p, int64_t t) {
-  const bool in_range = t >= 0 && t < p.classes;
+// The class index of a row that is not ignored. An index outside [0,
+// classes) stops the kernel with a device-side assertion; where assertions are
+// compiled out it yields -1, which callers turn into NaN without reading
+// memory with it.
+__device__ __forceinline__ int64_t checked_target(int64_t t, int64_t classes) {
+  const bool in_range = t >= 0 && t < classes;
   CUDA_KERNEL_ASSERT(in_range && "cross_entropy: target class index out of range");
   return in_range ? t : -1;
 }
@@ -202,7 +204,7 @@ __device__ void finish_row(const Problem<scalar_t, acc_t>& p, int64_t row,
     // s.weight is sum(w q) here.
     loss = s.gap + s.weight * log_sum;
   } else {
-    const int64_t t = checked_target(p, p.class_target[row]);
+    const int64_t t = checked_target(p.class_target[row], p.classes);
     row_weight = t < 0 ? nan_value<acc_t>() : (p.weight == nullptr ? acc_t(1) : p.weight[t]);
     z_t = t < 0 ? nan_value<acc_t>() : capped(p, static_cast<acc_t>(p.input[row * p.classes + t]));
     loss = (acc_t(1) - p.smoothing) * row_weight * ((s.max - z_t) + log_sum);
@@ -325,13 +327,26 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (threadIdx.x == 0) sums[row] = sum;
 }
 
+// Rows that hold a shard of the classes, [class_start, class_start + p.classes)
+// of `classes` (vocabulary parallelism): backward is then given the whole rows'
+// max and log_sum, and Problem::weight_sum is every class's.
+template <typename acc_t>
+struct Shard {
+  int64_t class_start;
+  int64_t classes;
+  const acc_t* row_weight;  // (R,) each row's sum(w q) over every class
+};
+
 // grad = scale * (sum(w q) softmax(x) - w q) for chunk blockIdx.y of a row,
-// with scale the row's upstream gradient (over the mean's divisor).
-template <typename scalar_t, typename acc_t, int VEC, bool kProb>
+// with scale the row's upstream gradient (over the mean's divisor). With
+// kShard, of the loss over every class w.r.t. the shard's: sum(w q) is the
+// shard's row_weight (a shard without the target cannot compute it) instead
+// of target_weight_sum's, and a target in another shard adds no term here.
+template <typename scalar_t, typename acc_t, int VEC, bool kProb, bool kShard>
 __global__ void __launch_bounds__(kMaxThreads)
     backward_kernel(const Problem<scalar_t, acc_t> p, const acc_t* row_max,
                     const acc_t* row_log_sum, const acc_t* scale, int64_t scale_stride,
-                    const acc_t* target_weight_sum, scalar_t* grad) {
+                    const acc_t* target_weight_sum, const Shard<acc_t> shard, scalar_t* grad) {
   const int64_t row = blockIdx.x;
   const int64_t begin = blockIdx.y * p.chunk;
   const int64_t end = std::min(begin + p.chunk, p.classes);
@@ -341,7 +356,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   const acc_t s = scale[row * scale_stride];
   const acc_t keep = acc_t(1) - p.smoothing;
-  const acc_t eps_c = p.smoothing / static_cast<acc_t>(p.classes);
+  const acc_t eps_c = p.smoothing / static_cast<acc_t>(kShard ? shard.classes : p.classes);
   // s 2 lambda lse: the z-loss's coefficient of the softmax.
   const acc_t z_coef = p.z_loss == acc_t(0) ? acc_t(0) : s * acc_t(2) * p.z_loss * (row_max[row] + row_log_sum[row]);
   acc_t softmax_coef;           // s * (sum(w q) + 2 lambda lse)
@@ -351,7 +366,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   if constexpr (kProb) {
     // The z-loss's term is added apart (below): folded in, it would carry the rounding
     // of 1 + 2 lambda lse where the rest cancels to nearly 0.
-    softmax_coef = s * (keep * target_weight_sum[row] + eps_c * total_class_weight(p));
+    softmax_coef = kShard ? s * shard.row_weight[row]
+                          : s * (keep * target_weight_sum[row] + eps_c * total_class_weight(p));
   } else {
     const int64_t raw = p.class_target[row];
     if (raw == p.ignore_index) {
@@ -359,11 +375,22 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int64_t c = begin + threadIdx.x * VEC; c < end; c += stride) store_pack(g + c, zeros);
       return;
     }
-    t = checked_target(p, raw);
+    const int64_t class_index = checked_target(raw, kShard ? shard.classes : p.classes);
+    t = class_index;
+    if constexpr (kShard) {
+      // The target's column here, or -1 where another shard holds it (an index
+      // out of range, -1, lands before the shard too).
+      const int64_t local = class_index - shard.class_start;
+      t = local >= 0 && local < p.classes ? local : -1;
+    }
     const acc_t w_t = t < 0 ? nan_value<acc_t>() : (p.weight == nullptr ? acc_t(1) : p.weight[t]);
-    // Without smoothing the other class weights take no part (a NaN among them
-    // must not reach the gradient).
-    softmax_coef = s * (keep * w_t + (p.smoothing > acc_t(0) ? eps_c * total_class_weight(p) : acc_t(0))) + z_coef;
+    if constexpr (kShard) {
+      softmax_coef = class_index < 0 ? nan_value<acc_t>() : s * shard.row_weight[row] + z_coef;
+    } else {
+      // Without smoothing the other class weights take no part (a NaN among them
+      // must not reach the gradient).
+      softmax_coef = s * (keep * w_t + (p.smoothing > acc_t(0) ? eps_c * total_class_weight(p) : acc_t(0))) + z_coef;
+    }
     smooth_coef = s * eps_c;
     target_coef = s * keep * w_t;
   }
@@ -436,9 +463,10 @@ void with_pack_width(bool packed, const F& f) {
   }
 }
 
+// Calls f with `flag` as a compile-time constant: a kernel for each value.
 template <typename F>
-void with_target_kind(bool probabilities, const F& f) {
-  if (probabilities) {
+void with_flag(bool flag, const F& f) {
+  if (flag) {
     f(std::true_type{});
   } else {
     f(std::false_type{});
@@ -450,22 +478,26 @@ struct Inputs {
   at::Tensor x;           // (R, C) contiguous
   at::Tensor target;      // (R,) int64 or (R, C) contiguous
   at::Tensor weight;      // (C,) in the accumulation type, or undefined
-  at::Tensor weight_sum;  // 0-d sum of weight, or undefined
+  at::Tensor weight_sum;  // 0-d sum of every class's weight, or undefined: C
   bool probabilities;
 };
 
 // Lays out checked arguments (csrc/cross_entropy.h) for the kernels. Class
 // indices are checked by the kernels as they read them: on the host that
-// would synchronise.
+// would synchronise. `weight_sum` is given where the rows hold a shard of the
+// classes, whose weights are not all of them.
 Inputs prepare(const char* op, const at::Tensor& input, const at::Tensor& target,
-               const std::optional<at::Tensor>& weight) {
+               const std::optional<at::Tensor>& weight, const at::Tensor& weight_sum = at::Tensor()) {
   TORCH_CHECK(input.size(0) <= std::numeric_limits<int32_t>::max(), op,
               ": at most 2^31 - 1 rows, got ", input.size(0));
   Inputs in{input.contiguous(), target.contiguous(), at::Tensor(), at::Tensor(),
             target.is_floating_point()};
-  if (weight.has_value()) {
-    in.weight = weight->to(at::toOpMathType(input.scalar_type())).contiguous();
-    // Stays on the device: reading it on the host would synchronise.
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  if (weight.has_value()) in.weight = weight->to(acc_type).contiguous();
+  // Stays on the device: reading it on the host would synchronise.
+  if (weight_sum.defined()) {
+    in.weight_sum = weight_sum.to(acc_type);
+  } else if (weight.has_value()) {
     in.weight_sum = in.weight.sum();
   }
   return in;
@@ -487,7 +519,7 @@ Problem<scalar_t, acc_t> make_problem(const Inputs& in, int64_t ignore_index, do
   p.class_target = in.probabilities ? nullptr : in.target.data_ptr<int64_t>();
   p.prob_target = in.probabilities ? in.target.data_ptr<scalar_t>() : nullptr;
   p.weight = in.weight.defined() ? in.weight.data_ptr<acc_t>() : nullptr;
-  p.weight_sum = in.weight.defined() ? in.weight_sum.data_ptr<acc_t>() : nullptr;
+  p.weight_sum = in.weight_sum.defined() ? in.weight_sum.data_ptr<acc_t>() : nullptr;
   p.classes = in.x.size(1);
   p.chunk = p.classes;
   p.ignore_index = ignore_index;
@@ -544,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_ent
           }
           const auto stream = at::cuda::getCurrentCUDAStream();
           const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(plan.splits));
-          with_target_kind(in.probabilities, [&](auto probabilities) {
+          with_flag(in.probabilities, [&](auto probabilities) {
             with_pack_width<scalar_t>(packed, [&](auto width) {
               forward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(probabilities)::value>
                   <<<grid, plan.threads, 0, stream>>>(p, partial_ptr, out);
@@ -573,12 +605,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_ent
   return {loss, row_max, row_log_sum, target_logit, total_weight};
 }
 
+// A shard's rows for backward_into (see Shard); their weight_sum is in Inputs.
+struct ShardInputs {
+  int64_t class_start;
+  int64_t classes;
+  at::Tensor row_weight;  // (R,) contiguous, in the accumulation type
+};
+
 // Writes the gradient into `grad`, which may be the logits themselves: each
-// thread reads a pack of logits before it writes the same pack.
+// thread reads a pack of logits before it writes the same pack. With `shard`,
+// the gradient of the loss over every class w.r.t. the shard's.
 void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_loss,
                    const at::Tensor& row_max, const at::Tensor& row_log_sum,
                    const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
-                   double label_smoothing, double lse_square_scale, double softcap) {
+                   double label_smoothing, double lse_square_scale, double softcap,
+                   const ShardInputs* shard = nullptr) {
   const int64_t rows = in.x.size(0);
   const auto acc_type = at::toOpMathType(in.x.scalar_type());
   const at::Tensor max_c = row_max.to(acc_type).contiguous();
@@ -598,8 +639,9 @@ void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_lo
           const Plan plan = make_plan(p.classes, packed ? kPack16<scalar_t> : 1);
           p.chunk = plan.chunk;
           const auto stream = at::cuda::getCurrentCUDAStream();
+          // A shard's row_weight is its rows' sum(w q): no pass over the targets.
           at::Tensor target_weight_sum;
-          if (in.probabilities) {
+          if (in.probabilities && shard == nullptr) {
             target_weight_sum = at::empty({rows}, in.x.options().dtype(acc_type));
             with_pack_width<scalar_t>(packed, [&](auto width) {
               constexpr int vec = decltype(width)::value;
@@ -609,16 +651,22 @@ void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_lo
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             });
           }
+          const Shard<acc_t> shard_args =
+              shard == nullptr ? Shard<acc_t>{}
+                               : Shard<acc_t>{shard->class_start, shard->classes, shard->row_weight.data_ptr<acc_t>()};
           const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(plan.splits));
-          with_target_kind(in.probabilities, [&](auto probabilities) {
-            with_pack_width<scalar_t>(packed, [&](auto width) {
-              backward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(probabilities)::value>
-                  <<<grid, plan.threads, 0, stream>>>(
-                      p, max_c.data_ptr<acc_t>(), log_sum_c.data_ptr<acc_t>(),
-                      scale.data_ptr<acc_t>(), scale_stride,
-                      in.probabilities ? target_weight_sum.data_ptr<acc_t>() : nullptr,
-                      grad.data_ptr<scalar_t>());
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
+          with_flag(in.probabilities, [&](auto probabilities) {
+            with_flag(shard != nullptr, [&](auto sharded) {
+              with_pack_width<scalar_t>(packed, [&](auto width) {
+                backward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(probabilities)::value,
+                                decltype(sharded)::value>
+                    <<<grid, plan.threads, 0, stream>>>(
+                        p, max_c.data_ptr<acc_t>(), log_sum_c.data_ptr<acc_t>(),
+                        scale.data_ptr<acc_t>(), scale_stride,
+                        target_weight_sum.defined() ? target_weight_sum.data_ptr<acc_t>() : nullptr,
+                        shard_args, grad.data_ptr<scalar_t>());
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              });
             });
           });
         });
@@ -657,12 +705,35 @@ void cross_entropy_backward_inplace_cuda(
                 label_smoothing, lse_square_scale, softcap);
 }
 
+// The gradient w.r.t. a shard of the classes (vocabulary parallelism), given the
+// whole rows' statistics; weight_sum stays on the device, where the kernel reads it.
+at::Tensor cross_entropy_shard_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& row_max, const at::Tensor& row_log_sum,
+    const at::Tensor& row_weight, const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap, int64_t class_start,
+    int64_t classes) {
+  constexpr const char* op = "cross_entropy_shard_backward";
+  check_cross_entropy_shard_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, row_weight,
+                                            total_weight, weight_sum, reduction, label_smoothing, lse_square_scale,
+                                            softcap, class_start, classes);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Inputs in = prepare(op, input, target, weight, weight_sum);
+  const ShardInputs shard{class_start, classes,
+                          row_weight.to(at::toOpMathType(in.x.scalar_type())).contiguous()};
+  at::Tensor grad = at::empty(in.x.sizes(), in.x.options());
+  backward_into(grad, in, grad_loss, row_max, row_log_sum, total_weight, reduction, ignore_index,
+                label_smoothing, lse_square_scale, softcap, &shard);
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(myext, CUDA, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward_cuda);
   m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);
   m.impl("cross_entropy_backward_", &cross_entropy_backward_inplace_cuda);
+  m.impl("cross_entropy_shard_backward", &cross_entropy_shard_backward_cuda);
 }
 
 }  // namespace cuda

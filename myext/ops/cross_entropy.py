@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from .. import registry
 from .._library import acc_dtype
 from .._validation import REDUCTIONS, check_float_dtype, check_same, check_tensor, needs_grad
-from ..backends import has_capability, op, resolve_backend
+from ..backends import available_backends, has_capability, op, resolve_backend
+from ..distributed import VocabParallel, all_reduce_max, all_reduce_sum
 
 __all__ = ["CrossEntropyBackwardFunction", "CrossEntropyFunction", "CrossEntropyOutput", "Options", "cross_entropy",
            "cross_entropy_2d", "reference"]
@@ -275,6 +276,233 @@ class CrossEntropyBackwardFunction(torch.autograd.Function):
         return grad_grad_loss, grad_x, grad_t, None, None, None, None, None, None
 
 
+# --------------------------------------------------------------------------- vocabulary parallelism
+
+class ShardRows(NamedTuple):
+    """Each row's statistics over the whole classes, combined from every rank's shard:
+    what the loss and the shard's backward need (all in the accumulation dtype)."""
+
+    loss: torch.Tensor          # (R,) each row's loss, 0 where ignored
+    row_max: torch.Tensor       # (R,) the max over every class's (capped) logit
+    row_log_sum: torch.Tensor   # (R,) log(sum(exp(z - row_max))) over every class
+    target_logit: torch.Tensor  # (R,) the target's capped logit (0 for probabilities)
+    row_weight: torch.Tensor    # (R,) sum(w q) over every class
+    total_weight: torch.Tensor  # () the mean's divisor
+    weight_sum: torch.Tensor    # () the sum of every class's weight
+
+
+def shard_statistics(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], options: Options,
+                     shard: VocabParallel, backend: str) -> tuple[torch.Tensor, ...]:
+    """One rank's part of :class:`ShardRows`, from one forward kernel over its columns.
+
+    Returns (max, log_sum, gap, target_logit, held_weight, weight_sum): per row the
+    max and log-sum of the shard's capped logits, ``gap`` = sum(v (lse_r - z)) over
+    the shard with lse_r the shard's own log-sum-exp (v = w for class indices with
+    smoothing, w q for probabilities, else unused), the target's logit and weight where
+    the shard holds the target (else 0; sum(w q) over the shard for probabilities), and
+    the shard's summed class weight. The gap is the kernel's loss with all of its terms
+    >= 0 (label smoothing 1 for class indices: eps / C_local sum(w (lse_r - z))), so
+    that no sum of large terms cancels.
+    """
+    rows, columns = input.shape
+    acc = acc_dtype(input.dtype)
+    eps = options.label_smoothing
+    weight_sum = (weight.to(acc).sum() if weight is not None
+                  else torch.tensor(float(columns), dtype=acc, device=input.device))
+    if target.is_floating_point():
+        q = target * (1.0 - eps) + eps / shard.classes if eps > 0 else target
+        held_weight = (q * weight if weight is not None else q).to(acc).sum(dim=1)
+        kernel_target, settings = q, (0, options.ignore_index, 0.0, 0.0, options.softcap)
+    else:
+        kept = target != options.ignore_index
+        local = target - shard.start
+        holds = kept & (local >= 0) & (local < columns)
+        # Rows whose target is elsewhere still need their statistics: class 0 stands in
+        # (smoothing 1 gives it no weight); ignored rows are -1, which the kernel skips.
+        kernel_target = torch.where(holds, local, torch.where(kept, 0, -1))
+        settings = (0, -1, 1.0 if eps > 0 else 0.0, 0.0, options.softcap)
+        if weight is None or columns == 0:
+            held_weight = holds.to(acc)
+        else:
+            held_weight = torch.where(holds, weight.to(acc)[local.clamp(0, columns - 1)], 0.0)
+    if columns == 0:
+        # No logits here: an empty sum of exponentials, whose log is -inf.
+        empty = torch.zeros(rows, dtype=acc, device=input.device)
+        return (torch.full_like(empty, -math.inf), empty, empty, empty, held_weight, weight_sum)
+    if backend == "torch":
+        shard_options = Options(*settings)
+        loss = shard_options.reference(input, kernel_target, weight)
+        row_max, row_log_sum, target_logit = _reference_rows(input, kernel_target, shard_options)
+    else:
+        loss, row_max, row_log_sum, target_logit, _ = op("cross_entropy_forward", backend)(
+            input, kernel_target, weight, *settings)
+    gap = loss.to(acc) * columns if not target.is_floating_point() else loss.to(acc)
+    if not target.is_floating_point():
+        target_logit = torch.where(holds, target_logit, 0.0)
+    return row_max, row_log_sum, gap, target_logit, held_weight, weight_sum
+
+
+def combine_shards(statistics: tuple[torch.Tensor, ...], target: torch.Tensor, options: Options,
+                   shard: VocabParallel) -> ShardRows:
+    """Every rank's :func:`shard_statistics` combined into :class:`ShardRows`: an
+    all_reduce (max) of one number per row, then one (sum) of four, and the loss of
+    each row over every class from them."""
+    row_max, row_log_sum, gap, target_logit, held_weight, weight_sum = statistics
+    global_max = all_reduce_max(row_max, shard.group)
+    # Rows whose every logit is -inf: a shift of 0 keeps exp(-inf - shift) = 0.
+    shift = torch.where(global_max == -math.inf, 0.0, global_max)
+    lse_r = row_max + row_log_sum
+    eps, classes = options.label_smoothing, shard.classes
+    probabilities = target.is_floating_point()
+    # sum(v (lse_r - z)) + sum(v) (shift - lse_r) is this shard's sum(v (shift - z)),
+    # every other term of the loss being a whole row's. A shard without a finite logit
+    # in the row (or without columns) has its gap already (inf, or 0 for no columns).
+    offset = torch.where(lse_r == -math.inf, 0.0, shift - lse_r)
+    shard_gap = gap + (held_weight if probabilities else weight_sum) * offset
+    rowwise = torch.stack([torch.exp(lse_r - shift), shard_gap, target_logit, held_weight])
+    summed = all_reduce_sum(torch.cat([rowwise.flatten(), weight_sum.reshape(1)]), shard.group)
+    sum_exp, total_gap, target_logit, held_weight = summed[:-1].view(4, -1)
+    total_class_weight = summed[-1]
+    log_sum = torch.log(sum_exp)
+    lse = shift + log_sum
+    z_loss = options.lse_square_scale * lse * lse if options.lse_square_scale else 0.0
+    if probabilities:
+        # sum(w q (lse - z)) = sum(w q (shift - z)) + sum(w q) log_sum.
+        loss = total_gap + held_weight * log_sum + z_loss
+        row_weight = held_weight
+        total_weight = torch.tensor(float(target.shape[0]), dtype=loss.dtype, device=loss.device)
+    else:
+        kept = target != options.ignore_index
+        loss = (1.0 - eps) * held_weight * ((shift - target_logit) + log_sum) + z_loss
+        if eps > 0:
+            loss = loss + eps / classes * (total_gap + total_class_weight * log_sum)
+        loss = torch.where(kept, loss, 0.0)
+        row_weight = (1.0 - eps) * held_weight + eps / classes * total_class_weight
+        total_weight = torch.where(kept, held_weight, 0.0).sum()
+    return ShardRows(loss, shift, log_sum, target_logit, row_weight, total_weight, total_class_weight)
+
+
+def reduce_rows(losses: torch.Tensor, total_weight: torch.Tensor, reduction: int, dtype: torch.dtype) -> torch.Tensor:
+    """The op's loss, in ``dtype``, from each row's: the rows summed in float64, as the
+    kernels sum them; a mean over no weight is nan."""
+    if reduction == REDUCTIONS["none"]:
+        return losses.to(dtype)
+    total = losses.double().sum()
+    if reduction == REDUCTIONS["mean"]:
+        total = total / total_weight.double()
+    return total.to(dtype)
+
+
+def shard_target_grad(grad_loss: torch.Tensor, input: torch.Tensor, weight: Optional[torch.Tensor],
+                      rows: ShardRows, options: Options) -> torch.Tensor:
+    """The gradient for a shard's probability targets: -(1 - eps) w_c (z_c - lse) times
+    the row's upstream gradient (divided by R for 'mean')."""
+    z = _capped(input.to(rows.row_max.dtype), options.softcap or None)
+    logp = z - (rows.row_max + rows.row_log_sum).unsqueeze(1)
+    scale = grad_loss.to(logp.dtype)
+    if options.reduction == REDUCTIONS["none"]:
+        scale = scale.unsqueeze(1)
+    elif options.reduction == REDUCTIONS["mean"]:
+        scale = scale / input.shape[0]
+    grad = logp * (-(1.0 - options.label_smoothing) * scale)
+    if weight is not None:
+        grad = grad * weight.to(logp.dtype)
+    return grad.to(input.dtype)
+
+
+def shard_input_grad(grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
+                     weight: Optional[torch.Tensor], rows: ShardRows, options: Options, shard: VocabParallel,
+                     backend: str) -> torch.Tensor:
+    """The gradient of the loss over every class w.r.t. a shard's logits."""
+    if input.shape[1] == 0:
+        return torch.zeros_like(input)
+    return op("cross_entropy_shard_backward", backend)(
+        grad_loss, input, target, weight, rows.row_max, rows.row_log_sum, rows.row_weight, rows.total_weight,
+        rows.weight_sum, *options, shard.start, shard.classes)
+
+
+class VocabParallelCrossEntropyFunction(torch.autograd.Function):
+    """Cross-entropy over every class of logits split by classes across ranks.
+
+    ``apply(input, target, weight, options, shard, backend)``: this rank's logits
+    ``(R, C_local)`` of classes ``[shard.start, shard.stop)``, class indices ``(R,)``
+    into every class or the shard's probabilities ``(R, C_local)``, the shard's class
+    weights. Returns the loss (the same on every rank) and, not differentiable, each
+    row's max and log-sum over every class and the target's logit. Backward needs no
+    collective: it computes this shard's gradient from the saved per-row numbers.
+    Differentiable once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                options: Options, shard: VocabParallel, backend: str):
+        rows = combine_shards(shard_statistics(input, target, weight, options, shard, backend), target, options,
+                              shard)
+        ctx.save_for_backward(input, target, weight, *rows)
+        ctx.options, ctx.shard, ctx.backend = options, shard, backend
+        ctx.mark_non_differentiable(rows.row_max, rows.row_log_sum, rows.target_logit)
+        loss = reduce_rows(rows.loss, rows.total_weight, options.reduction, input.dtype)
+        return loss, rows.row_max, rows.row_log_sum, rows.target_logit
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor, *unused_grads):
+        input, target, weight, *saved = ctx.saved_tensors
+        rows = ShardRows(*saved)
+        grad_input = grad_target = None
+        if ctx.needs_input_grad[1]:
+            grad_target = shard_target_grad(grad_loss, input, weight, rows, ctx.options)
+        if ctx.needs_input_grad[0]:
+            grad_input = shard_input_grad(grad_loss, input, target, weight, rows, ctx.options, ctx.shard,
+                                          ctx.backend)
+        return grad_input, grad_target, None, None, None, None
+
+
+def vocab_parallel_reference(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                             options: Options, shard: VocabParallel) -> torch.Tensor:
+    """The loss over every class of a shard's logits (R, C_local), from torch ops and
+    differentiable all_reduce sums: the executable spec of the vocabulary-parallel mode,
+    and its ``"torch"`` backend. Its terms as :func:`cross_entropy_2d` defines them,
+    each sum over the classes split into a sum over this shard's, which depends on its
+    logits alone (see myext.distributed.all_reduce_sum), times a whole row's number."""
+    out_dtype = input.dtype
+    acc = acc_dtype(input.dtype)
+    input, target = input.to(acc), (target.to(acc) if target.is_floating_point() else target)
+    weight = weight.to(acc) if weight is not None else None
+    rows, columns = input.shape
+    group, eps, classes = shard.group, options.label_smoothing, shard.classes
+    kept = None if target.is_floating_point() else target != options.ignore_index
+    if kept is not None:
+        input = torch.where(kept.unsqueeze(1), input, torch.zeros_like(input))
+    z = _capped(input, options.softcap or None)
+    local_max = z.amax(dim=1) if columns else z.new_full((rows,), -math.inf)
+    row_max = all_reduce_max(local_max, group)
+    lse = row_max + torch.log(all_reduce_sum((z - row_max.unsqueeze(1)).exp().sum(dim=1), group))
+    w = weight if weight is not None else torch.ones(columns, dtype=acc, device=input.device)
+    z_loss = options.lse_square_scale * lse * lse if options.lse_square_scale else 0.0
+    if kept is None:
+        q = target * (1.0 - eps) + eps / classes if eps > 0 else target
+        wq = all_reduce_sum((w * q).sum(dim=1), group)
+        losses = wq * lse - all_reduce_sum((w * q * z).sum(dim=1), group) + z_loss
+        divisor = torch.tensor(float(rows), dtype=acc, device=input.device)
+    else:
+        local = target - shard.start
+        holds = kept & (local >= 0) & (local < columns)
+        safe = local.clamp(0, max(columns - 1, 0)).unsqueeze(1)
+        z_target = all_reduce_sum(torch.where(holds, z.gather(1, safe).squeeze(1) if columns else 0.0, 0.0), group)
+        w_target = all_reduce_sum(torch.where(holds, w[safe.squeeze(1)] if columns else 0.0, 0.0), group)
+        losses = (1.0 - eps) * w_target * (lse - z_target) + z_loss
+        if eps > 0:
+            smooth = all_reduce_sum(w.sum(), group) * lse - all_reduce_sum((w * z).sum(dim=1), group)
+            losses = losses + eps / classes * smooth
+        losses = torch.where(kept, losses, 0.0)
+        divisor = torch.where(kept, w_target, 0.0).sum()
+    if options.reduction == REDUCTIONS["none"]:
+        return losses.to(out_dtype)
+    total = losses.sum()
+    return (total / divisor if options.reduction == REDUCTIONS["mean"] else total).to(out_dtype)
+
+
 # --------------------------------------------------------------------------- the public function
 
 class CrossEntropyOutput(NamedTuple):
@@ -339,6 +567,7 @@ def cross_entropy(
     return_accuracy: bool = False,
     backend: Optional[str] = None,
     inplace_backward: bool = False,
+    vocab_parallel: Optional[VocabParallel] = None,
 ) -> Union[torch.Tensor, CrossEntropyOutput]:
     r"""Cross-entropy between logits and targets, with the semantics of ``F.cross_entropy``.
 
@@ -371,6 +600,15 @@ def cross_entropy(
             the logits for its backward, autograd raises an error rather than let it
             read the gradient. Backends without an in-place kernel (``torch``,
             ``triton``) and non-contiguous logits compute out of place.
+        vocab_parallel: the classes are split across the ranks of a process group
+            (:class:`myext.distributed.VocabParallel`): ``input`` holds this rank's
+            classes ``[start, stop)`` in its class dimension, ``target`` class indices
+            into all ``C`` classes (the same on every rank) or this rank's columns of
+            the probabilities, ``weight`` this rank's ``(stop - start)`` class weights
+            or all ``C``. The loss, lse and accuracy are those over every class, the
+            same on every rank, and backward gives this rank's slice of the logits'
+            gradient; no logits are gathered. Needs the same call on every rank of the
+            group; not with ``inplace_backward``.
 
     Returns:
         The loss: a scalar, or for ``reduction="none"`` the loss of each element of the
@@ -386,6 +624,8 @@ def cross_entropy(
         >>> loss, lse, accuracy = myext.cross_entropy(logits, labels, lse_square_scale=1e-4,
         ...                                           return_lse=True, return_accuracy=True)
     """
+    if vocab_parallel is not None:
+        weight = shard_weight(weight, vocab_parallel, input)
     probabilities = check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                                         lse_square_scale, softcap)
     if return_accuracy and probabilities:
@@ -396,14 +636,30 @@ def cross_entropy(
         raise ValueError("inplace_backward=True would overwrite input, a leaf tensor that requires grad, with "
                          "its own gradient; use it for logits computed by an earlier op")
     name = resolve_backend(backend, input.device, NAME)
-    if not probabilities and name != "cpp":
-        check_class_indices(target, input.size(0) if input.dim() == 1 else input.size(1), ignore_index)
+    if vocab_parallel is not None:
+        if inplace_backward:
+            raise ValueError("inplace_backward is not available with vocab_parallel")
+        check_vocab_parallel(vocab_parallel, input.size(0 if input.dim() == 1 else 1), "input's class dimension",
+                             input.device, name)
+    if not probabilities and (name != "cpp" or vocab_parallel is not None):
+        classes = vocab_parallel.classes if vocab_parallel is not None else input.size(0 if input.dim() == 1 else 1)
+        check_class_indices(target, classes, ignore_index)
 
     # The kernels see rows of classes: (R, C) logits and (R,) or (R, C) targets.
     input_2d, target_2d, batch_shape = _as_rows(input, target, probabilities)
     options = Options(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
                       float(softcap or 0.0))
-    if name == "torch":
+    if vocab_parallel is not None and name == "torch":
+        loss = vocab_parallel_reference(input_2d, target_2d, weight, options, vocab_parallel)
+        if return_lse or return_accuracy:
+            with torch.no_grad():
+                rows = combine_shards(shard_statistics(input_2d, target_2d, weight, options, vocab_parallel, name),
+                                      target_2d, options, vocab_parallel)
+            row_max, row_log_sum, target_logit = rows.row_max, rows.row_log_sum, rows.target_logit
+    elif vocab_parallel is not None:
+        loss, row_max, row_log_sum, target_logit = VocabParallelCrossEntropyFunction.apply(
+            input_2d, target_2d, weight, options, vocab_parallel, name)
+    elif name == "torch":
         loss = options.reference(input_2d, target_2d, weight)
         row_max, row_log_sum, target_logit = _reference_rows(input_2d, target_2d, options)
     elif not needs_grad(input_2d, target_2d):
@@ -419,6 +675,31 @@ def cross_entropy(
         return loss
     return CrossEntropyOutput(loss, *extras(row_max, row_log_sum, target_logit, target_2d, ignore_index,
                                             batch_shape, return_lse, return_accuracy))
+
+
+def shard_weight(weight: Optional[torch.Tensor], shard: VocabParallel, input: torch.Tensor) -> Optional[torch.Tensor]:
+    """The shard's class weights from ``weight``: the shard's own ``(stop - start)`` or
+    every class's ``(C)``."""
+    if weight is not None and weight.dim() == 1 and weight.shape[0] == shard.classes != shard.size:
+        return weight[shard.start:shard.stop]
+    return weight
+
+
+def check_vocab_parallel(shard: VocabParallel, columns: int, what: str, device: torch.device, backend: str) -> None:
+    """``shard`` describes ``columns`` classes (those of ``what``), and ``backend`` has
+    the shard's kernels on ``device``."""
+    if not isinstance(shard, VocabParallel):
+        raise TypeError(f"vocab_parallel must be a myext.distributed.VocabParallel, got {type(shard).__name__}")
+    if columns != shard.size:
+        raise ValueError(f"vocab_parallel holds classes [{shard.start}, {shard.stop}), {shard.size} of them, but "
+                         f"{what} has {columns}")
+    if backend != "torch" and not has_capability(NAME, SHARD_BACKWARD, backend, device):
+        raise ValueError(f"backend {backend!r} has no vocabulary-parallel kernel on {device.type}; "
+                         f"use backend='torch' or one of {_shard_backends(device)}")
+
+
+def _shard_backends(device: torch.device) -> list[str]:
+    return [b for b in available_backends(device, NAME) if b == "torch" or has_capability(NAME, SHARD_BACKWARD, b, device)]
 
 
 # --------------------------------------------------------------------------- the spec

@@ -26,6 +26,7 @@ from ..backends import op, resolve_backend
 from . import cross_entropy as ce
 from .cross_entropy import CrossEntropyOutput, Options
 from .linear_relu import affine
+from ..distributed import VocabParallel, replicated
 
 __all__ = ["LinearCrossEntropyFunction", "default_chunk_size", "linear_cross_entropy", "reference"]
 
@@ -195,6 +196,86 @@ def _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weigh
                  for x, m in zip([*leaves, t], [*mask, wants_target]))
 
 
+# --------------------------------------------------------------------------- vocabulary parallelism
+
+def _chunks(rows: int, chunk_size: int):
+    return (slice(begin, min(begin + chunk_size, rows)) for begin in range(0, rows, chunk_size))
+
+
+def _rows_of(rows: ce.ShardRows, chunk: slice) -> ce.ShardRows:
+    """The per-row fields of ``rows`` for the rows ``chunk`` (the scalars as they are)."""
+    return ce.ShardRows(*(t[chunk] if t.dim() else t for t in rows))
+
+
+class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
+    """Cross-entropy over every class of ``input @ linear_weight.T + linear_bias`` whose
+    output rows (the classes) are split across ranks.
+
+    ``apply(input, linear_weight, linear_bias, target, weight, options, chunk_size,
+    shard, backend)``: rows ``(R, H)`` (the same on every rank), this rank's rows
+    ``[shard.start, shard.stop)`` of the linear weight and bias, class indices into
+    every class or the shard's probabilities, the shard's class weights. Forward makes
+    each chunk's logits (one GEMM) and reduces them to the rows' statistics with the
+    cross-entropy forward kernel; one combination over the ranks (myext.ops.
+    cross_entropy.combine_shards) gives the loss. Backward makes each chunk's logits
+    again, turns them into their gradient with the shard backward kernel, and
+    accumulates the gradients; the input's, summed over the ranks by an all_reduce, is
+    that of the whole problem. Differentiable once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+                target: torch.Tensor, weight: Optional[torch.Tensor], options: Options, chunk_size: int,
+                shard, backend: str):
+        parts = [ce.shard_statistics(affine(input[c], linear_weight, linear_bias), target[c], weight, options, shard,
+                                     backend) for c in _chunks(input.shape[0], chunk_size)]
+        if parts:
+            statistics = (*(torch.cat(column) for column in list(zip(*parts))[:5]), parts[0][5])
+        else:
+            statistics = ce.shard_statistics(input.new_empty(0, linear_weight.shape[0]), target, weight, options,
+                                             shard, backend)
+        rows = ce.combine_shards(statistics, target, options, shard)
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, *rows)
+        ctx.options, ctx.chunk_size, ctx.shard, ctx.backend = options, chunk_size, shard, backend
+        ctx.mark_non_differentiable(rows.row_max, rows.row_log_sum, rows.target_logit)
+        loss = ce.reduce_rows(rows.loss, rows.total_weight, options.reduction, input.dtype)
+        return loss, rows.row_max, rows.row_log_sum, rows.target_logit
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor, *unused_grads):
+        input, linear_weight, linear_bias, target, weight, *saved = ctx.saved_tensors
+        rows, options, shard = ce.ShardRows(*saved), ctx.options, ctx.shard
+        wants_input, wants_weight, wants_bias, wants_target = (bool(ctx.needs_input_grad[i]) for i in range(4))
+        wants_target = wants_target and target.is_floating_point()
+        acc = acc_dtype(input.dtype) if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+        grad_input = torch.empty_like(input) if wants_input else None
+        grad_weight = torch.zeros_like(linear_weight, dtype=acc) if wants_weight else None
+        grad_bias = torch.zeros(linear_weight.shape[0], dtype=torch.float64, device=input.device) if (
+            wants_bias and linear_bias is not None) else None
+        grad_target = torch.empty_like(target) if wants_target else None
+        per_row = options.reduction == REDUCTIONS["none"]
+        for c in _chunks(input.shape[0], ctx.chunk_size):
+            logits = affine(input[c], linear_weight, linear_bias)
+            chunk_rows = _rows_of(rows, c)
+            chunk_grad_loss = grad_loss[c] if per_row else grad_loss
+            if wants_target:
+                grad_target[c] = ce.shard_target_grad(chunk_grad_loss, logits, weight, chunk_rows, options)
+            grad_logits = ce.shard_input_grad(chunk_grad_loss, logits, target[c], weight, chunk_rows, options, shard,
+                                              ctx.backend)
+            if grad_input is not None:
+                torch.mm(grad_logits, linear_weight, out=grad_input[c])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t().to(acc), input[c].to(acc))
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(dim=0, dtype=torch.float64)
+        if grad_input is not None:
+            torch.distributed.all_reduce(grad_input, group=shard.group)
+        return (grad_input, grad_weight.to(linear_weight.dtype) if grad_weight is not None else None,
+                grad_bias.to(linear_bias.dtype) if grad_bias is not None else None, grad_target,
+                None, None, None, None, None)
+
+
 # --------------------------------------------------------------------------- the public function
 
 def linear_cross_entropy(
@@ -213,6 +294,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     return_accuracy: bool = False,
     backend: Optional[str] = None,
+    vocab_parallel: Optional[VocabParallel] = None,
 ) -> Union[torch.Tensor, CrossEntropyOutput]:
     r"""Cross-entropy of ``F.linear(input, linear_weight, linear_bias)`` against ``target``,
     with the semantics of ``F.linear_cross_entropy``, without ever holding the logits whole.
@@ -244,6 +326,16 @@ def linear_cross_entropy(
         return_accuracy: also return the token accuracy (class-index targets).
         backend: ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"torch"``; ``None`` picks
             ``$MYEXT_BACKEND`` or the best backend available for the tensors' device.
+        vocab_parallel: the classes are split across the ranks of a process group
+            (:class:`myext.distributed.VocabParallel`), as a tensor-parallel output
+            layer is: ``linear_weight`` and ``linear_bias`` are this rank's rows
+            ``[start, stop)``, ``input`` and class-index targets the same on every rank,
+            probability targets this rank's columns, ``weight`` this rank's or every
+            class's. The loss, lse and accuracy are those over every class, the same on
+            every rank; backward gives this rank's slices of the weight and bias
+            gradients and the input's whole gradient (an all_reduce over the ranks).
+            Forward makes each chunk's logits once and backward once more (the gradient
+            needs every rank's statistics first); no logits are gathered.
 
     Returns:
         The loss, a scalar or for ``reduction="none"`` of the input's batch shape; with
@@ -259,6 +351,8 @@ def linear_cross_entropy(
     """
     if ignore_index is None:
         ignore_index = -100
+    if vocab_parallel is not None:
+        weight = ce.shard_weight(weight, vocab_parallel, input)
     probabilities = check_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index,
                                                reduction, label_smoothing, lse_square_scale, softcap, chunk_size)
     if return_accuracy and probabilities:
@@ -267,8 +361,11 @@ def linear_cross_entropy(
         target = target.long()
     classes = linear_weight.shape[0]
     name = resolve_backend(backend, input.device, NAME)
-    if not probabilities and name != "cpp":
-        ce.check_class_indices(target, classes, ignore_index)
+    if vocab_parallel is not None:
+        ce.check_vocab_parallel(vocab_parallel, classes, "linear_weight's rows", input.device, name)
+    if not probabilities and (name != "cpp" or vocab_parallel is not None):
+        ce.check_class_indices(target, vocab_parallel.classes if vocab_parallel is not None else classes,
+                               ignore_index)
 
     batch_shape = input.shape[:-1]
     rows = math.prod(batch_shape)
@@ -277,7 +374,18 @@ def linear_cross_entropy(
     options = Options(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
                       float(softcap or 0.0))
     chunk = chunk_size or default_chunk_size(input_2d.shape[0], classes, input.dtype)
-    if name == "torch":
+    if vocab_parallel is not None and name == "torch":
+        logits = affine(replicated(input_2d, vocab_parallel.group), linear_weight, linear_bias)
+        loss = ce.vocab_parallel_reference(logits, target_2d, weight, options, vocab_parallel)
+        if return_lse or return_accuracy:
+            with torch.no_grad():
+                rows = ce.combine_shards(ce.shard_statistics(logits, target_2d, weight, options, vocab_parallel, name),
+                                         target_2d, options, vocab_parallel)
+            row_max, row_log_sum, target_logit = rows.row_max, rows.row_log_sum, rows.target_logit
+    elif vocab_parallel is not None:
+        loss, row_max, row_log_sum, target_logit = VocabParallelLinearCrossEntropyFunction.apply(
+            input_2d, linear_weight, linear_bias, target_2d, weight, options, chunk, vocab_parallel, name)
+    elif name == "torch":
         logits = affine(input_2d, linear_weight, linear_bias)
         loss = options.reference(logits, target_2d, weight)
         if return_lse or return_accuracy:

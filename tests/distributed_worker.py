@@ -1,0 +1,276 @@
+"""Runs the vocabulary-parallel and data-parallel cases for tests/test_distributed.py in a
+process group of its own: ``python tests/distributed_worker.py SUITE WORLD_SIZE OUT``
+spawns WORLD_SIZE gloo processes on this machine, each runs every case of SUITE, and
+rank 0 writes {case name: [errors]} as JSON to OUT (an empty list: the case passed).
+
+Each case builds the whole problem on every rank from one seed, runs the sharded op on
+this rank's slice of the classes, and compares the loss, the extras and this rank's
+slice of the gradients with the single-process op on the whole tensors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import tempfile
+import traceback
+from typing import Callable
+
+import torch
+
+if not torch.cuda.is_available():
+    # As tests/conftest.py: Triton runs on the CPU only through its interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+import myext  # noqa: E402
+from myext.distributed import VocabParallel  # noqa: E402
+
+CASES: dict[str, dict[str, Callable[[], None]]] = {}
+
+
+def case(suite: str, name: str):
+    def register(fn):
+        CASES.setdefault(suite, {})[name] = fn
+        return fn
+    return register
+
+
+def close(name: str, actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float) -> None:
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True,
+                               msg=lambda m: f"{name} on rank {dist.get_rank()}: {m}")
+
+
+# --------------------------------------------------------------------------- cross-entropy
+
+def _ce_case(*, kind: str = "class", weighted: str = "", dtype=torch.float64, backend: str = "cpp",
+             rows: int = 6, classes: int = 11, scale: float = 3.0, shape_suffix: tuple[int, ...] = (),
+             **options) -> Callable[[], None]:
+    def run() -> None:
+        generator = torch.Generator().manual_seed(1234)
+        logits = (torch.randn(rows, classes, *shape_suffix, generator=generator, dtype=torch.float64) * scale)
+        if kind == "class":
+            target = torch.randint(0, classes, (rows, *shape_suffix), generator=generator)
+            target.view(-1)[1] = options.get("ignore_index", -100)
+        else:
+            target = torch.softmax(torch.randn(rows, classes, *shape_suffix, generator=generator,
+                                               dtype=torch.float64), dim=1)
+        weight = torch.rand(classes, generator=generator, dtype=torch.float64) + 0.5 if weighted else None
+        shard = VocabParallel.split(classes)
+        local = logits[:, shard.start:shard.stop].to(dtype).requires_grad_()
+        local_target = target[:, shard.start:shard.stop].to(dtype) if kind == "prob" else target
+        shard_weight = None
+        if weight is not None:
+            shard_weight = (weight if weighted == "full" else weight[shard.start:shard.stop]).to(dtype)
+        extras = kind == "class"
+        out = myext.cross_entropy(local, local_target, shard_weight, vocab_parallel=shard, backend=backend,
+                                  return_lse=True, return_accuracy=extras, **options)
+        whole = logits.to(dtype).requires_grad_()
+        expected = myext.cross_entropy(whole, target.to(dtype) if kind == "prob" else target,
+                                       weight.to(dtype) if weight is not None else None, backend="cpp",
+                                       return_lse=True, return_accuracy=extras, **options)
+        upstream = torch.randn(out.loss.shape, generator=generator, dtype=torch.float64).to(dtype)
+        (grad,) = torch.autograd.grad(out.loss, local, upstream)
+        (expected_grad,) = torch.autograd.grad(expected.loss, whole, upstream)
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else (
+            dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3))
+        close("loss", out.loss, expected.loss, **tol)
+        close("lse", out.lse, expected.lse, **tol)
+        if extras:
+            close("accuracy", out.accuracy, expected.accuracy, rtol=0, atol=0)
+        close("grad", grad, expected_grad[:, shard.start:shard.stop], **tol)
+    return run
+
+
+for _name, _kwargs in {
+    "class": {},
+    "class weighted smoothing none": dict(weighted="local", label_smoothing=0.1, reduction="none"),
+    "class full weight sum": dict(weighted="full", reduction="sum"),
+    "class weighted smoothing mean": dict(weighted="local", label_smoothing=0.2),
+    "class ignore_index=3 zloss softcap": dict(ignore_index=3, lse_square_scale=0.01, softcap=4.0,
+                                                label_smoothing=0.1),
+    "class 3-d": dict(shape_suffix=(2,), reduction="none", weighted="local"),
+    "prob": dict(kind="prob"),
+    "prob weighted smoothing none": dict(kind="prob", weighted="local", label_smoothing=0.1, reduction="none"),
+    "prob zloss softcap sum": dict(kind="prob", lse_square_scale=0.02, softcap=3.0, reduction="sum"),
+    "class float32": dict(dtype=torch.float32, rows=40, classes=300, label_smoothing=0.1, weighted="local"),
+    "class bfloat16": dict(dtype=torch.bfloat16, rows=40, classes=300, label_smoothing=0.1),
+    "prob float32": dict(kind="prob", dtype=torch.float32, rows=20, classes=300, reduction="none"),
+    "class fewer classes than ranks": dict(classes=2, weighted="local", label_smoothing=0.1),
+    "triton backend": dict(backend="triton", weighted="local", label_smoothing=0.1, lse_square_scale=0.01,
+                           softcap=4.0),
+    "triton backend prob": dict(backend="triton", kind="prob", weighted="local", reduction="none"),
+    "torch backend": dict(backend="torch", weighted="local", label_smoothing=0.1, lse_square_scale=0.01),
+    "torch backend prob": dict(backend="torch", kind="prob", weighted="local", label_smoothing=0.1),
+}.items():
+    case("cross_entropy", _name)(_ce_case(**_kwargs))
+
+
+class _WholeGradient(torch.autograd.Function):
+    """The identity, whose backward sums the gradient over the ranks: each rank's sharded
+    loss gives the gradient of its own columns of the whole logits, their sum the whole
+    gradient, which gradcheck's numerical one (every rank perturbs the same element of
+    the whole logits at once) is."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+@case("cross_entropy", "gradcheck")
+def _gradcheck() -> None:
+    # gradcheck over the whole logits: every rank then makes the same number of calls,
+    # and with them of collectives, also where the shards differ in size.
+    shard = VocabParallel.split(7)
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 7, generator=generator, dtype=torch.float64).requires_grad_()
+    target = torch.tensor([0, 6, -100, 3])
+    weight = (torch.rand(7, generator=generator, dtype=torch.float64) + 0.5)[shard.start:shard.stop]
+
+    def columns(x):
+        return _WholeGradient.apply(x)[:, shard.start:shard.stop]
+
+    for backend in ("cpp", "torch"):
+        def loss(x, backend=backend):
+            return myext.cross_entropy(columns(x), target, weight, label_smoothing=0.1, lse_square_scale=0.05,
+                                       softcap=2.0, reduction="none", vocab_parallel=shard, backend=backend)
+        torch.autograd.gradcheck(loss, (logits,))
+    probabilities = torch.softmax(torch.randn(4, 7, generator=generator, dtype=torch.float64), dim=1)
+    torch.autograd.gradcheck(
+        lambda x, q: myext.cross_entropy(columns(x), columns(q), weight, label_smoothing=0.2, vocab_parallel=shard),
+        (logits, probabilities.requires_grad_()))
+
+
+# --------------------------------------------------------------------------- linear cross-entropy
+
+def _linear_ce_case(*, kind: str = "class", weighted: str = "", bias: bool = True, dtype=torch.float64,
+                    backend: str = "cpp", rows: int = 9, features: int = 5, classes: int = 11,
+                    chunk_size: int = 4, batch: tuple[int, ...] = (), **options) -> Callable[[], None]:
+    def run() -> None:
+        generator = torch.Generator().manual_seed(99)
+        shape = (*batch, rows)
+        x = torch.randn(*shape, features, generator=generator, dtype=torch.float64)
+        w = torch.randn(classes, features, generator=generator, dtype=torch.float64)
+        b = torch.randn(classes, generator=generator, dtype=torch.float64) if bias else None
+        if kind == "class":
+            target = torch.randint(0, classes, shape, generator=generator)
+            target.view(-1)[1] = options.get("ignore_index", -100)
+        else:
+            target = torch.softmax(torch.randn(*shape, classes, generator=generator, dtype=torch.float64), dim=-1)
+        weight = torch.rand(classes, generator=generator, dtype=torch.float64) + 0.5 if weighted else None
+        shard = VocabParallel.split(classes)
+        part = slice(shard.start, shard.stop)
+        leaves = [x.to(dtype).requires_grad_(), w[part].to(dtype).requires_grad_()]
+        whole = [x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()]
+        if bias:
+            leaves.append(b[part].to(dtype).requires_grad_())
+            whole.append(b.to(dtype).requires_grad_())
+        local_target = target[..., part].to(dtype) if kind == "prob" else target
+        shard_weight = None
+        if weight is not None:
+            shard_weight = (weight if weighted == "full" else weight[part]).to(dtype)
+        extras = kind == "class"
+        out = myext.linear_cross_entropy(leaves[0], leaves[1], local_target, linear_bias=leaves[2] if bias else None,
+                                         weight=shard_weight, vocab_parallel=shard, backend=backend,
+                                         chunk_size=chunk_size, return_lse=True, return_accuracy=extras, **options)
+        expected = myext.linear_cross_entropy(whole[0], whole[1], target.to(dtype) if kind == "prob" else target,
+                                              linear_bias=whole[2] if bias else None,
+                                              weight=weight.to(dtype) if weight is not None else None, backend="cpp",
+                                              return_lse=True, return_accuracy=extras, **options)
+        upstream = torch.randn(out.loss.shape, generator=generator, dtype=torch.float64).to(dtype)
+        grads = torch.autograd.grad(out.loss, leaves, upstream)
+        expected_grads = torch.autograd.grad(expected.loss, whole, upstream)
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else (
+            dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2))
+        close("loss", out.loss, expected.loss, **tol)
+        close("lse", out.lse, expected.lse, **tol)
+        if extras:
+            close("accuracy", out.accuracy, expected.accuracy, rtol=0, atol=0)
+        close("grad input", grads[0], expected_grads[0], **tol)
+        close("grad linear_weight", grads[1], expected_grads[1][part], **tol)
+        if bias:
+            close("grad linear_bias", grads[2], expected_grads[2][part], **tol)
+    return run
+
+
+for _name, _kwargs in {
+    "class": {},
+    "class weighted smoothing none": dict(weighted="local", label_smoothing=0.1, reduction="none"),
+    "class no bias full weight sum": dict(bias=False, weighted="full", reduction="sum"),
+    "class zloss softcap batch (2, 9)": dict(batch=(2,), lse_square_scale=0.01, softcap=4.0, ignore_index=2),
+    "prob weighted smoothing": dict(kind="prob", weighted="local", label_smoothing=0.1),
+    "prob none": dict(kind="prob", reduction="none", chunk_size=100),
+    "class float32": dict(dtype=torch.float32, rows=64, features=32, classes=300, chunk_size=16,
+                          label_smoothing=0.1),
+    "class bfloat16": dict(dtype=torch.bfloat16, rows=64, features=32, classes=300, chunk_size=16),
+    "class fewer classes than ranks": dict(classes=2, weighted="local"),
+    "triton backend": dict(backend="triton", weighted="local", label_smoothing=0.1),
+    "torch backend": dict(backend="torch", weighted="local", label_smoothing=0.1, lse_square_scale=0.01),
+}.items():
+    case("linear_cross_entropy", _name)(_linear_ce_case(**_kwargs))
+
+
+@case("linear_cross_entropy", "gradcheck")
+def _linear_gradcheck() -> None:
+    shard = VocabParallel.split(7)
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 3, generator=generator, dtype=torch.float64).requires_grad_()
+    w = torch.randn(7, 3, generator=generator, dtype=torch.float64).requires_grad_()
+    b = torch.randn(7, generator=generator, dtype=torch.float64).requires_grad_()
+    target = torch.tensor([0, 6, -100, 3, 4])
+    part = slice(shard.start, shard.stop)
+
+    def loss(x, w, b):
+        # x's gradient is already summed over the ranks; w's and b's rows are each one
+        # rank's: summed over the ranks, they make the whole gradients gradcheck takes.
+        return myext.linear_cross_entropy(x, _WholeGradient.apply(w)[part], target,
+                                          linear_bias=_WholeGradient.apply(b)[part], label_smoothing=0.1,
+                                          lse_square_scale=0.05, softcap=2.0, reduction="none", chunk_size=2,
+                                          vocab_parallel=shard)
+    torch.autograd.gradcheck(loss, (x, w, b))
+
+
+# --------------------------------------------------------------------------- driver
+
+def _run_rank(rank: int, world_size: int, suite: str, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    # A rank that fails between collectives leaves the others waiting: the timeout
+    # turns that into an error of the case instead of a test run that never ends.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=20))
+    results = {}
+    for name, fn in CASES[suite].items():
+        try:
+            fn()
+            errors = []
+        except Exception:
+            errors = [traceback.format_exc(limit=-3)]
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, errors)
+        results[name] = [e for rank_errors in gathered for e in rank_errors]
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def main(argv: list[str]) -> None:
+    suite, world_size, out = argv[0], int(argv[1]), argv[2]
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_run_rank, args=(world_size, suite, os.path.join(tmp, "init"), out), nprocs=world_size)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
