@@ -242,6 +242,74 @@ def _linear_gradcheck() -> None:
     torch.autograd.gradcheck(loss, (x, w, b))
 
 
+# --------------------------------------------------------------------------- data parallelism
+
+class _Loss(torch.nn.Module):
+    """A model's fused loss as the forward of a module, for DistributedDataParallel."""
+
+    def __init__(self, model: torch.nn.Module, loss_of: Callable) -> None:
+        super().__init__()
+        self.model, self.loss_of = model, loss_of
+
+    def forward(self, *args):
+        return self.loss_of(self.model, *args)
+
+
+def _data_parallel_case(model_name: str, wrap: str) -> Callable[[], None]:
+    """A few SGD steps of the article's model in float64 on batches of 12 split across the
+    ranks, against the same steps in this process on the whole batches."""
+    def run() -> None:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        generator = torch.Generator().manual_seed(3)
+        images = torch.randn(3, 12, 1, 28, 28, generator=generator, dtype=torch.float64)
+        labels = torch.randint(0, 10, (3, 12), generator=generator)
+        if model_name == "SimpleNet":
+            def make():
+                return myext.models.SimpleNet().double()
+
+            def loss_of(model, x, y):
+                return model.loss(x, y)
+        else:
+            def make():
+                return myext.models.MultiTaskNet(10, 2).double()
+
+            def loss_of(model, x, y):
+                return model.loss(x, y, y % 2)
+        torch.manual_seed(0)
+        single = make()
+        torch.manual_seed(0)
+        model = make()
+        if wrap == "DDP":
+            step = torch.nn.parallel.DistributedDataParallel(_Loss(model, loss_of))
+        else:
+            torch.distributed.fsdp.fully_shard(model)
+            torch.distributed.fsdp.register_fsdp_forward_method(model, "loss")
+
+            def step(x, y):
+                return loss_of(model, x, y)
+        optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (single, model)]
+        for x, y in zip(images, labels):
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            loss_of(single, x, y).backward()
+            mine = torch.arange(12).tensor_split(world_size)[rank]
+            # Each share's mean weighted by its share of the batch: DDP and FSDP average
+            # the gradients over the ranks.
+            (step(x[mine], y[mine]) * (len(mine) * world_size / 12)).backward()
+            for optimizer in optimizers:
+                optimizer.step()
+        for (name, expected), actual in zip(single.named_parameters(), model.parameters()):
+            if wrap == "FSDP2":
+                actual = actual.full_tensor()
+            close(name, actual.detach(), expected.detach(), rtol=1e-10, atol=1e-12)
+    return run
+
+
+for _model in ("SimpleNet", "MultiTaskNet"):
+    for _wrap in ("DDP", "FSDP2"):
+        case("data_parallel", f"{_wrap} {_model}")(_data_parallel_case(_model, _wrap))
+
+
 # --------------------------------------------------------------------------- driver
 
 def _run_rank(rank: int, world_size: int, suite: str, init_file: str, out: str) -> None:

@@ -129,7 +129,26 @@ def test_train_multitask(tmp_path, capsys):
     assert data["config"]["train_samples"] == data["config"]["test_samples"] == 200
 
 
+@pytest.mark.parametrize("model", ["simplenet", "multitask"])
+def test_train_data_parallel(tmp_path, model):
+    """`myext train --nproc-per-node 2` (torch's launcher, DDP over gloo) reaches the
+    accuracy of one process with the same global batch and seed; its loss differs only
+    by the order of the sums."""
+    config = ["train", "--model", model, "--epochs", "2", "--limit", "300", "--batch-size", "50", "--device", "cpu"]
+    single, parallel = tmp_path / "single.json", tmp_path / "parallel.json"
+    for metrics, extra in ((single, []), (parallel, ["--nproc-per-node", "2"])):
+        result = run(*config, *extra, "--metrics-json", metrics)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "data-parallel over 2 processes" in result.stdout
+    one, two = json.loads(single.read_text()), json.loads(parallel.read_text())
+    assert two["config"]["processes"] == 2
+    for key in ("myext", "torch"):
+        assert two[key]["test_accuracy"] == one[key]["test_accuracy"]
+        assert two[key]["train_loss"] == pytest.approx(one[key]["train_loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--nproc-per-node", "0"], "--nproc-per-node must be at least 1"),
     (["--data", "mnist"], "needs --data-dir"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--lr", "-1"], "--lr must be positive"),

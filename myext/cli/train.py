@@ -1,13 +1,18 @@
 """``myext train``: trains the article's SimpleNet or MultiTaskNet with myext's fused ops and,
 with the same seed, initial weights and data order, its plain-PyTorch version; prints the
-test accuracy and time per epoch of both."""
+test accuracy and time per epoch of both.
+
+With ``--nproc-per-node N`` it starts N copies of itself through torch's launcher
+(``torch.distributed.run``) and trains data-parallel (``DistributedDataParallel``, gloo on
+the CPU, NCCL on GPUs): each global batch is split across the processes and the
+gradients averaged, so that the result is that of one process with the same batch."""
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -15,7 +20,9 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..backends import BACKENDS, resolve_backend
 from ..data import ImageData, load_digits_dataset, load_mnist_dataset
@@ -61,11 +68,32 @@ class _Result(NamedTuple):
         return statistics.median(self.epoch_seconds)
 
 
+class _Loss(nn.Module):
+    """``loss_of(model, images, labels)`` as a module's forward: DistributedDataParallel
+    prepares the gradients' all-reduce in the forward of the module it wraps."""
+
+    def __init__(self, model: nn.Module, loss_of: Callable) -> None:
+        super().__init__()
+        self.model, self.loss_of = model, loss_of
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if images.shape[0] == 0:
+            # A process whose share of a short last batch is empty adds nothing, but
+            # takes part in the gradients' all-reduce.
+            return sum(p.sum() for p in self.model.parameters()) * 0.0
+        return self.loss_of(self.model, images, labels)
+
+
 def _train_and_test(label: str, model: nn.Module, loss_of: Callable, data: ImageData, args: argparse.Namespace,
                     device: torch.device) -> _Result:
-    """Trains ``model`` on the loss ``loss_of(model, images, labels)``, then tests it."""
+    """Trains ``model`` on the loss ``loss_of(model, images, labels)``, then tests it;
+    data-parallel in a process group (each process takes its share of every batch)."""
     train_x, train_y = data.train_images.to(device), data.train_labels.to(device)
-    step_loss = functools.partial(loss_of, model)
+    parallel = dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if parallel else (0, 1)
+    step_loss: Callable = _Loss(model, loss_of)
+    if parallel:
+        step_loss = DistributedDataParallel(step_loss, device_ids=[device.index] if device.type == "cuda" else None)
     runner = model
     if args.compile:
         step_loss, runner = torch.compile(step_loss), torch.compile(model)
@@ -78,20 +106,30 @@ def _train_and_test(label: str, model: nn.Module, loss_of: Callable, data: Image
     for epoch in range(1, args.epochs + 1):
         model.train()
         permutation = torch.randperm(count, generator=order).to(device)
-        progress = _Progress(label, epoch, args.epochs, batches)
+        progress = _Progress(label, epoch, args.epochs, batches) if rank == 0 else None
         loss_sum = torch.zeros((), device=device)
         start = time.perf_counter()
         for batch in range(batches):
             index = permutation[batch * args.batch_size:(batch + 1) * args.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = step_loss(train_x[index], train_y[index])
+            if parallel:
+                # The share's mean loss weighted by its share of the batch: the average
+                # DistributedDataParallel takes of the gradients is the batch mean's.
+                mine = index.tensor_split(world_size)[rank]
+                loss = step_loss(train_x[mine], train_y[mine]) * (len(mine) * world_size / len(index))
+            else:
+                loss = step_loss(train_x[index], train_y[index])
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach()
-            progress.update(batch + 1, lambda: loss_sum.item() / (batch + 1), time.perf_counter() - start)
+            if progress is not None:
+                progress.update(batch + 1, lambda: loss_sum.item() / (batch + 1), time.perf_counter() - start)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_seconds.append(time.perf_counter() - start)
+    if parallel:
+        dist.all_reduce(loss_sum)
+        loss_sum /= world_size
 
     model.eval()
     with torch.no_grad():
@@ -206,21 +244,63 @@ def _write_metrics(path: Path, results: dict[str, _Result], config: dict[str, An
     path.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
+def _launch_workers(args: argparse.Namespace) -> int:
+    """Runs this command in ``--nproc-per-node`` processes started by torch's launcher,
+    which gives each its rank (they train in _run_worker)."""
+    from torch.distributed import run as launcher
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        launcher.main(["--standalone", f"--nproc-per-node={args.nproc_per_node}", "--module", "myext", *args.argv])
+    except ChildFailedError as err:
+        raise CommandError(f"a training process failed: {err}") from None
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.nproc_per_node < 1:
+        raise CommandError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    launched = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.nproc_per_node > 1 and not launched:
+        return _launch_workers(args)
+    if launched and args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
     device, backend = _validated_device_and_backend(args)
+    if not launched:
+        return _train(args, device, backend)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        code = _train(args, device, backend)
+        # Every process waits for the first to write its report: one that tore down its
+        # connections earlier could abort the others' (gloo's) shutdown.
+        dist.barrier()
+        return code
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, device: torch.device, backend: str) -> int:
     data = _load_data(args)
     fused, fused_loss, plain, plain_loss = _models_and_losses(args)
     fused.to(device)
     plain.to(device)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if world_size > 1 and args.batch_size < world_size:
+        raise CommandError(f"--batch-size {args.batch_size} is smaller than the {world_size} processes sharing it")
+    lead = not dist.is_initialized() or dist.get_rank() == 0
 
     model_name = type(fused).__name__
-    print(f"{model_name} on {data.name}: {len(data.train_labels)} train / {len(data.test_labels)} test samples; "
-          f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr:g}, seed {args.seed}, {device}"
-          + (", torch.compile" if args.compile else ""), flush=True)
+    if lead:
+        print(f"{model_name} on {data.name}: {len(data.train_labels)} train / {len(data.test_labels)} test samples; "
+              f"{args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr:g}, seed {args.seed}, {device}"
+              + (", torch.compile" if args.compile else "")
+              + (f", data-parallel over {world_size} processes" if world_size > 1 else ""), flush=True)
     results = {
         "myext": _train_and_test("myext", fused, fused_loss, data, args, device),
         "torch": _train_and_test("torch", plain, plain_loss, data, args, device),
     }
+    if not lead:
+        return 0
     _print_results(results, backend)
 
     if args.save:
@@ -231,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
         _write_metrics(args.metrics_json, results, {
             "model": args.model, "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
             "lr": args.lr, "seed": args.seed, "device": str(device), "backend": backend, "compile": args.compile,
+            "processes": world_size,
             "train_samples": len(data.train_labels), "test_samples": len(data.test_labels)})
     return 0
 
@@ -254,6 +335,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
     parser.add_argument("--compile", action="store_true", help="run both models under torch.compile "
                         "(compiling falls in the first epoch, outside the median time per epoch)")
+    parser.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                        help="train data-parallel in N processes on this machine (DistributedDataParallel through "
+                             "torch.distributed.run; gloo on the CPU, NCCL on GPUs, one GPU each); the batch is "
+                             "the global one, split across them")
     parser.add_argument("--limit", type=int, help="use at most this many training and test samples (quick runs)")
     parser.add_argument("--save", type=Path, help="save the trained myext model's state_dict here")
     parser.add_argument("--metrics-json", type=Path, help="write the test accuracy and the seconds per epoch "
