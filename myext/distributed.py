@@ -18,12 +18,14 @@ must be the same on every rank.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["VocabParallel", "all_reduce_max", "all_reduce_sum", "replicated", "split_range"]
+__all__ = ["VocabParallel", "all_reduce_max", "all_reduce_sum", "from_dtensor", "is_dtensor", "replicated",
+           "split_range", "to_local"]
 
 
 def split_range(size: int, parts: int, index: int) -> tuple[int, int]:
@@ -140,3 +142,40 @@ def replicated(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torc
     """``tensor``, the same on every rank of ``group`` and used by each rank's shard of
     the work: its gradient is the sum of every rank's (the identity in forward)."""
     return _Replicated.apply(tensor, group)
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a DTensor (without importing torch.distributed.tensor, which
+    a caller holding a DTensor has imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def from_dtensor(tensor: Any, class_dim: int) -> tuple[torch.Tensor, VocabParallel]:
+    """This rank's shard of a DTensor whose dimension ``class_dim`` (the classes) is
+    ``Shard`` on a 1-d mesh, and the :class:`VocabParallel` that describes it. DTensor
+    shards as ``torch.chunk`` does: ``ceil(C / world_size)`` classes a rank, the last
+    ranks fewer or none. ``to_local`` is differentiable: the shard's gradient comes back
+    to the DTensor."""
+    mesh = tensor.device_mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"a DTensor of logits must live on a 1-d device mesh, got a {mesh.ndim}-d one")
+    (placement,) = tensor.placements
+    if not placement.is_shard(class_dim):
+        raise ValueError(f"a DTensor of logits must be Shard({class_dim}) (its classes split across the mesh), "
+                         f"got {placement}")
+    classes, world_size, rank = tensor.shape[class_dim], mesh.size(), mesh.get_local_rank()
+    per_rank = -(-classes // world_size)
+    start = min(rank * per_rank, classes)
+    shard = VocabParallel(start, min(start + per_rank, classes), classes, mesh.get_group())
+    return tensor.to_local(), shard
+
+
+def to_local(tensor: Any, mesh: Any, name: str) -> Any:
+    """The local tensor of ``tensor`` where it is a DTensor on ``mesh`` (a Replicate one
+    is whole on every rank, a Shard one this rank's part), else ``tensor``."""
+    if not is_dtensor(tensor):
+        return tensor
+    if tensor.device_mesh != mesh:
+        raise ValueError(f"{name} is a DTensor on another device mesh than the logits'")
+    return tensor.to_local()

@@ -11,6 +11,7 @@ slice of the gradients with the single-process op on the whole tensors.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import sys
@@ -153,6 +154,33 @@ def _gradcheck() -> None:
         (logits, probabilities.requires_grad_()))
 
 
+def _mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cpu", (dist.get_world_size(),))
+
+
+@case("cross_entropy", "DTensor Shard(1)")
+def _dtensor() -> None:
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = _mesh()
+    for classes in (11, 2):  # DTensor's split: 4, 4, 3 and 1, 1, 0 classes over 3 ranks
+        generator = torch.Generator().manual_seed(classes)
+        logits = torch.randn(6, classes, generator=generator, dtype=torch.float64)
+        target = torch.randint(0, classes, (6,), generator=generator)
+        target[1] = -100
+        weight = torch.rand(classes, generator=generator, dtype=torch.float64) + 0.5
+        sharded = distribute_tensor(logits, mesh, [Shard(1)]).requires_grad_()
+        out = myext.cross_entropy(sharded, target, distribute_tensor(weight, mesh, [Replicate()]),
+                                  label_smoothing=0.1, return_lse=True)
+        out.loss.backward()
+        whole = logits.clone().requires_grad_()
+        expected = myext.cross_entropy(whole, target, weight, label_smoothing=0.1, return_lse=True)
+        expected.loss.backward()
+        close("loss", out.loss, expected.loss, rtol=1e-10, atol=1e-12)
+        close("lse", out.lse, expected.lse, rtol=1e-10, atol=1e-12)
+        close("grad", sharded.grad.full_tensor(), whole.grad, rtol=1e-10, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- linear cross-entropy
 
 def _linear_ce_case(*, kind: str = "class", weighted: str = "", bias: bool = True, dtype=torch.float64,
@@ -240,6 +268,28 @@ def _linear_gradcheck() -> None:
                                           lse_square_scale=0.05, softcap=2.0, reduction="none", chunk_size=2,
                                           vocab_parallel=shard)
     torch.autograd.gradcheck(loss, (x, w, b))
+
+
+@case("linear_cross_entropy", "DTensor Shard(0) weight")
+def _linear_dtensor() -> None:
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = _mesh()
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 5, generator=generator, dtype=torch.float64)
+    w = torch.randn(11, 5, generator=generator, dtype=torch.float64)
+    b = torch.randn(11, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 11, (7,), generator=generator)
+    leaves = [x.clone().requires_grad_(), distribute_tensor(w, mesh, [Shard(0)]).requires_grad_(),
+              distribute_tensor(b, mesh, [Shard(0)]).requires_grad_()]
+    loss = myext.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2], chunk_size=3)
+    loss.backward()
+    whole = [t.clone().requires_grad_() for t in (x, w, b)]
+    expected = myext.linear_cross_entropy(whole[0], whole[1], target, linear_bias=whole[2])
+    expected.backward()
+    close("loss", loss, expected, rtol=1e-10, atol=1e-12)
+    close("grad input", leaves[0].grad, whole[0].grad, rtol=1e-10, atol=1e-12)
+    close("grad linear_weight", leaves[1].grad.full_tensor(), whole[1].grad, rtol=1e-10, atol=1e-12)
+    close("grad linear_bias", leaves[2].grad.full_tensor(), whole[2].grad, rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- data parallelism
@@ -331,6 +381,14 @@ def _run_rank(rank: int, world_size: int, suite: str, init_file: str, out: str) 
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
+    _leave(rank)
+
+
+def _leave(rank: int) -> None:
+    """Tears the group down once every rank is done, and the DDP and FSDP objects of the
+    cases are gone."""
+    dist.barrier()
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -10,6 +10,7 @@ gradients averaged, so that the result is that of one process with the same batc
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -271,9 +272,11 @@ def run(args: argparse.Namespace) -> int:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         code = _train(args, device, backend)
-        # Every process waits for the first to write its report: one that tore down its
-        # connections earlier could abort the others' (gloo's) shutdown.
+        # Every process waits for the first to write its report, and lets go of its
+        # DistributedDataParallel objects first: torn down earlier, they abort gloo's
+        # shutdown ("terminate called without an active exception").
         dist.barrier()
+        gc.collect()
         return code
     finally:
         dist.destroy_process_group()

@@ -21,7 +21,7 @@ from .. import registry
 from .._library import acc_dtype
 from .._validation import REDUCTIONS, check_float_dtype, check_same, check_tensor, needs_grad
 from ..backends import available_backends, has_capability, op, resolve_backend
-from ..distributed import VocabParallel, all_reduce_max, all_reduce_sum
+from ..distributed import VocabParallel, all_reduce_max, all_reduce_sum, from_dtensor, is_dtensor, to_local
 
 __all__ = ["CrossEntropyBackwardFunction", "CrossEntropyFunction", "CrossEntropyOutput", "Options", "cross_entropy",
            "cross_entropy_2d", "reference"]
@@ -608,7 +608,10 @@ def cross_entropy(
             or all ``C``. The loss, lse and accuracy are those over every class, the
             same on every rank, and backward gives this rank's slice of the logits'
             gradient; no logits are gathered. Needs the same call on every rank of the
-            group; not with ``inplace_backward``.
+            group; not with ``inplace_backward``. A DTensor ``input`` whose class
+            dimension is ``Shard`` on a 1-d mesh needs no ``vocab_parallel``: the split
+            is the DTensor's (its target and weight plain tensors or DTensors on that
+            mesh); the loss is a plain tensor.
 
     Returns:
         The loss: a scalar, or for ``reduction="none"`` the loss of each element of the
@@ -624,6 +627,10 @@ def cross_entropy(
         >>> loss, lse, accuracy = myext.cross_entropy(logits, labels, lse_square_scale=1e-4,
         ...                                           return_lse=True, return_accuracy=True)
     """
+    if is_dtensor(input):
+        mesh = input.device_mesh
+        input, vocab_parallel = from_dtensor(input, 0 if input.dim() == 1 else 1)
+        target, weight = to_local(target, mesh, "target"), to_local(weight, mesh, "weight")
     if vocab_parallel is not None:
         weight = shard_weight(weight, vocab_parallel, input)
     probabilities = check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,

@@ -26,7 +26,7 @@ from ..backends import op, resolve_backend
 from . import cross_entropy as ce
 from .cross_entropy import CrossEntropyOutput, Options
 from .linear_relu import affine
-from ..distributed import VocabParallel, replicated
+from ..distributed import VocabParallel, from_dtensor, is_dtensor, replicated, to_local
 
 __all__ = ["LinearCrossEntropyFunction", "default_chunk_size", "linear_cross_entropy", "reference"]
 
@@ -335,7 +335,10 @@ def linear_cross_entropy(
             every rank; backward gives this rank's slices of the weight and bias
             gradients and the input's whole gradient (an all_reduce over the ranks).
             Forward makes each chunk's logits once and backward once more (the gradient
-            needs every rank's statistics first); no logits are gathered.
+            needs every rank's statistics first); no logits are gathered. A DTensor
+            ``linear_weight`` that is ``Shard(0)`` on a 1-d mesh (the output layer of
+            ``ColwiseParallel``) needs no ``vocab_parallel``: the split is the DTensor's,
+            its bias ``Shard(0)`` too, the input and target plain or ``Replicate``.
 
     Returns:
         The loss, a scalar or for ``reduction="none"`` of the input's batch shape; with
@@ -351,6 +354,11 @@ def linear_cross_entropy(
     """
     if ignore_index is None:
         ignore_index = -100
+    if is_dtensor(linear_weight):
+        mesh = linear_weight.device_mesh
+        linear_weight, vocab_parallel = from_dtensor(linear_weight, 0)
+        input, target = to_local(input, mesh, "input"), to_local(target, mesh, "target")
+        linear_bias, weight = to_local(linear_bias, mesh, "linear_bias"), to_local(weight, mesh, "weight")
     if vocab_parallel is not None:
         weight = ce.shard_weight(weight, vocab_parallel, input)
     probabilities = check_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index,
