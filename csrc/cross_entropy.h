@@ -89,6 +89,23 @@ inline void check_cross_entropy_backward_inputs(
                                   input);
 }
 
+// A shard [class_start, class_start + columns) within [0, classes), and the
+// shard backward's row_weight (rows,) and weight_sum (a scalar), floating, on
+// the device of `ref`.
+inline void check_shard(const char* op, int64_t rows, int64_t columns, const at::Tensor& row_weight,
+                        const at::Tensor& weight_sum, int64_t class_start, int64_t classes, const at::Tensor& ref) {
+  TORCH_CHECK(class_start >= 0 && classes >= 0 && class_start <= classes - columns, op,
+              ": the shard's classes [class_start, class_start + ", columns, ") = [", class_start, ", ",
+              class_start + columns, ") must lie within the ", classes, " classes");
+  for (const auto& [name, t, shape] :
+       {std::tuple<const char*, const at::Tensor&, at::IntArrayRef>{"row_weight", row_weight, {rows}},
+        {"weight_sum", weight_sum, {}}}) {
+    check_floating(op, name, t);
+    check_device(op, name, t, ref);
+    check_shape(op, name, t, shape);
+  }
+}
+
 // The arguments of cross_entropy_shard_backward: those of cross_entropy_backward
 // (class indices are read by the kernels, against `classes`), a shard
 // [class_start, class_start + C_local) within [0, classes), row_weight (R,) and
@@ -101,16 +118,7 @@ inline void check_cross_entropy_shard_backward_inputs(
     int64_t classes) {
   check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight,
                                       reduction, label_smoothing, lse_square_scale, softcap);
-  TORCH_CHECK(class_start >= 0 && classes >= 0 && class_start <= classes - input.size(1), op,
-              ": the shard's classes [class_start, class_start + ", input.size(1), ") = [", class_start, ", ",
-              class_start + input.size(1), ") must lie within the ", classes, " classes");
-  for (const auto& [name, t, shape] :
-       {std::tuple<const char*, const at::Tensor&, at::IntArrayRef>{"row_weight", row_weight, {input.size(0)}},
-        {"weight_sum", weight_sum, {}}}) {
-    check_floating(op, name, t);
-    check_device(op, name, t, input);
-    check_shape(op, name, t, shape);
-  }
+  check_shard(op, input.size(0), input.size(1), row_weight, weight_sum, class_start, classes, input);
 }
 
 }  // namespace myext

@@ -66,6 +66,20 @@ inline void check_linear_cross_entropy_backward_inputs(
                                   input);
 }
 
+// linear_cross_entropy_shard_backward's: linear_cross_entropy_backward's, and
+// the shard's (check_shard), whose columns are linear_weight's rows.
+inline void check_linear_cross_entropy_shard_backward_inputs(
+    const char* op, const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
+    const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& row_max, const at::Tensor& row_log_sum, const at::Tensor& row_weight,
+    const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction, double label_smoothing,
+    double lse_square_scale, double softcap, int64_t class_start, int64_t classes, int64_t chunk_size) {
+  check_linear_cross_entropy_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
+                                             row_max, row_log_sum, total_weight, reduction, label_smoothing,
+                                             lse_square_scale, softcap, chunk_size);
+  check_shard(op, input.size(0), linear_weight.size(0), row_weight, weight_sum, class_start, classes, input);
+}
+
 // Classes per block of the weight gradient where a device accumulates it from
 // a temporary product (bfloat16 into float32, or a GEMM without accumulation):
 // the temporary stays a small fraction of the chunk's buffer.

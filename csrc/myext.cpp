@@ -113,4 +113,17 @@ TORCH_LIBRARY(myext, m) {
       "int ignore_index, float label_smoothing, float lse_square_scale, "
       "float softcap, int chunk_size, bool[3] output_mask) -> "
       "(Tensor? grad_input, Tensor? grad_linear_weight, Tensor? grad_linear_bias)");
+  // The same for a shard of the classes (vocabulary parallelism): linear_weight
+  // and linear_bias hold rows [class_start, class_start + C_local) of the output
+  // layer of all `classes`; target, weight, row_max, row_log_sum, row_weight and
+  // weight_sum as cross_entropy_shard_backward's. grad_input is this shard's part
+  // of the input's gradient, which the caller sums over the shards.
+  m.def(
+      "linear_cross_entropy_shard_backward(Tensor grad_loss, Tensor input, "
+      "Tensor linear_weight, Tensor? linear_bias, Tensor target, Tensor? weight, "
+      "Tensor row_max, Tensor row_log_sum, Tensor row_weight, Tensor total_weight, "
+      "Tensor weight_sum, int reduction, int ignore_index, float label_smoothing, "
+      "float lse_square_scale, float softcap, int class_start, int classes, "
+      "int chunk_size, bool[3] output_mask) -> "
+      "(Tensor? grad_input, Tensor? grad_linear_weight, Tensor? grad_linear_bias)");
 }

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 import myext
+from myext.distributed import VocabParallel, split_range
 
 # Tests taking backend and device run on every backend of the op (conftest.py).
 OP = "cross_entropy"
@@ -389,9 +390,12 @@ t = torch.tensor([1, 2, 0, 4], device=dev)
 q = torch.softmax(torch.randn(4, 5, device=dev), 1)
 loss, row_max, row_log_sum, target_logit, total = ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, 0.0, 0.0)
 g = torch.ones((), device=dev)
+row_weight, weight_sum = torch.ones(4, device=dev), torch.tensor(9.0, device=dev)
 """
 # Each call is the set-up's good one with one argument made bad.
 B_ARGS = "g, x, t, None, row_max, row_log_sum, total, 1, -100, 0.0, 0.0, 0.0"
+# A shard of classes [2, 7) of 9.
+S_ARGS = "g, x, t, None, row_max, row_log_sum, row_weight, total, weight_sum, 1, -100, 0.0, 0.0, 0.0, 2, 9"
 BAD_DIRECT_CALLS = {
     "target shorter than the rows": ("ops.cross_entropy_forward(x, t[:2], None, 1, -100, 0.0, 0.0, 0.0)", "target"),
     "target longer than the rows": ("ops.cross_entropy_forward(x, torch.zeros(9, dtype=torch.long, device=dev), "
@@ -433,6 +437,17 @@ BAD_DIRECT_CALLS = {
     "backward softcap nan": (f"ops.cross_entropy_backward({B_ARGS[:-5]}, float('nan'))", "softcap"),
     "in-place backward target shorter than the rows": (
         f"ops.cross_entropy_backward_({B_ARGS.replace('g, x,', 'g, x.clone(),').replace(' t,', ' t[:2],')})", "target"),
+    "shard past the classes": (f"ops.cross_entropy_shard_backward({S_ARGS[:-6]}, 5, 9)", "within the 9 classes"),
+    "shard with a negative start": (f"ops.cross_entropy_shard_backward({S_ARGS[:-6]}, -1, 9)", "class_start"),
+    "shard row_weight shorter than the rows": (
+        f"ops.cross_entropy_shard_backward({S_ARGS.replace('row_weight,', 'row_weight[:2],')})", "row_weight"),
+    "shard weight_sum not a scalar": (
+        f"ops.cross_entropy_shard_backward({S_ARGS.replace('weight_sum,', 'weight_sum.expand(2),')})", "weight_sum"),
+    "shard class index past every class": (
+        f"ops.cross_entropy_shard_backward({S_ARGS.replace(' t,', ' torch.tensor([1, 9, 0, 4], device=dev),')})",
+        "class index"),
+    "shard weight of the whole classes": (
+        f"ops.cross_entropy_shard_backward({S_ARGS.replace('None', 'torch.ones(9, device=dev)', 1)})", "weight"),
     "in-place backward of a transposed input": (
         f"ops.cross_entropy_backward_({B_ARGS.replace('g, x,', 'g, x.t().contiguous().t(),')})", "contiguous"),
 }
@@ -445,7 +460,9 @@ def test_bad_direct_call_raises(isolated, backend, device, case):
     if "cross_entropy_backward_(" in code and not myext.backends.has_capability(OP, "inplace_backward", backend,
                                                                                    torch.device(device)):
         pytest.skip(f"{backend} has no in-place backward")
-    if case == "class index out of range" and device == "cuda":
+    if "shard" in case and not myext.backends.has_capability(OP, "shard_backward", backend, torch.device(device)):
+        pytest.skip(f"{backend} has no shard backward")
+    if case in ("class index out of range", "shard class index past every class") and device == "cuda":
         pytest.skip("on CUDA a device-side assertion, which ends the process's CUDA context (see test_gpu.py)")
     result = isolated(DIRECT_SETUP, code, backend, device)
     assert result["outcome"] == "raised", result
@@ -568,3 +585,36 @@ def test_bad_options(changes, message):
     with pytest.raises(ValueError, match=message):
         myext.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), **changes)
 
+
+
+# --- vocabulary parallelism: what is refused before any collective -----------------
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(vocab_parallel=(0, 5, 10)), TypeError, "VocabParallel"),
+    (dict(vocab_parallel=VocabParallel(0, 4, 10)), ValueError, "input's class dimension has 5"),
+    (dict(vocab_parallel=VocabParallel(0, 5, 10), inplace_backward=True), ValueError, "inplace_backward"),
+    (dict(vocab_parallel=VocabParallel(0, 5, 10), weight=torch.ones(7)), ValueError, "weight"),
+])
+def test_vocab_parallel_bad_arguments(kwargs, error, message):
+    logits = torch.randn(3, 5)
+    with pytest.raises(error, match=message):
+        myext.cross_entropy(logits.clone(), torch.tensor([0, 9, 3]), **kwargs)
+
+
+def test_vocab_parallel_class_index_past_every_class():
+    with pytest.raises(IndexError, match="class index 10"):
+        myext.cross_entropy(torch.randn(3, 5), torch.tensor([0, 10, 3]), vocab_parallel=VocabParallel(5, 10, 10))
+
+
+@pytest.mark.parametrize("start,stop,classes", [(3, 2, 5), (0, 6, 5), (-1, 2, 5)])
+def test_vocab_parallel_needs_a_shard_within_the_classes(start, stop, classes):
+    with pytest.raises(ValueError, match="start <= stop <= classes"):
+        VocabParallel(start, stop, classes)
+
+
+@pytest.mark.parametrize("size,parts", [(11, 3), (2, 3), (32000, 2), (7, 1)])
+def test_split_range_covers_the_classes_once(size, parts):
+    ranges = [split_range(size, parts, index) for index in range(parts)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == size
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert max(stop - start for start, stop in ranges) - min(stop - start for start, stop in ranges) <= 1

@@ -1,12 +1,14 @@
 """Fused linear cross-entropy for ``backend="triton"``: the host functions of the ops
-``myext::linear_cross_entropy_forward_triton`` and ``..._backward_triton`` (schemas in
-csrc/myext.cpp).
+``myext::linear_cross_entropy_forward_triton``, ``..._backward_triton`` and
+``..._shard_backward_triton`` (schemas in csrc/myext.cpp).
 
 The loop of the C++ ops (csrc/linear_cross_entropy.h): the rows go in chunks; each
 chunk's logits are one GEMM (``torch.mm``: cuBLAS on a GPU) into a chunk-sized buffer,
 which the Triton cross-entropy kernels of :mod:`triton_ops.cross_entropy` read and,
 where gradients are wanted, overwrite with the logits' gradient; the gradient GEMMs
 then read it. The logits are never held whole. No step reads a value on the host.
+The backward of a shard of the classes (vocabulary parallelism) is the same loop over
+the shard's rows of the linear layer, with the cross-entropy shard backward's rows.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import cross_entropy as ce
-from ._host import check, check_floating, check_like, check_optional_vector
+from ._host import check, check_floating, check_like, check_optional_vector, check_shape
 
 # As csrc/linear_cross_entropy.h: a chunk's logits take about this many bytes, in at
 # least this many rows.
@@ -36,9 +38,12 @@ def chunk_rows(rows: int, classes: int, element_size: int, requested: int) -> in
 
 def _check_inputs(op: str, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
                   target: torch.Tensor, weight: Optional[torch.Tensor], reduction: int, ignore_index: int,
-                  label_smoothing: float, lse_square_scale: float, softcap: float, chunk_size: int) -> None:
+                  label_smoothing: float, lse_square_scale: float, softcap: float, chunk_size: int,
+                  shard: Optional[tuple[int, int]] = None) -> None:
     """The checks of csrc/linear_cross_entropy.h; class indices are asserted on the
-    device, as by the cross-entropy ops."""
+    device, as by the cross-entropy ops. With ``shard`` = (class_start, classes) the
+    layer's rows are classes [class_start, class_start + C_local) of ``classes``
+    (check_shard's extent, checked before the class indices, which index every class)."""
     check_floating(op, "input", input)
     check(input.dim() == 2, op, f"input must be 2-d, got shape {tuple(input.shape)}")
     check_like(op, "linear_weight", linear_weight, "input", input)
@@ -47,7 +52,13 @@ def _check_inputs(op: str, input: torch.Tensor, linear_weight: torch.Tensor, lin
           f"got {tuple(linear_weight.shape)}")
     classes = linear_weight.shape[0]
     check_optional_vector(op, "linear_bias", linear_bias, classes, input)
-    ce.check_targets(op, target, weight, input.shape[0], classes, input, ignore_index)
+    index_classes = None
+    if shard is not None:
+        class_start, index_classes = shard
+        check(0 <= class_start and 0 <= index_classes and class_start <= index_classes - classes, op,
+              f"the shard's classes [class_start, class_start + {classes}) = [{class_start}, "
+              f"{class_start + classes}) must lie within the {index_classes} classes")
+    ce.check_targets(op, target, weight, input.shape[0], classes, input, ignore_index, index_classes=index_classes)
     ce.check_options(op, reduction, label_smoothing, lse_square_scale, softcap)
     check(chunk_size >= 0, op, f"chunk_size must be >= 0 (0: chosen from the shapes), got {chunk_size}")
 
@@ -139,6 +150,41 @@ def linear_cross_entropy_forward(
     return (loss.to(input.dtype), row_max, row_log_sum, target_logit, total_weight, *_finish(grads, input.dtype))
 
 
+def _backward_chunks(grad_loss: torch.Tensor, input: torch.Tensor, linear_weight: torch.Tensor,
+                     linear_bias: Optional[torch.Tensor], target: torch.Tensor, weight: Optional[torch.Tensor],
+                     row_max: torch.Tensor, row_log_sum: torch.Tensor, total_weight: torch.Tensor, reduction: int,
+                     ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
+                     chunk_size: int, output_mask: Sequence[bool],
+                     shard: Optional[tuple[int, int, torch.Tensor, torch.Tensor]] = None):
+    """The backward loop over checked arguments: each chunk's logits again, turned into
+    their gradient (with ``shard`` = (class_start, classes, row_weight, weight_sum) that
+    of the loss over every class for the shard's columns, see ce.backward_rows), and the
+    gradients that ``output_mask`` asks for accumulated."""
+    if not any(output_mask):
+        return None, None, None
+    rows = input.shape[0]
+    acc = torch.promote_types(input.dtype, torch.float32)
+    scale = grad_loss.to(acc)
+    if reduction == 1:
+        scale = scale / ce.mean_divisor(total_weight.to(acc))
+    if shard is not None:
+        # Converted once: each chunk's rows are then a contiguous view.
+        class_start, classes, row_weight, weight_sum = shard
+        row_weight = row_weight.to(acc).contiguous()
+    grads = _grad_buffers(input, linear_weight, output_mask)
+    chunk = chunk_rows(rows, linear_weight.shape[0], input.element_size(), chunk_size)
+    for begin in range(0, rows, chunk):
+        end = min(rows, begin + chunk)
+        x = input[begin:end]
+        logits = _linear(x, linear_weight, linear_bias)
+        ce.backward_rows(logits, logits, target[begin:end], weight, row_max[begin:end], row_log_sum[begin:end],
+                         scale[begin:end] if reduction == 0 else scale, ignore_index, label_smoothing,
+                         lse_square_scale, softcap,
+                         shard=None if shard is None else (class_start, classes, row_weight[begin:end], weight_sum))
+        _accumulate(grads, logits, x, linear_weight, begin)
+    return _finish(grads, input.dtype)
+
+
 def linear_cross_entropy_backward(
     grad_loss: torch.Tensor, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
     target: torch.Tensor, weight: Optional[torch.Tensor], row_max: torch.Tensor, row_log_sum: torch.Tensor,
@@ -151,22 +197,36 @@ def linear_cross_entropy_backward(
     op = "linear_cross_entropy_backward_triton"
     _check_inputs(op, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
                   lse_square_scale, softcap, chunk_size)
-    rows, classes = input.shape[0], linear_weight.shape[0]
+    ce.check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, input.shape[0], reduction, input)
+    return _backward_chunks(grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum,
+                            total_weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
+                            chunk_size, output_mask)
+
+
+def linear_cross_entropy_shard_backward(
+    grad_loss: torch.Tensor, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+    target: torch.Tensor, weight: Optional[torch.Tensor], row_max: torch.Tensor, row_log_sum: torch.Tensor,
+    row_weight: torch.Tensor, total_weight: torch.Tensor, weight_sum: torch.Tensor, reduction: int,
+    ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float, class_start: int,
+    classes: int, chunk_size: int, output_mask: Sequence[bool],
+):
+    """linear_cross_entropy_backward for a shard of the classes (vocabulary parallelism):
+    linear_weight and linear_bias hold rows [class_start, class_start + C_local) of an
+    output layer of ``classes`` classes; target holds class indices into every class or
+    the shard's probabilities, weight the shard's class weights; row_max, row_log_sum
+    and row_weight (R,) are the whole rows' and weight_sum (0-d) every class's weight
+    summed (as ce.cross_entropy_shard_backward's). grad_input is this shard's part of
+    the input's gradient, which the caller sums over the shards: the op
+    myext::linear_cross_entropy_shard_backward_triton."""
+    op = "linear_cross_entropy_shard_backward_triton"
+    _check_inputs(op, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
+                  lse_square_scale, softcap, chunk_size, shard=(class_start, classes))
+    rows = input.shape[0]
     ce.check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, reduction, input)
-    if not any(output_mask):
-        return None, None, None
-    acc = torch.promote_types(input.dtype, torch.float32)
-    scale = grad_loss.to(acc)
-    if reduction == 1:
-        scale = scale / ce.mean_divisor(total_weight.to(acc))
-    grads = _grad_buffers(input, linear_weight, output_mask)
-    chunk = chunk_rows(rows, classes, input.element_size(), chunk_size)
-    for begin in range(0, rows, chunk):
-        end = min(rows, begin + chunk)
-        x = input[begin:end]
-        logits = _linear(x, linear_weight, linear_bias)
-        ce.backward_rows(logits, logits, target[begin:end], weight, row_max[begin:end], row_log_sum[begin:end],
-                         scale[begin:end] if reduction == 0 else scale, ignore_index, label_smoothing,
-                         lse_square_scale, softcap)
-        _accumulate(grads, logits, x, linear_weight, begin)
-    return _finish(grads, input.dtype)
+    for name, t, shape in (("row_weight", row_weight, (rows,)), ("weight_sum", weight_sum, ())):
+        check_floating(op, name, t)
+        check(t.device == input.device, op, f"{name} is on {t.device} but input is on {input.device}")
+        check_shape(op, name, t, shape)
+    return _backward_chunks(grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum,
+                            total_weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
+                            chunk_size, output_mask, shard=(class_start, classes, row_weight, weight_sum))

@@ -60,9 +60,11 @@ struct Operands {
   bool class_targets;
 };
 
+// Class indices are checked against `classes`: the layer's, or with a shard of
+// the classes every class's.
 Operands prepare(const char* op, const at::Tensor& input, const at::Tensor& linear_weight,
                  const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
-                 const std::optional<at::Tensor>& weight, int64_t ignore_index) {
+                 const std::optional<at::Tensor>& weight, int64_t ignore_index, int64_t classes = -1) {
   Operands p{input.contiguous(),
              linear_weight.contiguous(),
              linear_bias.has_value() ? std::optional<at::Tensor>(linear_bias->contiguous()) : std::nullopt,
@@ -70,7 +72,8 @@ Operands prepare(const char* op, const at::Tensor& input, const at::Tensor& line
              weight.has_value() ? *weight : at::Tensor(),
              !target.is_floating_point()};
   if (p.class_targets) {
-    ce::check_class_indices(op, p.target.data_ptr<int64_t>(), p.target.numel(), p.w.size(0), ignore_index);
+    ce::check_class_indices(op, p.target.data_ptr<int64_t>(), p.target.numel(), classes < 0 ? p.w.size(0) : classes,
+                            ignore_index);
   }
   return p;
 }
@@ -158,6 +161,54 @@ linear_cross_entropy_forward_cpu(const at::Tensor& input, const at::Tensor& line
           std::get<2>(out)};
 }
 
+// A shard of the classes, as linear_cross_entropy_shard_backward gives it.
+struct ShardArgs {
+  const at::Tensor& row_weight;
+  const at::Tensor& weight_sum;
+  int64_t class_start;
+  int64_t classes;
+};
+
+// The backward chunk loop: each chunk's logits again, turned into their
+// gradient by the row kernels (of a shard of the classes, with `shard`).
+Grads backward_chunks(const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
+                      const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
+                      const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
+                      const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
+                      int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap,
+                      int64_t chunk_size, std::array<bool, 3> output_mask, const ShardArgs* shard) {
+  if (!(output_mask[0] || output_mask[1] || output_mask[2])) return {};
+  const Operands p = prepare(op, input, linear_weight, linear_bias, target, weight, ignore_index,
+                             shard != nullptr ? shard->classes : -1);
+  const int64_t rows = p.x.size(0);
+  const auto acc_type = at::toOpMathType(p.x.scalar_type());
+  const ce::BackwardInputs b = ce::backward_inputs(grad_loss, row_max, row_log_sum, total_weight, reduction, acc_type);
+  const at::Tensor row_weight = shard != nullptr ? shard->row_weight.to(acc_type).contiguous() : at::Tensor();
+  const ce::Settings settings{ignore_index, label_smoothing, lse_square_scale, softcap};
+  LinearGrads g = make_linear_grads(p.x, p.w, output_mask);
+  const int64_t chunk = chunk_rows(rows, p.w.size(0), p.x.element_size(), chunk_size);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, p.x.scalar_type(), "linear_cross_entropy_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const acc_t* scales = b.row_scale.defined() ? b.row_scale.data_ptr<acc_t>() : nullptr;
+        const double weight_sum = shard != nullptr ? shard->weight_sum.item<double>() : 0;
+        for_each_chunk(p.x, p.w, p.b, chunk, true, g, CpuGemms{},
+                       [&](const at::Tensor& logits, int64_t begin, int64_t count) {
+                         scalar_t* z = logits.data_ptr<scalar_t>();
+                         std::optional<ce::Shard<acc_t>> chunk_shard;
+                         if (shard != nullptr) {
+                           chunk_shard = ce::Shard<acc_t>{shard->class_start, shard->classes, weight_sum,
+                                                          row_weight.data_ptr<acc_t>() + begin};
+                         }
+                         ce::backward(chunk_rows_of(p, z, begin, count), z, p.weight,
+                                      b.row_max.data_ptr<acc_t>() + begin, b.row_log_sum.data_ptr<acc_t>() + begin,
+                                      scales == nullptr ? nullptr : scales + begin, b.common_scale, settings,
+                                      chunk_shard ? &*chunk_shard : nullptr);
+                       });
+      });
+  return finish(g, p.x.scalar_type());
+}
+
 Grads linear_cross_entropy_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
     const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -168,27 +219,27 @@ Grads linear_cross_entropy_backward_cpu(
   check_linear_cross_entropy_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
                                              row_max, row_log_sum, total_weight, reduction, label_smoothing,
                                              lse_square_scale, softcap, chunk_size);
-  if (!(output_mask[0] || output_mask[1] || output_mask[2])) return {};
-  const Operands p = prepare(op, input, linear_weight, linear_bias, target, weight, ignore_index);
-  const int64_t rows = p.x.size(0);
-  const auto acc_type = at::toOpMathType(p.x.scalar_type());
-  const ce::BackwardInputs b = ce::backward_inputs(grad_loss, row_max, row_log_sum, total_weight, reduction, acc_type);
-  const ce::Settings settings{ignore_index, label_smoothing, lse_square_scale, softcap};
-  LinearGrads g = make_linear_grads(p.x, p.w, output_mask);
-  const int64_t chunk = chunk_rows(rows, p.w.size(0), p.x.element_size(), chunk_size);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, p.x.scalar_type(), "linear_cross_entropy_backward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const acc_t* scales = b.row_scale.defined() ? b.row_scale.data_ptr<acc_t>() : nullptr;
-        for_each_chunk(p.x, p.w, p.b, chunk, true, g, CpuGemms{},
-                       [&](const at::Tensor& logits, int64_t begin, int64_t count) {
-                         scalar_t* z = logits.data_ptr<scalar_t>();
-                         ce::backward(chunk_rows_of(p, z, begin, count), z, p.weight,
-                                      b.row_max.data_ptr<acc_t>() + begin, b.row_log_sum.data_ptr<acc_t>() + begin,
-                                      scales == nullptr ? nullptr : scales + begin, b.common_scale, settings);
-                       });
-      });
-  return finish(g, p.x.scalar_type());
+  return backward_chunks(op, grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum,
+                         total_weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_size,
+                         output_mask, nullptr);
+}
+
+Grads linear_cross_entropy_shard_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
+    const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& row_max, const at::Tensor& row_log_sum, const at::Tensor& row_weight,
+    const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction, int64_t ignore_index,
+    double label_smoothing, double lse_square_scale, double softcap, int64_t class_start, int64_t classes,
+    int64_t chunk_size, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "linear_cross_entropy_shard_backward";
+  check_linear_cross_entropy_shard_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
+                                                   row_max, row_log_sum, row_weight, total_weight, weight_sum,
+                                                   reduction, label_smoothing, lse_square_scale, softcap,
+                                                   class_start, classes, chunk_size);
+  const ShardArgs shard{row_weight, weight_sum, class_start, classes};
+  return backward_chunks(op, grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum,
+                         total_weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_size,
+                         output_mask, &shard);
 }
 
 }  // namespace
@@ -196,6 +247,7 @@ Grads linear_cross_entropy_backward_cpu(
 TORCH_LIBRARY_IMPL(myext, CPU, m) {
   m.impl("linear_cross_entropy_forward", &linear_cross_entropy_forward_cpu);
   m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
+  m.impl("linear_cross_entropy_shard_backward", &linear_cross_entropy_shard_backward_cpu);
 }
 
 }  // namespace myext

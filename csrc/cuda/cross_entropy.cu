@@ -729,6 +729,30 @@ at::Tensor cross_entropy_shard_backward_cuda(
 
 }  // namespace
 
+// cross_entropy_shard_backward's gradient written over the logits: the row step
+// of linear_cross_entropy_shard_backward (linear_cross_entropy.cpp, which
+// declares it), as cross_entropy_backward_ is the unsharded loop's. A host
+// function, not a dispatcher op: the schemas have no in-place shard backward.
+void cross_entropy_shard_backward_inplace(
+    const at::Tensor& grad_loss, at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& row_max, const at::Tensor& row_log_sum,
+    const at::Tensor& row_weight, const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap, int64_t class_start,
+    int64_t classes) {
+  constexpr const char* op = "cross_entropy_shard_backward_inplace";
+  check_cross_entropy_shard_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, row_weight,
+                                            total_weight, weight_sum, reduction, label_smoothing, lse_square_scale,
+                                            softcap, class_start, classes);
+  // prepare() would copy other logits, and the gradient would land in the copy.
+  TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Inputs in = prepare(op, input, target, weight, weight_sum);
+  const ShardInputs shard{class_start, classes,
+                          row_weight.to(at::toOpMathType(in.x.scalar_type())).contiguous()};
+  backward_into(input, in, grad_loss, row_max, row_log_sum, total_weight, reduction, ignore_index,
+                label_smoothing, lse_square_scale, softcap, &shard);
+}
+
 TORCH_LIBRARY_IMPL(myext, CUDA, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward_cuda);
   m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);

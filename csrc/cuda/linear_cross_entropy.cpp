@@ -2,7 +2,8 @@
 // with cuBLAS GEMMs (through ATen) and the CUDA cross-entropy row kernels of
 // cross_entropy.cu, reached through their dispatcher ops: each chunk's rows
 // forward, then, where gradients are wanted, their gradient written over the
-// chunk's logits by the in-place backward op. Host code only (compiled as C++):
+// chunk's logits by the in-place backward op (for a shard of the classes, by
+// a host function of cross_entropy.cu). Host code only (compiled as C++):
 // the kernels it runs are cuBLAS's and cross_entropy.cu's. Nothing is read on
 // the host: the mean's divisor and the gradients' scale stay on the device.
 #include <ATen/ATen.h>
@@ -19,6 +20,15 @@
 
 namespace myext {
 namespace cuda {
+
+// Defined in cross_entropy.cu.
+void cross_entropy_shard_backward_inplace(
+    const at::Tensor& grad_loss, at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& row_max, const at::Tensor& row_log_sum,
+    const at::Tensor& row_weight, const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap, int64_t class_start,
+    int64_t classes);
+
 namespace {
 
 using ForwardRows = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
@@ -149,6 +159,49 @@ linear_cross_entropy_forward_cuda(const at::Tensor& input, const at::Tensor& lin
           std::get<2>(out)};
 }
 
+// A shard of the classes, as linear_cross_entropy_shard_backward gives it.
+struct ShardArgs {
+  const at::Tensor& row_weight;
+  const at::Tensor& weight_sum;
+  int64_t class_start;
+  int64_t classes;
+};
+
+// The backward chunk loop: each chunk's logits again, their gradient written
+// over them (of a shard of the classes, with `shard`).
+Grads backward_chunks(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
+                      const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+                      const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
+                      const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
+                      int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap,
+                      int64_t chunk_size, std::array<bool, 3> output_mask, const ShardArgs* shard) {
+  if (!(output_mask[0] || output_mask[1] || output_mask[2])) return {};
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Operands p = prepare(input, linear_weight, linear_bias, target);
+  LinearGrads g = make_linear_grads(p.x, p.w, output_mask);
+  const int64_t chunk = chunk_rows(p.x.size(0), p.w.size(0), p.x.element_size(), chunk_size);
+  for_each_chunk(p.x, p.w, p.b, chunk, true, g, CudaGemms{},
+                 [&](const at::Tensor& logits, int64_t begin, int64_t count) {
+                   at::Tensor grad_logits = logits;
+                   const at::Tensor chunk_grad_loss =
+                       reduction == at::Reduction::None ? grad_loss.narrow(0, begin, count) : grad_loss;
+                   const at::Tensor t = p.target.narrow(0, begin, count);
+                   const at::Tensor chunk_max = row_max.narrow(0, begin, count);
+                   const at::Tensor chunk_log_sum = row_log_sum.narrow(0, begin, count);
+                   if (shard == nullptr) {
+                     backward_rows_in_place().call(chunk_grad_loss, grad_logits, t, weight, chunk_max, chunk_log_sum,
+                                                   total_weight, reduction, ignore_index, label_smoothing,
+                                                   lse_square_scale, softcap);
+                   } else {
+                     cross_entropy_shard_backward_inplace(
+                         chunk_grad_loss, grad_logits, t, weight, chunk_max, chunk_log_sum,
+                         shard->row_weight.narrow(0, begin, count), total_weight, shard->weight_sum, reduction,
+                         ignore_index, label_smoothing, lse_square_scale, softcap, shard->class_start, shard->classes);
+                   }
+                 });
+  return finish(g, p.x.scalar_type());
+}
+
 Grads linear_cross_entropy_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
     const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -159,21 +212,28 @@ Grads linear_cross_entropy_backward_cuda(
   check_linear_cross_entropy_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
                                              row_max, row_log_sum, total_weight, reduction, label_smoothing,
                                              lse_square_scale, softcap, chunk_size);
-  if (!(output_mask[0] || output_mask[1] || output_mask[2])) return {};
-  const c10::cuda::CUDAGuard guard(input.device());
-  const Operands p = prepare(input, linear_weight, linear_bias, target);
-  LinearGrads g = make_linear_grads(p.x, p.w, output_mask);
-  const int64_t chunk = chunk_rows(p.x.size(0), p.w.size(0), p.x.element_size(), chunk_size);
-  for_each_chunk(p.x, p.w, p.b, chunk, true, g, CudaGemms{},
-                 [&](const at::Tensor& logits, int64_t begin, int64_t count) {
-                   at::Tensor grad_logits = logits;
-                   backward_rows_in_place().call(
-                       reduction == at::Reduction::None ? grad_loss.narrow(0, begin, count) : grad_loss, grad_logits,
-                       p.target.narrow(0, begin, count), weight, row_max.narrow(0, begin, count),
-                       row_log_sum.narrow(0, begin, count), total_weight, reduction, ignore_index, label_smoothing,
-                       lse_square_scale, softcap);
-                 });
-  return finish(g, p.x.scalar_type());
+  return backward_chunks(grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum,
+                         total_weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_size,
+                         output_mask, nullptr);
+}
+
+// weight_sum and total_weight stay on the device, where the row kernels read them.
+Grads linear_cross_entropy_shard_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
+    const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& row_max, const at::Tensor& row_log_sum, const at::Tensor& row_weight,
+    const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction, int64_t ignore_index,
+    double label_smoothing, double lse_square_scale, double softcap, int64_t class_start, int64_t classes,
+    int64_t chunk_size, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "linear_cross_entropy_shard_backward";
+  check_linear_cross_entropy_shard_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
+                                                   row_max, row_log_sum, row_weight, total_weight, weight_sum,
+                                                   reduction, label_smoothing, lse_square_scale, softcap,
+                                                   class_start, classes, chunk_size);
+  const ShardArgs shard{row_weight, weight_sum, class_start, classes};
+  return backward_chunks(grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum,
+                         total_weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_size,
+                         output_mask, &shard);
 }
 
 }  // namespace
@@ -181,6 +241,7 @@ Grads linear_cross_entropy_backward_cuda(
 TORCH_LIBRARY_IMPL(myext, CUDA, m) {
   m.impl("linear_cross_entropy_forward", &linear_cross_entropy_forward_cuda);
   m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cuda);
+  m.impl("linear_cross_entropy_shard_backward", &linear_cross_entropy_shard_backward_cuda);
 }
 
 }  // namespace cuda

@@ -291,55 +291,87 @@ class ShardRows(NamedTuple):
     weight_sum: torch.Tensor    # () the sum of every class's weight
 
 
-def shard_statistics(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], options: Options,
-                     shard: VocabParallel, backend: str) -> tuple[torch.Tensor, ...]:
-    """One rank's part of :class:`ShardRows`, from one forward kernel over its columns.
+class ShardForward(NamedTuple):
+    """How one rank's forward kernel runs over its columns (the shard's logits, or the
+    linear layer's rows that make them) to give its rows' statistics: with ``target``
+    and the options ``settings`` instead of the call's."""
 
-    Returns (max, log_sum, gap, target_logit, held_weight, weight_sum): per row the
-    max and log-sum of the shard's capped logits, ``gap`` = sum(v (lse_r - z)) over
-    the shard with lse_r the shard's own log-sum-exp (v = w for class indices with
-    smoothing, w q for probabilities, else unused), the target's logit and weight where
-    the shard holds the target (else 0; sum(w q) over the shard for probabilities), and
-    the shard's summed class weight. The gap is the kernel's loss with all of its terms
-    >= 0 (label smoothing 1 for class indices: eps / C_local sum(w (lse_r - z))), so
+    target: torch.Tensor                   # the kernel's target
+    settings: tuple                        # (reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
+    holds: Optional[torch.Tensor]          # class indices: the rows whose target is in the shard
+    held_weight: torch.Tensor              # (R,) see shard_statistics
+    weight_sum: torch.Tensor               # () the shard's summed class weight
+
+
+def shard_forward(target: torch.Tensor, weight: Optional[torch.Tensor], columns: int, options: Options,
+                  shard: VocabParallel, dtype: torch.dtype) -> ShardForward:
+    """The shard's forward kernel call, for ``columns`` classes of logits of ``dtype``.
+
+    The kernel's loss, with reduction none, is then each row's gap sum(v (lse_r - z))
+    over the shard, lse_r the shard's own log-sum-exp: class indices get label
+    smoothing 1 (whose loss is eps / C_local sum(w (lse_r - z))), probabilities the
+    smoothed target w q without further smoothing. Every term of the gap is >= 0, so
     that no sum of large terms cancels.
     """
-    rows, columns = input.shape
-    acc = acc_dtype(input.dtype)
+    acc = acc_dtype(dtype)
     eps = options.label_smoothing
     weight_sum = (weight.to(acc).sum() if weight is not None
-                  else torch.tensor(float(columns), dtype=acc, device=input.device))
+                  else torch.tensor(float(columns), dtype=acc, device=target.device))
     if target.is_floating_point():
         q = target * (1.0 - eps) + eps / shard.classes if eps > 0 else target
         held_weight = (q * weight if weight is not None else q).to(acc).sum(dim=1)
-        kernel_target, settings = q, (0, options.ignore_index, 0.0, 0.0, options.softcap)
+        return ShardForward(q, (0, options.ignore_index, 0.0, 0.0, options.softcap), None, held_weight, weight_sum)
+    kept = target != options.ignore_index
+    local = target - shard.start
+    holds = kept & (local >= 0) & (local < columns)
+    # Rows whose target is elsewhere still need their statistics: class 0 stands in
+    # (smoothing 1 gives it no weight); ignored rows are -1, which the kernel skips.
+    kernel_target = torch.where(holds, local, torch.where(kept, 0, -1))
+    if weight is None or columns == 0:
+        held_weight = holds.to(acc)
     else:
-        kept = target != options.ignore_index
-        local = target - shard.start
-        holds = kept & (local >= 0) & (local < columns)
-        # Rows whose target is elsewhere still need their statistics: class 0 stands in
-        # (smoothing 1 gives it no weight); ignored rows are -1, which the kernel skips.
-        kernel_target = torch.where(holds, local, torch.where(kept, 0, -1))
-        settings = (0, -1, 1.0 if eps > 0 else 0.0, 0.0, options.softcap)
-        if weight is None or columns == 0:
-            held_weight = holds.to(acc)
-        else:
-            held_weight = torch.where(holds, weight.to(acc)[local.clamp(0, columns - 1)], 0.0)
-    if columns == 0:
+        held_weight = torch.where(holds, weight.to(acc)[local.clamp(0, columns - 1)], 0.0)
+    return ShardForward(kernel_target, (0, -1, 1.0 if eps > 0 else 0.0, 0.0, options.softcap), holds, held_weight,
+                        weight_sum)
+
+
+def shard_statistics(plan: ShardForward, kernel_out: Optional[tuple[torch.Tensor, ...]], rows: int,
+                     columns: int) -> tuple[torch.Tensor, ...]:
+    """One rank's part of :class:`ShardRows` from its forward kernel's (loss, row_max,
+    row_log_sum, target_logit) as ``plan`` ran it (None for a shard of no columns).
+
+    Returns (max, log_sum, gap, target_logit, held_weight, weight_sum): per row the
+    max and log-sum of the shard's capped logits, the gap (see :func:`shard_forward`;
+    v = w for class indices, w q for probabilities), the target's logit and weight where
+    the shard holds the target (else 0; sum(w q) over the shard for probabilities), and
+    the shard's summed class weight.
+    """
+    acc = plan.held_weight.dtype
+    if kernel_out is None:
         # No logits here: an empty sum of exponentials, whose log is -inf.
-        empty = torch.zeros(rows, dtype=acc, device=input.device)
-        return (torch.full_like(empty, -math.inf), empty, empty, empty, held_weight, weight_sum)
-    if backend == "torch":
-        shard_options = Options(*settings)
-        loss = shard_options.reference(input, kernel_target, weight)
-        row_max, row_log_sum, target_logit = _reference_rows(input, kernel_target, shard_options)
-    else:
-        loss, row_max, row_log_sum, target_logit, _ = op("cross_entropy_forward", backend)(
-            input, kernel_target, weight, *settings)
-    gap = loss.to(acc) * columns if not target.is_floating_point() else loss.to(acc)
-    if not target.is_floating_point():
-        target_logit = torch.where(holds, target_logit, 0.0)
-    return row_max, row_log_sum, gap, target_logit, held_weight, weight_sum
+        empty = torch.zeros(rows, dtype=acc, device=plan.held_weight.device)
+        return (torch.full_like(empty, -math.inf), empty, empty, empty, plan.held_weight, plan.weight_sum)
+    loss, row_max, row_log_sum, target_logit = kernel_out
+    if plan.holds is None:
+        return row_max, row_log_sum, loss.to(acc), target_logit, plan.held_weight, plan.weight_sum
+    return (row_max, row_log_sum, loss.to(acc) * columns, torch.where(plan.holds, target_logit, 0.0),
+            plan.held_weight, plan.weight_sum)
+
+
+def shard_logit_statistics(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                           options: Options, shard: VocabParallel, backend: str) -> tuple[torch.Tensor, ...]:
+    """:func:`shard_statistics` of a shard's logits (R, C_local), from the backend's
+    cross-entropy forward kernel (for ``"torch"``, torch ops)."""
+    rows, columns = input.shape
+    plan = shard_forward(target, weight, columns, options, shard, input.dtype)
+    kernel_out = None
+    if columns and backend == "torch":
+        kernel_options = Options(*plan.settings)
+        kernel_out = (kernel_options.reference(input, plan.target, weight),
+                      *_reference_rows(input, plan.target, kernel_options))
+    elif columns:
+        kernel_out = op("cross_entropy_forward", backend)(input, plan.target, weight, *plan.settings)[:4]
+    return shard_statistics(plan, kernel_out, rows, columns)
 
 
 def combine_shards(statistics: tuple[torch.Tensor, ...], target: torch.Tensor, options: Options,
@@ -436,7 +468,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                 options: Options, shard: VocabParallel, backend: str):
-        rows = combine_shards(shard_statistics(input, target, weight, options, shard, backend), target, options,
+        rows = combine_shards(shard_logit_statistics(input, target, weight, options, shard, backend), target, options,
                               shard)
         ctx.save_for_backward(input, target, weight, *rows)
         ctx.options, ctx.shard, ctx.backend = options, shard, backend
@@ -660,7 +692,7 @@ def cross_entropy(
         loss = vocab_parallel_reference(input_2d, target_2d, weight, options, vocab_parallel)
         if return_lse or return_accuracy:
             with torch.no_grad():
-                rows = combine_shards(shard_statistics(input_2d, target_2d, weight, options, vocab_parallel, name),
+                rows = combine_shards(shard_logit_statistics(input_2d, target_2d, weight, options, vocab_parallel, name),
                                       target_2d, options, vocab_parallel)
             row_max, row_log_sum, target_logit = rows.row_max, rows.row_log_sum, rows.target_logit
     elif vocab_parallel is not None:
@@ -692,21 +724,21 @@ def shard_weight(weight: Optional[torch.Tensor], shard: VocabParallel, input: to
     return weight
 
 
-def check_vocab_parallel(shard: VocabParallel, columns: int, what: str, device: torch.device, backend: str) -> None:
+def check_vocab_parallel(shard: VocabParallel, columns: int, what: str, device: torch.device, backend: str,
+                         op_name: str = NAME) -> None:
     """``shard`` describes ``columns`` classes (those of ``what``), and ``backend`` has
-    the shard's kernels on ``device``."""
+    the shard kernels of the op ``op_name`` (its ``shard_backward`` capability) on
+    ``device``."""
     if not isinstance(shard, VocabParallel):
         raise TypeError(f"vocab_parallel must be a myext.distributed.VocabParallel, got {type(shard).__name__}")
     if columns != shard.size:
         raise ValueError(f"vocab_parallel holds classes [{shard.start}, {shard.stop}), {shard.size} of them, but "
                          f"{what} has {columns}")
-    if backend != "torch" and not has_capability(NAME, SHARD_BACKWARD, backend, device):
-        raise ValueError(f"backend {backend!r} has no vocabulary-parallel kernel on {device.type}; "
-                         f"use backend='torch' or one of {_shard_backends(device)}")
-
-
-def _shard_backends(device: torch.device) -> list[str]:
-    return [b for b in available_backends(device, NAME) if b == "torch" or has_capability(NAME, SHARD_BACKWARD, b, device)]
+    if backend != "torch" and not has_capability(op_name, SHARD_BACKWARD, backend, device):
+        shard_backends = [b for b in available_backends(device, op_name)
+                          if b == "torch" or has_capability(op_name, SHARD_BACKWARD, b, device)]
+        raise ValueError(f"backend {backend!r} has no vocabulary-parallel kernels for {op_name} on {device.type}; "
+                         f"backends that have: {shard_backends}")
 
 
 # --------------------------------------------------------------------------- the spec

@@ -116,6 +116,13 @@ def linear_cross_entropy_backward_fake(grad_loss, input, linear_weight, linear_b
     return _grad_fakes(input, linear_weight, linear_bias, output_mask)
 
 
+def linear_cross_entropy_shard_backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, row_max,
+                                             row_log_sum, row_weight, total_weight, weight_sum, reduction,
+                                             ignore_index, label_smoothing, lse_square_scale, softcap, class_start,
+                                             classes, chunk_size, output_mask):
+    return _grad_fakes(input, linear_weight, linear_bias, output_mask)
+
+
 # --------------------------------------------------------------------------- autograd
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -198,15 +205,6 @@ def _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weigh
 
 # --------------------------------------------------------------------------- vocabulary parallelism
 
-def _chunks(rows: int, chunk_size: int):
-    return (slice(begin, min(begin + chunk_size, rows)) for begin in range(0, rows, chunk_size))
-
-
-def _rows_of(rows: ce.ShardRows, chunk: slice) -> ce.ShardRows:
-    """The per-row fields of ``rows`` for the rows ``chunk`` (the scalars as they are)."""
-    return ce.ShardRows(*(t[chunk] if t.dim() else t for t in rows))
-
-
 class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy over every class of ``input @ linear_weight.T + linear_bias`` whose
     output rows (the classes) are split across ranks.
@@ -214,66 +212,56 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
     ``apply(input, linear_weight, linear_bias, target, weight, options, chunk_size,
     shard, backend)``: rows ``(R, H)`` (the same on every rank), this rank's rows
     ``[shard.start, shard.stop)`` of the linear weight and bias, class indices into
-    every class or the shard's probabilities, the shard's class weights. Forward makes
-    each chunk's logits (one GEMM) and reduces them to the rows' statistics with the
-    cross-entropy forward kernel; one combination over the ranks (myext.ops.
-    cross_entropy.combine_shards) gives the loss. Backward makes each chunk's logits
-    again, turns them into their gradient with the shard backward kernel, and
-    accumulates the gradients; the input's, summed over the ranks by an all_reduce, is
-    that of the whole problem. Differentiable once.
+    every class or the shard's probabilities, the shard's class weights. Forward runs
+    the fused forward op over the shard (each chunk's logits one GEMM, reduced to the
+    rows' statistics as myext.ops.cross_entropy.shard_forward plans), and one
+    combination over the ranks (combine_shards) gives the loss. Backward, the fused
+    shard backward op: each chunk's logits again, turned into their gradient with the
+    whole rows' statistics, and the gradients accumulated; the input's, summed over the
+    ranks by an all_reduce, is that of the whole problem. Differentiable once.
     """
 
     @staticmethod
     def forward(ctx: Any, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
                 target: torch.Tensor, weight: Optional[torch.Tensor], options: Options, chunk_size: int,
                 shard, backend: str):
-        parts = [ce.shard_statistics(affine(input[c], linear_weight, linear_bias), target[c], weight, options, shard,
-                                     backend) for c in _chunks(input.shape[0], chunk_size)]
-        if parts:
-            statistics = (*(torch.cat(column) for column in list(zip(*parts))[:5]), parts[0][5])
-        else:
-            statistics = ce.shard_statistics(input.new_empty(0, linear_weight.shape[0]), target, weight, options,
-                                             shard, backend)
-        rows = ce.combine_shards(statistics, target, options, shard)
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, *rows)
+        rows, columns = input.shape[0], linear_weight.shape[0]
+        plan = ce.shard_forward(target, weight, columns, options, shard, input.dtype)
+        kernel_out = None
+        if columns:
+            kernel_out = op("linear_cross_entropy_forward", backend)(
+                input, linear_weight, linear_bias, plan.target, weight, *plan.settings, chunk_size,
+                [False, False, False])[:4]
+        found = ce.combine_shards(ce.shard_statistics(plan, kernel_out, rows, columns), target, options, shard)
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, *found)
         ctx.options, ctx.chunk_size, ctx.shard, ctx.backend = options, chunk_size, shard, backend
-        ctx.mark_non_differentiable(rows.row_max, rows.row_log_sum, rows.target_logit)
-        loss = ce.reduce_rows(rows.loss, rows.total_weight, options.reduction, input.dtype)
-        return loss, rows.row_max, rows.row_log_sum, rows.target_logit
+        ctx.mark_non_differentiable(found.row_max, found.row_log_sum, found.target_logit)
+        loss = ce.reduce_rows(found.loss, found.total_weight, options.reduction, input.dtype)
+        return loss, found.row_max, found.row_log_sum, found.target_logit
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor, *unused_grads):
         input, linear_weight, linear_bias, target, weight, *saved = ctx.saved_tensors
-        rows, options, shard = ce.ShardRows(*saved), ctx.options, ctx.shard
-        wants_input, wants_weight, wants_bias, wants_target = (bool(ctx.needs_input_grad[i]) for i in range(4))
-        wants_target = wants_target and target.is_floating_point()
-        acc = acc_dtype(input.dtype) if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
-        grad_input = torch.empty_like(input) if wants_input else None
-        grad_weight = torch.zeros_like(linear_weight, dtype=acc) if wants_weight else None
-        grad_bias = torch.zeros(linear_weight.shape[0], dtype=torch.float64, device=input.device) if (
-            wants_bias and linear_bias is not None) else None
-        grad_target = torch.empty_like(target) if wants_target else None
-        per_row = options.reduction == REDUCTIONS["none"]
-        for c in _chunks(input.shape[0], ctx.chunk_size):
-            logits = affine(input[c], linear_weight, linear_bias)
-            chunk_rows = _rows_of(rows, c)
-            chunk_grad_loss = grad_loss[c] if per_row else grad_loss
-            if wants_target:
-                grad_target[c] = ce.shard_target_grad(chunk_grad_loss, logits, weight, chunk_rows, options)
-            grad_logits = ce.shard_input_grad(chunk_grad_loss, logits, target[c], weight, chunk_rows, options, shard,
-                                              ctx.backend)
-            if grad_input is not None:
-                torch.mm(grad_logits, linear_weight, out=grad_input[c])
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t().to(acc), input[c].to(acc))
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(dim=0, dtype=torch.float64)
+        found, options, shard = ce.ShardRows(*saved), ctx.options, ctx.shard
+        mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
+        grad_target = None
+        if ctx.needs_input_grad[3] and target.is_floating_point():
+            # The size of the logits, as the unsharded op's: from the shard's logits whole.
+            grad_target = ce.shard_target_grad(grad_loss, affine(input, linear_weight, linear_bias), weight, found,
+                                               options)
+        if linear_weight.shape[0]:
+            grad_input, grad_weight, grad_bias = op("linear_cross_entropy_shard_backward", ctx.backend)(
+                grad_loss, input, linear_weight, linear_bias, target, weight, found.row_max, found.row_log_sum,
+                found.row_weight, found.total_weight, found.weight_sum, *options, shard.start, shard.classes,
+                ctx.chunk_size, mask)
+        else:
+            grad_input = torch.zeros_like(input) if mask[0] else None
+            grad_weight = torch.zeros_like(linear_weight) if mask[1] else None
+            grad_bias = torch.zeros_like(linear_bias) if mask[2] and linear_bias is not None else None
         if grad_input is not None:
             torch.distributed.all_reduce(grad_input, group=shard.group)
-        return (grad_input, grad_weight.to(linear_weight.dtype) if grad_weight is not None else None,
-                grad_bias.to(linear_bias.dtype) if grad_bias is not None else None, grad_target,
-                None, None, None, None, None)
+        return grad_input, grad_weight, grad_bias, grad_target, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- the public function
@@ -370,7 +358,7 @@ def linear_cross_entropy(
     classes = linear_weight.shape[0]
     name = resolve_backend(backend, input.device, NAME)
     if vocab_parallel is not None:
-        ce.check_vocab_parallel(vocab_parallel, classes, "linear_weight's rows", input.device, name)
+        ce.check_vocab_parallel(vocab_parallel, classes, "linear_weight's rows", input.device, name, NAME)
     if not probabilities and (name != "cpp" or vocab_parallel is not None):
         ce.check_class_indices(target, vocab_parallel.classes if vocab_parallel is not None else classes,
                                ignore_index)
@@ -387,8 +375,9 @@ def linear_cross_entropy(
         loss = ce.vocab_parallel_reference(logits, target_2d, weight, options, vocab_parallel)
         if return_lse or return_accuracy:
             with torch.no_grad():
-                rows = ce.combine_shards(ce.shard_statistics(logits, target_2d, weight, options, vocab_parallel, name),
-                                         target_2d, options, vocab_parallel)
+                rows = ce.combine_shards(
+                    ce.shard_logit_statistics(logits, target_2d, weight, options, vocab_parallel, name), target_2d,
+                    options, vocab_parallel)
             row_max, row_log_sum, target_logit = rows.row_max, rows.row_log_sum, rows.target_logit
     elif vocab_parallel is not None:
         loss, row_max, row_log_sum, target_logit = VocabParallelLinearCrossEntropyFunction.apply(
@@ -558,7 +547,9 @@ SPEC = registry.register(registry.OpSpec(
     dispatcher_ops=("linear_cross_entropy_forward", "linear_cross_entropy_backward"),
     always_run=("linear_cross_entropy_forward",),
     fakes={"linear_cross_entropy_forward": linear_cross_entropy_forward_fake,
-           "linear_cross_entropy_backward": linear_cross_entropy_backward_fake},
+           "linear_cross_entropy_backward": linear_cross_entropy_backward_fake,
+           "linear_cross_entropy_shard_backward": linear_cross_entropy_shard_backward_fake},
+    capabilities={ce.SHARD_BACKWARD: "linear_cross_entropy_shard_backward"},
     samples=samples,
     accuracy_samples=accuracy_samples,
     benchmark=registry.Benchmark(
