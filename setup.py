@@ -1,17 +1,19 @@
-"""Builds myext._C: the C++ CPU kernels, and the CUDA kernels where CUDA is at hand.
+"""Builds myext._C (the op schemas, and the CUDA kernels where CUDA is at hand) and the
+C++ CPU kernels once per vector ISA, myext._cpu_default, _cpu_avx2 and _cpu_avx512 (x86-64;
+elsewhere the default build only), of which myext/_cpu.py loads the one the CPU runs, as
+ATen's own CPU kernels choose at run time: a wheel built on any machine runs on any CPU
+torch runs on.
 
 Environment variables:
   MYEXT_BUILD_CUDA=1/0       force the CUDA sources in or out (default: in when torch
                              is a CUDA build and nvcc is found).
   TORCH_CUDA_ARCH_LIST       GPU architectures to compile for (default "8.0;9.0").
-  MYEXT_CPU_CAPABILITY       avx512, avx2 or default: the vector ISA of the CPU kernels
-                             (default: the best this machine supports, since the
-                             extension is built where it runs).
   MAX_JOBS                   parallel compile jobs (default: the machine's cores).
 """
 
 import glob
 import os
+import platform
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -29,23 +31,9 @@ CPU_CAPABILITY_FLAGS = {
 }
 
 
-def detect_cpu_capability() -> str:
-    requested = os.environ.get("MYEXT_CPU_CAPABILITY")
-    if requested:
-        if requested not in CPU_CAPABILITY_FLAGS:
-            raise ValueError(f"MYEXT_CPU_CAPABILITY must be one of {sorted(CPU_CAPABILITY_FLAGS)}, "
-                             f"got {requested!r}")
-        return requested
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return "default"
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= set(flags):
-        return "avx512"
-    if {"avx2", "fma", "f16c"} <= set(flags):
-        return "avx2"
-    return "default"
+def cpu_capabilities() -> list[str]:
+    """The ISAs the CPU kernels are built for: all three on x86-64, else the default."""
+    return list(CPU_CAPABILITY_FLAGS) if platform.machine().lower() in ("x86_64", "amd64") else ["default"]
 
 
 def want_cuda() -> bool:
@@ -96,44 +84,62 @@ def cublaslt_build_options():
     return include_flags, {"libraries": ["cublasLt"]}
 
 
-def extension():
-    sources = [os.path.join("csrc", "myext.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    # No -std: torch's build helper adds the standard its headers need (C++20 from
-    # torch 2.14 on). -g0: debug info makes the compile about 40% slower.
-    # -ffp-contract=off: a product written once rounds the same everywhere (a fused
-    # multiply-add would not), so that terms meant to cancel do, e.g. the gradient of
-    # a row of one class is exactly 0; the vector code asks for its fmadds itself.
+# -ffp-contract=off: a product written once rounds the same everywhere (a fused
+# multiply-add would not), so that terms meant to cancel do, e.g. the gradient of a row
+# of one class is exactly 0; the vector code asks for its fmadds itself. -g0: debug info
+# makes the compile about 40% slower. No -std: torch's build helper adds the standard its
+# headers need (C++20 from torch 2.14 on).
+COMMON_CXX_FLAGS = ["-O3", "-g0", "-ffp-contract=off", "-fdiagnostics-color=always"]
+
+
+def schema_extension():
+    """myext._C: the schemas (csrc/myext.cpp) and, in a CUDA build, the CUDA kernels."""
+    sources = [os.path.join("csrc", "myext.cpp")]
+    extra_compile_args = {"cxx": list(COMMON_CXX_FLAGS)}
+    kwargs = {}
+    if not want_cuda():
+        return cpp_extension.CppExtension("myext._C", sources, extra_compile_args=extra_compile_args,
+                                          py_limited_api=True)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    include_flags, kwargs = cublaslt_build_options()
+    extra_compile_args["cxx"] += include_flags
+    extra_compile_args["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"] + include_flags
+    return cpp_extension.CUDAExtension("myext._C", sources, extra_compile_args=extra_compile_args,
+                                       py_limited_api=True, **kwargs)
+
+
+def cpu_kernel_extension(capability: str):
+    """myext._cpu_<capability>: every csrc/cpu source compiled for that ISA.
+
+    Each source is compiled through a one-line file of its own under build/ that
+    includes it, so that each ISA's objects have paths of their own (setuptools names an
+    object after its source) and a rebuild recompiles only what changed.
+    """
+    module = f"_cpu_{capability}"
+    wrapper_dir = os.path.join("build", "cpu_kernels", capability)
+    os.makedirs(wrapper_dir, exist_ok=True)
+    sources = []
+    for source in sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))):
+        wrapper = os.path.join(wrapper_dir, os.path.basename(source))
+        text = f'#include "{os.path.join(ROOT, source)}"\n'
+        if not os.path.exists(wrapper) or open(wrapper).read() != text:
+            with open(wrapper, "w") as f:
+                f.write(text)
+        sources.append(wrapper)
     # -fopenmp: at::parallel_for is inline code over OpenMP; compiled without it, its
-    # pragmas are ignored and every CPU kernel runs on one thread. The library it
-    # links is torch's own libgomp.so.1, already loaded: one OpenMP runtime.
-    cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fopenmp", "-fdiagnostics-color=always"]
-    cxx_flags += CPU_CAPABILITY_FLAGS[detect_cpu_capability()]
-    extra_compile_args = {"cxx": cxx_flags}
-    kwargs = {"extra_link_args": ["-fopenmp"]}
-    if want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-        include_flags, cuda_kwargs = cublaslt_build_options()
-        kwargs.update(cuda_kwargs)
-        extra_compile_args["cxx"] = cxx_flags + include_flags
-        extra_compile_args["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"] + include_flags
-        ext_class = cpp_extension.CUDAExtension
-    else:
-        ext_class = cpp_extension.CppExtension
-    return ext_class(
-        "myext._C",
-        sources,
-        extra_compile_args=extra_compile_args,
-        py_limited_api=True,
-        **kwargs,
-    )
+    # pragmas are ignored and every CPU kernel runs on one thread. The library it links
+    # is torch's own libgomp.so.1, already loaded: one OpenMP runtime.
+    cxx_flags = COMMON_CXX_FLAGS + ["-fopenmp", f"-DMYEXT_CPU_MODULE={module}"] + CPU_CAPABILITY_FLAGS[capability]
+    return cpp_extension.CppExtension(f"myext.{module}", sources, extra_compile_args={"cxx": cxx_flags},
+                                      extra_link_args=["-fopenmp"], py_limited_api=True)
 
 
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 
 setup(
-    ext_modules=[extension()],
+    ext_modules=[schema_extension()] + [cpu_kernel_extension(c) for c in cpu_capabilities()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

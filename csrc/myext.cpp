@@ -7,22 +7,18 @@
 
 #include "cpu/gemm.h"
 
-#define MYEXT_STRINGIFY_(x) #x
-#define MYEXT_STRINGIFY(x) MYEXT_STRINGIFY_(x)
-
 extern "C" {
 // `import myext._C` loads this shared object so that the static TORCH_LIBRARY
-// initialisers below run. The module holds two facts of the build, for
-// myext.machine: the vector ISA the CPU kernels were compiled for (setup.py's
-// MYEXT_CPU_CAPABILITY) and the size from which float32 GEMMs go to oneDNN.
+// initialisers below run (the CPU kernels are in myext._cpu_<isa>, one build
+// per vector ISA: csrc/cpu/module.cpp). The module holds a fact of the build,
+// for myext.machine: the size from which float32 GEMMs go to oneDNN.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   PyObject* min_flops = PyFloat_FromDouble(myext::cpu::kOneDnnMinFlops);
-  if (PyModule_AddStringConstant(module, "cpu_capability", MYEXT_STRINGIFY(CPU_CAPABILITY)) < 0 ||
-      min_flops == nullptr || PyModule_AddObject(module, "onednn_min_flops", min_flops) < 0) {
+  if (min_flops == nullptr || PyModule_AddObject(module, "onednn_min_flops", min_flops) < 0) {
     Py_XDECREF(min_flops);
     Py_DECREF(module);
     return nullptr;

@@ -7,7 +7,8 @@ reference (``backend="torch"``) that every kernel is tested against.
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # noqa: F401  (registers the myext:: ops and their kernels)
+from . import _C  # noqa: F401  (registers the myext:: ops, and the CUDA kernels of a CUDA build)
+from . import _cpu  # noqa: F401  (registers the CPU kernels built for this CPU's vector ISA)
 from . import ops  # noqa: F401  (registers each op: its spec, fake kernels)
 from . import autograd, backends, reference, registry, testing
 from .backends import available_backends

@@ -21,7 +21,7 @@ import torch
 
 import triton_ops
 
-from . import _C  # noqa: F401  (its kernels must be registered before they are probed)
+from . import _C, _cpu  # noqa: F401  (their kernels must be registered before they are probed)
 from . import registry
 from ._library import TRITON_SUFFIX, register_triton_ops
 

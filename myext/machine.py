@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import _C
+from . import _C, _cpu
 
 __all__ = ["cpu_description", "cpu_model", "describe_cpu"]
 
@@ -44,11 +44,11 @@ def _gemm_path() -> str:
 
 
 def describe_cpu() -> dict[str, Any]:
-    """The CPU model, the vector ISA myext's CPU kernels were built for, torch's own
-    (its kernels choose at run time), the thread count and the CPU GEMM path."""
+    """The CPU model, the vector ISA of the build of myext's CPU kernels in use and
+    torch's own (both chosen at run time), the thread count and the CPU GEMM path."""
     return {
         "cpu": cpu_model(),
-        "myext_cpu_capability": _C.cpu_capability,
+        "myext_cpu_capability": _cpu.CAPABILITY,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "gemm": _gemm_path(),

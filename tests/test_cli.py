@@ -72,7 +72,7 @@ def test_check_passes_from_the_console_script(tmp_path):
     assert header.split()[:4] == ["op", "backend", "device", "dtype"] and "max error" in header
     assert not [line for line in lines if " triton " in line]
     assert lines[1].startswith(f"cpu: {myext.machine.cpu_model()}, ")
-    assert f"kernels {myext._C.cpu_capability}" in lines[1] and "GEMMs: " in lines[1]
+    assert f"kernels {myext._cpu.CAPABILITY}" in lines[1] and "GEMMs: " in lines[1]
     for backend in CPU_BACKENDS:
         for op in myext.registry.names():
             rows = [line.split() for line in lines if line.split()[:3] == [op, backend, "cpu"]]
