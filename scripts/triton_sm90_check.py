@@ -1,0 +1,129 @@
+"""Compiles every Triton kernel variant of myext for sm_90 (Hopper) on a machine without a
+GPU, and reports what the generated code uses: warp-group MMA (wgmma) in the GEMMs, TMA
+(cp.async.bulk.tensor), the older mma.sync, and the shared memory it asks for (registers
+and spills are known only once a device loads the code). Triton compiles for a
+target without its device (its bundled ptxas): this checks code generation only, never
+speed or results (scripts/gpu_check.sh runs the kernels on a GPU)::
+
+    python scripts/triton_sm90_check.py    # exit status 1 if a GEMM of 4+ warps has no wgmma
+
+Variants: the linear_relu GEMM with each autotune config, in bfloat16, float16 and float32
+(TF32), for the three passes its host code launches (forward with bias and ReLU; the input
+gradient with the ReLU mask on A; the weight gradient with the mask and the row sum), and
+the cross-entropy forward and backward kernels (class indices and probabilities, weights,
+smoothing, the shard flag) in bfloat16 and float32.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise SystemExit("triton_sm90_check: unset TRITON_INTERPRET: the interpreter compiles nothing")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import triton_ops.cross_entropy as ce  # noqa: E402
+import triton_ops.linear_relu as lr  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+# The most shared memory a block may take on an H100/H200 (227 KiB).
+SM90_SHARED_BYTES = 227 * 1024
+TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int64": "i64"}
+
+
+def compile_variant(fn, pointer_types: dict[str, str], constexprs: dict, options: dict):
+    """``fn`` compiled for sm_90: pointers typed by ``pointer_types`` (by argument name),
+    arguments annotated tl.float64 as fp64, the rest i32."""
+    params = {p.name: p for p in fn.params}
+    signature = {}
+    for name in fn.arg_names:
+        if params[name].is_constexpr:
+            signature[name] = "constexpr"
+        elif name in pointer_types:
+            signature[name] = "*" + pointer_types[name]
+        elif "float64" in str(params[name].annotation):
+            signature[name] = "fp64"
+        else:
+            signature[name] = "i32"
+    positions = {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
+    return triton.compile(ASTSource(fn, signature=signature, constexprs=positions), target=TARGET, options=options)
+
+
+def report(kernel) -> dict:
+    ptx = kernel.asm["ptx"]
+    return {"wgmma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),
+            "mma.sync": ptx.count("mma.sync"), "smem": kernel.metadata.shared}
+
+
+def gemm_variants():
+    passes = {
+        "forward (bias, ReLU)": dict(HAS_BIAS=True, RELU=True, MASK_A=False, ROW_SUM=False),
+        "input grad (mask on A)": dict(HAS_BIAS=False, RELU=False, MASK_A=True, ROW_SUM=False),
+        "weight grad (mask, row sum)": dict(HAS_BIAS=False, RELU=False, MASK_A=True, ROW_SUM=True),
+    }
+    for dtype in ("bfloat16", "float16", "float32"):
+        pointer = TRITON_TYPES[dtype]
+        pointers = {name: pointer for name in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "mask_ptr", "row_sum_ptr")}
+        precision = "tf32" if dtype == "float32" else "ieee"
+        for pass_name, flags in passes.items():
+            for config in lr._CONFIGS:
+                constexprs = dict(**flags, FP64=False, WIDEN=False, INPUT_PRECISION=precision, **config.kwargs)
+                tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                label = f"linear_relu GEMM {dtype} {pass_name} {tile} s{config.num_stages} w{config.num_warps}"
+                yield label, lr._gemm_kernel, pointers, constexprs, dict(num_warps=config.num_warps,
+                                                                        num_stages=config.num_stages)
+
+
+def cross_entropy_variants():
+    for dtype in ("bfloat16", "float32"):
+        pointer = TRITON_TYPES[dtype]
+        for prob in (False, True):
+            target = pointer if prob else "i64"
+            flags = dict(PROB_TARGET=prob, HAS_WEIGHT=True, SMOOTHING=True, Z_LOSS=True, SOFTCAP=True,
+                         BLOCK_R=1, BLOCK_C=4096)
+            forward_pointers = dict(x_ptr=pointer, target_ptr=target, weight_ptr=pointer, loss_ptr="fp32",
+                                    max_ptr="fp32", log_sum_ptr="fp32", target_logit_ptr="fp32",
+                                    row_weight_ptr="fp32")
+            kind = "prob" if prob else "class"
+            yield (f"cross_entropy forward {dtype} {kind}", ce._cross_entropy_forward_kernel, forward_pointers,
+                   flags, dict(num_warps=8))
+            backward_pointers = dict(grad_ptr=pointer, x_ptr=pointer, target_ptr=target, weight_ptr=pointer,
+                                     max_ptr="fp32", log_sum_ptr="fp32", scale_ptr="fp32", row_weight_ptr="fp32",
+                                     weight_sum_ptr="fp32")
+            for shard in (False, True):
+                yield (f"cross_entropy backward {dtype} {kind}{' shard' if shard else ''}",
+                       ce._cross_entropy_backward_kernel, backward_pointers, dict(**flags, SHARD=shard),
+                       dict(num_warps=8))
+
+
+def main() -> int:
+    print(f"triton {triton.__version__}, target {TARGET}")
+    print(f"{'variant':78} {'wgmma':>5} {'tma':>4} {'mma.sync':>8} {'smem bytes':>10}")
+    failures = []
+    for label, fn, pointers, constexprs, options in (*gemm_variants(), *cross_entropy_variants()):
+        try:
+            found = report(compile_variant(fn, pointers, constexprs, options))
+        except Exception as err:  # reported, and the run fails
+            failures.append(f"{label}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            print(f"{label:78} failed to compile")
+            continue
+        note = "  over sm_90's shared memory: the autotuner skips it" if found["smem"] > SM90_SHARED_BYTES else ""
+        print(f"{label:78} {found['wgmma']:5} {found['tma']:4} {found['mma.sync']:8} {found['smem']:10}{note}")
+        # A warp group is 4 warps: a GEMM of fewer cannot issue wgmma, and mma.sync is its due.
+        if label.startswith("linear_relu GEMM") and options["num_warps"] >= 4 and found["wgmma"] == 0:
+            failures.append(f"{label}: no wgmma")
+    if failures:
+        print("\n".join(["", "triton_sm90_check: FAIL", *failures]))
+        return 1
+    print("\ntriton_sm90_check: PASS: every variant compiles for sm_90, every GEMM of 4+ warps with wgmma")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
