@@ -1,7 +1,8 @@
 """Runs the vocabulary-parallel and data-parallel cases for tests/test_distributed.py in a
-process group of its own: ``python tests/distributed_worker.py SUITE WORLD_SIZE OUT``
-spawns WORLD_SIZE gloo processes on this machine, each runs every case of SUITE, and
-rank 0 writes {case name: [errors]} as JSON to OUT (an empty list: the case passed).
+process group of its own: ``python tests/distributed_worker.py SUITE WORLD_SIZE OUT [nccl]``
+spawns WORLD_SIZE processes on this machine (gloo on the CPU, or NCCL on one GPU each),
+each runs every case of SUITE, and rank 0 writes {case name: [errors]} as JSON to OUT (an
+empty list: the case passed).
 
 Each case builds the whole problem on every rank from one seed, runs the sharded op on
 this rank's slice of the classes, and compares the loss, the extras and this rank's
@@ -32,6 +33,15 @@ import myext  # noqa: E402
 from myext.distributed import VocabParallel  # noqa: E402
 
 CASES: dict[str, dict[str, Callable[[], None]]] = {}
+# Where the cases run: the CPU with gloo, or with NCCL each rank's own GPU (set by
+# _run_rank, which also makes it torch's default device). NATIVE is its C++ backend.
+DEVICE = torch.device("cpu")
+NATIVE = "cpp"
+
+
+def _generator(seed: int) -> torch.Generator:
+    """A generator on the cases' device: every rank draws the same tensors."""
+    return torch.Generator(DEVICE).manual_seed(seed)
 
 
 def case(suite: str, name: str):
@@ -50,11 +60,12 @@ def close(name: str, actual: torch.Tensor, expected: torch.Tensor, *, rtol: floa
 
 # --------------------------------------------------------------------------- cross-entropy
 
-def _ce_case(*, kind: str = "class", weighted: str = "", dtype=torch.float64, backend: str = "cpp",
+def _ce_case(*, kind: str = "class", weighted: str = "", dtype=torch.float64, backend: str = "native",
              rows: int = 6, classes: int = 11, scale: float = 3.0, shape_suffix: tuple[int, ...] = (),
              **options) -> Callable[[], None]:
     def run() -> None:
-        generator = torch.Generator().manual_seed(1234)
+        name = NATIVE if backend == "native" else backend
+        generator = _generator(1234)
         logits = (torch.randn(rows, classes, *shape_suffix, generator=generator, dtype=torch.float64) * scale)
         if kind == "class":
             target = torch.randint(0, classes, (rows, *shape_suffix), generator=generator)
@@ -70,11 +81,11 @@ def _ce_case(*, kind: str = "class", weighted: str = "", dtype=torch.float64, ba
         if weight is not None:
             shard_weight = (weight if weighted == "full" else weight[shard.start:shard.stop]).to(dtype)
         extras = kind == "class"
-        out = myext.cross_entropy(local, local_target, shard_weight, vocab_parallel=shard, backend=backend,
+        out = myext.cross_entropy(local, local_target, shard_weight, vocab_parallel=shard, backend=name,
                                   return_lse=True, return_accuracy=extras, **options)
         whole = logits.to(dtype).requires_grad_()
         expected = myext.cross_entropy(whole, target.to(dtype) if kind == "prob" else target,
-                                       weight.to(dtype) if weight is not None else None, backend="cpp",
+                                       weight.to(dtype) if weight is not None else None, backend=NATIVE,
                                        return_lse=True, return_accuracy=extras, **options)
         upstream = torch.randn(out.loss.shape, generator=generator, dtype=torch.float64).to(dtype)
         (grad,) = torch.autograd.grad(out.loss, local, upstream)
@@ -135,7 +146,7 @@ def _gradcheck() -> None:
     # gradcheck over the whole logits: every rank then makes the same number of calls,
     # and with them of collectives, also where the shards differ in size.
     shard = VocabParallel.split(7)
-    generator = torch.Generator().manual_seed(5)
+    generator = _generator(5)
     logits = torch.randn(4, 7, generator=generator, dtype=torch.float64).requires_grad_()
     target = torch.tensor([0, 6, -100, 3])
     weight = (torch.rand(7, generator=generator, dtype=torch.float64) + 0.5)[shard.start:shard.stop]
@@ -143,7 +154,7 @@ def _gradcheck() -> None:
     def columns(x):
         return _WholeGradient.apply(x)[:, shard.start:shard.stop]
 
-    for backend in ("cpp", "torch"):
+    for backend in (NATIVE, "torch"):
         def loss(x, backend=backend):
             return myext.cross_entropy(columns(x), target, weight, label_smoothing=0.1, lse_square_scale=0.05,
                                        softcap=2.0, reduction="none", vocab_parallel=shard, backend=backend)
@@ -156,7 +167,7 @@ def _gradcheck() -> None:
 
 def _mesh():
     from torch.distributed.device_mesh import init_device_mesh
-    return init_device_mesh("cpu", (dist.get_world_size(),))
+    return init_device_mesh(DEVICE.type, (dist.get_world_size(),))
 
 
 @case("cross_entropy", "DTensor Shard(1)")
@@ -164,7 +175,7 @@ def _dtensor() -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     mesh = _mesh()
     for classes in (11, 2):  # DTensor's split: 4, 4, 3 and 1, 1, 0 classes over 3 ranks
-        generator = torch.Generator().manual_seed(classes)
+        generator = _generator(classes)
         logits = torch.randn(6, classes, generator=generator, dtype=torch.float64)
         target = torch.randint(0, classes, (6,), generator=generator)
         target[1] = -100
@@ -184,10 +195,11 @@ def _dtensor() -> None:
 # --------------------------------------------------------------------------- linear cross-entropy
 
 def _linear_ce_case(*, kind: str = "class", weighted: str = "", bias: bool = True, dtype=torch.float64,
-                    backend: str = "cpp", rows: int = 9, features: int = 5, classes: int = 11,
+                    backend: str = "native", rows: int = 9, features: int = 5, classes: int = 11,
                     chunk_size: int = 4, batch: tuple[int, ...] = (), **options) -> Callable[[], None]:
     def run() -> None:
-        generator = torch.Generator().manual_seed(99)
+        name = NATIVE if backend == "native" else backend
+        generator = _generator(99)
         shape = (*batch, rows)
         x = torch.randn(*shape, features, generator=generator, dtype=torch.float64)
         w = torch.randn(classes, features, generator=generator, dtype=torch.float64)
@@ -211,11 +223,11 @@ def _linear_ce_case(*, kind: str = "class", weighted: str = "", bias: bool = Tru
             shard_weight = (weight if weighted == "full" else weight[part]).to(dtype)
         extras = kind == "class"
         out = myext.linear_cross_entropy(leaves[0], leaves[1], local_target, linear_bias=leaves[2] if bias else None,
-                                         weight=shard_weight, vocab_parallel=shard, backend=backend,
+                                         weight=shard_weight, vocab_parallel=shard, backend=name,
                                          chunk_size=chunk_size, return_lse=True, return_accuracy=extras, **options)
         expected = myext.linear_cross_entropy(whole[0], whole[1], target.to(dtype) if kind == "prob" else target,
                                               linear_bias=whole[2] if bias else None,
-                                              weight=weight.to(dtype) if weight is not None else None, backend="cpp",
+                                              weight=weight.to(dtype) if weight is not None else None, backend=NATIVE,
                                               return_lse=True, return_accuracy=extras, **options)
         upstream = torch.randn(out.loss.shape, generator=generator, dtype=torch.float64).to(dtype)
         grads = torch.autograd.grad(out.loss, leaves, upstream)
@@ -253,7 +265,7 @@ for _name, _kwargs in {
 @case("linear_cross_entropy", "gradcheck")
 def _linear_gradcheck() -> None:
     shard = VocabParallel.split(7)
-    generator = torch.Generator().manual_seed(7)
+    generator = _generator(7)
     x = torch.randn(5, 3, generator=generator, dtype=torch.float64).requires_grad_()
     w = torch.randn(7, 3, generator=generator, dtype=torch.float64).requires_grad_()
     b = torch.randn(7, generator=generator, dtype=torch.float64).requires_grad_()
@@ -274,7 +286,7 @@ def _linear_gradcheck() -> None:
 def _linear_dtensor() -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
     mesh = _mesh()
-    generator = torch.Generator().manual_seed(4)
+    generator = _generator(4)
     x = torch.randn(7, 5, generator=generator, dtype=torch.float64)
     w = torch.randn(11, 5, generator=generator, dtype=torch.float64)
     b = torch.randn(11, generator=generator, dtype=torch.float64)
@@ -310,7 +322,7 @@ def _data_parallel_case(model_name: str, wrap: str) -> Callable[[], None]:
     ranks, against the same steps in this process on the whole batches."""
     def run() -> None:
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        generator = torch.Generator().manual_seed(3)
+        generator = _generator(3)
         images = torch.randn(3, 12, 1, 28, 28, generator=generator, dtype=torch.float64)
         labels = torch.randint(0, 10, (3, 12), generator=generator)
         if model_name == "SimpleNet":
@@ -362,12 +374,17 @@ for _model in ("SimpleNet", "MultiTaskNet"):
 
 # --------------------------------------------------------------------------- driver
 
-def _run_rank(rank: int, world_size: int, suite: str, init_file: str, out: str) -> None:
+def _run_rank(rank: int, world_size: int, suite: str, init_file: str, out: str, group_backend: str) -> None:
+    global DEVICE, NATIVE
     torch.set_num_threads(1)
+    if group_backend == "nccl":
+        DEVICE, NATIVE = torch.device("cuda", rank), "cuda"
+        torch.cuda.set_device(DEVICE)
+        torch.set_default_device(DEVICE)
     # A rank that fails between collectives leaves the others waiting: the timeout
     # turns that into an error of the case instead of a test run that never ends.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=20))
+    dist.init_process_group(group_backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
     results = {}
     for name, fn in CASES[suite].items():
         try:
@@ -394,8 +411,10 @@ def _leave(rank: int) -> None:
 
 def main(argv: list[str]) -> None:
     suite, world_size, out = argv[0], int(argv[1]), argv[2]
+    group_backend = argv[3] if len(argv) > 3 else "gloo"
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_run_rank, args=(world_size, suite, os.path.join(tmp, "init"), out), nprocs=world_size)
+        mp.spawn(_run_rank, args=(world_size, suite, os.path.join(tmp, "init"), out, group_backend),
+                 nprocs=world_size)
 
 
 if __name__ == "__main__":
