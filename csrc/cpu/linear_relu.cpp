@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <array>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace myext {
@@ -80,18 +81,57 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   return output.view(out_shape);
 }
 
+// gp = g where y > 0, else 0 (a NaN y gives 0, as torch's threshold_backward),
+// over n elements; with `sums`, gp is also added into them: in double for
+// float32/float64, in float for bfloat16/float16. Those two are widened a vector
+// at a time and masked in float: their own comparisons and an element-by-element
+// sum would each widen them again.
+template <typename scalar_t, typename S>
+void mask_row(const scalar_t* g, const scalar_t* y, scalar_t* gp, S* sums, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  int64_t c = 0;
+  if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+    using FVec = Vectorized<float>;
+    const FVec zero(0.0f);
+    for (; c + Vec::size() <= n; c += Vec::size()) {
+      const auto [g_low, g_high] = at::vec::convert_to_float<scalar_t>(Vec::loadu(g + c));
+      const auto [y_low, y_high] = at::vec::convert_to_float<scalar_t>(Vec::loadu(y + c));
+      const FVec low = FVec::blendv(zero, g_low, y_low > zero);
+      const FVec high = FVec::blendv(zero, g_high, y_high > zero);
+      at::vec::convert_from_float<scalar_t>(low, high).store(gp + c);
+      if (sums != nullptr) {
+        (FVec::loadu(sums + c) + low).store(sums + c);
+        (FVec::loadu(sums + c + FVec::size()) + high).store(sums + c + FVec::size());
+      }
+    }
+  } else {
+    const Vec zero(scalar_t(0));
+    for (; c + Vec::size() <= n; c += Vec::size()) {
+      Vec::blendv(zero, Vec::loadu(g + c), Vec::loadu(y + c) > zero).store(gp + c);
+    }
+    if (sums != nullptr) {
+      for (int64_t i = 0; i < c; ++i) sums[i] += static_cast<S>(gp[i]);
+    }
+  }
+  for (; c < n; ++c) {
+    gp[c] = y[c] > scalar_t(0) ? g[c] : scalar_t(0);
+    if (sums != nullptr) sums[c] += static_cast<S>(gp[c]);
+  }
+}
+
 // grad_pre = grad_output * (output > 0); grad_bias (unless null) = grad_pre
 // summed over rows.
 // Rows are split into a fixed number of blocks whose partial bias sums are
 // added in block order, so the result does not depend on the thread count.
-// The sums are in double: a running sum down thousands of rows would
-// otherwise be less precise than PyTorch's pairwise one.
+// Each block's sum is in double for float32 and float64 (a running sum down
+// thousands of rows would otherwise be less precise than PyTorch's pairwise
+// one), in float for bfloat16 and float16, whose gradient keeps 8 or 11 bits;
+// the blocks are added in double.
 template <typename scalar_t>
 void relu_backward_rows(const scalar_t* grad_out, const scalar_t* out,
                         scalar_t* grad_pre, scalar_t* grad_bias, int64_t rows,
                         int64_t cols) {
-  using acc_t = double;
-  using Vec = Vectorized<scalar_t>;
+  using acc_t = std::conditional_t<c10::is_reduced_floating_point_v<scalar_t>, float, double>;
   constexpr int64_t kMaxBlocks = 64;
   const int64_t block_rows =
       std::max<int64_t>(rows_per_task(cols), (rows + kMaxBlocks - 1) / kMaxBlocks);
@@ -100,33 +140,18 @@ void relu_backward_rows(const scalar_t* grad_out, const scalar_t* out,
       grad_bias == nullptr ? 0 : static_cast<size_t>(blocks * cols), acc_t(0));
 
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    const Vec zero(scalar_t(0));
     for (int64_t b = block_begin; b < block_end; ++b) {
       acc_t* sums = grad_bias == nullptr ? nullptr : partial.data() + b * cols;
       const int64_t row_end = std::min(rows, (b + 1) * block_rows);
       for (int64_t r = b * block_rows; r < row_end; ++r) {
-        const scalar_t* g = grad_out + r * cols;
-        const scalar_t* y = out + r * cols;
-        scalar_t* gp = grad_pre + r * cols;
-        int64_t c = 0;
-        for (; c + Vec::size() <= cols; c += Vec::size()) {
-          const Vec masked = Vec::blendv(zero, Vec::loadu(g + c),
-                                         Vec::loadu(y + c) > zero);
-          masked.store(gp + c);
-        }
-        for (; c < cols; ++c) {
-          gp[c] = y[c] > scalar_t(0) ? g[c] : scalar_t(0);
-        }
-        if (grad_bias != nullptr) {
-          for (c = 0; c < cols; ++c) sums[c] += static_cast<acc_t>(gp[c]);
-        }
+        mask_row(grad_out + r * cols, out + r * cols, grad_pre + r * cols, sums, cols);
       }
     }
   });
 
   if (grad_bias == nullptr) return;
   for (int64_t c = 0; c < cols; ++c) {
-    acc_t total = 0;
+    double total = 0;
     for (int64_t b = 0; b < blocks; ++b) total += partial[b * cols + c];
     grad_bias[c] = static_cast<scalar_t>(total);
   }
