@@ -141,9 +141,9 @@ def main() -> None:
         for rank, found in sorted(ranks.items()):
             print(f"{'':22} {f'rank {rank}':12} {found[op]['s']:9.3f} {found[op + ' collectives']:14.4f} "
                   f"{found[op]['beyond_grads_MB']:10.0f} MB")
-    row_bytes = 5 * 4
+    row_bytes, logit_row_bytes = 5 * 4, args.C // args.world_size * 4
     print(f"bytes each rank all-reduces per row: cross_entropy {row_bytes}, linear_cross_entropy "
-          f"{row_bytes} + {args.H * 4} (the input's gradient); a row of this rank's logits: {args.C // args.world_size * 4}")
+          f"{row_bytes} + {args.H * 4} (the input's gradient); a row of this rank's logits: {logit_row_bytes}")
 
 
 if __name__ == "__main__":

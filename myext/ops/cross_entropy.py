@@ -664,7 +664,7 @@ def cross_entropy(
         input, vocab_parallel = from_dtensor(input, 0 if input.dim() == 1 else 1)
         target, weight = to_local(target, mesh, "target"), to_local(weight, mesh, "weight")
     if vocab_parallel is not None:
-        weight = shard_weight(weight, vocab_parallel, input)
+        weight = shard_weight(weight, vocab_parallel)
     probabilities = check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                                         lse_square_scale, softcap)
     if return_accuracy and probabilities:
@@ -692,8 +692,8 @@ def cross_entropy(
         loss = vocab_parallel_reference(input_2d, target_2d, weight, options, vocab_parallel)
         if return_lse or return_accuracy:
             with torch.no_grad():
-                rows = combine_shards(shard_logit_statistics(input_2d, target_2d, weight, options, vocab_parallel, name),
-                                      target_2d, options, vocab_parallel)
+                statistics = shard_logit_statistics(input_2d, target_2d, weight, options, vocab_parallel, name)
+                rows = combine_shards(statistics, target_2d, options, vocab_parallel)
             row_max, row_log_sum, target_logit = rows.row_max, rows.row_log_sum, rows.target_logit
     elif vocab_parallel is not None:
         loss, row_max, row_log_sum, target_logit = VocabParallelCrossEntropyFunction.apply(
@@ -716,7 +716,7 @@ def cross_entropy(
                                             batch_shape, return_lse, return_accuracy))
 
 
-def shard_weight(weight: Optional[torch.Tensor], shard: VocabParallel, input: torch.Tensor) -> Optional[torch.Tensor]:
+def shard_weight(weight: Optional[torch.Tensor], shard: VocabParallel) -> Optional[torch.Tensor]:
     """The shard's class weights from ``weight``: the shard's own ``(stop - start)`` or
     every class's ``(C)``."""
     if weight is not None and weight.dim() == 1 and weight.shape[0] == shard.classes != shard.size:

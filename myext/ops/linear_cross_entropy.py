@@ -348,7 +348,7 @@ def linear_cross_entropy(
         input, target = to_local(input, mesh, "input"), to_local(target, mesh, "target")
         linear_bias, weight = to_local(linear_bias, mesh, "linear_bias"), to_local(weight, mesh, "weight")
     if vocab_parallel is not None:
-        weight = ce.shard_weight(weight, vocab_parallel, input)
+        weight = ce.shard_weight(weight, vocab_parallel)
     probabilities = check_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index,
                                                reduction, label_smoothing, lse_square_scale, softcap, chunk_size)
     if return_accuracy and probabilities:
