@@ -97,13 +97,15 @@ inline void check_shard(const char* op, int64_t rows, int64_t columns, const at:
   TORCH_CHECK(class_start >= 0 && classes >= 0 && class_start <= classes - columns, op,
               ": the shard's classes [class_start, class_start + ", columns, ") = [", class_start, ", ",
               class_start + columns, ") must lie within the ", classes, " classes");
-  for (const auto& [name, t, shape] :
-       {std::tuple<const char*, const at::Tensor&, at::IntArrayRef>{"row_weight", row_weight, {rows}},
-        {"weight_sum", weight_sum, {}}}) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"row_weight", row_weight},
+                                {"weight_sum", weight_sum}}) {
     check_floating(op, name, t);
     check_device(op, name, t, ref);
-    check_shape(op, name, t, shape);
   }
+  // The shapes spelled out in the calls: an IntArrayRef kept in a tuple would point
+  // into an initializer list that is gone by the time it is read.
+  check_shape(op, "row_weight", row_weight, {rows});
+  check_shape(op, "weight_sum", weight_sum, {});
 }
 
 // The arguments of cross_entropy_shard_backward: those of cross_entropy_backward
