@@ -231,15 +231,20 @@ def probability_target_grad(grad_loss: torch.Tensor, input: torch.Tensor, target
     traces it and autograd differentiates it again."""
     logits = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
     logp = torch.log_softmax(_capped(logits, options.softcap or None), dim=1)
+    return target_grad_of(grad_loss, logp, weight, options).to(target.dtype)
+
+
+def target_grad_of(grad_loss: torch.Tensor, logp: torch.Tensor, weight: Optional[torch.Tensor],
+                   options: Options) -> torch.Tensor:
+    """-(1 - eps) w_c logp_ic times row i's upstream gradient (divided by R for 'mean'):
+    the gradient for probability targets, given the log-softmax ``logp`` (R, C)."""
     scale = grad_loss.to(logp.dtype)
     if options.reduction == REDUCTIONS["none"]:
         scale = scale.unsqueeze(1)
     elif options.reduction == REDUCTIONS["mean"]:
-        scale = scale / input.shape[0]
+        scale = scale / logp.shape[0]
     grad = logp * (-(1.0 - options.label_smoothing) * scale)
-    if weight is not None:
-        grad = grad * weight.to(logp.dtype)
-    return grad.to(target.dtype)
+    return grad * weight.to(logp.dtype) if weight is not None else grad
 
 
 class CrossEntropyBackwardFunction(torch.autograd.Function):
@@ -431,15 +436,7 @@ def shard_target_grad(grad_loss: torch.Tensor, input: torch.Tensor, weight: Opti
     the row's upstream gradient (divided by R for 'mean')."""
     z = _capped(input.to(rows.row_max.dtype), options.softcap or None)
     logp = z - (rows.row_max + rows.row_log_sum).unsqueeze(1)
-    scale = grad_loss.to(logp.dtype)
-    if options.reduction == REDUCTIONS["none"]:
-        scale = scale.unsqueeze(1)
-    elif options.reduction == REDUCTIONS["mean"]:
-        scale = scale / input.shape[0]
-    grad = logp * (-(1.0 - options.label_smoothing) * scale)
-    if weight is not None:
-        grad = grad * weight.to(logp.dtype)
-    return grad.to(input.dtype)
+    return target_grad_of(grad_loss, logp, weight, options).to(input.dtype)
 
 
 def shard_input_grad(grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
