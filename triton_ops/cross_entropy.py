@@ -333,11 +333,17 @@ def _check_inputs(op: str, input: torch.Tensor, target: torch.Tensor, weight: Op
     classes = columns
     if shard is not None:
         class_start, classes = shard
-        check(0 <= class_start and 0 <= classes and class_start <= classes - columns, op,
-              f"the shard's classes [class_start, class_start + {columns}) = [{class_start}, "
-              f"{class_start + columns}) must lie within the {classes} classes")
+        check_shard_range(op, class_start, columns, classes)
     check_targets(op, target, weight, rows, columns, input, ignore_index, index_classes=classes)
     check_options(op, reduction, label_smoothing, lse_square_scale, softcap)
+
+
+def check_shard_range(op: str, class_start: int, columns: int, classes: int) -> None:
+    """A shard of ``columns`` classes from ``class_start`` on lies within ``classes``
+    (csrc/cross_entropy.h's check_shard)."""
+    check(0 <= class_start and 0 <= classes and class_start <= classes - columns, op,
+          f"the shard's classes [class_start, class_start + {columns}) = [{class_start}, "
+          f"{class_start + columns}) must lie within the {classes} classes")
 
 
 def check_targets(op: str, target: torch.Tensor, weight: Optional[torch.Tensor], rows: int, classes: int,

@@ -55,9 +55,7 @@ def _check_inputs(op: str, input: torch.Tensor, linear_weight: torch.Tensor, lin
     index_classes = None
     if shard is not None:
         class_start, index_classes = shard
-        check(0 <= class_start and 0 <= index_classes and class_start <= index_classes - classes, op,
-              f"the shard's classes [class_start, class_start + {classes}) = [{class_start}, "
-              f"{class_start + classes}) must lie within the {index_classes} classes")
+        ce.check_shard_range(op, class_start, classes, index_classes)
     ce.check_targets(op, target, weight, input.shape[0], classes, input, ignore_index, index_classes=index_classes)
     ce.check_options(op, reduction, label_smoothing, lse_square_scale, softcap)
     check(chunk_size >= 0, op, f"chunk_size must be >= 0 (0: chosen from the shapes), got {chunk_size}")
