@@ -5,25 +5,14 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include "cpu/gemm.h"
-
 extern "C" {
 // `import myext._C` loads this shared object so that the static TORCH_LIBRARY
 // initialisers below run (the CPU kernels are in myext._cpu_<isa>, one build
-// per vector ISA: csrc/cpu/module.cpp). The module holds a fact of the build,
-// for myext.machine: the size from which float32 GEMMs go to oneDNN.
+// per vector ISA: csrc/cpu/module.cpp).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  PyObject* module = PyModule_Create(&module_def);
-  if (module == nullptr) return nullptr;
-  PyObject* min_flops = PyFloat_FromDouble(myext::cpu::kOneDnnMinFlops);
-  if (min_flops == nullptr || PyModule_AddObject(module, "onednn_min_flops", min_flops) < 0) {
-    Py_XDECREF(min_flops);
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
+  return PyModule_Create(&module_def);
 }
 }
 

@@ -16,9 +16,11 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["CAPABILITY", "ENV_VAR", "LEVELS"]
+__all__ = ["CAPABILITY", "ENV_VAR", "GEMM_ENV_VAR", "GEMM_POLICIES", "LEVELS", "kernels"]
 
 ENV_VAR = "MYEXT_CPU_CAPABILITY"
+GEMM_ENV_VAR = "MYEXT_CPU_GEMM"
+GEMM_POLICIES = ("probe", "aten", "onednn")
 # Lowest first.
 LEVELS = ("default", "avx2", "avx512")
 
@@ -54,5 +56,14 @@ def _load(level: str) -> ModuleType:
     raise ImportError("no build of myext's CPU kernels (myext._cpu_*) was found; reinstall myext")
 
 
-# The ISA of the kernels in use: "AVX512", "AVX2" or "DEFAULT".
-CAPABILITY: str = _load(_chosen_level()).cpu_capability
+def _check_gemm_policy() -> None:
+    # Read by the kernels at their first GEMM; refused here, where the error is clear.
+    policy = os.environ.get(GEMM_ENV_VAR)
+    if policy and policy not in GEMM_POLICIES:
+        raise ImportError(f"${GEMM_ENV_VAR} must be one of {list(GEMM_POLICIES)}, got {policy!r}")
+
+
+_check_gemm_policy()
+# The build in use, and its ISA: "AVX512", "AVX2" or "DEFAULT".
+kernels: ModuleType = _load(_chosen_level())
+CAPABILITY: str = kernels.cpu_capability

@@ -517,6 +517,10 @@ def run(args: argparse.Namespace) -> int:
     limits_end = measure_limits(device, dtype, args.quick)
     print(f"limits at the end: copy {limits_end['copy_GBps']:.1f} GB/s, "
           f"matmul {limits_end['matmul_GFLOPps']:.1f} GFLOP/s", flush=True)
+    if device.type == "cpu":
+        machine["gemm_end"] = describe_machine(device)["gemm"]
+        machine["gemm_choices"] = [c._asdict() for c in myext.machine.cpu_gemm_choices()]
+        print(f"GEMMs at the end: {machine['gemm_end']}", flush=True)
     results = {
         "schema": JSON_SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -6,13 +6,56 @@ project's machines differ in CPU (an AMD EPYC or an Intel Xeon) from one run to 
 from __future__ import annotations
 
 import platform
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from . import _C, _cpu
+from . import _cpu
 
-__all__ = ["cpu_description", "cpu_model", "describe_cpu"]
+__all__ = ["GemmChoice", "cpu_description", "cpu_gemm_choices", "cpu_gemm_policy", "cpu_model", "describe_cpu",
+           "set_cpu_gemm_policy"]
+
+
+class GemmChoice(NamedTuple):
+    """One shape class of float32 GEMM ``a (rows, inner) @ b (inner, cols)`` that the CPU
+    kernels measured on both libraries: ``rows`` up to ``rows_up_to`` (a power of two),
+    the operands' layouts (``"r"`` row-major, ``"c"`` column-major, that is a transposed
+    view, ``"s"`` other strides), each library's fastest timed call, and the choice."""
+
+    rows_up_to: int
+    inner: int
+    cols: int
+    a_layout: str
+    b_layout: str
+    aten_seconds: float
+    onednn_seconds: float
+    onednn: bool
+
+
+def cpu_gemm_policy() -> str:
+    """Where the CPU kernels' float32 GEMMs go: ``"probe"`` (the default: the first GEMM
+    of each shape class times ATen's BLAS and oneDNN on its operands and keeps the faster
+    for the process), ``"aten"`` or ``"onednn"``. Set by ``$MYEXT_CPU_GEMM`` or
+    :func:`set_cpu_gemm_policy`; ``torch.backends.mkldnn.enabled = False`` keeps every
+    GEMM on ATen whatever the policy."""
+    return _cpu.kernels.gemm_policy()
+
+
+def set_cpu_gemm_policy(policy: str) -> None:
+    """Sets :func:`cpu_gemm_policy` for this process and forgets the choices measured
+    so far (so ``"probe"`` measures afresh).
+
+    Args:
+        policy: ``"probe"``, ``"aten"`` or ``"onednn"``.
+    """
+    if policy not in _cpu.GEMM_POLICIES:
+        raise ValueError(f"policy must be one of {list(_cpu.GEMM_POLICIES)}, got {policy!r}")
+    _cpu.kernels.set_gemm_policy(policy)
+
+
+def cpu_gemm_choices() -> list[GemmChoice]:
+    """The shape classes measured so far in this process under the ``"probe"`` policy."""
+    return [GemmChoice(*choice) for choice in _cpu.kernels.gemm_choices()]
 
 
 def cpu_model() -> str:
@@ -40,7 +83,16 @@ def _gemm_path() -> str:
         return "ATen (no oneDNN in this torch)"
     if not torch.backends.mkldnn.enabled:
         return "ATen (oneDNN switched off: torch.backends.mkldnn.enabled = False)"
-    return f"oneDNN for float32 from {_C.onednn_min_flops / 1e6:g} MFLOP, else ATen"
+    policy = cpu_gemm_policy()
+    if policy == "aten":
+        return f"ATen (${_cpu.GEMM_ENV_VAR}=aten)"
+    if policy == "onednn":
+        return f"oneDNN for float32 (${_cpu.GEMM_ENV_VAR}=onednn), else ATen"
+    path = "float32 on ATen or oneDNN, the faster measured per shape class"
+    choices = cpu_gemm_choices()
+    if not choices:
+        return path
+    return f"{path} ({sum(c.onednn for c in choices)} of the {len(choices)} measured so far on oneDNN)"
 
 
 def describe_cpu() -> dict[str, Any]:

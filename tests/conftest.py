@@ -88,6 +88,17 @@ class _IsolatedCalls:
             self.process.wait(timeout=60)
 
 
+@pytest.fixture
+def cpu_gemm_policy():
+    """Sets myext.machine's CPU GEMM policy for one test (the measured choices are
+    forgotten on the way in and out): ``cpu_gemm_policy("onednn")``."""
+    from myext import machine
+
+    before = machine.cpu_gemm_policy()
+    yield machine.set_cpu_gemm_policy
+    machine.set_cpu_gemm_policy(before)
+
+
 @pytest.fixture(scope="session")
 def isolated():
     """``isolated(setup, code, backend, device)`` runs the statements ``setup`` and then

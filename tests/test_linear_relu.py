@@ -68,11 +68,16 @@ def _onednn_calls(fn):
     return result, sum(event.name == "mkldnn::_linear_pointwise" for event in prof.events())
 
 
-# The cpp backend hands float32 GEMMs of at least 8 MFLOP to oneDNN; these shapes are
-# above that (SimpleNet's fc1 at batch 256 is 51 MFLOP), the other tests' below.
+def _fwd_bwd(x, w, b, grad=None):
+    out = myext.linear_relu(x, w, b, backend="cpp")
+    params = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    return out, torch.autograd.grad(out, params, torch.ones_like(out) if grad is None else grad)
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 @pytest.mark.parametrize("layout", ["contiguous", "transposed-input", "3d-input", "no-bias", "strided-bias"])
-def test_cpp_onednn_path(layout):
+def test_cpp_onednn_path(layout, cpu_gemm_policy):
+    cpu_gemm_policy("onednn")
     x, w, b = make_args((256, 784), out_features=128, dtype=torch.float32, requires_grad=False)
     x[0, 0] = float("nan")  # the ReLU keeps NaN, as torch.relu does (oneDNN's ReLU post-op would not)
     if layout == "transposed-input":
@@ -86,12 +91,8 @@ def test_cpp_onednn_path(layout):
     params = [t.requires_grad_() for t in (x, w, b) if t is not None]
     grad = torch.randn(*x.shape[:-1], 128)
 
-    def fwd_bwd():
-        out = myext.linear_relu(x, w, b, backend="cpp")
-        return out, torch.autograd.grad(out, params, grad)
-
-    (out, grads), calls = _onednn_calls(fwd_bwd)
-    assert calls == 2, "the forward and input-gradient GEMMs should run on oneDNN"
+    (out, grads), calls = _onednn_calls(lambda: _fwd_bwd(x, w, b, grad))
+    assert calls == 3, "the forward, input-gradient and weight-gradient GEMMs should run on oneDNN"
     assert out.flatten(0, -2)[0].isnan().all()
     refs = [t.detach().clone().requires_grad_() for t in params]
     out_ref = F.linear(*refs)
@@ -103,11 +104,40 @@ def test_cpp_onednn_path(layout):
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
-def test_cpp_onednn_path_follows_torch_switch():
+@pytest.mark.parametrize("how", ["torch switch", "policy aten"])
+def test_cpp_onednn_path_can_be_switched_off(how, cpu_gemm_policy):
+    cpu_gemm_policy("onednn" if how == "torch switch" else "aten")
     x, w, b = make_args((256, 784), out_features=128, dtype=torch.float32)
-    with torch.backends.mkldnn.flags(enabled=False):
-        _, calls = _onednn_calls(lambda: myext.linear_relu(x, w, b, backend="cpp").sum().backward())
+    with torch.backends.mkldnn.flags(enabled=how != "torch switch"):
+        (out, grads), calls = _onednn_calls(lambda: _fwd_bwd(x, w, b))
     assert calls == 0
+    torch.testing.assert_close(out, F.relu(F.linear(x, w, b)), rtol=1e-5, atol=2e-4)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_cpp_gemm_probe_measures_each_shape_class_once_and_keeps_the_faster(cpu_gemm_policy):
+    from myext import machine
+
+    cpu_gemm_policy("probe")
+    x, w, b = make_args((200, 784), out_features=128, dtype=torch.float32)
+    out, grads = _fwd_bwd(x, w, b)
+    choices = machine.cpu_gemm_choices()
+    # forward x @ w^T, input gradient G @ w, weight gradient G^T @ x: rows rounded up
+    # to a power of two, the layouts of the operands as the kernel passes them
+    assert sorted((c.rows_up_to, c.inner, c.cols, c.a_layout, c.b_layout) for c in choices) == [
+        (128, 200, 784, "c", "r"), (256, 128, 784, "r", "r"), (256, 784, 128, "r", "c")]
+    for c in choices:
+        assert 0 < c.aten_seconds and 0 < c.onednn_seconds
+        assert c.onednn == (c.onednn_seconds < 0.95 * c.aten_seconds)
+    # The same classes again: no new measurement, and oneDNN runs exactly the GEMMs
+    # whose class chose it; a forward of fewer rows (still up to 256) is in its class.
+    _, calls = _onednn_calls(lambda: _fwd_bwd(x, w, b))
+    assert calls == sum(c.onednn for c in choices)
+    with torch.no_grad():
+        myext.linear_relu(x[:150], w, b, backend="cpp")
+    assert machine.cpu_gemm_choices() == choices
+    for g, g_ref in zip(grads, torch.autograd.grad(F.relu(F.linear(x, w, b)), (x, w, b), torch.ones(200, 128))):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=2e-4)
 
 
 BAD_INPUTS = [

@@ -21,7 +21,7 @@ def test_describe_cpu_names_the_build_and_the_gemm_path(monkeypatch):
     assert info["threads"] == torch.get_num_threads()
     assert info["cpu"]
     if torch.backends.mkldnn.is_available():
-        assert info["gemm"].startswith("oneDNN for float32 from 8 MFLOP")
+        assert info["gemm"].startswith("float32 on ATen or oneDNN, the faster measured per shape class")
         monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
         assert "switched off" in machine.describe_cpu()["gemm"]
     line = machine.cpu_description()
@@ -88,6 +88,25 @@ def test_an_isa_the_cpu_lacks_or_a_bad_name_is_refused():
     env.update(MYEXT_CPU_CAPABILITY="avx512", ATEN_CPU_CAPABILITY="default")
     run = subprocess.run([sys.executable, "-c", "import myext"], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "this CPU runs at most default" in run.stderr
+
+
+def test_the_gemm_policy_comes_from_the_environment_and_a_bad_one_is_refused():
+    code = "import myext.machine as m; print(m.cpu_gemm_policy(), '|', m.describe_cpu()['gemm'])"
+    env = {**os.environ, "MYEXT_CPU_GEMM": "aten"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    if torch.backends.mkldnn.is_available():
+        assert run.stdout.strip() == "aten | ATen ($MYEXT_CPU_GEMM=aten)"
+    env["MYEXT_CPU_GEMM"] = "mkl"
+    run = subprocess.run([sys.executable, "-c", "import myext"], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "MYEXT_CPU_GEMM must be one of ['probe', 'aten', 'onednn'], got 'mkl'" in run.stderr
+
+
+def test_set_cpu_gemm_policy_checks_its_argument(cpu_gemm_policy):
+    with pytest.raises(ValueError, match="policy must be one of"):
+        machine.set_cpu_gemm_policy("mkl")
+    cpu_gemm_policy("onednn")
+    assert machine.cpu_gemm_policy() == "onednn" and machine.cpu_gemm_choices() == []
 
 
 def test_aten_cpu_capability_lowers_the_build_too():

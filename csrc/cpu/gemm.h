@@ -1,64 +1,63 @@
-// The CPU GEMMs the ops share: oneDNN's matmul where it is faster than ATen's
-// BLAS, else ATen's (at::mm / at::addmm).
+// The CPU GEMMs the ops share, on ATen's BLAS (at::mm: MKL in torch's x86 builds)
+// or on oneDNN's matmul, whichever this CPU runs faster for the shape at hand.
+//
+// Neither wins everywhere: on the project's AMD EPYC CPUs MKL takes its AVX2 path and
+// oneDNN runs float32 GEMMs of SimpleNet's and MLP sizes about twice as fast, while on
+// its Intel Xeons MKL's AVX-512 path is level or ahead at some of the same shapes
+// (docs/BENCHMARKS.md). So the choice is measured, not written down: the first float32
+// GEMM of each shape class times both libraries on its own operands and caches the
+// faster for the process (gemm.cpp). MYEXT_CPU_GEMM=aten|onednn pins one instead, and
+// torch.backends.mkldnn.enabled = False keeps every GEMM on ATen.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
-#include <array>
+#include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace myext {
 namespace cpu {
 
+// Where float32 GEMMs go: measured per shape class, or always one library.
+enum class GemmPolicy { kProbe, kAten, kOneDnn };
+
+GemmPolicy gemm_policy();
+// Parses "probe", "aten" or "onednn"; throws (c10::Error) on anything else.
+GemmPolicy parse_gemm_policy(const std::string& name);
+const char* gemm_policy_name(GemmPolicy policy);
+// Also forgets the measured choices.
+void set_gemm_policy(GemmPolicy policy);
+
+// One measured shape class: a (rows, inner) @ b (inner, cols) with rows up to
+// `rows_up_to` (the next power of two) and the operands' layouts.
+struct GemmChoice {
+  int64_t rows_up_to, inner, cols;
+  char a_layout, b_layout;  // 'r' row-major, 'c' column-major (a transposed view), 's' other
+  double aten_seconds, onednn_seconds;  // each the fastest of its timed runs
+  bool onednn;
+};
+std::vector<GemmChoice> gemm_choices();
+
 // oneDNN's matmul, reached through the op torch.compile's CPU backend uses for
-// linear layers (mkldnn::_linear_pointwise). On the project's AMD AVX-512 CPUs,
-// where ATen's BLAS (MKL) takes its AVX2 path, it runs float32 GEMMs of SimpleNet's
-// and MLP sizes faster than at::mm; below kOneDnnMinFlops its per-call set-up costs
-// more than it saves (docs/BENCHMARKS.md has the measurements). Only its GEMM and
-// bias are used: its ReLU post-op would turn NaN into 0.
-constexpr double kOneDnnMinFlops = 8e6;
+// linear layers (mkldnn::_linear_pointwise); nullptr where this torch lacks it or
+// has changed its schema (it is internal to torch). Only its GEMM and bias are
+// used: its ReLU post-op would turn NaN into 0.
+const c10::OperatorHandle* onednn_linear_op();
 
-// The op, or nullptr where this torch lacks it or has changed its schema (it is
-// internal to torch): then at::mm does all the GEMMs.
-inline const c10::OperatorHandle* onednn_linear_op() {
-  static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
-    auto found = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
-    if (!found.has_value() || !found->hasSchema()) return std::nullopt;
-    const auto& args = found->schema().arguments();
-    const std::array<const char*, 6> expected{"X", "W", "B", "attr", "scalars", "algorithm"};
-    if (args.size() != expected.size()) return std::nullopt;
-    for (size_t i = 0; i < expected.size(); ++i) {
-      if (args[i].name() != expected[i]) return std::nullopt;
-    }
-    return found;
-  }();
-  return op.has_value() ? &*op : nullptr;
-}
+// a (rows, inner) @ b_t (cols, inner)^T (+ bias), i.e. F.linear(a, b_t, bias), on
+// oneDNN, as a contiguous (rows, cols) tensor; a and b_t may have any strides.
+at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& b_t, const std::optional<at::Tensor>& bias);
 
-inline bool use_onednn(const at::Tensor& a, int64_t rows, int64_t inner, int64_t cols) {
-  return a.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() &&
-         2.0 * static_cast<double>(rows) * inner * cols >= kOneDnnMinFlops &&
-         onednn_linear_op() != nullptr;
-}
+// Whether a (rows, inner) @ b (inner, cols) should run on oneDNN: float32 only
+// (ATen's bfloat16 and half GEMMs are oneDNN's already where the CPU has them).
+bool use_onednn(const at::Tensor& a, const at::Tensor& b);
 
-// a (rows, inner) @ b_t (cols, inner)^T (+ bias), i.e. F.linear(a, b_t, bias), as a
-// contiguous (rows, cols) tensor; a and b_t may have any strides.
-inline at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& b_t,
-                         const std::optional<at::Tensor>& bias) {
-  torch::jit::Stack stack{a, b_t, bias, std::string("none"),
-                          c10::List<std::optional<at::Scalar>>(), c10::IValue()};
-  onednn_linear_op()->callBoxed(stack);
-  return stack.back().toTensor().contiguous();
-}
-
-// a (rows, inner) @ b (inner, cols), by oneDNN where use_onednn says so.
+// a @ b as a contiguous (rows, cols) tensor, on the library use_onednn names.
 inline at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
-  if (use_onednn(a, a.size(0), a.size(1), b.size(1))) {
-    return onednn_linear(a, b.t(), std::nullopt);
-  }
+  if (use_onednn(a, b)) return onednn_linear(a, b.t(), std::nullopt);
   return a.mm(b);
 }
 

@@ -22,12 +22,12 @@ namespace {
 
 struct CpuGemms {
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) const {
-    if (cpu::use_onednn(x, x.size(0), x.size(1), w.size(0))) return cpu::onednn_linear(x, w, b);
+    if (cpu::use_onednn(x, w.t())) return cpu::onednn_linear(x, w, b);
     return b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
   }
 
   void input_grad(const at::Tensor& d, const at::Tensor& w, at::Tensor out) const {
-    if (cpu::use_onednn(d, d.size(0), d.size(1), w.size(1))) {
+    if (cpu::use_onednn(d, w)) {
       out.copy_(cpu::onednn_linear(d, w.t(), std::nullopt));
     } else {
       at::mm_out(out, d, w);
@@ -35,7 +35,7 @@ struct CpuGemms {
   }
 
   void add_weight_grad(at::Tensor& acc, const at::Tensor& d, const at::Tensor& x) const {
-    if (cpu::use_onednn(d, std::min(kWeightGradBlock, d.size(1)), d.size(0), x.size(1))) {
+    if (cpu::use_onednn(d.narrow(1, 0, std::min(kWeightGradBlock, d.size(1))).t(), x)) {
       // oneDNN's matmul has no accumulating form here: a block's product, then an add.
       add_weight_grad_blocked(acc, d, x, [](const at::Tensor& block, const at::Tensor& rows) {
         return cpu::onednn_linear(block.t(), rows.t(), std::nullopt);

@@ -1,7 +1,7 @@
-// Fused Linear+ReLU on the CPU. The forward and input-gradient GEMMs go through
-// oneDNN where it is faster than ATen's BLAS (float32, see gemm.h), else
-// through at::mm / at::addmm, the bias inside the GEMM; the ReLU is one
-// vectorised pass over the output.
+// Fused Linear+ReLU on the CPU. Each GEMM goes through oneDNN where this CPU
+// runs it faster than ATen's BLAS (float32, see gemm.h), else through at::mm /
+// at::addmm, the bias inside the GEMM; the ReLU is one vectorised pass over the
+// output.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -64,7 +64,7 @@ at::Tensor linear_relu_cpu(const at::Tensor& input, const at::Tensor& weight,
   // does: bias + x.w rounds once (a separate bias pass would round twice, and lose
   // to F.linear where bias and x.w nearly cancel).
   at::Tensor output;
-  if (cpu::use_onednn(input, rows, in_features, out_features)) {
+  if (cpu::use_onednn(input_2d, weight.t())) {
     output = cpu::onednn_linear(input_2d, weight, bias_c);
   } else if (bias_c.has_value()) {
     output = at::addmm(*bias_c, input_2d, weight.t());
@@ -188,10 +188,9 @@ linear_relu_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
     grad_input = cpu::gemm(grad_pre, weight).view(input.sizes());
   }
   if (output_mask[1]) {
-    // G^T @ X on at::mm, whose BLAS reads G^T in place: oneDNN's linear would first
-    // copy it into a new rows x out_features buffer, for a GEMM no faster at large
-    // sizes.
-    grad_weight = grad_pre.t().mm(input.reshape({rows, in_features}));
+    // G^T @ X: at::mm reads G^T in place, oneDNN's linear first copies it, which the
+    // probe's timing of the two includes.
+    grad_weight = cpu::gemm(grad_pre.t(), input.reshape({rows, in_features}));
   }
   return {grad_input, grad_weight,
           output_mask[2] ? std::optional<at::Tensor>(grad_bias) : std::nullopt};

@@ -1,0 +1,169 @@
+// The GEMM library choice of gemm.h: a short probe per shape class, cached for the
+// process.
+#include "gemm.h"
+
+#include <ATen/Context.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdlib>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+namespace myext {
+namespace cpu {
+namespace {
+
+// oneDNN is taken only when it is this much faster: on a tie, at::mm, which reads a
+// transposed operand in place where oneDNN's linear first copies it.
+constexpr double kOneDnnMargin = 0.95;
+// Each library runs at least kMinRuns timed calls, more while they take under
+// kProbeSeconds in all (small GEMMs time noisily), at most kMaxRuns.
+constexpr int kMinRuns = 3;
+constexpr int kMaxRuns = 50;
+constexpr double kProbeSeconds = 2e-3;
+// Beyond this many shape classes, new ones go to ATen unmeasured: a bound on memory
+// and on probing time for a process that sees endless shapes.
+constexpr size_t kMaxChoices = 4096;
+
+using Key = std::tuple<int64_t, int64_t, int64_t, char, char>;
+
+struct State {
+  std::mutex mutex;
+  GemmPolicy policy;
+  std::map<Key, GemmChoice> choices;
+};
+
+GemmPolicy policy_from_environment() {
+  const char* name = std::getenv("MYEXT_CPU_GEMM");
+  return name == nullptr || *name == '\0' ? GemmPolicy::kProbe : parse_gemm_policy(name);
+}
+
+State& state() {
+  static State* s = new State{{}, policy_from_environment(), {}};
+  return *s;
+}
+
+char layout_of(const at::Tensor& t) {
+  if (t.stride(1) == 1) return 'r';
+  if (t.stride(0) == 1) return 'c';
+  return 's';
+}
+
+int64_t next_power_of_two(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+template <typename F>
+double seconds_of(const F& f) {
+  const auto start = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+GemmChoice probe(const at::Tensor& a, const at::Tensor& b, const Key& key) {
+  const auto aten = [&] { (void)at::mm(a, b); };
+  const auto onednn = [&] { (void)onednn_linear(a, b.t(), std::nullopt); };
+  // Untimed first calls: oneDNN creates (and caches) its primitive, both fault in
+  // their outputs' pages.
+  const double first = std::max(seconds_of(aten), seconds_of(onednn));
+  const int runs = std::clamp(static_cast<int>(kProbeSeconds / std::max(first, 1e-9)), kMinRuns, kMaxRuns);
+  double aten_best = std::numeric_limits<double>::infinity();
+  double onednn_best = aten_best;
+  // Interleaved, so that a stall of the machine hits both alike; the minimum of each,
+  // the time of a call not stalled.
+  for (int i = 0; i < runs; ++i) {
+    aten_best = std::min(aten_best, seconds_of(aten));
+    onednn_best = std::min(onednn_best, seconds_of(onednn));
+  }
+  return {std::get<0>(key), std::get<1>(key), std::get<2>(key), std::get<3>(key), std::get<4>(key),
+          aten_best, onednn_best, onednn_best < kOneDnnMargin * aten_best};
+}
+
+}  // namespace
+
+GemmPolicy parse_gemm_policy(const std::string& name) {
+  if (name == "probe") return GemmPolicy::kProbe;
+  if (name == "aten") return GemmPolicy::kAten;
+  if (name == "onednn") return GemmPolicy::kOneDnn;
+  TORCH_CHECK(false, "MYEXT_CPU_GEMM must be 'probe', 'aten' or 'onednn', got '", name, "'");
+}
+
+const char* gemm_policy_name(GemmPolicy policy) {
+  switch (policy) {
+    case GemmPolicy::kAten: return "aten";
+    case GemmPolicy::kOneDnn: return "onednn";
+    case GemmPolicy::kProbe: break;
+  }
+  return "probe";
+}
+
+GemmPolicy gemm_policy() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  return s.policy;
+}
+
+void set_gemm_policy(GemmPolicy policy) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  s.policy = policy;
+  s.choices.clear();
+}
+
+std::vector<GemmChoice> gemm_choices() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  std::vector<GemmChoice> out;
+  out.reserve(s.choices.size());
+  for (const auto& entry : s.choices) out.push_back(entry.second);
+  return out;
+}
+
+const c10::OperatorHandle* onednn_linear_op() {
+  static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
+    auto found = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+    if (!found.has_value() || !found->hasSchema()) return std::nullopt;
+    const auto& args = found->schema().arguments();
+    const std::array<const char*, 6> expected{"X", "W", "B", "attr", "scalars", "algorithm"};
+    if (args.size() != expected.size()) return std::nullopt;
+    for (size_t i = 0; i < expected.size(); ++i) {
+      if (args[i].name() != expected[i]) return std::nullopt;
+    }
+    return found;
+  }();
+  return op.has_value() ? &*op : nullptr;
+}
+
+at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& b_t, const std::optional<at::Tensor>& bias) {
+  torch::jit::Stack stack{a, b_t, bias, std::string("none"), c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+  onednn_linear_op()->callBoxed(stack);
+  return stack.back().toTensor().contiguous();
+}
+
+bool use_onednn(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() != at::kFloat || !at::globalContext().userEnabledMkldnn() || onednn_linear_op() == nullptr) {
+    return false;
+  }
+  const int64_t rows = a.size(0), inner = a.size(1), cols = b.size(1);
+  if (rows == 0 || inner == 0 || cols == 0) return false;
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  if (s.policy != GemmPolicy::kProbe) return s.policy == GemmPolicy::kOneDnn;
+  const Key key{next_power_of_two(rows), inner, cols, layout_of(a), layout_of(b)};
+  const auto found = s.choices.find(key);
+  if (found != s.choices.end()) return found->second.onednn;
+  if (s.choices.size() >= kMaxChoices) return false;
+  // Measured under the lock: another thread with a GEMM of the same class waits for
+  // the answer rather than measuring alongside (two probes would slow each other).
+  return s.choices.emplace(key, probe(a, b, key)).first->second.onednn;
+}
+
+}  // namespace cpu
+}  // namespace myext
