@@ -78,6 +78,9 @@ _triton_loaded: Optional[bool] = None
 _triton_error = ""
 _available: dict[tuple[str, str, str], bool] = {}
 _capable: dict[tuple[str, str, str, str], bool] = {}
+# resolve_backend's default for (op, device type): derived from _available, which does
+# not change in a process, and looked up on every call of every op.
+_best: dict[tuple[Optional[str], str], str] = {}
 
 
 def probe_triton() -> bool:
@@ -148,9 +151,9 @@ def has_capability(op_name: str, capability: str, backend: str, device: torch.de
 
 
 def survey() -> None:
-    """Fills the caches of ``available`` and ``has_capability`` for every registered op,
-    backend and device type present, so that compiled code reads them as constants
-    instead of tracing the probes. myext's import calls it."""
+    """Fills the caches of ``available``, ``has_capability`` and the default backends
+    for every registered op, backend and device type present, so that compiled code
+    reads them as constants instead of tracing the probes. myext's import calls it."""
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for spec in registry.specs():
         for backend in BACKENDS:
@@ -158,6 +161,9 @@ def survey() -> None:
                 available(spec.name, backend, device_type)
                 for capability in spec.capabilities:
                     has_capability(spec.name, capability, backend, torch.device(device_type))
+    for device_type in device_types:
+        for name in [None, *registry.names()]:
+            _best_backend(name, device_type)
 
 
 def _ops_for(op_name: Optional[str]) -> list[str]:
@@ -202,10 +208,9 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: Optional[s
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
         source = f"${ENV_VAR}"
-    ops = _ops_for(op)
     if backend is None:
-        order = _DEFAULT_ORDER.get(device.type, ("torch",))
-        return next(name for name in order if all(available(o, name, device.type) for o in ops))
+        return _best_backend(op, device.type)
+    ops = _ops_for(op)
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {list(BACKENDS)}, got {backend!r}")
     if not all(available(o, backend, device.type) for o in ops):
@@ -214,6 +219,17 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: Optional[s
                          f"available for {what}{device.type}: {available_backends(device, op)}"
                          + _why_unavailable(backend, device.type))
     return backend
+
+
+def _best_backend(op: Optional[str], device_type: str) -> str:
+    key = (op, device_type)
+    best = _best.get(key)
+    if best is None:
+        order = _DEFAULT_ORDER.get(device_type, ("torch",))
+        best = next(name for name in order if all(available(o, name, device_type) for o in _ops_for(op)))
+        if not torch.compiler.is_compiling():  # as in op(): no module state written while tracing
+            _best[key] = best
+    return best
 
 
 def _why_unavailable(backend: str, device_type: str) -> str:
