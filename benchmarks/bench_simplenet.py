@@ -1,4 +1,4 @@
-"""One SGD training step of the article's SimpleNet at batch 256: myext against plain PyTorch.
+"""One SGD training step of the article's SimpleNet at batch 64 and 256: myext against plain PyTorch.
 
 ``myext``: myext.models.SimpleNet (fc1 a fused Linear+ReLU) with myext.cross_entropy.
 ``eager``: the same net of nn.Linear + ReLU with F.cross_entropy. ``compile``: that
@@ -6,19 +6,19 @@ plain net and loss under torch.compile (the optimizer step stays eager).
 All three start from the same weights and train on the same batch.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import myext
 from myext.models import PlainSimpleNet
 
-BATCH = 256
 
-
-def test_simplenet_step(run_benchmark, device, provider):
+@pytest.mark.parametrize("batch", [64, 256])
+def test_simplenet_step(run_benchmark, device, provider, batch):
     plain = PlainSimpleNet().to(device)
-    images = torch.randn(BATCH, 1, 28, 28, device=device)
-    labels = torch.randint(0, 10, (BATCH,), device=device)
+    images = torch.randn(batch, 1, 28, 28, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
     if provider.startswith("myext-"):
         backend = provider[len("myext-"):]
         model = myext.models.SimpleNet(backend=backend).to(device)
@@ -41,4 +41,4 @@ def test_simplenet_step(run_benchmark, device, provider):
         loss_of(images, labels).backward()
         optimizer.step()
 
-    run_benchmark(step, device, group=f"simplenet train step {device} batch {BATCH}")
+    run_benchmark(step, device, group=f"simplenet train step {device} batch {batch}")

@@ -22,8 +22,10 @@ namespace {
 // transposed operand in place where oneDNN's linear first copies it.
 constexpr double kOneDnnMargin = 0.95;
 // Each library runs at least kMinRuns timed calls, more while they take under
-// kProbeSeconds in all (small GEMMs time noisily), at most kMaxRuns.
-constexpr int kMinRuns = 3;
+// kProbeSeconds in all (small GEMMs time noisily), at most kMaxRuns. A new shape
+// class costs its first call 2 + 2 * runs GEMMs more, three of each library: tenths
+// of a second for the 256 x 1024 x 32000 chunk of a language model's head.
+constexpr int kMinRuns = 2;
 constexpr int kMaxRuns = 50;
 constexpr double kProbeSeconds = 2e-3;
 // Beyond this many shape classes, new ones go to ATen unmeasured: a bound on memory
