@@ -212,6 +212,43 @@ def test_special_values_as_pytorch(backend, device, case, reduction):
     _against_pytorch(backend, device, x.clone(), target, reduction=reduction, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exponentials_over_their_whole_range(backend, device, dtype):
+    """Rows long enough for the vector loops and several online-softmax blocks, their
+    logits spread from the max down past where exp underflows, with -inf among them:
+    the softmax (the gradient of the summed loss, less the target's 1) within a few
+    ulp of float64's wherever it is a normal number, exactly 0 at -inf and below
+    float's range, and the loss as precise."""
+    classes = 5000
+    spread = torch.linspace(0.0, -120.0, classes, dtype=torch.float64)
+    rows = torch.stack([spread, spread.flip(0), spread[torch.randperm(classes)], spread * 0.01])
+    rows[:, 7::97] = -math.inf
+    rows[3, 4000] = 30.0
+    target = torch.tensor([0, 17, 2500, 4000])
+    x = rows.to(device=device, dtype=dtype).requires_grad_()
+    loss = myext.cross_entropy(x, target.to(device), reduction="sum", backend=backend)
+    (grad,) = torch.autograd.grad(loss, x)
+    exact = rows.to(device)
+    softmax = torch.softmax(exact, dim=1)
+    expected_grad = softmax - F.one_hot(target.to(device), classes).to(torch.float64)
+    expected_loss = F.cross_entropy(exact, target.to(device), reduction="sum")
+    tiny = torch.finfo(dtype).tiny
+    is_target = F.one_hot(target.to(device), classes).bool()
+    normal = (softmax > tiny) & ~is_target
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=4 * ulp, atol=0)
+    # exp(y) of a y rounded to the dtype is off by |y| ulp before any error of exp's own:
+    # y = x - lse, the exponent of each softmax element.
+    exponent = (exact - torch.logsumexp(exact, dim=1, keepdim=True)).abs()
+    relative = (grad.double() - expected_grad).abs() / expected_grad.abs()
+    assert (relative[normal] <= (8 + exponent[normal]) * ulp).all(), (relative / exponent.add(8))[normal].max() / ulp
+    # p - 1 at the target: within an ulp of 1, its scale.
+    torch.testing.assert_close(grad.double()[is_target], expected_grad[is_target], rtol=0, atol=2 * ulp)
+    assert (grad[exact == -math.inf] == 0).all()
+    # under a quarter of the dtype's smallest subnormal: 0
+    assert (grad[(softmax < tiny * ulp / 4) & ~is_target] == 0).all()
+
+
 @pytest.mark.parametrize("kind", ["class", "prob"])
 def test_near_zero_loss_stays_zero(backend, device, kind):
     """Logits far from zero and a target on the largest: the loss is 0 as PyTorch's, not the

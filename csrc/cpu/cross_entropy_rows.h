@@ -83,8 +83,69 @@ T hmax(const T* x, int64_t n) {
   return m;
 }
 
-// sum(exp(x - shift)) over n elements, in double across blocks. exp_u20 (within
-// 20 ulp, as ATen's own softmax kernels use) is well ahead of the 1-ulp exp here.
+// exp(x) for x <= 0 (a logit less its row's max, or that less the log-sum) or
+// NaN, which it keeps; exp(-inf) = 0. The exponentials are most of a cross-entropy
+// pass. On AVX-512 and AVX2 this is exp_u20's polynomial (Vectorized's fast exp, as
+// ATen's softmax kernels use; the 1-ulp exp is far slower) with a range reduction
+// that takes ln 2 in two parts (Cody and Waite) and a power of two that is right
+// down to the subnormals: within 2 ulp over every x whose exp is a normal float
+// (docs/BENCHMARKS.md). exp_u20 itself is within 4.5 ulp down to x = -80 but wrong
+// near -87, where exp leaves the normal range (it was 88 000 times this bound off
+// there). Its other builds (float64, the default ISA) keep exp_u20.
+template <typename T>
+inline Vectorized<T> exp_nonpositive(const Vectorized<T>& x) {
+  return x.exp_u20();
+}
+
+// exp_u20's coefficients, for exp(r) on |r| <= ln(2) / 2, and the two parts of ln 2.
+constexpr float kExpC1 = 0.999999701f, kExpC2 = 0.499991506f, kExpC3 = 0.166676521f, kExpC4 = 0.0418978221f,
+                kExpC5 = 0.00828929059f;
+constexpr float kLog2E = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
+// Below it, 2^n (n <= -217) times the polynomial is 0 in float; the clamp also makes
+// -inf finite, where r = x - n ln 2 would be -inf + inf.
+constexpr float kExpFloor = -150.0f;
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
+  // max_ps returns its second operand when either is NaN: a NaN x stays NaN.
+  const __m512 v = _mm512_max_ps(_mm512_set1_ps(kExpFloor), x);
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(kLog2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), v);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(kExpC5), _mm512_set1_ps(kExpC4));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(kExpC3));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(kExpC2));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(kExpC1));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
+  // p 2^n, rounded once, also where it is subnormal or 0.
+  return _mm512_scalef_ps(p, n);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <>
+inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
+  const __m256 v = _mm256_max_ps(_mm256_set1_ps(kExpFloor), x);  // NaN stays, as above
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(kLog2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), v);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
+  __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(kExpC5), _mm256_set1_ps(kExpC4));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(kExpC3));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(kExpC2));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(kExpC1));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.0f));
+  // 2^n as two normal powers of two, n = half + (n - half), each >= -109: the
+  // first product is exact, the second rounds once, also into the subnormals.
+  const __m256i n_int = _mm256_cvtps_epi32(n);  // a NaN lane gives garbage; p is NaN there
+  const __m256i half = _mm256_srai_epi32(n_int, 1);
+  const auto power_of_two = [](__m256i e) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+  };
+  return _mm256_mul_ps(_mm256_mul_ps(p, power_of_two(half)), power_of_two(_mm256_sub_epi32(n_int, half)));
+}
+#endif
+
+// sum(exp(x - shift)) over n elements (x <= shift), in double across blocks.
 template <typename T>
 double sum_exp(const T* x, int64_t n, T shift) {
   using Vec = Vectorized<T>;
@@ -92,14 +153,14 @@ double sum_exp(const T* x, int64_t n, T shift) {
   Vec acc(T(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    acc = acc + (Vec::loadu(x + i) - vshift).exp_u20();
+    acc = acc + exp_nonpositive(Vec::loadu(x + i) - vshift);
   }
   if (i < n) {
     // Lanes past the end load -inf and add exp(-inf) = 0.
     Vec tail(-kInf<T>);
     Vec partial = Vec::loadu(x + i, n - i);
     tail = Vec::set(tail, partial, n - i);
-    acc = acc + (tail - vshift).exp_u20();
+    acc = acc + exp_nonpositive(tail - vshift);
   }
   // The lanes added in double: a row whose largest term is 1 and the rest small (a
   // confident prediction) keeps the digits of those, which its loss log(1 + small) is.
@@ -354,7 +415,7 @@ void forward_class_rows_few(const T* z, const int64_t* target, const Options<T>&
   Vec sum(T(0));
   Vec gap(T(0));  // sum(w (max - z)), for the smoothing term
   for (int64_t c = 0; c < n; ++c) {
-    sum = sum + (column[c] - shift).exp_u20();
+    sum = sum + exp_nonpositive(column[c] - shift);
     if (o.smoothing > T(0)) {
       const Vec diff = Vec::blendv(max - column[c], inf, column[c] == minus_inf);
       gap = at::vec::fmadd(Vec(class_weight(o, c)), diff, gap);
@@ -417,7 +478,7 @@ void backward_class_row(const T* z, T* grad, int64_t target, T max, T log_sum, T
   // scalar loop of std::exp, which would cost rows of a few classes most of their time.
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), n - i);
-    const Vec p = ((Vec::loadu(z + i, count) - vmax) - vlog_sum).exp_u20();
+    const Vec p = exp_nonpositive((Vec::loadu(z + i, count) - vmax) - vlog_sum);
     // a p - b w with a single rounding of a p (fmsub): exact where the two cancel.
     const Vec g = smoothing ? at::vec::fmsub(va, p, o.weight == nullptr ? vb : vb * Vec::loadu(o.weight + i, count))
                             : va * p;
@@ -464,12 +525,12 @@ void backward_prob_row(const T* z, const T* q, T* grad, T max, T log_sum, T scal
     return z_coef == T(0) ? g : at::vec::fmadd(vz_coef, p, g);
   };
   for (int64_t i = 0; i < full; i += Vec::size()) {
-    const Vec p = ((Vec::loadu(z + i) - vmax) - vlog_sum).exp_u20();
+    const Vec p = exp_nonpositive((Vec::loadu(z + i) - vmax) - vlog_sum);
     grad_of(p, weights.load(i)).store(grad + i);
   }
   if (full < n) {
     const int64_t count = n - full;
-    const Vec p = ((Vec::loadu(z + full, count) - vmax) - vlog_sum).exp_u20();
+    const Vec p = exp_nonpositive((Vec::loadu(z + full, count) - vmax) - vlog_sum);
     grad_of(p, weights.load(full, count)).store(grad + full, count);
   }
 }
