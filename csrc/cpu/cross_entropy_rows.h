@@ -145,14 +145,17 @@ inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
 }
 #endif
 
-// sum(exp(x - shift)) over n elements (x <= shift), in double across blocks.
+// sum(exp(x - shift)) over n elements (x <= shift), in double across blocks; while
+// it computes, the first `ahead` elements from `next` (the next block) are fetched
+// into L2, so that memory streams during the exponentials instead of after them.
 template <typename T>
-double sum_exp(const T* x, int64_t n, T shift) {
+double sum_exp(const T* x, int64_t n, T shift, const T* next = nullptr, int64_t ahead = 0) {
   using Vec = Vectorized<T>;
   const Vec vshift(shift);
   Vec acc(T(0));
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
+    if (i < ahead) __builtin_prefetch(next + i, /*rw=*/0, /*locality (2: L2)=*/2);
     acc = acc + exp_nonpositive(Vec::loadu(x + i) - vshift);
   }
   if (i < n) {
@@ -307,8 +310,8 @@ struct RowStats {
 struct NoWeights {};
 
 // One pass over the row from memory: each block is reduced for its max, then
-// summed from L1 against the running max, rescaling the running sums when the
-// max grows. A NaN logit makes the max NaN, and with it everything after.
+// summed from L1 against the running max (fetching the next block meanwhile),
+// rescaling the running sums when the max grows. A NaN logit makes the max NaN, and with it everything after.
 template <typename T, typename Weights>
 RowStats<T> row_stats(const T* x, int64_t n, const Weights& weights) {
   constexpr bool kGap = !std::is_same_v<Weights, NoWeights>;
@@ -328,7 +331,8 @@ RowStats<T> row_stats(const T* x, int64_t n, const Weights& weights) {
       running_max = block_max;
     }
     // While every logit so far is -inf, exp(x - 0) adds the zeros it should.
-    running_sum += sum_exp(x + start, len, running_max == -kInf<T> ? T(0) : running_max);
+    const int64_t next_len = std::clamp<int64_t>(n - start - kBlock, 0, kBlock);
+    running_sum += sum_exp(x + start, len, running_max == -kInf<T> ? T(0) : running_max, x + start + len, next_len);
     if constexpr (kGap) {
       const auto [block_gap, block_weight] = weighted_gap(x + start, len, running_max, weights, start);
       gap += block_gap;
