@@ -290,9 +290,20 @@ t = torch.tensor([1, 2, 0, 4, 3, 1], device=dev)
 loss, row_max, row_log_sum, target_logit, total, *grads = ops.linear_cross_entropy_forward(
     x, w, b, t, None, 0, -100, 0.0, 0.0, 0.0, 0, [False, False, False])
 g = torch.ones(6, device=dev)
+row_weight, weight_sum = torch.ones(6, device=dev), torch.tensor(9.0, device=dev)
 """
 F_ARGS = "x, w, b, t, None, 1, -100, 0.0, 0.0, 0.0, 0, [True, True, True]"
 B_ARGS = "g, x, w, b, t, None, row_max, row_log_sum, total, 0, -100, 0.0, 0.0, 0.0, 0, [True, True, True]"
+# w and b as the rows [2, 7) of an output layer of 9 classes.
+S_ARGS = ("g, x, w, b, t, None, row_max, row_log_sum, row_weight, total, weight_sum, 0, -100, 0.0, 0.0, 0.0, 2, 9, "
+          "0, [True, True, True]")
+
+
+def _shard_backward(**replace):
+    args = S_ARGS
+    for old, new in replace.items():
+        args = args.replace(old, new, 1)
+    return f"ops.linear_cross_entropy_shard_backward({args})"
 
 
 def _forward(**replace):
@@ -323,14 +334,34 @@ BAD_DIRECT_CALLS = {
         f"ops.linear_cross_entropy_backward({B_ARGS.replace('g, ', 'g[:3], ', 1)})", "grad_loss"),
     "backward weight of other features": (
         f"ops.linear_cross_entropy_backward({B_ARGS.replace(' w,', ' w[:, :3],')})", "linear_weight"),
+    "shard past the classes": (_shard_backward(**{" 2, 9,": " 5, 9,"}), "within the 9 classes"),
+    "shard with a negative start": (_shard_backward(**{" 2, 9,": " -1, 9,"}), "class_start"),
+    "shard row_weight shorter than the rows": (_shard_backward(**{"row_weight,": "row_weight[:2],"}), "row_weight"),
+    "shard weight_sum not a scalar": (_shard_backward(**{"weight_sum,": "weight_sum.expand(2),"}), "weight_sum"),
+    "shard class index past every class": (
+        _shard_backward(**{" t,": " torch.tensor([1, 9, 0, 4, 3, 1], device=dev),"}), "class index"),
+    "shard weight of the whole classes": (_shard_backward(**{"None,": "torch.ones(9, device=dev),"}), "weight"),
+    "shard bias shorter than its rows": (_shard_backward(**{" b,": " b[:2],"}), "linear_bias"),
+    "shard grad_loss shorter than the rows": (_shard_backward(**{"g, ": "g[:3], "}), "grad_loss"),
 }
+
+
+@pytest.mark.compiled_backends
+def test_good_direct_shard_call_runs(isolated, backend, device):
+    """The set-up's shard call, unchanged, runs: each bad call below differs from it in one argument."""
+    if not myext.backends.has_capability(OP, "shard_backward", backend, torch.device(device)):
+        pytest.skip(f"{backend} has no shard backward")
+    result = isolated(DIRECT_SETUP, _shard_backward(), backend, device)
+    assert result["outcome"] == "returned", result
 
 
 @pytest.mark.compiled_backends
 @pytest.mark.parametrize("case", BAD_DIRECT_CALLS)
 def test_bad_direct_call_raises(isolated, backend, device, case):
     code, mentions = BAD_DIRECT_CALLS[case]
-    if case == "class index out of range" and device == "cuda":
+    if "shard" in case and not myext.backends.has_capability(OP, "shard_backward", backend, torch.device(device)):
+        pytest.skip(f"{backend} has no shard backward")
+    if case in ("class index out of range", "shard class index past every class") and device == "cuda":
         pytest.skip("on CUDA a device-side assertion, which ends the process's CUDA context (see test_gpu.py)")
     result = isolated(DIRECT_SETUP, code, backend, device)
     assert result["outcome"] == "raised", result
