@@ -1,5 +1,7 @@
 """myext.linear_relu on every backend, against the plain-PyTorch reference and F.linear + F.relu."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,6 +140,32 @@ def test_cpp_gemm_probe_measures_each_shape_class_once_and_keeps_the_faster(cpu_
     assert machine.cpu_gemm_choices() == choices
     for g, g_ref in zip(grads, torch.autograd.grad(F.relu(F.linear(x, w, b)), (x, w, b), torch.ones(200, 128))):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=2e-4)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_cpp_gemm_probe_across_threads(cpu_gemm_policy):
+    """Threads whose first GEMMs fall in one shape class at once: one measures, the others
+    wait for its answer; every result is right, and the class is measured once."""
+    from myext import machine
+
+    cpu_gemm_policy("probe")
+    x, w, b = make_args((300, 784), out_features=128, dtype=torch.float32, requires_grad=False)
+    expected = F.relu(F.linear(x, w, b))
+    results: dict[int, torch.Tensor] = {}
+    start = threading.Barrier(6)
+
+    def run(i):
+        start.wait()
+        results[i] = myext.linear_relu(x[i * 8:], w, b, backend="cpp")  # 260 to 300 rows: one class
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(6):
+        torch.testing.assert_close(results[i], expected[i * 8:], rtol=1e-5, atol=2e-4)
+    assert [(c.rows_up_to, c.inner, c.cols) for c in machine.cpu_gemm_choices()] == [(512, 784, 128)]
 
 
 BAD_INPUTS = [
