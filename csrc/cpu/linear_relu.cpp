@@ -150,11 +150,18 @@ void relu_backward_rows(const scalar_t* grad_out, const scalar_t* out,
   });
 
   if (grad_bias == nullptr) return;
-  for (int64_t c = 0; c < cols; ++c) {
-    double total = 0;
-    for (int64_t b = 0; b < blocks; ++b) total += partial[b * cols + c];
-    grad_bias[c] = static_cast<scalar_t>(total);
-  }
+  // Block by block down contiguous rows of partial sums, the columns in parallel: the
+  // same additions in the same order as column by column, without a serial walk that
+  // strides a row of partial sums per addition (at 512 x 4096 it took longer than
+  // masking the gradient).
+  at::parallel_for(0, cols, 4096, [&](int64_t begin, int64_t end) {
+    std::vector<double> totals(static_cast<size_t>(end - begin), 0.0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const acc_t* row = partial.data() + b * cols + begin;
+      for (int64_t c = 0; c < end - begin; ++c) totals[c] += static_cast<double>(row[c]);
+    }
+    for (int64_t c = begin; c < end; ++c) grad_bias[c] = static_cast<scalar_t>(totals[c - begin]);
+  });
 }
 
 // One fused pass masks grad_output and reduces the bias gradient; the input
