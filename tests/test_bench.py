@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import myext
-from myext import bench, registry
+from myext import bench, machine, registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +43,12 @@ def test_quick_run_writes_table_json_and_plots(tmp_path):
     for limits in (results["limits"], results["limits_end"]):
         assert limits["copy_GBps"] > 0 and limits["matmul_GFLOPps"] > 0
     assert results["providers"] == providers
+    # The GEMM library each float32 shape class was measured to run faster on, as recorded.
+    assert any(line.startswith("GEMMs at the end: ") for line in lines)
+    if torch.backends.mkldnn.is_available():
+        choices = results["machine"]["gemm_choices"]
+        assert choices and all(set(c) == set(machine.GemmChoice._fields) for c in choices)
+        assert all(c["onednn"] == (c["onednn_seconds"] < 0.95 * c["aten_seconds"]) for c in choices)
     assert len(results["results"]) == len(rows)
     for row in results["results"]:
         assert row["op"] in bench.OPS and row["pass"] in bench.PASSES
