@@ -89,14 +89,15 @@ T hmax(const T* x, int64_t n) {
 // ATen's softmax kernels use; the 1-ulp exp is far slower) with a range reduction
 // that takes ln 2 in two parts (Cody and Waite) and a power of two that is right
 // down to the subnormals: within 2 ulp over every x whose exp is a normal float
-// (docs/BENCHMARKS.md). exp_u20 itself is within 4.5 ulp down to x = -80 but wrong
-// near -87, where exp leaves the normal range (it was 88 000 times this bound off
-// there). Its other builds (float64, the default ISA) keep exp_u20.
+// (docs/BENCHMARKS.md). exp_u20 itself is within 4.5 ulp down to x = -80 but 11.8
+// million ulp off at x = -86.99, where exp leaves the normal range. float64 and the
+// default ISA's build keep exp_u20.
 template <typename T>
 inline Vectorized<T> exp_nonpositive(const Vectorized<T>& x) {
   return x.exp_u20();
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // exp_u20's coefficients, for exp(r) on |r| <= ln(2) / 2, and the two parts of ln 2.
 constexpr float kExpC1 = 0.999999701f, kExpC2 = 0.499991506f, kExpC3 = 0.166676521f, kExpC4 = 0.0418978221f,
                 kExpC5 = 0.00828929059f;
@@ -105,35 +106,34 @@ constexpr float kLog2E = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low 
 // -inf finite, where r = x - n ln 2 would be -inf + inf.
 constexpr float kExpFloor = -150.0f;
 
+// exp(r) by exp_u20's polynomial, for x = n ln 2 + r (the reduction in two parts),
+// the part both vector builds share.
+inline Vectorized<float> exp_reduced(const Vectorized<float>& x, const Vectorized<float>& n) {
+  using Vec = Vectorized<float>;
+  const Vec r = at::vec::fmadd(n, Vec(-kLn2Low), at::vec::fmadd(n, Vec(-kLn2High), x));
+  Vec p = at::vec::fmadd(r, Vec(kExpC5), Vec(kExpC4));
+  p = at::vec::fmadd(r, p, Vec(kExpC3));
+  p = at::vec::fmadd(r, p, Vec(kExpC2));
+  p = at::vec::fmadd(r, p, Vec(kExpC1));
+  return at::vec::fmadd(r, p, Vec(1.0f));
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 template <>
 inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
-  // max_ps returns its second operand when either is NaN: a NaN x stays NaN.
+  // max_ps returns its second operand when either is NaN: a NaN x stays NaN (and
+  // costs no NaN blend, as at::vec::maximum would).
   const __m512 v = _mm512_max_ps(_mm512_set1_ps(kExpFloor), x);
   const __m512 n =
       _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(kLog2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), v);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
-  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(kExpC5), _mm512_set1_ps(kExpC4));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(kExpC3));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(kExpC2));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(kExpC1));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
   // p 2^n, rounded once, also where it is subnormal or 0.
-  return _mm512_scalef_ps(p, n);
+  return _mm512_scalef_ps(exp_reduced(v, n), n);
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 template <>
 inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
   const __m256 v = _mm256_max_ps(_mm256_set1_ps(kExpFloor), x);  // NaN stays, as above
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(kLog2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), v);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
-  __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(kExpC5), _mm256_set1_ps(kExpC4));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(kExpC3));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(kExpC2));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(kExpC1));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.0f));
   // 2^n as two normal powers of two, n = half + (n - half), each >= -109: the
   // first product is exact, the second rounds once, also into the subnormals.
   const __m256i n_int = _mm256_cvtps_epi32(n);  // a NaN lane gives garbage; p is NaN there
@@ -141,9 +141,11 @@ inline Vectorized<float> exp_nonpositive(const Vectorized<float>& x) {
   const auto power_of_two = [](__m256i e) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
   };
-  return _mm256_mul_ps(_mm256_mul_ps(p, power_of_two(half)), power_of_two(_mm256_sub_epi32(n_int, half)));
+  return _mm256_mul_ps(_mm256_mul_ps(exp_reduced(v, n), power_of_two(half)),
+                       power_of_two(_mm256_sub_epi32(n_int, half)));
 }
 #endif
+#endif  // CPU_CAPABILITY_AVX512 || CPU_CAPABILITY_AVX2
 
 // sum(exp(x - shift)) over n elements (x <= shift), in double across blocks; while
 // it computes, the first `ahead` elements from `next` (the next block) are fetched
