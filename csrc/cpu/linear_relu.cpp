@@ -150,10 +150,10 @@ void relu_backward_rows(const scalar_t* grad_out, const scalar_t* out,
   });
 
   if (grad_bias == nullptr) return;
-  // Block by block down contiguous rows of partial sums, the columns in parallel: the
-  // same additions in the same order as column by column, without a serial walk that
-  // strides a row of partial sums per addition (at 512 x 4096 it took longer than
-  // masking the gradient).
+  // Block by block down contiguous rows of partial sums (columns split across threads
+  // beyond 4096 of them): the same additions in the same order as column by column,
+  // without a walk that strides a row of partial sums per addition (at 512 x 4096 it
+  // took longer than masking the gradient).
   at::parallel_for(0, cols, 4096, [&](int64_t begin, int64_t end) {
     std::vector<double> totals(static_cast<size_t>(end - begin), 0.0);
     for (int64_t b = 0; b < blocks; ++b) {
