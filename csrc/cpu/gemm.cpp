@@ -3,6 +3,7 @@
 #include "gemm.h"
 
 #include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -88,6 +89,23 @@ GemmChoice probe(const at::Tensor& a, const at::Tensor& b, const Key& key) {
           aten_best, onednn_best, onednn_best < kOneDnnMargin * aten_best};
 }
 
+// The op, or nullptr where this torch lacks it or has changed its schema (it is
+// internal to torch): then use_onednn says no and at::mm does every GEMM.
+const c10::OperatorHandle* onednn_linear_op() {
+  static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
+    auto found = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+    if (!found.has_value() || !found->hasSchema()) return std::nullopt;
+    const auto& args = found->schema().arguments();
+    const std::array<const char*, 6> expected{"X", "W", "B", "attr", "scalars", "algorithm"};
+    if (args.size() != expected.size()) return std::nullopt;
+    for (size_t i = 0; i < expected.size(); ++i) {
+      if (args[i].name() != expected[i]) return std::nullopt;
+    }
+    return found;
+  }();
+  return op.has_value() ? &*op : nullptr;
+}
+
 }  // namespace
 
 GemmPolicy parse_gemm_policy(const std::string& name) {
@@ -126,21 +144,6 @@ std::vector<GemmChoice> gemm_choices() {
   out.reserve(s.choices.size());
   for (const auto& entry : s.choices) out.push_back(entry.second);
   return out;
-}
-
-const c10::OperatorHandle* onednn_linear_op() {
-  static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
-    auto found = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
-    if (!found.has_value() || !found->hasSchema()) return std::nullopt;
-    const auto& args = found->schema().arguments();
-    const std::array<const char*, 6> expected{"X", "W", "B", "attr", "scalars", "algorithm"};
-    if (args.size() != expected.size()) return std::nullopt;
-    for (size_t i = 0; i < expected.size(); ++i) {
-      if (args[i].name() != expected[i]) return std::nullopt;
-    }
-    return found;
-  }();
-  return op.has_value() ? &*op : nullptr;
 }
 
 at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& b_t, const std::optional<at::Tensor>& bias) {

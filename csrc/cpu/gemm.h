@@ -11,7 +11,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>
 #include <optional>
@@ -41,14 +40,11 @@ struct GemmChoice {
 };
 std::vector<GemmChoice> gemm_choices();
 
-// oneDNN's matmul, reached through the op torch.compile's CPU backend uses for
-// linear layers (mkldnn::_linear_pointwise); nullptr where this torch lacks it or
-// has changed its schema (it is internal to torch). Only its GEMM and bias are
-// used: its ReLU post-op would turn NaN into 0.
-const c10::OperatorHandle* onednn_linear_op();
-
 // a (rows, inner) @ b_t (cols, inner)^T (+ bias), i.e. F.linear(a, b_t, bias), on
-// oneDNN, as a contiguous (rows, cols) tensor; a and b_t may have any strides.
+// oneDNN's matmul (through mkldnn::_linear_pointwise, the op torch.compile's CPU
+// backend uses for linear layers), as a contiguous (rows, cols) tensor; a and b_t
+// may have any strides. Only its GEMM and bias are used: its ReLU post-op would
+// turn NaN into 0. Call it where use_onednn says so.
 at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& b_t, const std::optional<at::Tensor>& bias);
 
 // Whether a (rows, inner) @ b (inner, cols) should run on oneDNN: float32 only
