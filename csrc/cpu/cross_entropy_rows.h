@@ -313,7 +313,8 @@ struct NoWeights {};
 
 // One pass over the row from memory: each block is reduced for its max, then
 // summed from L1 against the running max (fetching the next block meanwhile),
-// rescaling the running sums when the max grows. A NaN logit makes the max NaN, and with it everything after.
+// rescaling the running sums when the max grows. A NaN logit makes the max NaN,
+// and with it everything after.
 template <typename T, typename Weights>
 RowStats<T> row_stats(const T* x, int64_t n, const Weights& weights) {
   constexpr bool kGap = !std::is_same_v<Weights, NoWeights>;
