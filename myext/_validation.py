@@ -42,4 +42,10 @@ def check_same_device(name: str, tensor: torch.Tensor, ref_name: str, ref: torch
 
 def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd records a call on these tensors."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    # A loop, not any() over a generator: this runs on every call of every op.
+    if not torch.is_grad_enabled():
+        return False
+    for tensor in tensors:
+        if tensor is not None and tensor.requires_grad:
+            return True
+    return False

@@ -53,7 +53,8 @@ def check_cross_entropy(
     check_options(ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
     classes = input.size(0) if input.dim() == 1 else input.size(1)
     check_class_weight(weight, classes, input)
-    class_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    # A tuple: slicing and adding torch.Size objects costs microseconds on every call.
+    class_shape = (input.size(0), *input.shape[2:]) if input.dim() > 1 else ()
     return check_target(target, input, ignore_index, class_shape=class_shape, prob_shape=input.shape,
                         prob_shape_name="the input's shape")
 
@@ -86,8 +87,8 @@ def check_class_weight(weight: Optional[torch.Tensor], classes: int, input: torc
                          "pass weight.detach()")
 
 
-def check_target(target: torch.Tensor, input: torch.Tensor, ignore_index: int, *, class_shape: torch.Size,
-                 prob_shape: torch.Size, prob_shape_name: str) -> bool:
+def check_target(target: torch.Tensor, input: torch.Tensor, ignore_index: int, *, class_shape: tuple[int, ...],
+                 prob_shape: tuple[int, ...], prob_shape_name: str) -> bool:
     """Checks a target of class indices (int64 or uint8, of ``class_shape``) or of
     probabilities (``prob_shape``, the input's dtype); returns True for probabilities."""
     if target.device != input.device:
@@ -199,10 +200,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.backend = backend
         ctx.inplace_backward = inplace_backward
         ctx.mark_non_differentiable(row_max, row_log_sum, target_logit)
+        # Backward gets None, not a tensor of zeros made on every call, for the extras.
+        ctx.set_materialize_grads(False)
         return loss, row_max, row_log_sum, target_logit
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor, *unused_grads):
+    def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused_grads):
+        if grad_loss is None:  # the loss took no part in what is differentiated
+            return (None,) * len(ctx.needs_input_grad)
         input, target, weight, row_max, row_log_sum, total_weight = ctx.saved_tensors
         grad_input = grad_target = None
         # The target's gradient reads the logits, so it comes before any in-place write.
@@ -470,12 +475,15 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(input, target, weight, *rows)
         ctx.options, ctx.shard, ctx.backend = options, shard, backend
         ctx.mark_non_differentiable(rows.row_max, rows.row_log_sum, rows.target_logit)
+        ctx.set_materialize_grads(False)  # as CrossEntropyFunction's
         loss = reduce_rows(rows.loss, rows.total_weight, options.reduction, input.dtype)
         return loss, rows.row_max, rows.row_log_sum, rows.target_logit
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_loss: torch.Tensor, *unused_grads):
+    def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused_grads):
+        if grad_loss is None:  # the loss took no part in what is differentiated
+            return (None,) * len(ctx.needs_input_grad)
         input, target, weight, *saved = ctx.saved_tensors
         rows = ShardRows(*saved)
         grad_input = grad_target = None

@@ -157,10 +157,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.grads_from_forward = [grad_input, grad_weight, grad_bias] if in_forward else None
         ctx.options, ctx.chunk_size, ctx.backend = options, chunk_size, backend
         ctx.mark_non_differentiable(row_max, row_log_sum, target_logit)
+        ctx.set_materialize_grads(False)  # as CrossEntropyFunction's
         return loss, row_max, row_log_sum, target_logit
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor, *unused_grads):
+    def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused_grads):
+        if grad_loss is None:  # the loss took no part in what is differentiated
+            return (None,) * len(ctx.needs_input_grad)
         input, linear_weight, linear_bias, target, weight = ctx.saved_tensors[:5]
         mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
         wants_target = bool(ctx.needs_input_grad[3]) and target.is_floating_point()
@@ -236,12 +239,15 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, *found)
         ctx.options, ctx.chunk_size, ctx.shard, ctx.backend = options, chunk_size, shard, backend
         ctx.mark_non_differentiable(found.row_max, found.row_log_sum, found.target_logit)
+        ctx.set_materialize_grads(False)  # as CrossEntropyFunction's
         loss = ce.reduce_rows(found.loss, found.total_weight, options.reduction, input.dtype)
         return loss, found.row_max, found.row_log_sum, found.target_logit
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_loss: torch.Tensor, *unused_grads):
+    def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused_grads):
+        if grad_loss is None:  # the loss took no part in what is differentiated
+            return (None,) * len(ctx.needs_input_grad)
         input, linear_weight, linear_bias, target, weight, *saved = ctx.saved_tensors
         found, options, shard = ce.ShardRows(*saved), ctx.options, ctx.shard
         mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
