@@ -17,11 +17,14 @@ __all__ = ["GemmChoice", "cpu_description", "cpu_gemm_choices", "cpu_gemm_policy
 
 
 class GemmChoice(NamedTuple):
-    """One shape class of float32 GEMM ``a (rows, inner) @ b (inner, cols)`` that the CPU
-    kernels measured on both libraries: ``rows`` up to ``rows_up_to`` (a power of two),
+    """One shape class of GEMM ``a (rows, inner) @ b (inner, cols)`` that the CPU kernels
+    measured on both libraries: its dtype (``"float32"``, ``"bfloat16"`` or ``"float16"``),
+    ``rows`` up to ``rows_up_to`` (a power of two),
     the operands' layouts (``"r"`` row-major, ``"c"`` column-major, that is a transposed
-    view, ``"s"`` other strides), each library's fastest timed call, and the choice."""
+    view, ``"s"`` other strides), each library's fastest timed call (oneDNN's ``inf`` where it
+    has no kernel for the dtype on this CPU), and the choice."""
 
+    dtype: str
     rows_up_to: int
     inner: int
     cols: int
@@ -33,11 +36,13 @@ class GemmChoice(NamedTuple):
 
 
 def cpu_gemm_policy() -> str:
-    """Where the CPU kernels' float32 GEMMs go: ``"probe"`` (the default: the first GEMM
+    """Where the CPU kernels' GEMMs go: ``"probe"`` (the default: the first GEMM
     of each shape class times ATen's BLAS and oneDNN on its operands and keeps the faster
-    for the process), ``"aten"`` or ``"onednn"``. Set by ``$MYEXT_CPU_GEMM`` or
-    :func:`set_cpu_gemm_policy`; ``torch.backends.mkldnn.enabled = False`` keeps every
-    GEMM on ATen whatever the policy."""
+    for the process; in float32, bfloat16 and float16, those of a dtype that this CPU's
+    oneDNN has no kernel for on ATen), ``"aten"`` or ``"onednn"`` (float32 on oneDNN,
+    the rest on ATen). float64 always on ATen. Set by
+    ``$MYEXT_CPU_GEMM`` or :func:`set_cpu_gemm_policy`; ``torch.backends.mkldnn.enabled =
+    False`` keeps every GEMM on ATen whatever the policy."""
     return _cpu.kernels.gemm_policy()
 
 
@@ -88,7 +93,7 @@ def _gemm_path() -> str:
         return f"ATen (${_cpu.GEMM_ENV_VAR}=aten)"
     if policy == "onednn":
         return f"oneDNN for float32 (${_cpu.GEMM_ENV_VAR}=onednn), else ATen"
-    path = "float32 on ATen or oneDNN, the faster measured per shape class"
+    path = "ATen or oneDNN, the faster measured per shape class and dtype"
     choices = cpu_gemm_choices()
     if not choices:
         return path

@@ -168,6 +168,32 @@ def test_cpp_gemm_probe_across_threads(cpu_gemm_policy):
     assert [(c.rows_up_to, c.inner, c.cols) for c in machine.cpu_gemm_choices()] == [(512, 784, 128)]
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpp_gemm_probe_measures_reduced_dtypes_in_classes_of_their_own(dtype, cpu_gemm_policy):
+    """bfloat16 and half GEMMs are probed like float32 ones, in classes of their own; where
+    this CPU's oneDNN has no kernel for the dtype (it raises), they stay on ATen. A pinned
+    oneDNN takes float32 only."""
+    from myext import machine
+
+    cpu_gemm_policy("probe")
+    x, w, b = make_args((64, 96), out_features=32, dtype=dtype)
+    out, grads = _fwd_bwd(x, w, b)
+    choices = machine.cpu_gemm_choices()
+    assert [c.dtype for c in choices] == [str(dtype).removeprefix("torch.")] * 3
+    for c in choices:
+        assert 0 < c.aten_seconds and 0 < c.onednn_seconds  # inf: oneDNN has no kernel here
+        assert c.onednn == (c.onednn_seconds < 0.95 * c.aten_seconds)
+    torch.testing.assert_close(out, expected(x, w, b), rtol=2e-2, atol=2e-2)
+    _fwd_bwd(*(t.detach().float().requires_grad_() for t in (x, w, b)))
+    assert sorted(c.dtype for c in machine.cpu_gemm_choices()) == sorted(["float32"] * 3 + [choices[0].dtype] * 3)
+
+    cpu_gemm_policy("onednn")
+    (out_pinned, _), calls = _onednn_calls(lambda: _fwd_bwd(x, w, b))
+    assert calls == 0
+    torch.testing.assert_close(out_pinned, out, rtol=2e-2, atol=2e-2)
+
+
 BAD_INPUTS = [
     ("input", lambda x, w, b: (x.to(torch.int64), w, b), TypeError, "input must have a floating dtype"),
     ("input", lambda x, w, b: (x[:, :4], w, b), ValueError, "input's last dimension"),

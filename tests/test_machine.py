@@ -21,7 +21,7 @@ def test_describe_cpu_names_the_build_and_the_gemm_path(monkeypatch):
     assert info["threads"] == torch.get_num_threads()
     assert info["cpu"]
     if torch.backends.mkldnn.is_available():
-        assert info["gemm"].startswith("float32 on ATen or oneDNN, the faster measured per shape class")
+        assert info["gemm"].startswith("ATen or oneDNN, the faster measured per shape class and dtype")
         monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
         assert "switched off" in machine.describe_cpu()["gemm"]
     line = machine.cpu_description()

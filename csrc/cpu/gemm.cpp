@@ -10,6 +10,7 @@
 #include <array>
 #include <chrono>
 #include <cstdlib>
+#include <exception>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -33,7 +34,7 @@ constexpr double kProbeSeconds = 2e-3;
 // and on probing time for a process that sees endless shapes.
 constexpr size_t kMaxChoices = 4096;
 
-using Key = std::tuple<int64_t, int64_t, int64_t, char, char>;
+using Key = std::tuple<at::ScalarType, int64_t, int64_t, int64_t, char, char>;
 
 struct State {
   std::mutex mutex;
@@ -74,8 +75,18 @@ GemmChoice probe(const at::Tensor& a, const at::Tensor& b, const Key& key) {
   const auto aten = [&] { (void)at::mm(a, b); };
   const auto onednn = [&] { (void)onednn_linear(a, b.t(), std::nullopt); };
   // Untimed first calls: oneDNN creates (and caches) its primitive, both fault in
-  // their outputs' pages.
-  const double first = std::max(seconds_of(aten), seconds_of(onednn));
+  // their outputs' pages. oneDNN raises where it has no kernel for the dtype (half
+  // or bfloat16 on a CPU without their instructions): ATen it is.
+  const double aten_first = seconds_of(aten);
+  double onednn_first;
+  try {
+    onednn_first = seconds_of(onednn);
+  } catch (const std::exception&) {  // c10::Error, or dnnl::error from within
+    const double never = std::numeric_limits<double>::infinity();
+    return {std::get<0>(key), std::get<1>(key), std::get<2>(key), std::get<3>(key), std::get<4>(key),
+            std::get<5>(key), aten_first, never, false};
+  }
+  const double first = std::max(aten_first, onednn_first);
   const int runs = std::clamp(static_cast<int>(kProbeSeconds / std::max(first, 1e-9)), kMinRuns, kMaxRuns);
   double aten_best = std::numeric_limits<double>::infinity();
   double onednn_best = aten_best;
@@ -85,7 +96,7 @@ GemmChoice probe(const at::Tensor& a, const at::Tensor& b, const Key& key) {
     aten_best = std::min(aten_best, seconds_of(aten));
     onednn_best = std::min(onednn_best, seconds_of(onednn));
   }
-  return {std::get<0>(key), std::get<1>(key), std::get<2>(key), std::get<3>(key), std::get<4>(key),
+  return {std::get<0>(key), std::get<1>(key), std::get<2>(key), std::get<3>(key), std::get<4>(key), std::get<5>(key),
           aten_best, onednn_best, onednn_best < kOneDnnMargin * aten_best};
 }
 
@@ -153,15 +164,20 @@ at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& b_t, const std::
 }
 
 bool use_onednn(const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() != at::kFloat || !at::globalContext().userEnabledMkldnn() || onednn_linear_op() == nullptr) {
+  const at::ScalarType dtype = a.scalar_type();
+  const bool reduced = dtype == at::kBFloat16 || dtype == at::kHalf;
+  if ((dtype != at::kFloat && !reduced) || !at::globalContext().userEnabledMkldnn() ||
+      onednn_linear_op() == nullptr) {
     return false;
   }
   const int64_t rows = a.size(0), inner = a.size(1), cols = b.size(1);
   if (rows == 0 || inner == 0 || cols == 0) return false;
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mutex);
-  if (s.policy != GemmPolicy::kProbe) return s.policy == GemmPolicy::kOneDnn;
-  const Key key{next_power_of_two(rows), inner, cols, layout_of(a), layout_of(b)};
+  // A pinned oneDNN takes float32 only: only the probe finds out whether this CPU's
+  // oneDNN has a kernel for the reduced dtypes.
+  if (s.policy != GemmPolicy::kProbe) return s.policy == GemmPolicy::kOneDnn && !reduced;
+  const Key key{dtype, next_power_of_two(rows), inner, cols, layout_of(a), layout_of(b)};
   const auto found = s.choices.find(key);
   if (found != s.choices.end()) return found->second.onednn;
   if (s.choices.size() >= kMaxChoices) return false;

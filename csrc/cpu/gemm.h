@@ -4,10 +4,12 @@
 // Neither wins everywhere: on the project's AMD EPYC CPUs MKL takes its AVX2 path and
 // oneDNN runs float32 GEMMs of SimpleNet's and MLP sizes about twice as fast, while on
 // its Intel Xeons MKL's AVX-512 path is level or ahead at some of the same shapes
-// (docs/BENCHMARKS.md). So the choice is measured, not written down: the first float32
-// GEMM of each shape class times both libraries on its own operands and caches the
-// faster for the process (gemm.cpp). MYEXT_CPU_GEMM=aten|onednn pins one instead, and
-// torch.backends.mkldnn.enabled = False keeps every GEMM on ATen.
+// (docs/BENCHMARKS.md). So the choice is measured, not written down: the first GEMM
+// of each shape class (float32, bfloat16 or half) times both libraries on its own
+// operands and caches the faster for the process (gemm.cpp); a dtype this CPU's
+// oneDNN has no kernel for stays on ATen. MYEXT_CPU_GEMM=aten|onednn pins one instead
+// (oneDNN for float32 only), and torch.backends.mkldnn.enabled = False keeps every
+// GEMM on ATen.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,7 +22,8 @@
 namespace myext {
 namespace cpu {
 
-// Where float32 GEMMs go: measured per shape class, or always one library.
+// Where the GEMMs go: measured per shape class, or always one library (oneDNN:
+// float32 only).
 enum class GemmPolicy { kProbe, kAten, kOneDnn };
 
 GemmPolicy gemm_policy();
@@ -30,9 +33,10 @@ const char* gemm_policy_name(GemmPolicy policy);
 // Also forgets the measured choices.
 void set_gemm_policy(GemmPolicy policy);
 
-// One measured shape class: a (rows, inner) @ b (inner, cols) with rows up to
-// `rows_up_to` (the next power of two) and the operands' layouts.
+// One measured shape class: a (rows, inner) @ b (inner, cols) of one dtype, with
+// rows up to `rows_up_to` (the next power of two) and the operands' layouts.
 struct GemmChoice {
+  at::ScalarType dtype;
   int64_t rows_up_to, inner, cols;
   char a_layout, b_layout;  // 'r' row-major, 'c' column-major (a transposed view), 's' other
   double aten_seconds, onednn_seconds;  // each the fastest of its timed runs
@@ -47,8 +51,7 @@ std::vector<GemmChoice> gemm_choices();
 // turn NaN into 0. Call it where use_onednn says so.
 at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& b_t, const std::optional<at::Tensor>& bias);
 
-// Whether a (rows, inner) @ b (inner, cols) should run on oneDNN: float32 only
-// (ATen's bfloat16 and half GEMMs are oneDNN's already where the CPU has them).
+// Whether a (rows, inner) @ b (inner, cols) should run on oneDNN: never in float64.
 bool use_onednn(const at::Tensor& a, const at::Tensor& b);
 
 // a @ b as a contiguous (rows, cols) tensor, on the library use_onednn names.

@@ -1,8 +1,8 @@
 // Fused linear cross-entropy on the CPU: the chunk loop of
-// linear_cross_entropy.h with the GEMMs of gemm.h (oneDNN for float32 where it
-// is faster, else ATen's BLAS, whose bfloat16 GEMMs use AMX where the CPU has
-// it) and the row kernels of cross_entropy_rows.h, which read each chunk's
-// logits and, where gradients are wanted, write their gradient over them.
+// linear_cross_entropy.h with the GEMMs of gemm.h (oneDNN or ATen's BLAS,
+// whichever this CPU runs faster) and the row kernels of cross_entropy_rows.h,
+// which read each chunk's logits and, where gradients are wanted, write their
+// gradient over them.
 // Per-row losses are reduced serially in double, as cross_entropy's are, so
 // the loss depends on neither the thread count nor the chunk size.
 #include <ATen/ATen.h>

@@ -1,5 +1,5 @@
 // Fused Linear+ReLU on the CPU. Each GEMM goes through oneDNN where this CPU
-// runs it faster than ATen's BLAS (float32, see gemm.h), else through at::mm /
+// runs it faster than ATen's BLAS (see gemm.h), else through at::mm /
 // at::addmm, the bias inside the GEMM; the ReLU is one vectorised pass over the
 // output.
 #include <ATen/ATen.h>

@@ -40,8 +40,17 @@ PyObject* set_gemm_policy(PyObject*, PyObject* name) {
   Py_RETURN_NONE;
 }
 
-// Each choice as a tuple (rows_up_to, inner, cols, a_layout, b_layout,
-// aten_seconds, onednn_seconds, onednn).
+const char* dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "float32";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    default: return c10::toString(dtype);
+  }
+}
+
+// Each choice as a tuple (dtype, rows_up_to, inner, cols, a_layout, b_layout,
+// aten_seconds, onednn_seconds, onednn), the dtype named as torch names it.
 PyObject* gemm_choices(PyObject*, PyObject*) {
   std::vector<myext::cpu::GemmChoice> choices;
   try {
@@ -54,7 +63,7 @@ PyObject* gemm_choices(PyObject*, PyObject*) {
   if (list == nullptr) return nullptr;
   for (size_t i = 0; i < choices.size(); ++i) {
     const auto& c = choices[i];
-    PyObject* item = Py_BuildValue("(LLLCCddO)", static_cast<long long>(c.rows_up_to),
+    PyObject* item = Py_BuildValue("(sLLLCCddO)", dtype_name(c.dtype), static_cast<long long>(c.rows_up_to),
                                    static_cast<long long>(c.inner), static_cast<long long>(c.cols),
                                    static_cast<int>(c.a_layout), static_cast<int>(c.b_layout), c.aten_seconds,
                                    c.onednn_seconds, c.onednn ? Py_True : Py_False);
