@@ -1,5 +1,6 @@
 """myext.linear_relu on every backend, against the plain-PyTorch reference and F.linear + F.relu."""
 
+import math
 import threading
 
 import pytest
@@ -74,6 +75,22 @@ def _fwd_bwd(x, w, b, grad=None):
     out = myext.linear_relu(x, w, b, backend="cpp")
     params = [t for t in (x, w, b) if t is not None and t.requires_grad]
     return out, torch.autograd.grad(out, params, torch.ones_like(out) if grad is None else grad)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpp_relu_of_special_values(dtype):
+    """The ReLU pass as torch.relu on NaN of either sign, infinities, signed zeros and
+    the smallest numbers (bfloat16 and half are masked as 16-bit integers): here the
+    GEMM is 0 and each output is its bias."""
+    tiny = torch.finfo(dtype).tiny
+    specials = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, tiny, -tiny, 3.0, -3.0], dtype=dtype)
+    negative_nan = -torch.tensor([math.nan], dtype=dtype)
+    bias = torch.cat([specials, negative_nan, torch.randn(27, dtype=dtype)])  # 37: a vector's tail too
+    x = torch.zeros(70, 8, dtype=dtype)
+    w = torch.zeros(bias.numel(), 8, dtype=dtype)
+    out = myext.linear_relu(x, w, bias, backend="cpp")
+    torch.testing.assert_close(out, torch.relu(bias).expand(70, -1), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")

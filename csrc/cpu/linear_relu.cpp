@@ -29,22 +29,36 @@ int64_t rows_per_task(int64_t row_length) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_length));
 }
 
-// relu in place, as torch.relu: NaN stays NaN.
+// relu over n elements in place, as torch.relu: NaN stays NaN.
+template <typename scalar_t>
+void relu_row(scalar_t* row, int64_t n) {
+  if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+    // bfloat16 and half as 16-bit integers: a value stays where it is positive (as
+    // an integer: sign clear, not zero) or NaN (its magnitude's bits above
+    // infinity's); the rest, -0 included, becomes +0. at::vec::maximum of
+    // Vectorized<BFloat16> or <Half> is wrong in ATen's AVX-512 build: it turns NaN
+    // into 0 and infinity into NaN.
+    using IVec = Vectorized<int16_t>;
+    const int16_t infinity_bits = std::is_same_v<scalar_t, at::BFloat16> ? 0x7F80 : 0x7C00;
+    const IVec zero(0), magnitude(0x7FFF), infinity(infinity_bits);
+    int16_t* bits = reinterpret_cast<int16_t*>(row);
+    const auto relu = [&](const IVec& v) { return v & ((v > zero) | ((v & magnitude) > infinity)); };
+    int64_t c = 0;
+    for (; c + IVec::size() <= n; c += IVec::size()) relu(IVec::loadu(bits + c)).store(bits + c);
+    if (c < n) relu(IVec::loadu(bits + c, n - c)).store(bits + c, n - c);
+  } else {
+    using Vec = Vectorized<scalar_t>;
+    const Vec zero(scalar_t(0));
+    int64_t c = 0;
+    for (; c + Vec::size() <= n; c += Vec::size()) at::vec::maximum(Vec::loadu(row + c), zero).store(row + c);
+    if (c < n) at::vec::maximum(Vec::loadu(row + c, n - c), zero).store(row + c, n - c);
+  }
+}
+
 template <typename scalar_t>
 void relu_rows(scalar_t* out, int64_t rows, int64_t cols) {
-  using Vec = Vectorized<scalar_t>;
-  const Vec zero(scalar_t(0));
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      scalar_t* row = out + r * cols;
-      int64_t c = 0;
-      for (; c + Vec::size() <= cols; c += Vec::size()) {
-        at::vec::maximum(Vec::loadu(row + c), zero).store(row + c);
-      }
-      if (c < cols) {
-        at::vec::maximum(Vec::loadu(row + c, cols - c), zero).store(row + c, cols - c);
-      }
-    }
+    relu_row(out + begin * cols, (end - begin) * cols);
   });
 }
 
