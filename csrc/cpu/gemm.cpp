@@ -74,6 +74,11 @@ double seconds_of(const F& f) {
 GemmChoice probe(const at::Tensor& a, const at::Tensor& b, const Key& key) {
   const auto aten = [&] { (void)at::mm(a, b); };
   const auto onednn = [&] { (void)onednn_linear(a, b.t(), std::nullopt); };
+  const auto choice = [&](double aten_seconds, double onednn_seconds) {
+    return GemmChoice{std::get<0>(key), std::get<1>(key), std::get<2>(key), std::get<3>(key),
+                      std::get<4>(key), std::get<5>(key), aten_seconds, onednn_seconds,
+                      onednn_seconds < kOneDnnMargin * aten_seconds};
+  };
   // Untimed first calls: oneDNN creates (and caches) its primitive, both fault in
   // their outputs' pages. oneDNN raises where it has no kernel for the dtype (half
   // or bfloat16 on a CPU without their instructions): ATen it is.
@@ -82,9 +87,7 @@ GemmChoice probe(const at::Tensor& a, const at::Tensor& b, const Key& key) {
   try {
     onednn_first = seconds_of(onednn);
   } catch (const std::exception&) {  // c10::Error, or dnnl::error from within
-    const double never = std::numeric_limits<double>::infinity();
-    return {std::get<0>(key), std::get<1>(key), std::get<2>(key), std::get<3>(key), std::get<4>(key),
-            std::get<5>(key), aten_first, never, false};
+    return choice(aten_first, std::numeric_limits<double>::infinity());
   }
   const double first = std::max(aten_first, onednn_first);
   const int runs = std::clamp(static_cast<int>(kProbeSeconds / std::max(first, 1e-9)), kMinRuns, kMaxRuns);
@@ -96,8 +99,7 @@ GemmChoice probe(const at::Tensor& a, const at::Tensor& b, const Key& key) {
     aten_best = std::min(aten_best, seconds_of(aten));
     onednn_best = std::min(onednn_best, seconds_of(onednn));
   }
-  return {std::get<0>(key), std::get<1>(key), std::get<2>(key), std::get<3>(key), std::get<4>(key), std::get<5>(key),
-          aten_best, onednn_best, onednn_best < kOneDnnMargin * aten_best};
+  return choice(aten_best, onednn_best);
 }
 
 // The op, or nullptr where this torch lacks it or has changed its schema (it is
