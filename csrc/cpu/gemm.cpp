@@ -23,10 +23,15 @@ namespace {
 // oneDNN is taken only when it is this much faster: on a tie, at::mm, which reads a
 // transposed operand in place where oneDNN's linear first copies it.
 constexpr double kOneDnnMargin = 0.95;
-// Each library runs at least kMinRuns timed calls, more while they take under
-// kProbeSeconds in all (small GEMMs time noisily), at most kMaxRuns. A new shape
-// class costs its first call 2 + 2 * runs GEMMs more, three of each library: tenths
-// of a second for the 256 x 1024 x 32000 chunk of a language model's head.
+// Each library first runs kWarmUpRuns untimed calls: ATen's reduced-dtype GEMM takes
+// two to reach its speed at a new shape (2 to 3 times its later time on the second;
+// oneDNN's is there on its second), and a probe that timed it then chose oneDNN for
+// GEMMs where the two tie or ATen wins. Then each runs at least kMinRuns timed calls,
+// more while they take under kProbeSeconds in all (small GEMMs time noisily), at most
+// kMaxRuns. A new shape class costs its first call 2 * (kWarmUpRuns + runs) GEMMs, eight
+// at least: tenths of a second for the 256 x 1024 x 32000 chunk of a language model's
+// head.
+constexpr int kWarmUpRuns = 2;
 constexpr int kMinRuns = 2;
 constexpr int kMaxRuns = 50;
 constexpr double kProbeSeconds = 2e-3;
@@ -79,17 +84,19 @@ GemmChoice probe(const at::Tensor& a, const at::Tensor& b, const Key& key) {
                       std::get<4>(key), std::get<5>(key), aten_seconds, onednn_seconds,
                       onednn_seconds < kOneDnnMargin * aten_seconds};
   };
-  // Untimed first calls: oneDNN creates (and caches) its primitive, both fault in
-  // their outputs' pages. oneDNN raises where it has no kernel for the dtype (half
-  // or bfloat16 on a CPU without their instructions): ATen it is.
-  const double aten_first = seconds_of(aten);
-  double onednn_first;
-  try {
-    onednn_first = seconds_of(onednn);
-  } catch (const std::exception&) {  // c10::Error, or dnnl::error from within
-    return choice(aten_first, std::numeric_limits<double>::infinity());
+  // Untimed calls: oneDNN creates (and caches) its primitive, both fault in their
+  // outputs' pages and settle their allocations. oneDNN raises where it has no kernel
+  // for the dtype (half or bfloat16 on a CPU without their instructions): ATen it is.
+  double aten_last = 0.0, onednn_last = 0.0;
+  for (int i = 0; i < kWarmUpRuns; ++i) {
+    aten_last = seconds_of(aten);
+    try {
+      onednn_last = seconds_of(onednn);
+    } catch (const std::exception&) {  // c10::Error, or dnnl::error from within
+      return choice(aten_last, std::numeric_limits<double>::infinity());
+    }
   }
-  const double first = std::max(aten_first, onednn_first);
+  const double first = std::max(aten_last, onednn_last);
   const int runs = std::clamp(static_cast<int>(kProbeSeconds / std::max(first, 1e-9)), kMinRuns, kMaxRuns);
   double aten_best = std::numeric_limits<double>::infinity();
   double onednn_best = aten_best;
