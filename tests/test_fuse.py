@@ -1,5 +1,6 @@
 """myext.fuse: torch.fx rewriting of Linear+ReLU pairs and cross-entropies."""
 
+import copy
 import io
 import logging
 
@@ -21,16 +22,27 @@ def grads_of(model, loss):
     return [p.grad.clone() for p in model.parameters()]
 
 
+def as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
 def assert_same_function(original, fused, *inputs):
-    """Same outputs, and the same parameter gradients of a loss on them."""
-    out, out_fused = original(*inputs), fused(*inputs)
-    outs, outs_fused = (out, out_fused) if isinstance(out, tuple) else ((out,), (out_fused,))
+    """Same outputs, and the same parameter gradients of a loss on them: the fused
+    model's within twice the original's own float32 error, against the original in
+    float64 (an element-wise tolerance fails on gradients near zero in a tensor whose
+    largest are hundreds, where one rounding of those is above it)."""
+    outs, outs_fused = as_tuple(original(*inputs)), as_tuple(fused(*inputs))
     for o, o_fused in zip(outs, outs_fused):
         torch.testing.assert_close(o_fused, o)
     grads = grads_of(original, sum(o.square().sum() for o in outs))
     grads_fused = grads_of(original, sum(o.square().sum() for o in outs_fused))  # shared parameters
-    for g, g_fused in zip(grads, grads_fused):
-        torch.testing.assert_close(g_fused, g, rtol=1e-4, atol=1e-5)
+    exact = copy.deepcopy(original).double()
+    outs_exact = as_tuple(exact(*[i.double() if i.is_floating_point() else i for i in inputs]))
+    grads_exact = grads_of(exact, sum(o.square().sum() for o in outs_exact))
+    for g, g_fused, g_exact in zip(grads, grads_fused, grads_exact):
+        own_error = (g.double() - g_exact).abs().max().item()
+        error = (g_fused.double() - g_exact).abs().max().item()
+        assert error <= 2 * own_error + 1e-6 * g_exact.abs().max().item(), (error, own_error)
 
 
 def ops_in(gm):
