@@ -78,9 +78,12 @@ _triton_loaded: Optional[bool] = None
 _triton_error = ""
 _available: dict[tuple[str, str, str], bool] = {}
 _capable: dict[tuple[str, str, str, str], bool] = {}
-# resolve_backend's default for (op, device type): derived from _available, which does
-# not change in a process, and looked up on every call of every op.
-_best: dict[tuple[Optional[str], str], str] = {}
+# resolve_backend's answers, looked up on every call of every op: derived from
+# _available, which does not change in a process. Keyed on the torch.device itself,
+# whose .type builds a new string on every read. _best: the default for (op, device);
+# _resolved: an explicit (backend, device, op) once found to be valid.
+_best: dict[tuple[Optional[str], torch.device], str] = {}
+_resolved: set[tuple[str, torch.device, Optional[str]]] = set()
 
 
 def probe_triton() -> bool:
@@ -161,9 +164,11 @@ def survey() -> None:
                 available(spec.name, backend, device_type)
                 for capability in spec.capabilities:
                     has_capability(spec.name, capability, backend, torch.device(device_type))
-    for device_type in device_types:
+    # The devices tensors report: cpu without an index, each CUDA device with its own.
+    devices = [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    for device in devices:
         for name in [None, *registry.names()]:
-            _best_backend(name, device_type)
+            _best_backend(name, device)
 
 
 def _ops_for(op_name: Optional[str]) -> list[str]:
@@ -209,7 +214,10 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: Optional[s
         backend = os.environ.get(ENV_VAR) or None
         source = f"${ENV_VAR}"
     if backend is None:
-        return _best_backend(op, device.type)
+        return _best_backend(op, device)
+    key = (backend, device, op)
+    if key in _resolved:
+        return backend
     ops = _ops_for(op)
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {list(BACKENDS)}, got {backend!r}")
@@ -218,16 +226,18 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: Optional[s
         raise ValueError(f"{source}={backend!r} cannot run on {device.type} tensors here; "
                          f"available for {what}{device.type}: {available_backends(device, op)}"
                          + _why_unavailable(backend, device.type))
+    if not torch.compiler.is_compiling():  # as in op(): no module state written while tracing
+        _resolved.add(key)
     return backend
 
 
-def _best_backend(op: Optional[str], device_type: str) -> str:
-    key = (op, device_type)
+def _best_backend(op: Optional[str], device: torch.device) -> str:
+    key = (op, device)
     best = _best.get(key)
     if best is None:
-        order = _DEFAULT_ORDER.get(device_type, ("torch",))
-        best = next(name for name in order if all(available(o, name, device_type) for o in _ops_for(op)))
-        if not torch.compiler.is_compiling():  # as in op(): no module state written while tracing
+        order = _DEFAULT_ORDER.get(device.type, ("torch",))
+        best = next(name for name in order if all(available(o, name, device.type) for o in _ops_for(op)))
+        if not torch.compiler.is_compiling():
             _best[key] = best
     return best
 
