@@ -48,13 +48,15 @@ def check_cross_entropy(
     check_tensor("input", input)
     check_tensor("target", target)
     check_float_dtype("input", input)
-    if input.dim() < 1:
+    shape = input.shape
+    if len(shape) < 1:
         raise ValueError("input must be (C), (N, C) or (N, C, d1, ..., dk), got a 0-d tensor")
     check_options(ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
-    classes = input.size(0) if input.dim() == 1 else input.size(1)
+    classes = shape[0] if len(shape) == 1 else shape[1]
     check_class_weight(weight, classes, input)
-    # A tuple: slicing and adding torch.Size objects costs microseconds on every call.
-    class_shape = (input.size(0), *input.shape[2:]) if input.dim() > 1 else ()
+    # A tuple of indexed sizes: slicing and adding torch.Size objects costs a microsecond
+    # on every call.
+    class_shape = () if len(shape) == 1 else (shape[0],) if len(shape) == 2 else (shape[0], *shape[2:])
     return check_target(target, input, ignore_index, class_shape=class_shape, prob_shape=input.shape,
                         prob_shape_name="the input's shape")
 
@@ -180,10 +182,11 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy of logits (R, C) against class indices (R,) or probabilities (R, C).
 
     ``CrossEntropyFunction.apply(input, target, weight, options, backend,
-    inplace_backward)`` with ``options`` an :class:`Options`; the arguments already
-    checked and reshaped to two dimensions (see myext.cross_entropy). Returns the loss,
-    and, not differentiable, each row's max and log(sum(exp(z - max))) of the capped
-    logits z and the target's capped logit (for myext.cross_entropy's extras). Forward
+    inplace_backward, return_rows)`` with ``options`` an :class:`Options`; the arguments
+    already checked and reshaped to two dimensions (see myext.cross_entropy). Returns the
+    loss, and with ``return_rows`` (the default), not differentiable, each row's max and
+    log(sum(exp(z - max))) of the capped logits z and the target's capped logit (for
+    myext.cross_entropy's extras); without them autograd tracks one output. Forward
     keeps those two numbers per row for backward, and the mean's divisor. With
     ``inplace_backward`` (cpp and cuda backends, contiguous logits) backward writes the
     gradient over the logits and bumps their version, so any other autograd node that
@@ -192,13 +195,15 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                options: Options, backend: str, inplace_backward: bool = False):
+                options: Options, backend: str, inplace_backward: bool = False, return_rows: bool = True):
         loss, row_max, row_log_sum, target_logit, total_weight = op("cross_entropy_forward", backend)(
             input, target, weight, *options)
         ctx.save_for_backward(input, target, weight, row_max, row_log_sum, total_weight)
         ctx.options = options
         ctx.backend = backend
         ctx.inplace_backward = inplace_backward
+        if not return_rows:
+            return loss
         ctx.mark_non_differentiable(row_max, row_log_sum, target_logit)
         # Backward gets None, not a tensor of zeros made on every call, for the extras.
         ctx.set_materialize_grads(False)
@@ -225,7 +230,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 grad_input = input
             else:
                 grad_input = op("cross_entropy_backward", ctx.backend)(*args)
-        return grad_input, grad_target, None, None, None, None
+        return grad_input, grad_target, None, None, None, None, None
 
 
 def probability_target_grad(grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
@@ -712,8 +717,11 @@ def cross_entropy(
     else:
         inplace = (inplace_backward and input_2d.is_contiguous()
                    and has_capability(NAME, INPLACE_BACKWARD, name, input.device))
-        loss, row_max, row_log_sum, target_logit = CrossEntropyFunction.apply(input_2d, target_2d, weight, options,
-                                                                              name, inplace)
+        if return_lse or return_accuracy:
+            loss, row_max, row_log_sum, target_logit = CrossEntropyFunction.apply(input_2d, target_2d, weight,
+                                                                                  options, name, inplace)
+        else:
+            loss = CrossEntropyFunction.apply(input_2d, target_2d, weight, options, name, inplace, False)
     loss = loss.reshape(batch_shape) if reduction == "none" else loss
     if not (return_lse or return_accuracy):
         return loss

