@@ -290,6 +290,7 @@ def check(
     float64_ulps: float = 64.0,
     grad_seed: int = 0,
     baseline: Optional[Callable[..., Any]] = None,
+    gradcheck_fast_mode: bool = False,
 ) -> Report:
     r"""Runs the battery of checks on ``fn`` for each sample; returns the :class:`Report`.
 
@@ -315,6 +316,10 @@ def check(
         baseline: what PyTorch itself computes for these arguments (``F.cross_entropy``,
             say), whose error in each dtype is the yardstick of ``vs reference``; by
             default the reference's own.
+        gradcheck_fast_mode: ``gradcheck`` and ``gradgradcheck`` compare the Jacobian
+            along random directions, not entry by entry (``torch.autograd.gradcheck``'s
+            ``fast_mode``): a few calls of ``fn`` per input instead of two per input
+            element, for a ``fn`` whose calls are slow (Triton's interpreter, say).
 
     Returns:
         A :class:`Report`; ``report.assert_ok()`` raises if anything failed.
@@ -343,8 +348,8 @@ def check(
                 record(name, True, detail or "")
 
         call = _Call(fn, sample)
-        attempt("gradcheck", lambda: _gradcheck(torch.autograd.gradcheck, call))
-        attempt("gradgradcheck", lambda: _gradcheck(torch.autograd.gradgradcheck, call))
+        attempt("gradcheck", lambda: _gradcheck(torch.autograd.gradcheck, call, gradcheck_fast_mode))
+        attempt("gradgradcheck", lambda: _gradcheck(torch.autograd.gradgradcheck, call, gradcheck_fast_mode))
         if "opcheck" in checks or "ops ran" in checks:
             recorder = _RecordOps()
             try:
@@ -375,12 +380,12 @@ def check(
     return report
 
 
-def _gradcheck(checker, call: _Call) -> Optional[str]:
+def _gradcheck(checker, call: _Call, fast_mode: bool) -> Optional[str]:
     inputs = call.inputs
     if not inputs:
         return "no differentiable inputs"
-    checker(call, tuple(inputs))
-    return None
+    checker(call, tuple(inputs), fast_mode=fast_mode)
+    return "fast mode" if fast_mode else None
 
 
 def _opcheck(fn, sample: Sample, calls: Mapping[torch._ops.OpOverload, tuple]) -> Optional[str]:

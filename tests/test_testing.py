@@ -62,6 +62,15 @@ def test_a_wrong_backward_is_caught():
         report.assert_ok()
 
 
+def test_gradcheck_fast_mode_passes_a_correct_backward_and_catches_a_wrong_one():
+    checks = ["gradcheck", "gradgradcheck"]
+    report = testing.check(CustomActivation.apply, None, samples(), checks=checks, gradcheck_fast_mode=True)
+    report.assert_ok()
+    assert {r.detail for r in report} == {"fast mode"}
+    wrong = testing.check(WrongBackward.apply, None, samples(), checks=checks, gradcheck_fast_mode=True)
+    assert ("gradcheck", "float64") in failed(wrong)
+
+
 def test_low_precision_accumulation_is_caught():
     def sum_in_bfloat16(x):
         # Accumulates in the input's dtype: fine in float64, far off in bfloat16.
