@@ -130,9 +130,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     class indices (R,) or probabilities (R, C).
 
     ``LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
-    options, chunk_size, backend)``, the arguments checked and reshaped to rows (see
-    myext.linear_cross_entropy). Returns the loss and, not differentiable, each row's max
-    and log-sum of the capped logits and the target's capped logit.
+    options, chunk_size, backend, return_rows)``, the arguments checked and reshaped to rows
+    (see myext.linear_cross_entropy). Returns the loss and, with ``return_rows`` (the
+    default), not differentiable, each row's max and log-sum of the capped logits and the
+    target's capped logit; without them autograd tracks one output.
 
     For reduction mean or sum, forward computes the gradients in the same pass over the
     chunks (for an upstream gradient of 1) and backward scales them in place: the chunk's
@@ -144,7 +145,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
                 target: torch.Tensor, weight: Optional[torch.Tensor], options: Options, chunk_size: int,
-                backend: str):
+                backend: str, return_rows: bool = True):
         mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
         in_forward = options.reduction != 0 and any(mask)
         (loss, row_max, row_log_sum, target_logit, total_weight, grad_input, grad_weight,
@@ -156,6 +157,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # so that a step holds each gradient once, not twice.
         ctx.grads_from_forward = [grad_input, grad_weight, grad_bias] if in_forward else None
         ctx.options, ctx.chunk_size, ctx.backend = options, chunk_size, backend
+        if not return_rows:
+            return loss
         ctx.mark_non_differentiable(row_max, row_log_sum, target_logit)
         ctx.set_materialize_grads(False)  # as CrossEntropyFunction's
         return loss, row_max, row_log_sum, target_logit
@@ -174,7 +177,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grad_target = (ce.probability_target_grad(grad_loss, affine(input, linear_weight, linear_bias), target,
                                                       weight, ctx.options) if wants_target else None)
             grads = (*_kernel_grads(ctx, grad_loss, mask), grad_target)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _kernel_grads(ctx: Any, grad_loss: torch.Tensor, mask: list[bool]):
@@ -370,9 +373,12 @@ def linear_cross_entropy(
                                ignore_index)
 
     batch_shape = input.shape[:-1]
-    rows = math.prod(batch_shape)
-    input_2d = input.reshape(rows, input.shape[-1])
-    target_2d = target.reshape(rows, classes) if probabilities else target.reshape(rows)
+    if input.dim() == 2:  # rows already, and the checked target too: no views made on every call
+        input_2d, target_2d = input, target
+    else:
+        rows = math.prod(batch_shape)
+        input_2d = input.reshape(rows, input.shape[-1])
+        target_2d = target.reshape(rows, classes) if probabilities else target.reshape(rows)
     options = Options(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
                       float(softcap or 0.0))
     chunk = chunk_size or default_chunk_size(input_2d.shape[0], classes, input.dtype)
@@ -396,9 +402,12 @@ def linear_cross_entropy(
     elif not needs_grad(input_2d, linear_weight, linear_bias, target_2d):
         loss, row_max, row_log_sum, target_logit, *_ = op("linear_cross_entropy_forward", name)(
             input_2d, linear_weight, linear_bias, target_2d, weight, *options, chunk, [False, False, False])
-    else:
+    elif return_lse or return_accuracy:
         loss, row_max, row_log_sum, target_logit = LinearCrossEntropyFunction.apply(
             input_2d, linear_weight, linear_bias, target_2d, weight, options, chunk, name)
+    else:
+        loss = LinearCrossEntropyFunction.apply(input_2d, linear_weight, linear_bias, target_2d, weight, options,
+                                                chunk, name, False)
     loss = loss.reshape(batch_shape) if reduction == "none" else loss
     if not (return_lse or return_accuracy):
         return loss

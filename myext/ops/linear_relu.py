@@ -36,7 +36,7 @@ def check_linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-d (out_features, in_features), got shape {tuple(weight.shape)}")
     check_same("weight", weight, "input", input)
-    # shape[i], not size(i): this runs on every call, and size() is the slower by half.
+    # shape[i], not size(i): this runs on every call, and size() is the slower.
     if input.shape[-1] != weight.shape[1]:
         raise ValueError(f"input's last dimension ({input.shape[-1]}) must equal weight's in_features "
                          f"(weight.shape[1] = {weight.shape[1]}); input shape {tuple(input.shape)}, "
