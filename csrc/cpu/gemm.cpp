@@ -24,13 +24,12 @@ namespace {
 // transposed operand in place where oneDNN's linear first copies it.
 constexpr double kOneDnnMargin = 0.95;
 // Each library first runs kWarmUpRuns untimed calls: ATen's reduced-dtype GEMM takes
-// two to reach its speed at a new shape (2 to 3 times its later time on the second;
-// oneDNN's is there on its second), and a probe that timed it then chose oneDNN for
-// GEMMs where the two tie or ATen wins. Then each runs at least kMinRuns timed calls,
-// more while they take under kProbeSeconds in all (small GEMMs time noisily), at most
-// kMaxRuns. A new shape class costs its first call 2 * (kWarmUpRuns + runs) GEMMs, eight
-// at least: tenths of a second for the 256 x 1024 x 32000 chunk of a language model's
-// head.
+// two to reach its speed at a new shape (oneDNN's, one), and a probe that timed its
+// second chose oneDNN where the two tie or ATen wins. Then each runs at least kMinRuns
+// timed calls, more while they take under kProbeSeconds in all (small GEMMs time
+// noisily), at most kMaxRuns. A new shape class costs its first call
+// 2 * (kWarmUpRuns + runs) GEMMs, eight at least: tenths of a second for the
+// 256 x 1024 x 32000 chunk of a language model's head.
 constexpr int kWarmUpRuns = 2;
 constexpr int kMinRuns = 2;
 constexpr int kMaxRuns = 50;
