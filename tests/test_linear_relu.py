@@ -77,7 +77,6 @@ def _fwd_bwd(x, w, b, grad=None):
     return out, torch.autograd.grad(out, params, torch.ones_like(out) if grad is None else grad)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cpp_relu_of_special_values(dtype):
     """The ReLU pass as torch.relu on NaN of either sign, infinities, signed zeros and
