@@ -142,13 +142,16 @@ void for_each_chunk(const at::Tensor& input, const at::Tensor& linear_weight,
 }
 
 // acc += d^T @ x in blocks of kWeightGradBlock classes, each through a
-// temporary `product(d_block, x)` (d_block^T @ x, any dtype).
-template <typename Product>
-void add_weight_grad_blocked(at::Tensor& acc, const at::Tensor& d, const at::Tensor& x, const Product& product) {
+// temporary `product(d_block, x)` (d_block^T @ x, any dtype) that
+// `accumulate(acc_block, product)` adds into its rows of acc.
+template <typename Product, typename Accumulate>
+void add_weight_grad_blocked(at::Tensor& acc, const at::Tensor& d, const at::Tensor& x, const Product& product,
+                             const Accumulate& accumulate) {
   const int64_t classes = d.size(1);
   for (int64_t begin = 0; begin < classes; begin += kWeightGradBlock) {
     const int64_t count = std::min(kWeightGradBlock, classes - begin);
-    acc.narrow(0, begin, count).add_(product(d.narrow(1, begin, count), x));
+    at::Tensor acc_block = acc.narrow(0, begin, count);
+    accumulate(acc_block, product(d.narrow(1, begin, count), x));
   }
 }
 

@@ -85,6 +85,30 @@ def test_matches_pytorch(backend, device, dtype, kind, weighted_smoothing, reduc
         torch.testing.assert_close(got.double(), expected, **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpp_reduced_weight_gradient_over_class_blocks(dtype):
+    """The cpp kernels add the weight gradient of a bfloat16 or half step into float32 a
+    block of classes at a time (2048), widening each block's product as they read it.
+    Three chunks and a ragged last block of 52 classes (products of 52 x 19, a vector's
+    tail each) that holds the targets and, through its bias, most of the softmax, so
+    that every entry of its gradient is large: the float64 gradients within the dtype's
+    rounding."""
+    x, w, b, _, _ = make_case((20,), 19, 2100, dtype=dtype)
+    b = b.clone()
+    b[2048:] += 6.0
+    target = torch.randint(2048, 2100, (20,))
+    loss, grads = loss_and_grads(myext.linear_cross_entropy, x, w, b, target, chunk_size=8, reduction="sum",
+                                 backend="cpp")
+    as64 = [t.double() for t in (x, w, b)]
+    want, want_grads = loss_and_grads(pytorch_linear_cross_entropy, *as64, target, reduction="sum")
+    # bfloat16 rounds the last block's logits (about 6) to 0.03.
+    tolerance = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-2, atol=3e-3)
+    torch.testing.assert_close(loss.double(), want, **tolerance)
+    for got, expected in zip(grads, want_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), expected, **tolerance)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", ["class", "prob"])
 def test_chunk_size_invariance(backend, device, reduction, kind):

@@ -8,6 +8,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include "../linear_cross_entropy.h"
@@ -37,17 +40,52 @@ struct CpuGemms {
   void add_weight_grad(at::Tensor& acc, const at::Tensor& d, const at::Tensor& x) const {
     if (cpu::use_onednn(d.narrow(1, 0, std::min(kWeightGradBlock, d.size(1))).t(), x)) {
       // oneDNN's matmul has no accumulating form here: a block's product, then an add.
-      add_weight_grad_blocked(acc, d, x, [](const at::Tensor& block, const at::Tensor& rows) {
-        return cpu::onednn_linear(block.t(), rows.t(), std::nullopt);
-      });
+      add_weight_grad_blocked(
+          acc, d, x,
+          [](const at::Tensor& block, const at::Tensor& rows) {
+            return cpu::onednn_linear(block.t(), rows.t(), std::nullopt);
+          },
+          add_widened);
     } else if (acc.scalar_type() == d.scalar_type()) {
       acc.addmm_(d.t(), x);
     } else {
-      add_weight_grad_blocked(acc, d, x, [](const at::Tensor& block, const at::Tensor& rows) {
-        return block.t().mm(rows);
-      });
+      add_weight_grad_blocked(
+          acc, d, x, [](const at::Tensor& block, const at::Tensor& rows) { return block.t().mm(rows); },
+          add_widened);
     }
   }
+
+  // acc += product, where acc is contiguous. A bfloat16 or half product is widened
+  // to float a vector at a time as it is read, where ATen's CPU add_ would first copy
+  // all of it into a float32 temporary. The same sums, each rounded once, as add_'s.
+  static void add_widened(at::Tensor& acc, const at::Tensor& product) {
+    const at::ScalarType from = product.scalar_type();
+    if (from == acc.scalar_type() || acc.scalar_type() != at::kFloat ||
+        (from != at::kBFloat16 && from != at::kHalf)) {
+      acc.add_(product);
+      return;
+    }
+    TORCH_INTERNAL_ASSERT(acc.is_contiguous() && acc.sizes() == product.sizes());
+    const at::Tensor p = product.contiguous();
+    float* out = acc.data_ptr<float>();
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(from, "add_widened", [&] {
+      using Vec = at::vec::Vectorized<scalar_t>;
+      using FVec = at::vec::Vectorized<float>;
+      const scalar_t* in = p.const_data_ptr<scalar_t>();
+      at::parallel_for(0, p.numel(), kAddGrain, [&](int64_t begin, int64_t end) {
+        int64_t i = begin;
+        for (; i + Vec::size() <= end; i += Vec::size()) {
+          const auto [low, high] = at::vec::convert_to_float<scalar_t>(Vec::loadu(in + i));
+          (FVec::loadu(out + i) + low).store(out + i);
+          (FVec::loadu(out + i + FVec::size()) + high).store(out + i + FVec::size());
+        }
+        for (; i < end; ++i) out[i] += static_cast<float>(in[i]);
+      });
+    });
+  }
+
+  // Elements per task of add_widened: enough that a task outlasts its start.
+  static constexpr int64_t kAddGrain = 32768;
 };
 
 // The operands in the layout the kernels read.

@@ -63,9 +63,10 @@ struct CudaGemms {
     if (acc.scalar_type() == d.scalar_type()) {
       acc.addmm_(d.t(), x);
     } else {
-      add_weight_grad_blocked(acc, d, x, [](const at::Tensor& block, const at::Tensor& rows) {
-        return block.t().mm(rows);
-      });
+      // add_ on a CUDA tensor widens the bfloat16 product as it reads it.
+      add_weight_grad_blocked(
+          acc, d, x, [](const at::Tensor& block, const at::Tensor& rows) { return block.t().mm(rows); },
+          [](at::Tensor& acc_block, const at::Tensor& product) { acc_block.add_(product); });
     }
   }
 };
