@@ -55,20 +55,20 @@ struct CpuGemms {
     }
   }
 
-  // acc += product, where acc is contiguous. A bfloat16 or half product is widened
-  // to float a vector at a time as it is read, where ATen's CPU add_ would first copy
-  // all of it into a float32 temporary. The same sums, each rounded once, as add_'s.
+  // acc += product, where acc is contiguous: the accumulator in its own dtype, or
+  // float32 for a bfloat16 or half product, which is widened a vector at a time as it
+  // is read, where ATen's CPU add_ would first copy all of it into a float32
+  // temporary. The same sums, each rounded once, as add_'s.
   static void add_widened(at::Tensor& acc, const at::Tensor& product) {
-    const at::ScalarType from = product.scalar_type();
-    if (from == acc.scalar_type() || acc.scalar_type() != at::kFloat ||
-        (from != at::kBFloat16 && from != at::kHalf)) {
+    if (product.scalar_type() == acc.scalar_type()) {
       acc.add_(product);
       return;
     }
-    TORCH_INTERNAL_ASSERT(acc.is_contiguous() && acc.sizes() == product.sizes());
+    TORCH_INTERNAL_ASSERT(acc.scalar_type() == at::kFloat && acc.is_contiguous() &&
+                          acc.sizes() == product.sizes());
     const at::Tensor p = product.contiguous();
     float* out = acc.data_ptr<float>();
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(from, "add_widened", [&] {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(p.scalar_type(), "add_widened", [&] {
       using Vec = at::vec::Vectorized<scalar_t>;
       using FVec = at::vec::Vectorized<float>;
       const scalar_t* in = p.const_data_ptr<scalar_t>();
