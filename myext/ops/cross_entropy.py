@@ -11,6 +11,7 @@ its registry spec (samples and benchmark cases).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, Optional, Union
 
@@ -160,14 +161,25 @@ def cross_entropy_backward_inplace_fake(grad_loss, input, target, weight, row_ma
 
 # --------------------------------------------------------------------------- autograd
 
-class Options(NamedTuple):
-    """The options of a call as the dispatcher ops take them (softcap 0: none)."""
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The options of a call as the dispatcher ops take them (softcap 0: none), one
+    value handed whole to the Functions, the references and the kernels' calls.
+
+    A dataclass, not a tuple: torch.func's transforms flatten tuple arguments of an
+    autograd Function into their fields, which they then cannot match with tangents.
+    """
 
     reduction: int
     ignore_index: int
     label_smoothing: float
     lse_square_scale: float
     softcap: float
+
+    @property
+    def args(self) -> tuple:
+        """The dispatcher ops' arguments, in their schemas' order."""
+        return (self.reduction, self.ignore_index, self.label_smoothing, self.lse_square_scale, self.softcap)
 
     def reference(self, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
         """The reference loss of rows of logits with these options."""
@@ -197,7 +209,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                 options: Options, backend: str, inplace_backward: bool = False, return_rows: bool = True):
         loss, row_max, row_log_sum, target_logit, total_weight = op("cross_entropy_forward", backend)(
-            input, target, weight, *options)
+            input, target, weight, *options.args)
         ctx.save_for_backward(input, target, weight, row_max, row_log_sum, total_weight)
         ctx.options = options
         ctx.backend = backend
@@ -219,7 +231,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1] and target.is_floating_point():
             grad_target = probability_target_grad(grad_loss, input, target, weight, ctx.options)
         if ctx.needs_input_grad[0]:
-            args = (grad_loss, input, target, weight, row_max, row_log_sum, total_weight, *ctx.options)
+            args = (grad_loss, input, target, weight, row_max, row_log_sum, total_weight, *ctx.options.args)
             if torch.is_grad_enabled():
                 grad_input = CrossEntropyBackwardFunction.apply(grad_loss, input, target, weight, row_max,
                                                                 row_log_sum, total_weight, ctx.options, ctx.backend)
@@ -271,7 +283,7 @@ class CrossEntropyBackwardFunction(torch.autograd.Function):
         ctx.save_for_backward(grad_loss, input, target, weight)
         ctx.options = options
         return op("cross_entropy_backward", backend)(grad_loss, input, target, weight, row_max, row_log_sum,
-                                                      total_weight, *options)
+                                                      total_weight, *options.args)
 
     @staticmethod
     def backward(ctx: Any, grad_grad_input):
@@ -457,7 +469,7 @@ def shard_input_grad(grad_loss: torch.Tensor, input: torch.Tensor, target: torch
         return torch.zeros_like(input)
     return op("cross_entropy_shard_backward", backend)(
         grad_loss, input, target, weight, rows.row_max, rows.row_log_sum, rows.row_weight, rows.total_weight,
-        rows.weight_sum, *options, shard.start, shard.classes)
+        rows.weight_sum, *options.args, shard.start, shard.classes)
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
@@ -713,7 +725,7 @@ def cross_entropy(
         row_max, row_log_sum, target_logit = _reference_rows(input_2d, target_2d, options)
     elif not needs_grad(input_2d, target_2d):
         loss, row_max, row_log_sum, target_logit, _ = op("cross_entropy_forward", name)(
-            input_2d, target_2d, weight, *options)
+            input_2d, target_2d, weight, *options.args)
     else:
         inplace = (inplace_backward and input_2d.is_contiguous()
                    and has_capability(NAME, INPLACE_BACKWARD, name, input.device))

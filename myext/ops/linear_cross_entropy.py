@@ -150,7 +150,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         in_forward = options.reduction != 0 and any(mask)
         (loss, row_max, row_log_sum, target_logit, total_weight, grad_input, grad_weight,
          grad_bias) = op("linear_cross_entropy_forward", backend)(
-            input, linear_weight, linear_bias, target, weight, *options, chunk_size,
+            input, linear_weight, linear_bias, target, weight, *options.args, chunk_size,
             mask if in_forward else [False, False, False])
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight)
         # Not saved tensors: the first backward scales them in place and hands them on,
@@ -191,7 +191,7 @@ def _kernel_grads(ctx: Any, grad_loss: torch.Tensor, mask: list[bool]):
         return tuple(g.mul_(scale) if g is not None and wanted else None for g, wanted in zip(grads, mask))
     return op("linear_cross_entropy_backward", ctx.backend)(
         grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight,
-        *ctx.options, ctx.chunk_size, mask)
+        *ctx.options.args, ctx.chunk_size, mask)
 
 
 def _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weight, options: Options, mask,
@@ -262,7 +262,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         if linear_weight.shape[0]:
             grad_input, grad_weight, grad_bias = op("linear_cross_entropy_shard_backward", ctx.backend)(
                 grad_loss, input, linear_weight, linear_bias, target, weight, found.row_max, found.row_log_sum,
-                found.row_weight, found.total_weight, found.weight_sum, *options, shard.start, shard.classes,
+                found.row_weight, found.total_weight, found.weight_sum, *options.args, shard.start, shard.classes,
                 ctx.chunk_size, mask)
         else:
             grad_input = torch.zeros_like(input) if mask[0] else None
@@ -401,7 +401,7 @@ def linear_cross_entropy(
             row_max, row_log_sum, target_logit = ce._reference_rows(logits, target_2d, options)
     elif not needs_grad(input_2d, linear_weight, linear_bias, target_2d):
         loss, row_max, row_log_sum, target_logit, *_ = op("linear_cross_entropy_forward", name)(
-            input_2d, linear_weight, linear_bias, target_2d, weight, *options, chunk, [False, False, False])
+            input_2d, linear_weight, linear_bias, target_2d, weight, *options.args, chunk, [False, False, False])
     elif return_lse or return_accuracy:
         loss, row_max, row_log_sum, target_logit = LinearCrossEntropyFunction.apply(
             input_2d, linear_weight, linear_bias, target_2d, weight, options, chunk, name)
