@@ -18,6 +18,8 @@ import torch
 
 import triton_ops
 
+from ._batching import register_loop_vmap
+
 TRITON_SUFFIX = "_triton"
 
 
@@ -62,3 +64,4 @@ def register_triton_ops(names: Sequence[str], fakes: Mapping[str, Callable], mod
         else:
             torch.library.custom_op(qualified_name, host, mutates_args=(), schema=schema)
         torch.library.register_fake(qualified_name, fakes[name])
+        register_loop_vmap(qualified_name)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch._C._functorch import peek_interpreter_stack as _peek_functorch
+from torch.autograd import forward_ad as _forward_ad
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Reduction names and the codes the dispatcher ops take (at::Reduction's).
@@ -41,11 +43,22 @@ def check_same_device(name: str, tensor: torch.Tensor, ref_name: str, ref: torch
 
 
 def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether autograd records a call on these tensors."""
+    """Whether a call on these tensors must go through the op's autograd Function:
+    autograd records it, or forward-mode AD or a torch.func transform is active (their
+    tangents and batch dimensions are not visible as ``requires_grad``; the bare
+    dispatcher op would drop a tangent without a word)."""
     # A loop, not any() over a generator: this runs on every call of every op.
-    if not torch.is_grad_enabled():
+    if torch.is_grad_enabled():
+        for tensor in tensors:
+            if tensor is not None and tensor.requires_grad:
+                return True
+    return transforms_active()
+
+
+def transforms_active() -> bool:
+    """Whether forward-mode AD (a ``forward_ad.dual_level``) or a torch.func transform
+    (grad, vjp, jvp, vmap, ...) is active in this thread: two lookups, no tensor read.
+    False while torch.compile traces, which supports neither."""
+    if torch.compiler.is_compiling():
         return False
-    for tensor in tensors:
-        if tensor is not None and tensor.requires_grad:
-            return True
-    return False
+    return _forward_ad._current_level >= 0 or _peek_functorch() is not None

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
+from ._batching import register_loop_vmap
 from .testing import Sample
 
 __all__ = ["Benchmark", "OpSpec", "Sample", "get", "names", "register", "specs"]
@@ -102,7 +103,8 @@ def register(spec: OpSpec) -> OpSpec:
     """Adds ``spec`` to the registry and attaches its fake kernels to its ``myext::`` ops.
 
     Fake kernels give output shapes and dtypes without computing, so that torch.compile
-    and torch.library.opcheck can trace the ops.
+    and torch.library.opcheck can trace the ops; the batching rules (myext._batching)
+    let torch.func.vmap and the transforms built on it run them.
     """
     if spec.name in _SPECS:
         raise ValueError(f"an op named {spec.name!r} is already registered")
@@ -111,6 +113,7 @@ def register(spec: OpSpec) -> OpSpec:
         raise ValueError(f"op {spec.name!r} has no fake kernel for {missing}")
     for name, fake in spec.fakes.items():
         torch.library.register_fake(f"myext::{name}", fake)
+        register_loop_vmap(f"myext::{name}")
     _SPECS[spec.name] = spec
     return spec
 

@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import registry
+from .._batching import is_legacy_batched
 from ..backends import op, resolve_backend
-from .._validation import check_float_dtype, check_same, check_tensor, needs_grad
+from .._validation import check_float_dtype, check_same, check_tensor, needs_grad, transforms_active
 
-__all__ = ["FusedLinearReLUFunction", "LinearReLUBackwardFunction", "linear_relu", "reference"]
+__all__ = ["FusedLinearReLUFunction", "FusedLinearReLUJvpFunction", "LinearReLUBackwardFunction",
+           "LinearReLUBackwardJvpFunction", "linear_relu", "reference"]
 
 NAME = "linear_relu"
 
@@ -71,63 +73,165 @@ class FusedLinearReLUFunction(torch.autograd.Function):
     ``FusedLinearReLUFunction.apply(input, weight, bias, backend)``, where backend is
     "cpp", "cuda" or "triton" (arguments already checked; see myext.linear_relu).
     Saves the inputs and the output, whose sign is the ReLU mask: no pre-activation
-    or mask tensor is kept.
+    or mask tensor is kept. Forward-mode AD masks the pre-activation's tangent the
+    same way; torch.func's vmap runs the Function per batch element through the
+    dispatcher ops' own batching rules (generate_vmap_rule).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    def forward(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 backend: str) -> torch.Tensor:
-        output = op("linear_relu", backend)(input, weight, bias)
-        ctx.backend = backend
+        return op("linear_relu", backend)(input, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        input, weight, _, ctx.backend = inputs
         ctx.save_for_backward(input, weight, output)
-        return output
+        ctx.save_for_forward(input, weight, output)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         input, weight, output = ctx.saved_tensors
         output_mask = list(ctx.needs_input_grad[:3])
+        if is_legacy_batched(grad_output):
+            return (*_grads_of_masked(_masked(grad_output, output), input, weight, output_mask), None)
         if torch.is_grad_enabled():
-            grads = LinearReLUBackwardFunction.apply(grad_output, input, weight, output, output_mask, ctx.backend)
+            function = LinearReLUBackwardJvpFunction if transforms_active() else LinearReLUBackwardFunction
+            grads = function.apply(grad_output, input, weight, output, *output_mask, ctx.backend)
         else:
             grads = op("linear_relu_backward", ctx.backend)(grad_output, input, weight, output, output_mask)
         return (*grads, None)
 
 
+class FusedLinearReLUJvpFunction(FusedLinearReLUFunction):
+    """:class:`FusedLinearReLUFunction` with forward-mode AD, for calls under
+    ``forward_ad`` or a torch.func transform: a Function of its own because dynamo
+    cannot trace one that defines ``jvp``."""
+
+    @staticmethod
+    def jvp(ctx: Any, input_t: Optional[torch.Tensor], weight_t: Optional[torch.Tensor],
+            bias_t: Optional[torch.Tensor], _backend: None) -> torch.Tensor:
+        input, weight, output = ctx.saved_tensors
+        return _masked(affine_tangent(input, weight, input_t, weight_t, bias_t), output)
+
+
+def affine_tangent(input: torch.Tensor, weight: torch.Tensor, input_t: Optional[torch.Tensor],
+                   weight_t: Optional[torch.Tensor], bias_t: Optional[torch.Tensor]) -> torch.Tensor:
+    """The tangent of ``input @ weight.T + bias`` (*, out_features) for the tangents
+    given (None: zero) of its three operands: the product rule, term by term."""
+    terms = []
+    if input_t is not None:
+        terms.append(torch.matmul(input_t, weight.t()))
+    if weight_t is not None:
+        terms.append(torch.matmul(input, weight_t.t()))
+    tangent = terms[0] if terms else input.new_zeros((*input.shape[:-1], weight.shape[0]))
+    for term in terms[1:]:
+        tangent = tangent + term
+    return tangent + bias_t if bias_t is not None else tangent
+
+
+def _grads_of_masked(masked: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, output_mask: list[bool]):
+    """(g W, g^T X, sum(g)) where asked for, from torch ops, for the masked upstream
+    gradient g: the backward op's results, for a batch of gradients (see
+    myext._batching.is_legacy_batched)."""
+    out_features, in_features = weight.shape
+    rows = math.prod(masked.shape[:-1])
+    g = masked.reshape(rows, out_features)
+    return (g.mm(weight).reshape(input.shape) if output_mask[0] else None,
+            g.t().mm(input.reshape(rows, in_features)) if output_mask[1] else None,
+            g.sum(0) if output_mask[2] else None)
+
+
+def _masked(values: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``values`` where the ReLU passed its input (output > 0), else 0: torch.relu's
+    derivative, 0 at 0 too."""
+    return torch.where(output > 0, values, torch.zeros_like(values))
+
+
 class LinearReLUBackwardFunction(torch.autograd.Function):
-    """The backward of Linear+ReLU as a differentiable function, for double backward.
+    """The backward of Linear+ReLU as a differentiable function, for double backward
+    and forward-over-reverse (torch.func.hessian).
 
     Its outputs (g W, g^T X, sum(g)) with g = grad_output * (output > 0) are linear in
     g, and the mask is piecewise constant in output, so their gradients are
-    d/d grad_output = (gg_X W^T + X gg_W^T + gg_b) * mask, d/dX = g gg_W, d/dW = g^T gg_X.
+    d/d grad_output = (gg_X W^T + X gg_W^T + gg_b) * mask, d/dX = g gg_W, d/dW = g^T gg_X,
+    and their tangents the same products with the tangents in place of gg.
     """
 
+    generate_vmap_rule = True
+
+    # The output mask as three bools, not a list: torch.func's generated vmap rule for
+    # jvp cannot take a list argument (it flattens it into three).
     @staticmethod
-    def forward(ctx: Any, grad_output, input, weight, output, output_mask, backend):
-        ctx.save_for_backward(grad_output, input, weight, output)
-        return op("linear_relu_backward", backend)(grad_output, input, weight, output, output_mask)
+    def forward(grad_output, input, weight, output, want_input: bool, want_weight: bool, want_bias: bool,
+                backend: str):
+        return op("linear_relu_backward", backend)(grad_output, input, weight, output,
+                                                   [want_input, want_weight, want_bias])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        grad_output, input, weight, output_, *mask, _ = inputs
+        ctx.output_mask = mask
+        ctx.save_for_backward(grad_output, input, weight, output_)
+        ctx.save_for_forward(grad_output, input, weight, output_)
 
     @staticmethod
     def backward(ctx: Any, grad_grad_input, grad_grad_weight, grad_grad_bias):
         grad_output, input, weight, output = ctx.saved_tensors
-        mask = output > 0
         out_features, in_features = weight.shape
-        grad_pre = torch.zeros_like(output)
-        if grad_grad_input is not None:
-            grad_pre = grad_pre + torch.matmul(grad_grad_input, weight.t())
-        if grad_grad_weight is not None:
-            grad_pre = grad_pre + torch.matmul(input, grad_grad_weight.t())
-        if grad_grad_bias is not None:
-            grad_pre = grad_pre + grad_grad_bias
-        grad_grad_output = torch.where(mask, grad_pre, torch.zeros_like(grad_pre))
-
+        grad_grad_output = _masked(affine_tangent(input, weight, grad_grad_input, grad_grad_weight, grad_grad_bias),
+                                   output)
         rows = math.prod(output.shape[:-1])
-        masked = torch.where(mask, grad_output, torch.zeros_like(grad_output)).reshape(rows, out_features)
+        masked = _masked(grad_output, output).reshape(rows, out_features)
         grad_input = grad_weight = None
         if grad_grad_weight is not None and ctx.needs_input_grad[1]:
             grad_input = masked.mm(grad_grad_weight).reshape(input.shape)
         if grad_grad_input is not None and ctx.needs_input_grad[2]:
             grad_weight = masked.t().mm(grad_grad_input.reshape(rows, in_features))
-        return grad_grad_output, grad_input, grad_weight, None, None, None
+        return grad_grad_output, grad_input, grad_weight, None, None, None, None, None
+
+
+class LinearReLUBackwardJvpFunction(LinearReLUBackwardFunction):
+    """:class:`LinearReLUBackwardFunction` with forward-mode AD (forward-over-reverse),
+    apart for the reason :class:`FusedLinearReLUJvpFunction` is."""
+
+    @staticmethod
+    def jvp(ctx: Any, grad_output_t, input_t, weight_t, _output_t, *_constants):
+        grad_output, input, weight, output = ctx.saved_tensors
+        out_features, in_features = weight.shape
+        rows = math.prod(output.shape[:-1])
+        masked = _masked(grad_output, output).reshape(rows, out_features)
+        masked_t = (_masked(grad_output_t, output).reshape(rows, out_features) if grad_output_t is not None
+                    else None)
+        x = input.reshape(rows, in_features)
+        x_t = input_t.reshape(rows, in_features) if input_t is not None else None
+        want_input, want_weight, want_bias = ctx.output_mask
+        # d(g W) = dg W + g dW; d(g^T X) = dg^T X + g^T dX; d(sum g) = sum dg.
+        grad_input_t = grad_weight_t = grad_bias_t = None
+        if want_input:
+            grad_input_t = _sum_of([masked_t.mm(weight) if masked_t is not None else None,
+                                    masked.mm(weight_t) if weight_t is not None else None],
+                                   lambda: torch.zeros_like(x)).reshape(input.shape)
+        if want_weight:
+            grad_weight_t = _sum_of([masked_t.t().mm(x) if masked_t is not None else None,
+                                     masked.t().mm(x_t) if x_t is not None else None],
+                                    lambda: torch.zeros_like(weight))
+        if want_bias:
+            grad_bias_t = masked_t.sum(0) if masked_t is not None else weight.new_zeros(out_features)
+        return grad_input_t, grad_weight_t, grad_bias_t
+
+
+def _sum_of(terms, zeros):
+    """The sum of the terms that are not None, or ``zeros()`` if all are."""
+    present = [t for t in terms if t is not None]
+    if not present:
+        return zeros()
+    total = present[0]
+    for term in present[1:]:
+        total = total + term
+    return total
 
 
 # --------------------------------------------------------------------------- the public function
@@ -166,7 +270,8 @@ def linear_relu(
     if not needs_grad(input, weight, bias):
         # Nothing to differentiate: the op alone, without autograd.Function's overhead.
         return op("linear_relu", name)(input, weight, bias)
-    return FusedLinearReLUFunction.apply(input, weight, bias, name)
+    function = FusedLinearReLUJvpFunction if transforms_active() else FusedLinearReLUFunction
+    return function.apply(input, weight, bias, name)
 
 
 # --------------------------------------------------------------------------- the spec
