@@ -22,6 +22,23 @@ sample and dtype:
     forward and backward leave every tensor argument as it was.
 ``no_grad``
     under ``torch.no_grad()`` the outputs are the same and carry no graph.
+``forward AD``
+    ``gradcheck`` of forward-mode AD (``check_forward_ad``, batched tangents too)
+    against finite differences: a tangent that is silently zero or wrong fails it.
+``batched grad``
+    ``gradcheck(check_batched_grad=True)``: backward under vmap gives each element's
+    gradient.
+``forward over reverse``
+    ``gradgradcheck(check_fwd_over_rev=True)``: forward-mode AD through the backward
+    (what ``torch.func.hessian`` does).
+``reentrant``
+    two backward passes through one retained graph, with a random (non-unit) upstream
+    gradient, give the same bits.
+``torch.func``
+    ``torch.func.grad``, ``jacfwd``, ``vmap`` and a Hessian-vector product
+    (``jvp`` of ``grad``) of a random projection of the outputs against PyTorch's
+    reverse mode of the same function (``autograd.grad``, twice for the Hessian) and
+    against a loop of calls.
 ``vs reference``
     outputs and input gradients against a float64 ground truth (the reference on the
     same values in float64), in float64 and in each of ``dtypes``: the error may be at
@@ -30,6 +47,12 @@ sample and dtype:
     value (for results PyTorch happens to get exact). In float64 the reference is its own ground truth, so there the
     allowance is ``float64_ulps`` units at the largest true value of the whole sample,
     for sums taken in another order. A kernel that accumulated in low precision fails it.
+
+An op may refuse a mode it does not support by raising ``NotImplementedError`` (as
+PyTorch does for an ``autograd.Function`` without ``jvp``), or through PyTorch's own
+error for a Function that torch.func cannot transform: the check is then reported as
+``refused``, which is not a failure. Any other error, and any wrong or missing
+derivative, is.
 
 Example::
 
@@ -59,10 +82,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-__all__ = ["CHECKS", "Report", "Result", "Sample", "check"]
+__all__ = ["CHECKS", "MODE_CHECKS", "Report", "Result", "Sample", "check"]
 
-CHECKS = ("gradcheck", "gradgradcheck", "opcheck", "ops ran", "compile", "inputs unchanged", "no_grad",
-          "vs reference")
+CHECKS = ("gradcheck", "gradgradcheck", "forward AD", "batched grad", "forward over reverse", "reentrant",
+          "torch.func", "opcheck", "ops ran", "compile", "inputs unchanged", "no_grad", "vs reference")
+# The autograd modes beyond reverse mode, which an op may refuse (see the module's docstring).
+MODE_CHECKS = ("forward AD", "batched grad", "forward over reverse", "torch.func")
+# PyTorch's own words where it cannot run a mode on a Function, as opposed to a wrong result.
+_TORCH_REFUSALS = ("must override the setup_context staticmethod", "You must implement the jvp function",
+                   "Batching rule not implemented")
 _BUILTIN_NAMESPACES = frozenset({"aten", "prims", "prim", "_ops", "profiler", "debugprims"})
 
 
@@ -87,6 +115,8 @@ class Result:
         passed: whether it passed.
         max_error: for ``vs reference``, the largest absolute error against the ground truth.
         detail: why it failed, or what it measured.
+        refused: the op refused the mode this check runs (it passed: refusing loudly is
+            not a wrong answer); ``detail`` holds its error.
     """
 
     check: str
@@ -95,6 +125,7 @@ class Result:
     passed: bool
     max_error: Optional[float] = None
     detail: str = ""
+    refused: bool = False
 
 
 class Report(list):
@@ -108,6 +139,10 @@ class Report(list):
     def failures(self) -> list[Result]:
         return [r for r in self if not r.passed]
 
+    def refused(self) -> list[str]:
+        """The checks of autograd modes that the op refused, each once."""
+        return list(dict.fromkeys(r.check for r in self if r.refused))
+
     def assert_ok(self) -> None:
         """Raises AssertionError listing every failed check."""
         failed = self.failures()
@@ -117,7 +152,7 @@ class Report(list):
 
     def __str__(self) -> str:
         header = ("check", "sample", "dtype", "result", "max error", "detail")
-        rows = [(r.check, r.sample, r.dtype, "ok" if r.passed else "FAIL",
+        rows = [(r.check, r.sample, r.dtype, "refused" if r.refused else "ok" if r.passed else "FAIL",
                  "-" if r.max_error is None else f"{r.max_error:.1e}", r.detail) for r in self]
         widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
         return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip()
@@ -334,8 +369,8 @@ def check(
         label = sample.name or str(index)
 
         def record(name: str, passed: bool, detail: str = "", dtype: str = "float64",
-                   max_error: Optional[float] = None) -> None:
-            report.append(Result(name, label, dtype, passed, max_error, detail))
+                   max_error: Optional[float] = None, refused: bool = False) -> None:
+            report.append(Result(name, label, dtype, passed, max_error, detail, refused))
 
         def attempt(name: str, body: Callable[[], Optional[str]]) -> None:
             if name not in checks:
@@ -343,13 +378,24 @@ def check(
             try:
                 detail = body()
             except Exception as err:  # a check reports its failure and the battery goes on
-                record(name, False, _first_line(err))
+                refused = name in MODE_CHECKS and _is_refusal(err)
+                record(name, refused, _first_line(err), refused=refused)
             else:
                 record(name, True, detail or "")
 
         call = _Call(fn, sample)
         attempt("gradcheck", lambda: _gradcheck(torch.autograd.gradcheck, call, gradcheck_fast_mode))
         attempt("gradgradcheck", lambda: _gradcheck(torch.autograd.gradgradcheck, call, gradcheck_fast_mode))
+        attempt("forward AD", lambda: _gradcheck(torch.autograd.gradcheck, call, gradcheck_fast_mode,
+                                                 check_forward_ad=True, check_batched_forward_grad=True,
+                                                 check_backward_ad=False, check_undefined_grad=False))
+        attempt("batched grad", lambda: _gradcheck(torch.autograd.gradcheck, call, gradcheck_fast_mode,
+                                                   check_batched_grad=True))
+        attempt("forward over reverse", lambda: _gradcheck(torch.autograd.gradgradcheck, call, gradcheck_fast_mode,
+                                                           check_fwd_over_rev=True, check_rev_over_rev=False,
+                                                           check_undefined_grad=False))
+        attempt("reentrant", lambda: _reentrant(_Call(fn, sample), grad_seed))
+        attempt("torch.func", lambda: _torch_func(_Call(fn, sample), grad_seed))
         if "opcheck" in checks or "ops ran" in checks:
             recorder = _RecordOps()
             try:
@@ -380,12 +426,92 @@ def check(
     return report
 
 
-def _gradcheck(checker, call: _Call, fast_mode: bool) -> Optional[str]:
+def _gradcheck(checker, call: _Call, fast_mode: bool, **modes: bool) -> Optional[str]:
     inputs = call.inputs
     if not inputs:
         return "no differentiable inputs"
-    checker(call, tuple(inputs), fast_mode=fast_mode)
+    checker(call, tuple(inputs), fast_mode=fast_mode, **modes)
     return "fast mode" if fast_mode else None
+
+
+def _is_refusal(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from, as gradcheck wraps them) is a
+    refusal of the mode: NotImplementedError, or PyTorch's own for a Function it
+    cannot transform."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, NotImplementedError) or any(words in str(err) for words in _TORCH_REFUSALS):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _differentiable_outputs(call: _Call, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [t for t in _tensors(call(*values)) if t.is_floating_point() and t.requires_grad]
+
+
+def _reentrant(call: _Call, grad_seed: int) -> Optional[str]:
+    inputs = call.inputs
+    outputs = _differentiable_outputs(call, inputs)
+    if not inputs or not outputs:
+        return "no differentiable inputs or outputs"
+    generator = torch.Generator().manual_seed(grad_seed)
+    upstream = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device, t.dtype)
+                for t in outputs]
+    first = torch.autograd.grad(outputs, inputs, upstream, retain_graph=True, allow_unused=True)
+    second = torch.autograd.grad(outputs, inputs, upstream, allow_unused=True)
+    for index, (a, b) in enumerate(zip(first, second)):
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a.nan_to_num(), b.nan_to_num())):
+            difference = "one is None" if a is None or b is None else f"max difference {_max_abs(a, b):.3g}"
+            raise AssertionError(f"the gradient of input {index} differs between two backward passes ({difference})")
+    return None
+
+
+def _torch_func(call: _Call, grad_seed: int) -> Optional[str]:
+    inputs = [t.detach() for t in call.inputs]
+    if not inputs:
+        return "no differentiable inputs"
+    generator = torch.Generator().manual_seed(grad_seed)
+
+    def draw(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device, t.dtype)
+
+    weights = [draw(t) for t in _tensors(call(*inputs)) if t.is_floating_point()]
+
+    def projection(*values):
+        outputs = [t for t in _tensors(call(*values)) if t.is_floating_point()]
+        return sum(((o * w).sum() for o, w in zip(outputs, weights)), inputs[0].new_zeros(()))
+
+    # PyTorch's reverse mode of the same function: the gradient, and a Hessian-vector product.
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    direction = [draw(t) for t in inputs]
+    with torch.enable_grad():
+        value = projection(*leaves)
+        if not value.requires_grad:
+            return "no differentiable outputs"
+        grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, leaves)]
+        hvp = torch.autograd.grad(grads, leaves, direction, allow_unused=True)
+    hvp = [h if h is not None else torch.zeros_like(x) for h, x in zip(hvp, leaves)]
+    argnums = tuple(range(len(inputs)))
+
+    def agree(what: str, got, want) -> None:
+        for index, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g, w.detach(), equal_nan=True,
+                                       msg=lambda text, i=index: f"{what}, input {i}: {text}")
+
+    agree("torch.func.grad", torch.func.grad(projection, argnums=argnums)(*inputs), grads)
+    agree("torch.func.jacfwd", torch.func.jacfwd(projection, argnums=argnums)(*inputs), grads)
+    _, got_hvp = torch.func.jvp(torch.func.grad(projection, argnums=argnums), tuple(inputs), tuple(direction))
+    agree("jvp of torch.func.grad (Hessian-vector product)", got_hvp, hvp)
+    # vmap over two nearby points against a call at each.
+    batched = [torch.stack([t, t + 0.01 * draw(t)]) for t in inputs]
+    floating = lambda *values: tuple(t for t in _tensors(call(*values)) if t.is_floating_point())  # noqa: E731
+    mapped = torch.func.vmap(floating)(*batched)
+    for element in range(2):
+        agree(f"torch.func.vmap, element {element}", [m[element] for m in mapped],
+              floating(*[b[element] for b in batched]))
+    return None
 
 
 def _opcheck(fn, sample: Sample, calls: Mapping[torch._ops.OpOverload, tuple]) -> Optional[str]:

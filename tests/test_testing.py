@@ -44,6 +44,35 @@ def failed(report):
     return {(r.check, r.dtype) for r in report if not r.passed}
 
 
+class EveryModeActivation(CustomActivation):
+    """CustomActivation in the setup_context form with a jvp: every autograd mode."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input):
+        return input * torch.sigmoid(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(ctx, input_t):
+        input, = ctx.saved_tensors
+        s = torch.sigmoid(input)
+        return input_t * (s + input * s * (1 - s))
+
+
+class SilentZeroTangent(EveryModeActivation):
+    """A jvp that answers zero, as a Function that forgets its tangent does."""
+
+    @staticmethod
+    def jvp(ctx, input_t):
+        return torch.zeros_like(input_t)
+
+
 def test_a_correct_function_passes_every_check():
     report = testing.check(CustomActivation.apply, silu_reference, samples())
     report.assert_ok()
@@ -51,6 +80,40 @@ def test_a_correct_function_passes_every_check():
     assert {r.check for r in report} == set(testing.CHECKS) - {"opcheck", "ops ran"}
     assert {r.dtype for r in report if r.check == "vs reference"} == {"float64", "float32", "bfloat16"}
     assert "gradcheck" in str(report) and "FAIL" not in str(report)
+    # The article's pattern has no jvp and no setup_context: PyTorch refuses forward
+    # AD and torch.func with errors of its own, and the report says so.
+    assert set(report.refused()) == {"forward AD", "forward over reverse", "torch.func"}
+    assert "refused" in str(report)
+
+
+def test_a_function_with_every_mode_refuses_none():
+    # Not "compile": dynamo cannot trace a Function that defines jvp (myext keeps a
+    # class without it for torch.compile).
+    checks = [c for c in testing.CHECKS if c != "compile"]
+    report = testing.check(EveryModeActivation.apply, silu_reference, samples(), checks=checks)
+    report.assert_ok()
+    assert report.refused() == []
+
+
+def test_a_silent_zero_tangent_fails_not_refused():
+    report = testing.check(SilentZeroTangent.apply, None, samples(), checks=["forward AD", "torch.func"])
+    assert failed(report) == {("forward AD", "float64"), ("torch.func", "float64")}
+    assert report.refused() == []
+
+
+def test_a_backward_that_differs_on_its_second_pass_is_caught():
+    class Drifts(EveryModeActivation):
+        calls = 0
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            Drifts.calls += 1
+            input, = ctx.saved_tensors
+            s = torch.sigmoid(input)
+            return grad_output * (s + input * s * (1 - s)) * (1 + 1e-15 * Drifts.calls)
+
+    report = testing.check(Drifts.apply, None, samples(), checks=["reentrant"])
+    assert failed(report) == {("reentrant", "float64")}
 
 
 def test_a_wrong_backward_is_caught():
@@ -132,10 +195,20 @@ def _(x):
 
 def test_a_registered_op_is_opchecked():
     sample = Sample((torch.randn(3, 4, dtype=torch.float64, requires_grad=True), 1.5))
-    report = testing.check(scale_op, lambda x, factor: x * factor, [sample], expected_ops=["myext_test::scale"])
+    checks = [c for c in testing.CHECKS if c not in testing.MODE_CHECKS]
+    report = testing.check(scale_op, lambda x, factor: x * factor, [sample], checks=checks,
+                           expected_ops=["myext_test::scale"])
     report.assert_ok()
     opcheck = next(r for r in report if r.check == "opcheck")
     assert "myext_test::scale" in opcheck.detail
+
+
+def test_a_custom_op_without_forward_ad_fails_forward_ad():
+    # register_autograd gives a custom op reverse mode only, and forward-mode AD then
+    # returns no tangent at all, without an error: a wrong derivative, not a refusal.
+    sample = Sample((torch.randn(3, 4, dtype=torch.float64, requires_grad=True), 1.5))
+    report = testing.check(scale_op, None, [sample], checks=["forward AD"])
+    assert failed(report) == {("forward AD", "float64")}
 
 
 def test_a_wrong_fake_kernel_is_caught():
