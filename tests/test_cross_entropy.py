@@ -638,6 +638,16 @@ def test_vocab_parallel_bad_arguments(kwargs, error, message):
         myext.cross_entropy(logits.clone(), torch.tensor([0, 9, 3]), **kwargs)
 
 
+def test_vocab_parallel_refuses_forward_ad_and_torch_func():
+    logits, target, shard = torch.randn(3, 5, dtype=torch.float64), torch.tensor([0, 9, 3]), VocabParallel(0, 5, 10)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(logits, torch.ones_like(logits))
+        with pytest.raises(NotImplementedError, match="reverse-mode autograd only"):
+            myext.cross_entropy(dual, target, vocab_parallel=shard)
+    with pytest.raises(NotImplementedError, match="reverse-mode autograd only"):
+        torch.func.grad(lambda x: myext.cross_entropy(x, target, vocab_parallel=shard))(logits)
+
+
 def test_vocab_parallel_class_index_past_every_class():
     with pytest.raises(IndexError, match="class index 10"):
         myext.cross_entropy(torch.randn(3, 5), torch.tensor([0, 10, 3]), vocab_parallel=VocabParallel(5, 10, 10))

@@ -16,7 +16,8 @@ import torch
 from myext import backends, registry, testing
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-FLOAT64_CHECKS = ["gradcheck", "gradgradcheck", "opcheck", "ops ran", "inputs unchanged", "no_grad", "vs reference"]
+FLOAT64_CHECKS = ["gradcheck", "gradgradcheck", "forward AD", "batched grad", "forward over reverse", "reentrant",
+                  "torch.func", "opcheck", "ops ran", "inputs unchanged", "no_grad", "vs reference"]
 
 
 def _op_backend_device(with_samples: bool = False):
@@ -57,6 +58,42 @@ def test_float64_battery(op, backend, device, index):
                            expected_ops=_own_ops(op, backend), gradcheck_fast_mode=interpreted)
     report.assert_ok()
     assert {r.check for r in report} == set(checks)
+    # Every op runs every autograd mode: none is refused.
+    assert report.refused() == []
+
+
+@pytest.mark.parametrize("op,backend,device,index", _op_backend_device(with_samples=True))
+def test_autograd_modes_match_pytorch(op, backend, device, index):
+    """Forward-mode AD, jacfwd, jacrev and vmap of each op give PyTorch's own answers
+    (the spec's baseline, built of PyTorch's ops, under the same transforms)."""
+    spec = registry.get(op)
+    sample = spec.samples(device)[index]
+    inputs = [a for a in sample.args if isinstance(a, torch.Tensor) and a.requires_grad]
+    inputs += [v for v in sample.kwargs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def bound(fn):
+        def call(*values):
+            values = iter(values)
+            args = [next(values) if isinstance(a, torch.Tensor) and a.requires_grad else a for a in sample.args]
+            kwargs = {k: next(values) if isinstance(v, torch.Tensor) and v.requires_grad else v
+                      for k, v in sample.kwargs.items()}
+            return fn(*args, **kwargs)
+        return call
+
+    ours, pytorchs = bound(_checked(op, backend)), bound(spec.baseline)
+    primals = [t.detach() for t in inputs]
+    tangents = [torch.randn_like(t) for t in primals]
+    argnums = tuple(range(len(primals)))
+    for transform in (lambda f: torch.func.jvp(f, tuple(primals), tuple(tangents)),
+                      lambda f: torch.func.jacfwd(f, argnums=argnums)(*primals),
+                      lambda f: torch.func.jacrev(f, argnums=argnums)(*primals),
+                      lambda f: torch.func.vmap(f)(*[torch.stack([t, 2 * t]) for t in primals])):
+        torch.testing.assert_close(transform(ours), transform(pytorchs))
+    with torch.autograd.forward_ad.dual_level():
+        duals = [torch.autograd.forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)]
+        got, want = (torch.autograd.forward_ad.unpack_dual(f(*duals)).tangent for f in (ours, pytorchs))
+    assert got is not None
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("op,backend,device", _op_backend_device())

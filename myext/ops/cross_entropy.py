@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 from .. import registry
 from .._library import acc_dtype
-from .._validation import REDUCTIONS, check_float_dtype, check_same, check_tensor, needs_grad
+from .._batching import is_legacy_batched
+from .._derivatives import jvp_of, vjp_of
+from .._validation import REDUCTIONS, check_float_dtype, check_same, check_tensor, needs_grad, transforms_active
 from ..backends import available_backends, has_capability, op, resolve_backend
 from ..distributed import VocabParallel, all_reduce_max, all_reduce_sum, from_dtensor, is_dtensor, to_local
 
@@ -119,11 +121,12 @@ def check_class_indices(target: torch.Tensor, classes: int, ignore_index: int) -
     """Raises IndexError for a class index outside [0, classes) that is not ignore_index.
 
     It reads the values (a host sync on a GPU), which a traced graph does not have,
-    so it is skipped while compiling, and for the C++ kernels, which raise the same
+    so it is skipped while compiling and under torch.func's transforms (whose batched
+    tensors have no single value to read), and for the C++ kernels, which raise the same
     error as they read. In a compiled graph the CUDA and Triton kernels assert on
     such an index; neither reads out of bounds.
     """
-    if torch.compiler.is_compiling() or target.numel() == 0:
+    if torch.compiler.is_compiling() or target.numel() == 0 or transforms_active():
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= classes))
     if bad.any():
@@ -194,32 +197,33 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy of logits (R, C) against class indices (R,) or probabilities (R, C).
 
     ``CrossEntropyFunction.apply(input, target, weight, options, backend,
-    inplace_backward, return_rows)`` with ``options`` an :class:`Options`; the arguments
-    already checked and reshaped to two dimensions (see myext.cross_entropy). Returns the
-    loss, and with ``return_rows`` (the default), not differentiable, each row's max and
-    log(sum(exp(z - max))) of the capped logits z and the target's capped logit (for
-    myext.cross_entropy's extras); without them autograd tracks one output. Forward
-    keeps those two numbers per row for backward, and the mean's divisor. With
+    inplace_backward)`` with ``options`` an :class:`Options`; the arguments already
+    checked and reshaped to two dimensions (see myext.cross_entropy). Returns the loss
+    and, not differentiable, each row's max and log(sum(exp(z - max))) of the capped
+    logits z, the target's capped logit (for myext.cross_entropy's extras) and the
+    mean's divisor; backward reads the two numbers per row and the divisor. With
     ``inplace_backward`` (cpp and cuda backends, contiguous logits) backward writes the
     gradient over the logits and bumps their version, so any other autograd node that
-    saved them raises an error instead of reading it.
+    saved them raises an error instead of reading it. torch.func's vmap runs it through
+    the dispatcher ops' batching rules (generate_vmap_rule); forward-mode AD is
+    :class:`CrossEntropyJvpFunction`'s.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                options: Options, backend: str, inplace_backward: bool = False, return_rows: bool = True):
-        loss, row_max, row_log_sum, target_logit, total_weight = op("cross_entropy_forward", backend)(
-            input, target, weight, *options.args)
+    def forward(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], options: Options,
+                backend: str, inplace_backward: bool):
+        return op("cross_entropy_forward", backend)(input, target, weight, *options.args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        input, target, weight, ctx.options, ctx.backend, ctx.inplace_backward = inputs
+        _, row_max, row_log_sum, target_logit, total_weight = output
         ctx.save_for_backward(input, target, weight, row_max, row_log_sum, total_weight)
-        ctx.options = options
-        ctx.backend = backend
-        ctx.inplace_backward = inplace_backward
-        if not return_rows:
-            return loss
-        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit)
+        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit, total_weight)
         # Backward gets None, not a tensor of zeros made on every call, for the extras.
         ctx.set_materialize_grads(False)
-        return loss, row_max, row_log_sum, target_logit
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused_grads):
@@ -233,16 +237,70 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             args = (grad_loss, input, target, weight, row_max, row_log_sum, total_weight, *ctx.options.args)
             if torch.is_grad_enabled():
-                grad_input = CrossEntropyBackwardFunction.apply(grad_loss, input, target, weight, row_max,
-                                                                row_log_sum, total_weight, ctx.options, ctx.backend)
-            elif ctx.inplace_backward:
+                function = CrossEntropyBackwardJvpFunction if transforms_active() else CrossEntropyBackwardFunction
+                grad_input = function.apply(grad_loss, input, target, weight, row_max, row_log_sum, total_weight,
+                                            ctx.options, ctx.backend)
+            elif ctx.inplace_backward and not (transforms_active() or is_legacy_batched(grad_loss)):
                 op("cross_entropy_backward_", ctx.backend)(*args)
                 # The dispatcher does not bump versions for custom ops run in backward.
                 torch.autograd.graph.increment_version(input)
                 grad_input = input
             else:
                 grad_input = op("cross_entropy_backward", ctx.backend)(*args)
-        return grad_input, grad_target, None, None, None, None, None
+        return grad_input, grad_target, None, None, None, None
+
+
+class CrossEntropyJvpFunction(CrossEntropyFunction):
+    """:class:`CrossEntropyFunction` with forward-mode AD, for calls under
+    ``forward_ad`` or a torch.func transform (a Function of its own: dynamo cannot
+    trace one that defines ``jvp``). The loss's tangent is each row's gradient, from
+    the backward kernel and the row statistics of forward, dotted with the tangent of
+    its logits (and of its probabilities), then reduced as the loss is."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        CrossEntropyFunction.setup_context(ctx, inputs, output)
+        input, target, weight = inputs[:3]
+        _, row_max, row_log_sum, _, total_weight = output
+        ctx.save_for_forward(input, target, weight, row_max, row_log_sum, total_weight)
+
+    @staticmethod
+    def jvp(ctx: Any, input_t: Optional[torch.Tensor], target_t: Optional[torch.Tensor],
+            weight_t: Optional[torch.Tensor], *_constants):
+        input, target, weight, row_max, row_log_sum, total_weight = ctx.saved_tensors
+        refuse_class_weight_tangent(weight_t)
+        rows = row_tangents(input, target, weight, row_max, row_log_sum, total_weight, ctx.options, ctx.backend,
+                            input_t, target_t)
+        return reduce_rows(rows, total_weight, ctx.options.reduction, input.dtype), None, None, None, None
+
+
+def refuse_class_weight_tangent(weight_t: Optional[torch.Tensor]) -> None:
+    """Class weights are not differentiated, in forward mode either: a tangent for them
+    is refused as a weight that requires grad is, not dropped."""
+    if weight_t is not None:
+        raise ValueError("weight has a forward-mode tangent, but myext does not differentiate the class weights; "
+                         "pass a weight without one")
+
+
+def row_tangents(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], row_max: torch.Tensor,
+                 row_log_sum: torch.Tensor, total_weight: torch.Tensor, options: Options, backend: str,
+                 logits_t: Optional[torch.Tensor], target_t: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each row's loss tangent (R,), in the accumulation dtype: the row's gradient with
+    respect to its logits (the backward kernel's, for an unreduced loss and an upstream
+    gradient of 1) dotted with ``logits_t``, plus, for probabilities, the gradient with
+    respect to them, -(1 - eps) w logp, dotted with ``target_t``."""
+    acc = row_max.dtype
+    per_row = dataclasses.replace(options, reduction=REDUCTIONS["none"])
+    ones = torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    tangent = torch.zeros(logits.shape[0], dtype=acc, device=logits.device)
+    if logits_t is not None:
+        grad = op("cross_entropy_backward", backend)(ones, logits, target, weight, row_max, row_log_sum, total_weight,
+                                                     *per_row.args)
+        tangent = tangent + (grad.to(acc) * logits_t.to(acc)).sum(dim=1)
+    if target_t is not None:
+        logp = _capped(logits.to(acc), options.softcap or None) - (row_max + row_log_sum).unsqueeze(1)
+        tangent = tangent + (target_grad_of(ones, logp, weight, per_row) * target_t.to(acc)).sum(dim=1)
+    return tangent
 
 
 def probability_target_grad(grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
@@ -277,30 +335,53 @@ class CrossEntropyBackwardFunction(torch.autograd.Function):
     exact for every option.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, options: Options,
+    def forward(grad_loss, input, target, weight, row_max, row_log_sum, total_weight, options: Options,
                 backend: str):
-        ctx.save_for_backward(grad_loss, input, target, weight)
-        ctx.options = options
         return op("cross_entropy_backward", backend)(grad_loss, input, target, weight, row_max, row_log_sum,
                                                       total_weight, *options.args)
 
     @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        grad_loss, input, target, weight = inputs[:4]
+        ctx.options = inputs[7]
+        ctx.save_for_backward(grad_loss, input, target, weight)
+
+    @staticmethod
     def backward(ctx: Any, grad_grad_input):
         grad_loss, input, target, weight = ctx.saved_tensors
-        create_graph = torch.is_grad_enabled()
-        probabilities = target.is_floating_point()
-        with torch.enable_grad():
-            g = grad_loss if grad_loss.requires_grad else grad_loss.detach().requires_grad_()
-            x = input if input.requires_grad else input.detach().requires_grad_()
-            t = target if not probabilities or target.requires_grad else target.detach().requires_grad_()
-            (grad_input,) = torch.autograd.grad(ctx.options.reference(x, t, weight), x, g, create_graph=True)
-            wrt = [g, x, t] if probabilities else [g, x]
-            grads = torch.autograd.grad(grad_input, wrt, grad_grad_input, allow_unused=True,
-                                        create_graph=create_graph)
-        grad_grad_loss, grad_x = grads[0], grads[1]
-        grad_t = grads[2] if probabilities else None
-        return grad_grad_loss, grad_x, grad_t, None, None, None, None, None, None
+        wanted = (*ctx.needs_input_grad[:2], ctx.needs_input_grad[2] and target.is_floating_point())
+        grads = vjp_of(lambda g, x, t: reference_input_grad(g, x, t, weight, ctx.options), (grad_loss, input, target),
+                       grad_grad_input, wanted)
+        return (*grads, None, None, None, None, None, None)
+
+
+class CrossEntropyBackwardJvpFunction(CrossEntropyBackwardFunction):
+    """:class:`CrossEntropyBackwardFunction` with forward-mode AD, for
+    forward-over-reverse (torch.func.hessian): the tangent of the reference's gradient
+    (myext._derivatives.jvp_of), exact for every option as its backward is."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        CrossEntropyBackwardFunction.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:4])
+
+    @staticmethod
+    def jvp(ctx: Any, grad_loss_t, input_t, target_t, _weight_t, *_constants):
+        # The class weights' tangent is not read: torch.func hands saved tensors one
+        # of zeros here, and a real one was refused by CrossEntropyJvpFunction already.
+        grad_loss, input, target, weight = ctx.saved_tensors
+        return jvp_of(lambda g, x, t: reference_input_grad(g, x, t, weight, ctx.options), (grad_loss, input, target),
+                      (grad_loss_t, input_t, target_t if target.is_floating_point() else None))
+
+
+def reference_input_grad(grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
+                         weight: Optional[torch.Tensor], options: Options) -> torch.Tensor:
+    """The reference's gradient with respect to ``input`` for the upstream gradient
+    ``grad_loss``, as a graph that differentiates again."""
+    return vjp_of(lambda x: options.reference(x, target, weight), (input,), grad_loss, (True,))[0]
 
 
 # --------------------------------------------------------------------------- vocabulary parallelism
@@ -729,11 +810,9 @@ def cross_entropy(
     else:
         inplace = (inplace_backward and input_2d.is_contiguous()
                    and has_capability(NAME, INPLACE_BACKWARD, name, input.device))
-        if return_lse or return_accuracy:
-            loss, row_max, row_log_sum, target_logit = CrossEntropyFunction.apply(input_2d, target_2d, weight,
-                                                                                  options, name, inplace)
-        else:
-            loss = CrossEntropyFunction.apply(input_2d, target_2d, weight, options, name, inplace, False)
+        function = CrossEntropyJvpFunction if transforms_active() else CrossEntropyFunction
+        loss, row_max, row_log_sum, target_logit, _ = function.apply(input_2d, target_2d, weight, options, name,
+                                                                     inplace)
     loss = loss.reshape(batch_shape) if reduction == "none" else loss
     if not (return_lse or return_accuracy):
         return loss
@@ -753,9 +832,15 @@ def check_vocab_parallel(shard: VocabParallel, columns: int, what: str, device: 
                          op_name: str = NAME) -> None:
     """``shard`` describes ``columns`` classes (those of ``what``), and ``backend`` has
     the shard kernels of the op ``op_name`` (its ``shard_backward`` capability) on
-    ``device``."""
+    ``device``; refuses forward-mode AD and torch.func's transforms, which the
+    collectives between the ranks do not support (PyTorch's own differentiable
+    all_reduce has no forward-mode formula, and a batch would need one call per rank
+    and element)."""
     if not isinstance(shard, VocabParallel):
         raise TypeError(f"vocab_parallel must be a myext.distributed.VocabParallel, got {type(shard).__name__}")
+    if transforms_active():
+        raise NotImplementedError(f"{op_name} with vocab_parallel supports reverse-mode autograd only: not "
+                                  "forward-mode AD (torch.autograd.forward_ad) or torch.func's transforms")
     if columns != shard.size:
         raise ValueError(f"vocab_parallel holds classes [{shard.start}, {shard.stop}), {shard.size} of them, but "
                          f"{what} has {columns}")

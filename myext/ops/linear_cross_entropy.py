@@ -21,11 +21,13 @@ import torch.nn.functional as F
 
 from .. import registry
 from .._library import acc_dtype
-from .._validation import REDUCTIONS, check_float_dtype, check_same, check_tensor, needs_grad
+from .._batching import is_legacy_batched
+from .._derivatives import vjp_of
+from .._validation import REDUCTIONS, check_float_dtype, check_same, check_tensor, needs_grad, transforms_active
 from ..backends import op, resolve_backend
 from . import cross_entropy as ce
 from .cross_entropy import CrossEntropyOutput, Options
-from .linear_relu import affine
+from .linear_relu import affine, affine_tangent
 from ..distributed import VocabParallel, from_dtensor, is_dtensor, replicated, to_local
 
 __all__ = ["LinearCrossEntropyFunction", "default_chunk_size", "linear_cross_entropy", "reference"]
@@ -130,38 +132,45 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     class indices (R,) or probabilities (R, C).
 
     ``LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
-    options, chunk_size, backend, return_rows)``, the arguments checked and reshaped to rows
-    (see myext.linear_cross_entropy). Returns the loss and, with ``return_rows`` (the
-    default), not differentiable, each row's max and log-sum of the capped logits and the
-    target's capped logit; without them autograd tracks one output.
+    options, chunk_size, backend, *grads_in_forward)``, the arguments checked and
+    reshaped to rows (see myext.linear_cross_entropy). Returns the loss and, not
+    differentiable, each row's max and log-sum of the capped logits, the target's
+    capped logit and the mean's divisor, then the gradients forward computed.
 
-    For reduction mean or sum, forward computes the gradients in the same pass over the
-    chunks (for an upstream gradient of 1) and backward scales them in place: the chunk's
-    logits are made once. For reduction none (and a second backward through a retained
-    graph), backward makes them again, with each row's own upstream gradient. Double backward goes through the reference (torch ops, which
-    hold the logits); so does the gradient of probability targets, itself the logits' size.
+    ``grads_in_forward``: three bools, whether forward computes the gradient of input,
+    linear_weight and linear_bias (reduction mean or sum only), for an upstream gradient
+    of 1, in the same pass over the chunks, so that each chunk's logits are made once;
+    the first backward scales them in place. Any other backward (reduction none, a second
+    one through a retained graph) makes the logits again: for a reduced loss with an
+    upstream gradient of 1, scaled afterwards, which gives the first backward's bits.
+    Double backward goes through the reference (torch ops, which hold the logits); so
+    does the gradient of probability targets, itself the logits' size. Forward-mode AD
+    is :class:`LinearCrossEntropyJvpFunction`'s; torch.func's vmap runs it through the
+    dispatcher ops' batching rules (generate_vmap_rule).
     """
 
+    generate_vmap_rule = True
+
+    # The mask as three bools, not a list: torch.func flattens a list argument.
     @staticmethod
-    def forward(ctx: Any, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+    def forward(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
                 target: torch.Tensor, weight: Optional[torch.Tensor], options: Options, chunk_size: int,
-                backend: str, return_rows: bool = True):
-        mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
-        in_forward = options.reduction != 0 and any(mask)
-        (loss, row_max, row_log_sum, target_logit, total_weight, grad_input, grad_weight,
-         grad_bias) = op("linear_cross_entropy_forward", backend)(
-            input, linear_weight, linear_bias, target, weight, *options.args, chunk_size,
-            mask if in_forward else [False, False, False])
+                backend: str, *grads_in_forward: bool):
+        out = op("linear_cross_entropy_forward", backend)(
+            input, linear_weight, linear_bias, target, weight, *options.args, chunk_size, list(grads_in_forward))
+        return out if any(grads_in_forward) else out[:5]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        input, linear_weight, linear_bias, target, weight, ctx.options, ctx.chunk_size, ctx.backend = inputs[:8]
+        _, row_max, row_log_sum, target_logit, total_weight, *grads = output
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight)
         # Not saved tensors: the first backward scales them in place and hands them on,
         # so that a step holds each gradient once, not twice.
-        ctx.grads_from_forward = [grad_input, grad_weight, grad_bias] if in_forward else None
-        ctx.options, ctx.chunk_size, ctx.backend = options, chunk_size, backend
-        if not return_rows:
-            return loss
-        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit)
+        ctx.grads_from_forward = grads or None
+        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit, total_weight,
+                                    *[g for g in grads if g is not None])
         ctx.set_materialize_grads(False)  # as CrossEntropyFunction's
-        return loss, row_max, row_log_sum, target_logit
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused_grads):
@@ -170,43 +179,76 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         input, linear_weight, linear_bias, target, weight = ctx.saved_tensors[:5]
         mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
         wants_target = bool(ctx.needs_input_grad[3]) and target.is_floating_point()
-        if torch.is_grad_enabled():
+        # A batch of upstream gradients from torch's older vmap (gradcheck's batched
+        # gradients) cannot run the backward op, whose outputs are optional.
+        if torch.is_grad_enabled() or is_legacy_batched(grad_loss):
             grads = _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weight, ctx.options,
                                      mask, wants_target)
         else:
             grad_target = (ce.probability_target_grad(grad_loss, affine(input, linear_weight, linear_bias), target,
                                                       weight, ctx.options) if wants_target else None)
             grads = (*_kernel_grads(ctx, grad_loss, mask), grad_target)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+class LinearCrossEntropyJvpFunction(LinearCrossEntropyFunction):
+    """:class:`LinearCrossEntropyFunction` with forward-mode AD, for calls under
+    ``forward_ad`` or a torch.func transform (a Function of its own: dynamo cannot trace
+    one that defines ``jvp``). By chunks of rows, as the kernels go: each chunk's
+    logits and their tangent (the product rule over the linear layer), each row's
+    gradient from the cross-entropy backward kernel and forward's row statistics, dotted
+    with it; the logits are never held whole. Forward computes no gradients here."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        LinearCrossEntropyFunction.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:5], *output[1:3], output[4])
+
+    @staticmethod
+    def jvp(ctx: Any, input_t, linear_weight_t, linear_bias_t, target_t, weight_t, *_constants):
+        input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight = ctx.saved_tensors
+        ce.refuse_class_weight_tangent(weight_t)
+        rows = []
+        for start in range(0, input.shape[0], ctx.chunk_size):
+            chunk = slice(start, start + ctx.chunk_size)
+            x, x_t = input[chunk], (input_t[chunk] if input_t is not None else None)
+            rows.append(ce.row_tangents(
+                affine(x, linear_weight, linear_bias), target[chunk], weight, row_max[chunk], row_log_sum[chunk],
+                total_weight, ctx.options, ctx.backend, affine_tangent(x, linear_weight, x_t, linear_weight_t,
+                                                                       linear_bias_t),
+                target_t[chunk] if target_t is not None else None))
+        loss_t = ce.reduce_rows(torch.cat(rows) if rows else row_max.new_zeros(0), total_weight,
+                                ctx.options.reduction, input.dtype)
+        return loss_t, None, None, None, None
 
 
 def _kernel_grads(ctx: Any, grad_loss: torch.Tensor, mask: list[bool]):
     """The gradients of (input, linear_weight, linear_bias) from the kernels: the first
-    time forward's, scaled in place by the upstream gradient; else (reduction none, or
-    a second backward of a retained graph) the backward op's."""
+    time forward's, scaled in place by the upstream gradient; else the backward op's,
+    for a reduced loss with an upstream gradient of 1 and scaled afterwards, as
+    forward's (the same bits from every backward of one graph)."""
     input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight = ctx.saved_tensors
     if ctx.grads_from_forward is not None:
         grads, ctx.grads_from_forward = ctx.grads_from_forward, None
-        scale = grad_loss.to(input.dtype)
-        return tuple(g.mul_(scale) if g is not None and wanted else None for g, wanted in zip(grads, mask))
-    return op("linear_cross_entropy_backward", ctx.backend)(
-        grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight,
-        *ctx.options.args, ctx.chunk_size, mask)
+    elif ctx.options.reduction == REDUCTIONS["none"]:
+        return op("linear_cross_entropy_backward", ctx.backend)(
+            grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight,
+            *ctx.options.args, ctx.chunk_size, mask)
+    else:
+        grads = op("linear_cross_entropy_backward", ctx.backend)(
+            torch.ones_like(grad_loss), input, linear_weight, linear_bias, target, weight, row_max, row_log_sum,
+            total_weight, *ctx.options.args, ctx.chunk_size, mask)
+    scale = grad_loss.to(input.dtype)
+    return tuple(g.mul_(scale) if g is not None and wanted else None for g, wanted in zip(grads, mask))
 
 
 def _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weight, options: Options, mask,
                      wants_target: bool):
     """The gradients of the reference loss for (input, linear_weight, linear_bias,
     target) where asked, built from torch ops so that they differentiate again."""
-    with torch.enable_grad():
-        leaves = [t if t is None or t.requires_grad else t.detach().requires_grad_()
-                  for t in (input, linear_weight, linear_bias)]
-        t = target if not wants_target or target.requires_grad else target.detach().requires_grad_()
-        wanted = [x for x, m in zip([*leaves, t], [*mask, wants_target]) if m and x is not None]
-        loss = options.reference(affine(leaves[0], leaves[1], leaves[2]), t, weight)
-        found = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=torch.is_grad_enabled()))
-    return tuple(next(found) if m and x is not None else None
-                 for x, m in zip([*leaves, t], [*mask, wants_target]))
+    wanted = (mask[0], mask[1], mask[2] and linear_bias is not None, wants_target)
+    return vjp_of(lambda x, w, b, t: options.reference(affine(x, w, b), t, weight),
+                  (input, linear_weight, linear_bias, target), grad_loss, wanted)
 
 
 # --------------------------------------------------------------------------- vocabulary parallelism
@@ -372,6 +414,9 @@ def linear_cross_entropy(
         ce.check_class_indices(target, vocab_parallel.classes if vocab_parallel is not None else classes,
                                ignore_index)
 
+    options = Options(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
+                      float(softcap or 0.0))
+    want_rows = return_lse or return_accuracy
     batch_shape = input.shape[:-1]
     if input.dim() == 2:  # rows already, and the checked target too: no views made on every call
         input_2d, target_2d = input, target
@@ -379,40 +424,53 @@ def linear_cross_entropy(
         rows = math.prod(batch_shape)
         input_2d = input.reshape(rows, input.shape[-1])
         target_2d = target.reshape(rows, classes) if probabilities else target.reshape(rows)
-    options = Options(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
-                      float(softcap or 0.0))
     chunk = chunk_size or default_chunk_size(input_2d.shape[0], classes, input.dtype)
+    loss, row_max, row_log_sum, target_logit = _rows_loss(input_2d, linear_weight, linear_bias, target_2d, weight,
+                                                          options, chunk, name, vocab_parallel, want_rows)
+    loss = loss.reshape(batch_shape) if reduction == "none" else loss
+    if not want_rows:
+        return loss
+    return CrossEntropyOutput(loss, *ce.extras(row_max, row_log_sum, target_logit, target_2d, ignore_index,
+                                               batch_shape, return_lse, return_accuracy))
+
+
+def _rows_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+               target: torch.Tensor, weight: Optional[torch.Tensor], options: Options, chunk: int, name: str,
+               vocab_parallel: Optional[VocabParallel], want_rows: bool):
+    """The loss of rows (R, H) through the head (C, H) on the backend ``name``, and with
+    ``want_rows`` (else possibly None) each row's max, log-sum and target logit."""
+    row_max = row_log_sum = target_logit = None
     if vocab_parallel is not None and name == "torch":
-        logits = affine(replicated(input_2d, vocab_parallel.group), linear_weight, linear_bias)
-        loss = ce.vocab_parallel_reference(logits, target_2d, weight, options, vocab_parallel)
-        if return_lse or return_accuracy:
+        logits = affine(replicated(input, vocab_parallel.group), linear_weight, linear_bias)
+        loss = ce.vocab_parallel_reference(logits, target, weight, options, vocab_parallel)
+        if want_rows:
             with torch.no_grad():
                 rows = ce.combine_shards(
-                    ce.shard_logit_statistics(logits, target_2d, weight, options, vocab_parallel, name), target_2d,
+                    ce.shard_logit_statistics(logits, target, weight, options, vocab_parallel, name), target,
                     options, vocab_parallel)
             row_max, row_log_sum, target_logit = rows.row_max, rows.row_log_sum, rows.target_logit
     elif vocab_parallel is not None:
         loss, row_max, row_log_sum, target_logit = VocabParallelLinearCrossEntropyFunction.apply(
-            input_2d, linear_weight, linear_bias, target_2d, weight, options, chunk, vocab_parallel, name)
+            input, linear_weight, linear_bias, target, weight, options, chunk, vocab_parallel, name)
     elif name == "torch":
-        logits = affine(input_2d, linear_weight, linear_bias)
-        loss = options.reference(logits, target_2d, weight)
-        if return_lse or return_accuracy:
-            row_max, row_log_sum, target_logit = ce._reference_rows(logits, target_2d, options)
-    elif not needs_grad(input_2d, linear_weight, linear_bias, target_2d):
+        logits = affine(input, linear_weight, linear_bias)
+        loss = options.reference(logits, target, weight)
+        if want_rows:
+            row_max, row_log_sum, target_logit = ce._reference_rows(logits, target, options)
+    elif not needs_grad(input, linear_weight, linear_bias, target):
         loss, row_max, row_log_sum, target_logit, *_ = op("linear_cross_entropy_forward", name)(
-            input_2d, linear_weight, linear_bias, target_2d, weight, *options.args, chunk, [False, False, False])
-    elif return_lse or return_accuracy:
-        loss, row_max, row_log_sum, target_logit = LinearCrossEntropyFunction.apply(
-            input_2d, linear_weight, linear_bias, target_2d, weight, options, chunk, name)
+            input, linear_weight, linear_bias, target, weight, *options.args, chunk, [False, False, False])
     else:
-        loss = LinearCrossEntropyFunction.apply(input_2d, linear_weight, linear_bias, target_2d, weight, options,
-                                                chunk, name, False)
-    loss = loss.reshape(batch_shape) if reduction == "none" else loss
-    if not (return_lse or return_accuracy):
-        return loss
-    return CrossEntropyOutput(loss, *ce.extras(row_max, row_log_sum, target_logit, target_2d, ignore_index,
-                                               batch_shape, return_lse, return_accuracy))
+        transforms = transforms_active()
+        # Under forward AD or torch.func the gradients are not made in forward: the
+        # transforms differentiate through backward, not around it.
+        in_forward = (() if transforms or options.reduction == REDUCTIONS["none"] else
+                      (input.requires_grad, linear_weight.requires_grad,
+                       linear_bias is not None and linear_bias.requires_grad))
+        function = LinearCrossEntropyJvpFunction if transforms else LinearCrossEntropyFunction
+        loss, row_max, row_log_sum, target_logit, *_ = function.apply(
+            input, linear_weight, linear_bias, target, weight, options, chunk, name, *(in_forward or (False,) * 3))
+    return loss, row_max, row_log_sum, target_logit
 
 
 # --------------------------------------------------------------------------- the spec
