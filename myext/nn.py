@@ -9,12 +9,14 @@ checkpoints move between them in either direction.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from .functional import cross_entropy, linear_cross_entropy, linear_relu
+from .ops.cross_entropy import check_options
 
 __all__ = ["CrossEntropyLoss", "FusedLinearReLU", "LinearCrossEntropyLoss"]
 
@@ -220,14 +222,17 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
     the head is ``self.linear`` (an ``nn.Linear(in_features, num_classes)``), the class
     weights the buffer ``weight``, so ``state_dict``\ s (``linear.weight``,
     ``linear.bias``) load into either module. Beyond PyTorch's, the options of
-    :func:`myext.linear_cross_entropy`. Not supported: a K-dimensional head
-    (``out_features`` other than ``()``) and PyTorch's ``options`` (ours always runs
-    in chunks, allows backward more than once, and takes ``chunk_size`` instead).
+    :func:`myext.linear_cross_entropy`. Not supported: PyTorch's ``options`` (ours
+    always runs in chunks, allows backward more than once, and takes ``chunk_size``
+    instead). The constructor refuses the arguments PyTorch's refuses, and the options
+    the function would refuse at the first call.
 
     Args:
         in_features: size of each input sample, :math:`H`.
         num_classes: number of classes, :math:`C`.
-        out_features: ``()`` only.
+        out_features: :math:`(d_1, ..., d_K)` for a K-dimensional loss, each position a
+            head of its own over the same input; ``()`` (default) for one. The head's
+            weight is stored flat, ``(C * d_1 * ... * d_K, H)``, as PyTorch's.
         bias: whether the head adds a learnable bias. Default: ``False``.
         device, dtype: of the head's parameters.
         reduction: ``"none"``, ``"mean"`` or ``"sum"``. Default: ``"mean"``.
@@ -238,9 +243,11 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
             :func:`myext.linear_cross_entropy`.
 
     Shape:
-        - Input: :math:`(H)`, :math:`(N, H)` or :math:`(*, H)`.
+        - Input: :math:`(H)`, :math:`(N, H)` or :math:`(*, H)`; :math:`(N, H)` with
+          ``out_features``.
         - Target: class indices :math:`()`, :math:`(N)` or :math:`(*)`, or probabilities
-          with a last dimension of ``C``.
+          with a last dimension of ``C``; with ``out_features`` class indices
+          :math:`(N, d_1, ..., d_K)` or probabilities :math:`(N, C, d_1, ..., d_K)`.
         - Output: a scalar; for ``reduction="none"`` the target's batch shape.
 
     Example::
@@ -268,20 +275,27 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         chunk_size: Optional[int] = None,
         backend: Optional[str] = None,
     ) -> None:
-        if tuple(out_features) != ():
-            raise ValueError(f"out_features must be () (a K-dimensional head is not supported), got {out_features}")
+        out_features = tuple(out_features)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in out_features):
+            raise ValueError(f"out_features must be a tuple of positive ints, got {out_features}")
         if weight is not None and weight.shape != (num_classes,):
             raise ValueError(f"weight must have shape ({num_classes},), got {tuple(weight.shape)}")
+        check_options(-100 if ignore_index is None else ignore_index, reduction, label_smoothing, lse_square_scale,
+                      softcap)
+        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
         super().__init__(weight=weight, reduction=reduction)
         self.num_classes = num_classes
-        self.out_features = ()
+        self.out_features = out_features
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
         self.chunk_size = chunk_size
         self.backend = backend
-        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.linear = nn.Linear(in_features, math.prod(out_features, start=num_classes), bias=bias, device=device,
+                                dtype=dtype)
 
     @classmethod
     def from_torch(cls, loss: nn.Module, backend: Optional[str] = None) -> "LinearCrossEntropyLoss":
@@ -298,14 +312,19 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         return converted
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return linear_cross_entropy(input, self.linear.weight, target, linear_bias=self.linear.bias,
+        linear_weight, linear_bias = self.linear.weight, self.linear.bias
+        if self.out_features:
+            linear_weight = linear_weight.reshape(self.num_classes, *self.out_features, self.linear.in_features)
+            linear_bias = linear_bias.reshape(self.num_classes, *self.out_features) if linear_bias is not None else None
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
                                     weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
                                     label_smoothing=self.label_smoothing, lse_square_scale=self.lse_square_scale,
                                     softcap=self.softcap, chunk_size=self.chunk_size, backend=self.backend)
 
     def extra_repr(self) -> str:
         text = (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
-                f"bias={self.linear.bias is not None}, reduction={self.reduction}, "
+                + (f"out_features={self.out_features}, " if self.out_features else "")
+                + f"bias={self.linear.bias is not None}, reduction={self.reduction}, "
                 f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}")
         if self.lse_square_scale:
             text += f", lse_square_scale={self.lse_square_scale}"

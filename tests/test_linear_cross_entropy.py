@@ -281,8 +281,11 @@ def _bad(**changes):
 BAD_INPUTS = [
     (_bad(input=lambda x: x.long()), TypeError, "input must have a floating dtype"),
     (_bad(input=lambda x: x.sum()), ValueError, "input must be"),
-    (_bad(linear_weight=lambda w: w[:, :3]), ValueError, r"linear_weight must have shape \(C, 4\)"),
-    (_bad(linear_weight=lambda w: w.unsqueeze(1)), ValueError, "K-dimensional form"),
+    (_bad(linear_weight=lambda w: w[:, :3]), ValueError, r"the input's features last, \(C, ..., 4\)"),
+    (_bad(linear_weight=lambda w: w[0]), ValueError, r"linear_weight must be \(C, H\) or \(C, d1, ..., dk, H\)"),
+    (_bad(linear_weight=lambda w: w.unsqueeze(1)), ValueError, r"linear_bias must have shape \(5, 1\)"),
+    (_bad(linear_weight=lambda w: w.unsqueeze(1), linear_bias=lambda b: b.unsqueeze(1)), ValueError,
+     r"target of class indices must have shape \(6, 1\)"),
     (_bad(linear_weight=lambda w: w.double()), TypeError, "linear_weight has dtype"),
     (_bad(linear_bias=lambda b: b[:2]), ValueError, r"linear_bias must have shape \(5,\)"),
     (_bad(target=lambda t: t[:2]), ValueError, "target of class indices must have shape"),

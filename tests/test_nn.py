@@ -328,6 +328,32 @@ def test_linear_cross_entropy_loss_matches_torch(backend, config):
 
 
 @needs_torch_module
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("probabilities", [False, True], ids=["class", "prob"])
+def test_a_k_dimensional_head_matches_torch(backend, probabilities):
+    torch.manual_seed(0)
+    config = dict(out_features=(2, 3), bias=True, reduction="none", label_smoothing=0.1, dtype=torch.float64)
+    ref = nn.LinearCrossEntropyLoss(6, 7, **config)
+    ours = myext.nn.LinearCrossEntropyLoss(6, 7, **config, backend=backend)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    ours.load_state_dict(ref.state_dict())
+    assert "out_features=(2, 3)" in repr(ours)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    target = (torch.randn(5, 7, 2, 3, dtype=torch.float64).softmax(1) if probabilities
+              else torch.randint(0, 7, (5, 2, 3)))
+    loss, loss_ref = ours(x, target), ref(x, target)
+    assert loss.shape == loss_ref.shape == (5, 2, 3)
+    torch.testing.assert_close(loss, loss_ref)
+    grad = torch.randn_like(loss)
+    wrt, wrt_ref = (x, *ours.parameters()), (x, *ref.parameters())
+    for g, g_ref in zip(torch.autograd.grad(loss, wrt, grad), torch.autograd.grad(loss_ref, wrt_ref, grad)):
+        torch.testing.assert_close(g, g_ref)
+    for reduction in ("mean", "sum"):
+        ours.reduction = ref.reduction = reduction
+        torch.testing.assert_close(ours(x, target), ref(x, target))
+
+
+@needs_torch_module
 def test_linear_cross_entropy_loss_surface_and_checkpoints():
     weight = torch.rand(5) + 0.5
     ours = myext.nn.LinearCrossEntropyLoss(4, 5, bias=True, weight=weight, dtype=torch.float64)
@@ -341,9 +367,16 @@ def test_linear_cross_entropy_loss_surface_and_checkpoints():
         "LinearCrossEntropyLoss(\n  in_features=4, num_classes=5, bias=False, reduction=mean, ignore_index=None, "
         "label_smoothing=0.0, softcap=30.0\n  (linear): Linear(in_features=4, out_features=5, bias=False)\n)")
     with pytest.raises(ValueError, match="out_features must be"):
-        myext.nn.LinearCrossEntropyLoss(4, 5, out_features=(2,))
+        myext.nn.LinearCrossEntropyLoss(4, 5, out_features=(2, 0))
     with pytest.raises(ValueError, match=r"weight must have shape \(5,\)"):
         myext.nn.LinearCrossEntropyLoss(4, 5, weight=torch.ones(3))
+    # What PyTorch's constructor refuses, and the options the function would refuse.
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        nn.LinearCrossEntropyLoss(4, 5, label_smoothing=2.0)
+    for bad in [dict(label_smoothing=2.0), dict(label_smoothing=-0.1), dict(reduction="average"),
+                dict(softcap=0.0), dict(lse_square_scale=-1.0), dict(chunk_size=0)]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            myext.nn.LinearCrossEntropyLoss(4, 5, **bad)
 
     torch_loss = nn.LinearCrossEntropyLoss(4, 5, bias=True, reduction="sum", label_smoothing=0.1).eval()
     converted = myext.nn.LinearCrossEntropyLoss.from_torch(torch_loss, backend="cpp")

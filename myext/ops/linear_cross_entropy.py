@@ -13,6 +13,7 @@ options and the per-row outputs are cross_entropy's (myext/ops/cross_entropy.py)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional, Union
 
@@ -71,24 +72,30 @@ def check_linear_cross_entropy(
     if input.dim() < 1:
         raise ValueError("input must be (H), (N, H) or (*, H), got a 0-d tensor")
     check_same("linear_weight", linear_weight, "input", input)
-    if linear_weight.dim() != 2:
-        raise ValueError(f"linear_weight must be (C, H), got shape {tuple(linear_weight.shape)}; "
-                         "the K-dimensional form (C, d1, ..., dk, H) of F.linear_cross_entropy is not supported")
-    features, classes = input.shape[-1], linear_weight.shape[0]
-    if linear_weight.shape[1] != features:
-        raise ValueError(f"linear_weight must have shape (C, {features}), the input's features last, "
+    if linear_weight.dim() < 2:
+        raise ValueError(f"linear_weight must be (C, H) or (C, d1, ..., dk, H), got shape {tuple(linear_weight.shape)}")
+    features, classes, positions = input.shape[-1], linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    if linear_weight.shape[-1] != features:
+        raise ValueError(f"linear_weight must have the input's features last, (C, ..., {features}), "
                          f"got {tuple(linear_weight.shape)}")
+    if positions and input.dim() != 2:
+        raise ValueError(f"a K-dimensional head (linear_weight {tuple(linear_weight.shape)}) needs input (N, "
+                         f"{features}), as F.linear_cross_entropy's, got {tuple(input.shape)}")
     if linear_bias is not None:
         check_tensor("linear_bias", linear_bias)
         check_same("linear_bias", linear_bias, "input", input)
-        if linear_bias.shape != (classes,):
-            raise ValueError(f"linear_bias must have shape ({classes},), got {tuple(linear_bias.shape)}")
+        if linear_bias.shape != (classes, *positions):
+            raise ValueError(f"linear_bias must have shape {(classes, *positions)}, linear_weight's without its "
+                             f"last dimension, got {tuple(linear_bias.shape)}")
     ce.check_options(ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
     ce.check_class_weight(weight, classes, input)
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
     batch = input.shape[:-1]
+    if positions:  # F.cross_entropy's K-dimensional form of the logits (N, C, d1, ..., dk)
+        return ce.check_target(target, input, ignore_index, class_shape=(*batch, *positions),
+                               prob_shape=(*batch, classes, *positions), prob_shape_name="the shape (N, C, d1, ..., dk)")
     return ce.check_target(target, input, ignore_index, class_shape=batch, prob_shape=batch + (classes,),
                            prob_shape_name="the shape (*, C)")
 
@@ -417,16 +424,24 @@ def linear_cross_entropy(
     options = Options(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
                       float(softcap or 0.0))
     want_rows = return_lse or return_accuracy
-    batch_shape = input.shape[:-1]
-    if input.dim() == 2:  # rows already, and the checked target too: no views made on every call
-        input_2d, target_2d = input, target
+    if linear_weight.dim() > 2:
+        if vocab_parallel is not None:
+            raise ValueError("vocab_parallel is not available with a K-dimensional head (linear_weight of more "
+                             "than two dimensions)")
+        loss, row_max, row_log_sum, target_logit, target_2d = _positions_loss(
+            input, linear_weight, linear_bias, target, weight, options, chunk_size, name, want_rows, probabilities)
+        batch_shape = target.shape if not probabilities else target.shape[:1] + target.shape[2:]
     else:
-        rows = math.prod(batch_shape)
-        input_2d = input.reshape(rows, input.shape[-1])
-        target_2d = target.reshape(rows, classes) if probabilities else target.reshape(rows)
-    chunk = chunk_size or default_chunk_size(input_2d.shape[0], classes, input.dtype)
-    loss, row_max, row_log_sum, target_logit = _rows_loss(input_2d, linear_weight, linear_bias, target_2d, weight,
-                                                          options, chunk, name, vocab_parallel, want_rows)
+        batch_shape = input.shape[:-1]
+        if input.dim() == 2:  # rows already, and the checked target too: no views made on every call
+            input_2d, target_2d = input, target
+        else:
+            rows = math.prod(batch_shape)
+            input_2d = input.reshape(rows, input.shape[-1])
+            target_2d = target.reshape(rows, classes) if probabilities else target.reshape(rows)
+        chunk = chunk_size or default_chunk_size(input_2d.shape[0], classes, input.dtype)
+        loss, row_max, row_log_sum, target_logit = _rows_loss(input_2d, linear_weight, linear_bias, target_2d, weight,
+                                                              options, chunk, name, vocab_parallel, want_rows)
     loss = loss.reshape(batch_shape) if reduction == "none" else loss
     if not want_rows:
         return loss
@@ -473,6 +488,53 @@ def _rows_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Op
     return loss, row_max, row_log_sum, target_logit
 
 
+def _positions_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+                    target: torch.Tensor, weight: Optional[torch.Tensor], options: Options,
+                    chunk_size: Optional[int], name: str, want_rows: bool, probabilities: bool):
+    """The loss of a K-dimensional head: ``linear_weight`` (C, d1, ..., dk, H) makes the
+    logits (N, C, d1, ..., dk) of F.cross_entropy's K-dimensional form, and each position
+    p of (d1, ..., dk) is a head (C, H) of its own over the same rows of ``input``. So
+    each runs as a loss of rows (``'none'``, or ``'sum'`` whose sums are added, and
+    divided for ``'mean'`` by the summed weight of every position's targets), its head
+    a strided view, nothing copied. Returns the loss, each (row, position)'s statistics
+    (where wanted) and targets in the order (N, d1, ..., dk)."""
+    rows, classes, features = input.shape[0], linear_weight.shape[0], linear_weight.shape[-1]
+    count = math.prod(linear_weight.shape[1:-1])
+    heads = linear_weight.reshape(classes, count, features)
+    biases = linear_bias.reshape(classes, count) if linear_bias is not None else None
+    targets = target.reshape(rows, classes, count) if probabilities else target.reshape(rows, count)
+    each = dataclasses.replace(options, reduction=REDUCTIONS["none" if options.reduction == REDUCTIONS["none"]
+                                                             else "sum"])
+    chunk = chunk_size or default_chunk_size(rows, classes, input.dtype)
+    parts = [_rows_loss(input, heads[:, p], biases[:, p] if biases is not None else None, targets[..., p], weight,
+                        each, chunk, name, None, want_rows) for p in range(count)]
+    # Position-minor, as the rows of the logits (N, C, d1, ..., dk) are.
+    by_row = [torch.stack(column, dim=1).reshape(-1) if want_rows else None for column in list(zip(*parts))[1:]]
+    target_rows = (targets.movedim(1, -1).reshape(rows * count, classes) if probabilities
+                   else targets.reshape(-1))
+    if options.reduction == REDUCTIONS["none"]:
+        loss = torch.stack([part[0] for part in parts], dim=1)
+    else:
+        acc = acc_dtype(input.dtype)
+        loss = torch.stack([part[0].to(acc) for part in parts]).sum()
+        if options.reduction == REDUCTIONS["mean"]:
+            loss = loss / _mean_divisor(target_rows, weight, options.ignore_index, probabilities, acc)
+        loss = loss.to(input.dtype)
+    return (loss, *by_row, target_rows)
+
+
+def _mean_divisor(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int, probabilities: bool,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The ``'mean'`` divisor of rows: their number for probabilities, else the summed
+    class weight of the targets not ignored (0 gives nan, as PyTorch's)."""
+    if probabilities:
+        return torch.tensor(float(target.shape[0]), dtype=dtype, device=target.device)
+    kept = target != ignore_index
+    if weight is None:
+        return kept.sum().to(dtype)
+    return torch.where(kept, weight.to(dtype)[torch.where(kept, target, 0)], 0.0).sum()
+
+
 # --------------------------------------------------------------------------- the spec
 
 def reference(
@@ -490,9 +552,13 @@ def reference(
     chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
     """linear_cross_entropy's loss, from elementary torch ops: cross_entropy's reference
-    of the logits ``input @ linear_weight.T + linear_bias``, held whole; the executable
+    of the logits ``input @ linear_weight.T + linear_bias``, held whole (for a
+    K-dimensional head, of the logits (N, C, d1, ..., dk) it makes); the executable
     spec. ``chunk_size`` changes nothing."""
     ignore_index = -100 if ignore_index is None else ignore_index
+    if linear_weight.dim() > 2:
+        return ce.reference(_head_logits(affine, input, linear_weight, linear_bias), target, weight, ignore_index,
+                            reduction, label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
     return _loss_of_rows(
         lambda logits, rows_target: ce.cross_entropy_2d(logits, rows_target, weight, ignore_index, reduction,
                                                         float(label_smoothing), lse_square_scale, softcap),
@@ -516,11 +582,24 @@ def baseline(
     """What PyTorch itself computes: cross_entropy's baseline (F.cross_entropy, with
     torch.tanh's cap and logsumexp's z-loss) of F.linear's logits."""
     ignore_index = -100 if ignore_index is None else ignore_index
+    if linear_weight.dim() > 2:
+        return ce.baseline(_head_logits(F.linear, input, linear_weight, linear_bias), target, weight, ignore_index,
+                           reduction, label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
     return _loss_of_rows(
         lambda logits, rows_target: ce.baseline(logits, rows_target, weight, ignore_index, reduction,
                                                 label_smoothing, lse_square_scale=lse_square_scale,
                                                 softcap=softcap),
         F.linear(input, linear_weight, linear_bias), target, reduction)
+
+
+def _head_logits(linear, input: torch.Tensor, linear_weight: torch.Tensor,
+                 linear_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The logits (N, C, d1, ..., dk) of a K-dimensional head (C, d1, ..., dk, H), from
+    ``linear`` (affine or F.linear) over its rows flattened, as F.linear_cross_entropy
+    makes them."""
+    flat = linear(input, linear_weight.reshape(-1, linear_weight.shape[-1]),
+                  linear_bias.reshape(-1) if linear_bias is not None else None)
+    return flat.reshape(input.shape[0], *linear_weight.shape[:-1])
 
 
 def _loss_of_rows(loss_of_rows, logits: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -534,33 +613,38 @@ def _loss_of_rows(loss_of_rows, logits: torch.Tensor, target: torch.Tensor, redu
 
 
 def _sample(batch: tuple[int, ...], features: int, classes: int, device: str, *, kind: str = "class",
-            bias: bool = True, weighted: bool = False, scale: float = 1.0, **options: Any) -> registry.Sample:
-    """Input ``(*batch, features)``, a (classes, features) weight scaled so that the
-    logits have about ``scale``'s spread, a bias, and a target: class indices with the
-    second ignored, or probabilities that require grad."""
+            bias: bool = True, weighted: bool = False, scale: float = 1.0, positions: tuple[int, ...] = (),
+            **options: Any) -> registry.Sample:
+    """Input ``(*batch, features)``, a (classes, *positions, features) weight scaled so
+    that the logits have about ``scale``'s spread, a bias, and a target: class indices
+    with the second ignored, or probabilities that require grad (of the K-dimensional
+    form (N, C, *positions) for a head with ``positions``)."""
     x = torch.randn(*batch, features, dtype=torch.float64, device=device).requires_grad_()
-    w = (torch.randn(classes, features, dtype=torch.float64, device=device) * scale / math.sqrt(features))
+    w = (torch.randn(classes, *positions, features, dtype=torch.float64, device=device) * scale
+         / math.sqrt(features))
     w.requires_grad_()
     kwargs = dict(options)
     if bias:
-        kwargs["linear_bias"] = torch.randn(classes, dtype=torch.float64, device=device).requires_grad_()
+        kwargs["linear_bias"] = torch.randn(classes, *positions, dtype=torch.float64, device=device).requires_grad_()
     if kind == "class":
-        target = torch.randint(0, classes, batch, device=device)
+        target = torch.randint(0, classes, (*batch, *positions), device=device)
         if target.numel() > 1:
             target.view(-1)[1] = options.get("ignore_index", -100)
     else:
-        target = torch.softmax(torch.randn(*batch, classes, dtype=torch.float64, device=device), dim=-1)
+        shape, dim = ((*batch, classes, *positions), len(batch)) if positions else ((*batch, classes), -1)
+        target = torch.softmax(torch.randn(*shape, dtype=torch.float64, device=device), dim=dim)
         target.requires_grad_()
     if weighted:
         kwargs["weight"] = torch.rand(classes, dtype=torch.float64, device=device).add(0.5)
-    described = [f"{tuple(batch)}x{features}->{classes} {kind}"] + (["no bias"] if not bias else [])
+    head = f"->{classes}" + (f"x{positions}" if positions else "")
+    described = [f"{tuple(batch)}x{features}{head} {kind}"] + (["no bias"] if not bias else [])
     described += (["weighted"] if weighted else []) + [f"{k}={v}" for k, v in options.items()]
     return registry.Sample((x, w, target), kwargs, name=", ".join(described))
 
 
 def samples(device: str) -> list[registry.Sample]:
     """1-d, 2-d and 3-d inputs, with and without bias, each target kind, weights,
-    smoothing, z-loss, soft-capping and every reduction, most in two chunks (more chunks
+    smoothing, z-loss, soft-capping, every reduction and K-dimensional heads, most in two chunks (more chunks
     cost the interpreted Triton kernels time; test_linear_cross_entropy.py varies them)."""
     return [
         _sample((), 4, 5, device),
@@ -573,11 +657,14 @@ def samples(device: str) -> list[registry.Sample]:
                 softcap=3.0, chunk_size=4),
         _sample((2, 3), 4, 5, device, kind="prob", scale=4.0, lse_square_scale=0.2, softcap=2.0, reduction="sum",
                 chunk_size=4),
+        _sample((3,), 4, 5, device, positions=(2,), weighted=True, label_smoothing=0.1, chunk_size=2),
+        _sample((2,), 3, 4, device, kind="prob", positions=(2, 1), reduction="none", softcap=2.0),
     ]
 
 
 def accuracy_samples(device: str) -> list[registry.Sample]:
-    """Logits of spread 3 over more classes than a chunk of rows, N-d, both target kinds."""
+    """Logits of spread 3 over more classes than a chunk of rows, N-d, both target
+    kinds, a K-dimensional head."""
     return [
         _sample((64,), 32, 100, device, weighted=True, scale=3.0, ignore_index=-1, label_smoothing=0.1,
                 chunk_size=16),
@@ -585,6 +672,7 @@ def accuracy_samples(device: str) -> list[registry.Sample]:
         _sample((37,), 16, 60, device, kind="prob", weighted=True, scale=3.0, reduction="sum"),
         _sample((40,), 32, 300, device, weighted=True, scale=30.0, label_smoothing=0.1, lse_square_scale=1e-3,
                 softcap=15.0, chunk_size=8),
+        _sample((33,), 16, 50, device, positions=(3,), weighted=True, scale=3.0, chunk_size=8),
     ]
 
 
