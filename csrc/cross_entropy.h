@@ -1,23 +1,28 @@
-// The argument checks of the cross-entropy ops, shared by their CPU and CUDA
-// kernels (schemas in myext.cpp).
+// The cross-entropy ops as their schemas (myext.cpp) give them, over the
+// kernels of a device: their argument checks, and the one function per op
+// that gathers its options into a LossOptions and checks every argument
+// before the device's kernel runs (register_cross_entropy_ops).
 #pragma once
 
+#include <torch/library.h>
+
 #include "checks.h"
+#include "loss_options.h"
 
 #include <cmath>
+#include <tuple>
 
 namespace myext {
 
 // The options: the reduction code, label smoothing in [0, 1], the z-loss scale
-// and the soft cap (0: none), both finite and >= 0.
-inline void check_cross_entropy_options(const char* op, int64_t reduction, double label_smoothing,
-                                        double lse_square_scale, double softcap) {
-  check_reduction(op, reduction);
-  check_unit_interval(op, "label_smoothing", label_smoothing);
-  TORCH_CHECK(std::isfinite(lse_square_scale) && lse_square_scale >= 0, op,
-              ": lse_square_scale must be finite and >= 0, got ", lse_square_scale);
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be finite and > 0, or 0 for none, got ",
-              softcap);
+// and the soft cap (0: none), both finite and >= 0. Any ignore_index is valid.
+inline void check_cross_entropy_options(const char* op, const LossOptions& o) {
+  check_reduction(op, o.reduction);
+  check_unit_interval(op, "label_smoothing", o.label_smoothing);
+  TORCH_CHECK(std::isfinite(o.lse_square_scale) && o.lse_square_scale >= 0, op,
+              ": lse_square_scale must be finite and >= 0, got ", o.lse_square_scale);
+  TORCH_CHECK(std::isfinite(o.softcap) && o.softcap >= 0, op,
+              ": softcap must be finite and > 0, or 0 for none, got ", o.softcap);
 }
 
 // target (rows,) int64 class indices or (rows, classes) probabilities of the
@@ -44,12 +49,11 @@ inline void check_cross_entropy_targets(const char* op, const at::Tensor& target
 inline void check_cross_entropy_inputs(const char* op, const at::Tensor& input,
                                        const at::Tensor& target,
                                        const std::optional<at::Tensor>& weight,
-                                       int64_t reduction, double label_smoothing,
-                                       double lse_square_scale, double softcap) {
+                                       const LossOptions& o) {
   check_floating(op, "input", input);
   check_dim(op, "input", input, 2);
   check_cross_entropy_targets(op, target, weight, input.size(0), input.size(1), input);
-  check_cross_entropy_options(op, reduction, label_smoothing, lse_square_scale, softcap);
+  check_cross_entropy_options(op, o);
 }
 
 // Each row's row_max and row_log_sum (rows,) and the mean's divisor (a scalar),
@@ -82,45 +86,124 @@ inline void check_cross_entropy_backward_inputs(
     const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
     const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_max, const at::Tensor& row_log_sum,
-    const at::Tensor& total_weight, int64_t reduction, double label_smoothing,
-    double lse_square_scale, double softcap) {
-  check_cross_entropy_inputs(op, input, target, weight, reduction, label_smoothing, lse_square_scale, softcap);
-  check_cross_entropy_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, input.size(0), reduction,
+    const at::Tensor& total_weight, const LossOptions& o) {
+  check_cross_entropy_inputs(op, input, target, weight, o);
+  check_cross_entropy_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, input.size(0), o.reduction,
                                   input);
 }
 
-// A shard [class_start, class_start + columns) within [0, classes), and the
-// shard backward's row_weight (rows,) and weight_sum (a scalar), floating, on
-// the device of `ref`.
-inline void check_shard(const char* op, int64_t rows, int64_t columns, const at::Tensor& row_weight,
-                        const at::Tensor& weight_sum, int64_t class_start, int64_t classes, const at::Tensor& ref) {
+// Rows that hold a shard of the classes (vocabulary parallelism), classes
+// [class_start, class_start + columns) of `classes`: row_weight (R,) is each
+// row's sum(w q) over every class (q the target after label smoothing), and
+// weight_sum (a scalar) the sum of every class's weight (C without weights).
+struct ClassShard {
+  at::Tensor row_weight;
+  at::Tensor weight_sum;
+  int64_t class_start;
+  int64_t classes;
+};
+
+// A shard within [0, classes) of `columns` classes, and its row_weight (rows,)
+// and weight_sum (a scalar), floating, on the device of `ref`.
+inline void check_shard(const char* op, int64_t rows, int64_t columns, const ClassShard& shard,
+                        const at::Tensor& ref) {
+  const int64_t class_start = shard.class_start;
+  const int64_t classes = shard.classes;
   TORCH_CHECK(class_start >= 0 && classes >= 0 && class_start <= classes - columns, op,
               ": the shard's classes [class_start, class_start + ", columns, ") = [", class_start, ", ",
               class_start + columns, ") must lie within the ", classes, " classes");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"row_weight", row_weight},
-                                {"weight_sum", weight_sum}}) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"row_weight", shard.row_weight},
+                                {"weight_sum", shard.weight_sum}}) {
     check_floating(op, name, t);
     check_device(op, name, t, ref);
   }
   // The shapes spelled out in the calls: an IntArrayRef kept in a tuple would point
   // into an initializer list that is gone by the time it is read.
-  check_shape(op, "row_weight", row_weight, {rows});
-  check_shape(op, "weight_sum", weight_sum, {});
+  check_shape(op, "row_weight", shard.row_weight, {rows});
+  check_shape(op, "weight_sum", shard.weight_sum, {});
 }
 
 // The arguments of cross_entropy_shard_backward: those of cross_entropy_backward
-// (class indices are read by the kernels, against `classes`), a shard
-// [class_start, class_start + C_local) within [0, classes), row_weight (R,) and
-// weight_sum (a scalar) of row_max's dtype on the input's device.
+// (class indices are read by the kernels, against the shard's `classes`) and
+// the shard's, whose columns are the input's.
 inline void check_cross_entropy_shard_backward_inputs(
     const char* op, const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& row_max, const at::Tensor& row_log_sum,
-    const at::Tensor& row_weight, const at::Tensor& total_weight, const at::Tensor& weight_sum,
-    int64_t reduction, double label_smoothing, double lse_square_scale, double softcap, int64_t class_start,
-    int64_t classes) {
-  check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight,
-                                      reduction, label_smoothing, lse_square_scale, softcap);
-  check_shard(op, input.size(0), input.size(1), row_weight, weight_sum, class_start, classes, input);
+    const at::Tensor& total_weight, const ClassShard& shard, const LossOptions& o) {
+  check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, o);
+  check_shard(op, input.size(0), input.size(1), shard, input);
+}
+
+using CrossEntropyForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The ops' schema signatures over a device's `Kernels`, which take the
+// arguments checked and the options whole:
+//   CrossEntropyForward forward(op, input, target, weight, options)
+//   at::Tensor backward(op, grad_loss, input, target, weight, row_max, row_log_sum,
+//                       total_weight, options, shard)
+//   void backward_inplace(op, grad_loss, input, ...as backward's)
+// where `shard` (a const ClassShard*) is null but for the shard's backward,
+// and backward_inplace writes the gradient over `input`, contiguous.
+// The ops are public (torch.ops.myext.*): each checks every argument here,
+// before any kernel reads them.
+template <typename Kernels>
+struct CrossEntropyOps {
+  static CrossEntropyForward forward(const at::Tensor& input, const at::Tensor& target,
+                                     const std::optional<at::Tensor>& weight, int64_t reduction,
+                                     int64_t ignore_index, double label_smoothing, double lse_square_scale,
+                                     double softcap) {
+    constexpr const char* op = "cross_entropy_forward";
+    const LossOptions o{reduction, ignore_index, label_smoothing, lse_square_scale, softcap};
+    check_cross_entropy_inputs(op, input, target, weight, o);
+    return Kernels::forward(op, input, target, weight, o);
+  }
+
+  static at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
+                             const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
+                             int64_t ignore_index, double label_smoothing, double lse_square_scale,
+                             double softcap) {
+    constexpr const char* op = "cross_entropy_backward";
+    const LossOptions o{reduction, ignore_index, label_smoothing, lse_square_scale, softcap};
+    check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, o);
+    return Kernels::backward(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, o, nullptr);
+  }
+
+  static void backward_inplace(const at::Tensor& grad_loss, at::Tensor& input, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
+                               const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
+                               int64_t ignore_index, double label_smoothing, double lse_square_scale,
+                               double softcap) {
+    constexpr const char* op = "cross_entropy_backward_";
+    const LossOptions o{reduction, ignore_index, label_smoothing, lse_square_scale, softcap};
+    check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, o);
+    // A kernel would lay other logits out in a copy, and the gradient would land there.
+    TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous");
+    Kernels::backward_inplace(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, o, nullptr);
+  }
+
+  static at::Tensor shard_backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                                   const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
+                                   const at::Tensor& row_log_sum, const at::Tensor& row_weight,
+                                   const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction,
+                                   int64_t ignore_index, double label_smoothing, double lse_square_scale,
+                                   double softcap, int64_t class_start, int64_t classes) {
+    constexpr const char* op = "cross_entropy_shard_backward";
+    const LossOptions o{reduction, ignore_index, label_smoothing, lse_square_scale, softcap};
+    const ClassShard shard{row_weight, weight_sum, class_start, classes};
+    check_cross_entropy_shard_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum,
+                                              total_weight, shard, o);
+    return Kernels::backward(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, o, &shard);
+  }
+};
+
+// Registers the cross-entropy ops for the dispatch key of the library `m`.
+template <typename Kernels>
+void register_cross_entropy_ops(torch::Library& m) {
+  m.impl("cross_entropy_forward", &CrossEntropyOps<Kernels>::forward);
+  m.impl("cross_entropy_backward", &CrossEntropyOps<Kernels>::backward);
+  m.impl("cross_entropy_backward_", &CrossEntropyOps<Kernels>::backward_inplace);
+  m.impl("cross_entropy_shard_backward", &CrossEntropyOps<Kernels>::shard_backward);
 }
 
 }  // namespace myext

@@ -1,5 +1,7 @@
 // The fused linear cross-entropy ops (schemas in myext.cpp), shared by their
-// CPU and CUDA kernels: the argument checks, the chunk size, and the chunk
+// CPU and CUDA kernels: the argument checks, the one function per op that
+// gathers its options and checks every argument before a device's kernel
+// runs (register_linear_cross_entropy_ops), the chunk size, and the chunk
 // loop, which each device runs with its own GEMMs and cross-entropy rows.
 //
 // The loop: rows of the input go in chunks; a chunk's logits are one GEMM into
@@ -12,6 +14,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "cross_entropy.h"
 
@@ -33,14 +36,18 @@ inline int64_t chunk_rows(int64_t rows, int64_t classes, int64_t element_size, i
   return std::max<int64_t>(1, std::min(rows, std::max(fit, kMinChunkRows)));
 }
 
+// The options of the losses, and the rows per chunk (0: chosen from the shapes).
+struct LinearLossOptions : LossOptions {
+  int64_t chunk_size;
+};
+
 // input (R, H); linear_weight (V, H) and linear_bias (V) or absent, of the
 // input's dtype and device; target and weight as cross_entropy's for (R, V)
 // logits; the options; chunk_size >= 0.
 inline void check_linear_cross_entropy_inputs(
     const char* op, const at::Tensor& input, const at::Tensor& linear_weight,
     const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, int64_t reduction, double label_smoothing,
-    double lse_square_scale, double softcap, int64_t chunk_size) {
+    const std::optional<at::Tensor>& weight, const LinearLossOptions& o) {
   check_floating(op, "input", input);
   check_dim(op, "input", input, 2);
   check_like(op, "linear_weight", linear_weight, input);
@@ -50,34 +57,91 @@ inline void check_linear_cross_entropy_inputs(
   const int64_t classes = linear_weight.size(0);
   check_optional_vector(op, "linear_bias", linear_bias, classes, input);
   check_cross_entropy_targets(op, target, weight, input.size(0), classes, input);
-  check_cross_entropy_options(op, reduction, label_smoothing, lse_square_scale, softcap);
-  TORCH_CHECK(chunk_size >= 0, op, ": chunk_size must be >= 0 (0: chosen from the shapes), got ", chunk_size);
+  check_cross_entropy_options(op, o);
+  TORCH_CHECK(o.chunk_size >= 0, op, ": chunk_size must be >= 0 (0: chosen from the shapes), got ", o.chunk_size);
 }
 
+// linear_cross_entropy_backward's: the forward's, the row outputs of the
+// forward and grad_loss, and with `shard` the shard's (check_shard), whose
+// columns are linear_weight's rows.
 inline void check_linear_cross_entropy_backward_inputs(
     const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
     const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
     const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
-    const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
-    double label_smoothing, double lse_square_scale, double softcap, int64_t chunk_size) {
-  check_linear_cross_entropy_inputs(op, input, linear_weight, linear_bias, target, weight, reduction,
-                                    label_smoothing, lse_square_scale, softcap, chunk_size);
-  check_cross_entropy_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, input.size(0), reduction,
+    const at::Tensor& row_log_sum, const at::Tensor& total_weight, const LinearLossOptions& o,
+    const ClassShard* shard = nullptr) {
+  check_linear_cross_entropy_inputs(op, input, linear_weight, linear_bias, target, weight, o);
+  check_cross_entropy_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, input.size(0), o.reduction,
                                   input);
+  if (shard != nullptr) check_shard(op, input.size(0), linear_weight.size(0), *shard, input);
 }
 
-// linear_cross_entropy_shard_backward's: linear_cross_entropy_backward's, and
-// the shard's (check_shard), whose columns are linear_weight's rows.
-inline void check_linear_cross_entropy_shard_backward_inputs(
-    const char* op, const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
-    const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& row_max, const at::Tensor& row_log_sum, const at::Tensor& row_weight,
-    const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction, double label_smoothing,
-    double lse_square_scale, double softcap, int64_t class_start, int64_t classes, int64_t chunk_size) {
-  check_linear_cross_entropy_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
-                                             row_max, row_log_sum, total_weight, reduction, label_smoothing,
-                                             lse_square_scale, softcap, chunk_size);
-  check_shard(op, input.size(0), linear_weight.size(0), row_weight, weight_sum, class_start, classes, input);
+using LinearGradOutputs = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+using LinearCrossEntropyForward =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>,
+               std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+// The ops' schema signatures over a device's `Kernels`, which take the
+// arguments checked and the options whole:
+//   LinearCrossEntropyForward forward(op, input, linear_weight, linear_bias, target,
+//                                     weight, options, grad_mask)
+//   LinearGradOutputs backward(op, grad_loss, input, linear_weight, linear_bias, target,
+//                              weight, row_max, row_log_sum, total_weight, options,
+//                              output_mask, shard)
+// where `shard` (a const ClassShard*) is null but for the shard's backward.
+// The ops are public (torch.ops.myext.*): each checks every argument here,
+// before any kernel reads them.
+template <typename Kernels>
+struct LinearCrossEntropyOps {
+  static LinearCrossEntropyForward forward(const at::Tensor& input, const at::Tensor& linear_weight,
+                                           const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+                                           const std::optional<at::Tensor>& weight, int64_t reduction,
+                                           int64_t ignore_index, double label_smoothing, double lse_square_scale,
+                                           double softcap, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+    constexpr const char* op = "linear_cross_entropy_forward";
+    const LinearLossOptions o{{reduction, ignore_index, label_smoothing, lse_square_scale, softcap}, chunk_size};
+    check_linear_cross_entropy_inputs(op, input, linear_weight, linear_bias, target, weight, o);
+    return Kernels::forward(op, input, linear_weight, linear_bias, target, weight, o, grad_mask);
+  }
+
+  static LinearGradOutputs backward(const at::Tensor& grad_loss, const at::Tensor& input,
+                                    const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
+                                    const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                                    const at::Tensor& row_max, const at::Tensor& row_log_sum,
+                                    const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
+                                    double label_smoothing, double lse_square_scale, double softcap,
+                                    int64_t chunk_size, std::array<bool, 3> output_mask) {
+    constexpr const char* op = "linear_cross_entropy_backward";
+    const LinearLossOptions o{{reduction, ignore_index, label_smoothing, lse_square_scale, softcap}, chunk_size};
+    check_linear_cross_entropy_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
+                                               row_max, row_log_sum, total_weight, o);
+    return Kernels::backward(op, grad_loss, input, linear_weight, linear_bias, target, weight, row_max,
+                             row_log_sum, total_weight, o, output_mask, nullptr);
+  }
+
+  static LinearGradOutputs shard_backward(
+      const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
+      const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+      const at::Tensor& row_max, const at::Tensor& row_log_sum, const at::Tensor& row_weight,
+      const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction, int64_t ignore_index,
+      double label_smoothing, double lse_square_scale, double softcap, int64_t class_start, int64_t classes,
+      int64_t chunk_size, std::array<bool, 3> output_mask) {
+    constexpr const char* op = "linear_cross_entropy_shard_backward";
+    const LinearLossOptions o{{reduction, ignore_index, label_smoothing, lse_square_scale, softcap}, chunk_size};
+    const ClassShard shard{row_weight, weight_sum, class_start, classes};
+    check_linear_cross_entropy_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
+                                               row_max, row_log_sum, total_weight, o, &shard);
+    return Kernels::backward(op, grad_loss, input, linear_weight, linear_bias, target, weight, row_max,
+                             row_log_sum, total_weight, o, output_mask, &shard);
+  }
+};
+
+// Registers the linear cross-entropy ops for the dispatch key of the library `m`.
+template <typename Kernels>
+void register_linear_cross_entropy_ops(torch::Library& m) {
+  m.impl("linear_cross_entropy_forward", &LinearCrossEntropyOps<Kernels>::forward);
+  m.impl("linear_cross_entropy_backward", &LinearCrossEntropyOps<Kernels>::backward);
+  m.impl("linear_cross_entropy_shard_backward", &LinearCrossEntropyOps<Kernels>::shard_backward);
 }
 
 // Classes per block of the weight gradient where a device accumulates it from
@@ -106,8 +170,7 @@ inline LinearGrads make_linear_grads(const at::Tensor& input, const at::Tensor& 
 }
 
 // The accumulated gradients in the input's dtype, None where not wanted.
-inline std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> finish(
-    const LinearGrads& g, at::ScalarType dtype) {
+inline LinearGradOutputs finish(const LinearGrads& g, at::ScalarType dtype) {
   const auto as_output = [&](const at::Tensor& t) -> std::optional<at::Tensor> {
     if (!t.defined()) return std::nullopt;
     return t.scalar_type() == dtype ? t : t.to(dtype);

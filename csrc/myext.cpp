@@ -1,7 +1,9 @@
 // Operator schemas for the myext namespace. Kernels live in one file per op
 // and device (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu), each checking its
-// arguments (csrc/<op>.h); fake kernels and the autograd Functions that
-// differentiate the ops are in Python, in myext/ops/<op>.py.
+// arguments with the checks of csrc/<op>.h (the losses' registration there
+// gathers their options into one LossOptions, csrc/loss_options.h, and checks
+// every argument); fake kernels and the autograd Functions that differentiate
+// the ops are in Python, in myext/ops/<op>.py.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -30,6 +30,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "../loss_options.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -186,14 +188,6 @@ inline void check_class_indices(const char* op, const int64_t* target, int64_t r
                       ") or ignore_index (", ignore_index, ")");
   }
 }
-
-// What a call asks for, besides its tensors.
-struct Settings {
-  int64_t ignore_index;
-  double label_smoothing;
-  double lse_square_scale;  // lambda of the z-loss; 0: none
-  double softcap;           // 0: no capping
-};
 
 // The options of one call, in the compute type T.
 template <typename T>
@@ -632,7 +626,7 @@ const T* rows_as_calc(const scalar_t* src, int64_t r, int64_t n, int64_t count, 
 // dtype or undefined, is converted into `weight_storage`, and `block_sums`
 // receives the sum of its weights over each block of kBlock classes.
 template <typename T>
-Options<T> make_options(int64_t classes, const at::Tensor& weight, const Settings& settings,
+Options<T> make_options(int64_t classes, const at::Tensor& weight, const LossOptions& options,
                         at::Tensor& weight_storage, std::vector<T>& block_sums) {
   Options<T> o;
   o.weight = nullptr;
@@ -654,10 +648,10 @@ Options<T> make_options(int64_t classes, const at::Tensor& weight, const Setting
   o.classes = classes;
   o.columns = classes;
   o.class_start = 0;
-  o.ignore_index = settings.ignore_index;
-  o.smoothing = static_cast<T>(settings.label_smoothing);
-  o.z_loss = static_cast<T>(settings.lse_square_scale);
-  o.softcap = static_cast<T>(settings.softcap);
+  o.ignore_index = options.ignore_index;
+  o.smoothing = static_cast<T>(options.label_smoothing);
+  o.z_loss = static_cast<T>(options.lse_square_scale);
+  o.softcap = static_cast<T>(options.softcap);
   return o;
 }
 
@@ -683,12 +677,12 @@ struct ForwardOut {
 
 // The forward sweep of every row of `in`, in parallel.
 template <typename scalar_t>
-void forward(const Rows<scalar_t>& in, const at::Tensor& weight, const Settings& settings,
+void forward(const Rows<scalar_t>& in, const at::Tensor& weight, const LossOptions& options,
              const ForwardOut<at::opmath_type<scalar_t>>& out) {
   using T = at::opmath_type<scalar_t>;
   at::Tensor weight_storage;
   std::vector<T> block_sums;
-  const auto o = make_options<T>(in.classes, weight, settings, weight_storage, block_sums);
+  const auto o = make_options<T>(in.classes, weight, options, weight_storage, block_sums);
   const int64_t n = in.classes;
   const auto store = [&](int64_t r, const RowResult<T>& res) {
     out.loss[r] = res.loss;
@@ -788,12 +782,12 @@ struct Shard {
 template <typename scalar_t>
 void backward(const Rows<scalar_t>& in, scalar_t* grad, const at::Tensor& weight,
               const at::opmath_type<scalar_t>* row_max, const at::opmath_type<scalar_t>* row_log_sum,
-              const at::opmath_type<scalar_t>* row_scale, double common_scale, const Settings& settings,
+              const at::opmath_type<scalar_t>* row_scale, double common_scale, const LossOptions& options,
               const Shard<at::opmath_type<scalar_t>>* shard = nullptr) {
   using T = at::opmath_type<scalar_t>;
   at::Tensor weight_storage;
   std::vector<T> block_sums;
-  auto o = make_options<T>(in.classes, weight, settings, weight_storage, block_sums);
+  auto o = make_options<T>(in.classes, weight, options, weight_storage, block_sums);
   if (shard != nullptr) {
     o.classes = shard->classes;
     o.class_start = shard->class_start;

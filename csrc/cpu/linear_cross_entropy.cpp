@@ -140,152 +140,102 @@ double mean_divisor(const Operands& p, int64_t ignore_index) {
   return total;
 }
 
-using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+// The kernels behind the ops of linear_cross_entropy.h, which has checked their arguments.
+struct CpuKernels {
+  static LinearCrossEntropyForward forward(const char* op, const at::Tensor& input, const at::Tensor& linear_weight,
+                                           const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+                                           const std::optional<at::Tensor>& weight, const LinearLossOptions& o,
+                                           std::array<bool, 3> grad_mask) {
+    const Operands p = prepare(op, input, linear_weight, linear_bias, target, weight, o.ignore_index);
+    const int64_t rows = p.x.size(0);
+    const int64_t classes = p.w.size(0);
+    const auto acc_options = p.x.options().dtype(at::toOpMathType(p.x.scalar_type()));
+    at::Tensor row_max = at::empty({rows}, acc_options);
+    at::Tensor row_log_sum = at::empty({rows}, acc_options);
+    at::Tensor target_logit = at::empty({rows}, acc_options);
+    at::Tensor total_weight = at::empty({}, acc_options);
+    at::Tensor loss = at::empty(o.reduction == at::Reduction::None ? at::IntArrayRef{rows} : at::IntArrayRef{},
+                                p.x.options());
+    const bool grads = o.reduction != at::Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
+    LinearGrads g = grads ? make_linear_grads(p.x, p.w, grad_mask) : LinearGrads{};
+    double grad_scale = 1;
+    if (grads && o.reduction == at::Reduction::Mean) {
+      const double divisor = mean_divisor(p, o.ignore_index);
+      grad_scale = divisor == 0 ? std::nan("") : 1 / divisor;
+    }
+    const int64_t chunk = chunk_rows(rows, classes, p.x.element_size(), o.chunk_size);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>,
-           std::optional<at::Tensor>, std::optional<at::Tensor>>
-linear_cross_entropy_forward_cpu(const at::Tensor& input, const at::Tensor& linear_weight,
-                                 const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
-                                 const std::optional<at::Tensor>& weight, int64_t reduction, int64_t ignore_index,
-                                 double label_smoothing, double lse_square_scale, double softcap,
-                                 int64_t chunk_size, std::array<bool, 3> grad_mask) {
-  constexpr const char* op = "linear_cross_entropy_forward";
-  check_linear_cross_entropy_inputs(op, input, linear_weight, linear_bias, target, weight, reduction,
-                                    label_smoothing, lse_square_scale, softcap, chunk_size);
-  const Operands p = prepare(op, input, linear_weight, linear_bias, target, weight, ignore_index);
-  const int64_t rows = p.x.size(0);
-  const int64_t classes = p.w.size(0);
-  const auto acc_options = p.x.options().dtype(at::toOpMathType(p.x.scalar_type()));
-  at::Tensor row_max = at::empty({rows}, acc_options);
-  at::Tensor row_log_sum = at::empty({rows}, acc_options);
-  at::Tensor target_logit = at::empty({rows}, acc_options);
-  at::Tensor total_weight = at::empty({}, acc_options);
-  at::Tensor loss = at::empty(reduction == at::Reduction::None ? at::IntArrayRef{rows} : at::IntArrayRef{},
-                              p.x.options());
-  const ce::Settings settings{ignore_index, label_smoothing, lse_square_scale, softcap};
-  const bool grads = reduction != at::Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
-  LinearGrads g = grads ? make_linear_grads(p.x, p.w, grad_mask) : LinearGrads{};
-  double grad_scale = 1;
-  if (grads && reduction == at::Reduction::Mean) {
-    const double divisor = mean_divisor(p, ignore_index);
-    grad_scale = divisor == 0 ? std::nan("") : 1 / divisor;
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, p.x.scalar_type(), "linear_cross_entropy_forward_cpu", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          std::vector<double> losses(rows), weights(rows);
+          acc_t* max_p = row_max.data_ptr<acc_t>();
+          acc_t* log_sum_p = row_log_sum.data_ptr<acc_t>();
+          acc_t* target_logit_p = target_logit.data_ptr<acc_t>();
+          for_each_chunk(p.x, p.w, p.b, chunk, grads, g, CpuGemms{},
+                         [&](const at::Tensor& logits, int64_t begin, int64_t count) {
+                           scalar_t* z = logits.data_ptr<scalar_t>();
+                           const ce::Rows<scalar_t> chunk_in = chunk_rows_of(p, z, begin, count);
+                           ce::forward(chunk_in, p.weight, o,
+                                       ce::ForwardOut<acc_t>{losses.data() + begin, max_p + begin,
+                                                             log_sum_p + begin, target_logit_p + begin,
+                                                             weights.data() + begin});
+                           if (grads) {
+                             ce::backward(chunk_in, z, p.weight, max_p + begin, log_sum_p + begin, nullptr,
+                                          grad_scale, o);
+                           }
+                         });
+          ce::reduce_rows<scalar_t>(losses, weights, o.reduction, loss, total_weight);
+        });
+    const LinearGradOutputs out = grads ? finish(g, p.x.scalar_type()) : LinearGradOutputs{};
+    return {loss, row_max, row_log_sum, target_logit, total_weight, std::get<0>(out), std::get<1>(out),
+            std::get<2>(out)};
   }
-  const int64_t chunk = chunk_rows(rows, classes, p.x.element_size(), chunk_size);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, p.x.scalar_type(), "linear_cross_entropy_forward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        std::vector<double> losses(rows), weights(rows);
-        acc_t* max_p = row_max.data_ptr<acc_t>();
-        acc_t* log_sum_p = row_log_sum.data_ptr<acc_t>();
-        acc_t* target_logit_p = target_logit.data_ptr<acc_t>();
-        for_each_chunk(p.x, p.w, p.b, chunk, grads, g, CpuGemms{},
-                       [&](const at::Tensor& logits, int64_t begin, int64_t count) {
-                         scalar_t* z = logits.data_ptr<scalar_t>();
-                         const ce::Rows<scalar_t> chunk_in = chunk_rows_of(p, z, begin, count);
-                         ce::forward(chunk_in, p.weight, settings,
-                                     ce::ForwardOut<acc_t>{losses.data() + begin, max_p + begin,
-                                                           log_sum_p + begin, target_logit_p + begin,
-                                                           weights.data() + begin});
-                         if (grads) {
-                           ce::backward(chunk_in, z, p.weight, max_p + begin, log_sum_p + begin, nullptr,
-                                        grad_scale, settings);
-                         }
-                       });
-        ce::reduce_rows<scalar_t>(losses, weights, reduction, loss, total_weight);
-      });
-  const Grads out = grads ? finish(g, p.x.scalar_type()) : Grads{};
-  return {loss, row_max, row_log_sum, target_logit, total_weight, std::get<0>(out), std::get<1>(out),
-          std::get<2>(out)};
-}
-
-// A shard of the classes, as linear_cross_entropy_shard_backward gives it.
-struct ShardArgs {
-  const at::Tensor& row_weight;
-  const at::Tensor& weight_sum;
-  int64_t class_start;
-  int64_t classes;
+  // The backward chunk loop: each chunk's logits again, turned into their
+  // gradient by the row kernels (of a shard of the classes, with `shard`).
+  static LinearGradOutputs backward(const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
+                                    const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
+                                    const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                                    const at::Tensor& row_max, const at::Tensor& row_log_sum,
+                                    const at::Tensor& total_weight, const LinearLossOptions& o,
+                                    std::array<bool, 3> output_mask, const ClassShard* shard) {
+    if (!(output_mask[0] || output_mask[1] || output_mask[2])) return {};
+    const Operands p = prepare(op, input, linear_weight, linear_bias, target, weight, o.ignore_index,
+                               shard != nullptr ? shard->classes : -1);
+    const int64_t rows = p.x.size(0);
+    const auto acc_type = at::toOpMathType(p.x.scalar_type());
+    const ce::BackwardInputs b =
+        ce::backward_inputs(grad_loss, row_max, row_log_sum, total_weight, o.reduction, acc_type);
+    const at::Tensor row_weight = shard != nullptr ? shard->row_weight.to(acc_type).contiguous() : at::Tensor();
+    LinearGrads g = make_linear_grads(p.x, p.w, output_mask);
+    const int64_t chunk = chunk_rows(rows, p.w.size(0), p.x.element_size(), o.chunk_size);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, p.x.scalar_type(), "linear_cross_entropy_backward_cpu", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const acc_t* scales = b.row_scale.defined() ? b.row_scale.data_ptr<acc_t>() : nullptr;
+          const double weight_sum = shard != nullptr ? shard->weight_sum.item<double>() : 0;
+          for_each_chunk(p.x, p.w, p.b, chunk, true, g, CpuGemms{},
+                         [&](const at::Tensor& logits, int64_t begin, int64_t count) {
+                           scalar_t* z = logits.data_ptr<scalar_t>();
+                           std::optional<ce::Shard<acc_t>> chunk_shard;
+                           if (shard != nullptr) {
+                             chunk_shard = ce::Shard<acc_t>{shard->class_start, shard->classes, weight_sum,
+                                                            row_weight.data_ptr<acc_t>() + begin};
+                           }
+                           ce::backward(chunk_rows_of(p, z, begin, count), z, p.weight,
+                                        b.row_max.data_ptr<acc_t>() + begin,
+                                        b.row_log_sum.data_ptr<acc_t>() + begin,
+                                        scales == nullptr ? nullptr : scales + begin, b.common_scale, o,
+                                        chunk_shard ? &*chunk_shard : nullptr);
+                         });
+        });
+    return finish(g, p.x.scalar_type());
+  }
 };
-
-// The backward chunk loop: each chunk's logits again, turned into their
-// gradient by the row kernels (of a shard of the classes, with `shard`).
-Grads backward_chunks(const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
-                      const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
-                      const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
-                      const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
-                      int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap,
-                      int64_t chunk_size, std::array<bool, 3> output_mask, const ShardArgs* shard) {
-  if (!(output_mask[0] || output_mask[1] || output_mask[2])) return {};
-  const Operands p = prepare(op, input, linear_weight, linear_bias, target, weight, ignore_index,
-                             shard != nullptr ? shard->classes : -1);
-  const int64_t rows = p.x.size(0);
-  const auto acc_type = at::toOpMathType(p.x.scalar_type());
-  const ce::BackwardInputs b = ce::backward_inputs(grad_loss, row_max, row_log_sum, total_weight, reduction, acc_type);
-  const at::Tensor row_weight = shard != nullptr ? shard->row_weight.to(acc_type).contiguous() : at::Tensor();
-  const ce::Settings settings{ignore_index, label_smoothing, lse_square_scale, softcap};
-  LinearGrads g = make_linear_grads(p.x, p.w, output_mask);
-  const int64_t chunk = chunk_rows(rows, p.w.size(0), p.x.element_size(), chunk_size);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, p.x.scalar_type(), "linear_cross_entropy_backward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const acc_t* scales = b.row_scale.defined() ? b.row_scale.data_ptr<acc_t>() : nullptr;
-        const double weight_sum = shard != nullptr ? shard->weight_sum.item<double>() : 0;
-        for_each_chunk(p.x, p.w, p.b, chunk, true, g, CpuGemms{},
-                       [&](const at::Tensor& logits, int64_t begin, int64_t count) {
-                         scalar_t* z = logits.data_ptr<scalar_t>();
-                         std::optional<ce::Shard<acc_t>> chunk_shard;
-                         if (shard != nullptr) {
-                           chunk_shard = ce::Shard<acc_t>{shard->class_start, shard->classes, weight_sum,
-                                                          row_weight.data_ptr<acc_t>() + begin};
-                         }
-                         ce::backward(chunk_rows_of(p, z, begin, count), z, p.weight,
-                                      b.row_max.data_ptr<acc_t>() + begin, b.row_log_sum.data_ptr<acc_t>() + begin,
-                                      scales == nullptr ? nullptr : scales + begin, b.common_scale, settings,
-                                      chunk_shard ? &*chunk_shard : nullptr);
-                       });
-      });
-  return finish(g, p.x.scalar_type());
-}
-
-Grads linear_cross_entropy_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
-    const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& row_max, const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap, int64_t chunk_size,
-    std::array<bool, 3> output_mask) {
-  constexpr const char* op = "linear_cross_entropy_backward";
-  check_linear_cross_entropy_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
-                                             row_max, row_log_sum, total_weight, reduction, label_smoothing,
-                                             lse_square_scale, softcap, chunk_size);
-  return backward_chunks(op, grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum,
-                         total_weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_size,
-                         output_mask, nullptr);
-}
-
-Grads linear_cross_entropy_shard_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
-    const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& row_max, const at::Tensor& row_log_sum, const at::Tensor& row_weight,
-    const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction, int64_t ignore_index,
-    double label_smoothing, double lse_square_scale, double softcap, int64_t class_start, int64_t classes,
-    int64_t chunk_size, std::array<bool, 3> output_mask) {
-  constexpr const char* op = "linear_cross_entropy_shard_backward";
-  check_linear_cross_entropy_shard_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
-                                                   row_max, row_log_sum, row_weight, total_weight, weight_sum,
-                                                   reduction, label_smoothing, lse_square_scale, softcap,
-                                                   class_start, classes, chunk_size);
-  const ShardArgs shard{row_weight, weight_sum, class_start, classes};
-  return backward_chunks(op, grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum,
-                         total_weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_size,
-                         output_mask, &shard);
-}
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(myext, CPU, m) {
-  m.impl("linear_cross_entropy_forward", &linear_cross_entropy_forward_cpu);
-  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
-  m.impl("linear_cross_entropy_shard_backward", &linear_cross_entropy_shard_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(myext, CPU, m) { register_linear_cross_entropy_ops<CpuKernels>(m); }
 
 }  // namespace myext

@@ -44,8 +44,8 @@
 #include <optional>
 #include <type_traits>
 
-#include "../cross_entropy.h"
 #include "common.cuh"
+#include "cross_entropy_kernels.h"
 
 namespace myext {
 namespace cuda {
@@ -484,10 +484,10 @@ struct Inputs {
 
 // Lays out checked arguments (csrc/cross_entropy.h) for the kernels. Class
 // indices are checked by the kernels as they read them: on the host that
-// would synchronise. `weight_sum` is given where the rows hold a shard of the
-// classes, whose weights are not all of them.
+// would synchronise. The weights of a shard of the classes are not all of
+// them: the shard's weight_sum is given.
 Inputs prepare(const char* op, const at::Tensor& input, const at::Tensor& target,
-               const std::optional<at::Tensor>& weight, const at::Tensor& weight_sum = at::Tensor()) {
+               const std::optional<at::Tensor>& weight, const ClassShard* shard = nullptr) {
   TORCH_CHECK(input.size(0) <= std::numeric_limits<int32_t>::max(), op,
               ": at most 2^31 - 1 rows, got ", input.size(0));
   Inputs in{input.contiguous(), target.contiguous(), at::Tensor(), at::Tensor(),
@@ -495,8 +495,8 @@ Inputs prepare(const char* op, const at::Tensor& input, const at::Tensor& target
   const auto acc_type = at::toOpMathType(input.scalar_type());
   if (weight.has_value()) in.weight = weight->to(acc_type).contiguous();
   // Stays on the device: reading it on the host would synchronise.
-  if (weight_sum.defined()) {
-    in.weight_sum = weight_sum.to(acc_type);
+  if (shard != nullptr) {
+    in.weight_sum = shard->weight_sum.to(acc_type);
   } else if (weight.has_value()) {
     in.weight_sum = in.weight.sum();
   }
@@ -512,8 +512,7 @@ at::Tensor mean_divisor(const at::Tensor& total_weight) {
 }
 
 template <typename scalar_t, typename acc_t>
-Problem<scalar_t, acc_t> make_problem(const Inputs& in, int64_t ignore_index, double smoothing,
-                                      double lse_square_scale, double softcap) {
+Problem<scalar_t, acc_t> make_problem(const Inputs& in, const LossOptions& o) {
   Problem<scalar_t, acc_t> p;
   p.input = in.x.data_ptr<scalar_t>();
   p.class_target = in.probabilities ? nullptr : in.target.data_ptr<int64_t>();
@@ -522,10 +521,10 @@ Problem<scalar_t, acc_t> make_problem(const Inputs& in, int64_t ignore_index, do
   p.weight_sum = in.weight_sum.defined() ? in.weight_sum.data_ptr<acc_t>() : nullptr;
   p.classes = in.x.size(1);
   p.chunk = p.classes;
-  p.ignore_index = ignore_index;
-  p.smoothing = static_cast<acc_t>(smoothing);
-  p.z_loss = static_cast<acc_t>(lse_square_scale);
-  p.softcap = static_cast<acc_t>(softcap);
+  p.ignore_index = o.ignore_index;
+  p.smoothing = static_cast<acc_t>(o.label_smoothing);
+  p.z_loss = static_cast<acc_t>(o.lse_square_scale);
+  p.softcap = static_cast<acc_t>(o.softcap);
   return p;
 }
 
@@ -540,12 +539,70 @@ bool rows_aligned(const Problem<scalar_t, acc_t>& p, const void* grad) {
          (grad == nullptr || is_aligned(grad, 16));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
-    const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap) {
-  constexpr const char* op = "cross_entropy_forward";
-  check_cross_entropy_inputs(op, input, target, weight, reduction, label_smoothing, lse_square_scale, softcap);
+// Writes the gradient into `grad`, which may be the logits themselves: each
+// thread reads a pack of logits before it writes the same pack. With `shard`,
+// the gradient of the loss over every class w.r.t. the shard's.
+void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_loss,
+                   const at::Tensor& row_max, const at::Tensor& row_log_sum,
+                   const at::Tensor& total_weight, const LossOptions& o, const ClassShard* shard) {
+  const int64_t rows = in.x.size(0);
+  const auto acc_type = at::toOpMathType(in.x.scalar_type());
+  const at::Tensor max_c = row_max.to(acc_type).contiguous();
+  const at::Tensor log_sum_c = row_log_sum.to(acc_type).contiguous();
+  // The upstream gradient's factor for each row: one per row for "none",
+  // else one for all (stride 0).
+  at::Tensor scale = grad_loss.to(acc_type);
+  if (o.reduction == at::Reduction::Mean) scale = scale.div(mean_divisor(total_weight.to(acc_type)));
+  scale = scale.contiguous();
+  const int64_t scale_stride = o.reduction == at::Reduction::None ? 1 : 0;
+  const at::Tensor row_weight = shard != nullptr ? shard->row_weight.to(acc_type).contiguous() : at::Tensor();
+  if (grad.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, in.x.scalar_type(), "cross_entropy_backward_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          auto p = make_problem<scalar_t, acc_t>(in, o);
+          const bool packed = rows_aligned(p, grad.data_ptr());
+          const Plan plan = make_plan(p.classes, packed ? kPack16<scalar_t> : 1);
+          p.chunk = plan.chunk;
+          const auto stream = at::cuda::getCurrentCUDAStream();
+          // A shard's row_weight is its rows' sum(w q): no pass over the targets.
+          at::Tensor target_weight_sum;
+          if (in.probabilities && shard == nullptr) {
+            target_weight_sum = at::empty({rows}, in.x.options().dtype(acc_type));
+            with_pack_width<scalar_t>(packed, [&](auto width) {
+              constexpr int vec = decltype(width)::value;
+              target_weight_sum_kernel<scalar_t, acc_t, vec>
+                  <<<static_cast<unsigned>(rows), threads_for(p.classes, vec), 0, stream>>>(
+                      p, target_weight_sum.data_ptr<acc_t>());
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+          }
+          const Shard<acc_t> shard_args =
+              shard == nullptr ? Shard<acc_t>{}
+                               : Shard<acc_t>{shard->class_start, shard->classes, row_weight.data_ptr<acc_t>()};
+          const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(plan.splits));
+          with_flag(in.probabilities, [&](auto probabilities) {
+            with_flag(shard != nullptr, [&](auto sharded) {
+              with_pack_width<scalar_t>(packed, [&](auto width) {
+                backward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(probabilities)::value,
+                                decltype(sharded)::value>
+                    <<<grid, plan.threads, 0, stream>>>(
+                        p, max_c.data_ptr<acc_t>(), log_sum_c.data_ptr<acc_t>(),
+                        scale.data_ptr<acc_t>(), scale_stride,
+                        target_weight_sum.defined() ? target_weight_sum.data_ptr<acc_t>() : nullptr,
+                        shard_args, grad.data_ptr<scalar_t>());
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              });
+            });
+          });
+        });
+  }
+}
+
+}  // namespace
+
+CrossEntropyForward CrossEntropyKernels::forward(const char* op, const at::Tensor& input, const at::Tensor& target,
+                                                 const std::optional<at::Tensor>& weight, const LossOptions& o) {
   const c10::cuda::CUDAGuard guard(input.device());
   const Inputs in = prepare(op, input, target, weight);
   const int64_t rows = in.x.size(0);
@@ -560,7 +617,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_ent
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, in.x.scalar_type(), "cross_entropy_forward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          auto p = make_problem<scalar_t, acc_t>(in, ignore_index, label_smoothing, lse_square_scale, softcap);
+          auto p = make_problem<scalar_t, acc_t>(in, o);
           const bool packed = rows_aligned(p, nullptr);
           const Plan plan = make_plan(p.classes, packed ? kPack16<scalar_t> : 1);
           p.chunk = plan.chunk;
@@ -595,9 +652,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_ent
   // Reduced on the device with ATen ops: no host synchronisation.
   const at::Tensor total_weight = row_weights.sum();
   at::Tensor loss;
-  if (reduction == at::Reduction::None) {
+  if (o.reduction == at::Reduction::None) {
     loss = losses.to(in.x.scalar_type());
-  } else if (reduction == at::Reduction::Sum) {
+  } else if (o.reduction == at::Reduction::Sum) {
     loss = losses.sum().to(in.x.scalar_type());
   } else {
     loss = losses.sum().div(mean_divisor(total_weight)).to(in.x.scalar_type());
@@ -605,160 +662,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_ent
   return {loss, row_max, row_log_sum, target_logit, total_weight};
 }
 
-// A shard's rows for backward_into (see Shard); their weight_sum is in Inputs.
-struct ShardInputs {
-  int64_t class_start;
-  int64_t classes;
-  at::Tensor row_weight;  // (R,) contiguous, in the accumulation type
-};
-
-// Writes the gradient into `grad`, which may be the logits themselves: each
-// thread reads a pack of logits before it writes the same pack. With `shard`,
-// the gradient of the loss over every class w.r.t. the shard's.
-void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_loss,
-                   const at::Tensor& row_max, const at::Tensor& row_log_sum,
-                   const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
-                   double label_smoothing, double lse_square_scale, double softcap,
-                   const ShardInputs* shard = nullptr) {
-  const int64_t rows = in.x.size(0);
-  const auto acc_type = at::toOpMathType(in.x.scalar_type());
-  const at::Tensor max_c = row_max.to(acc_type).contiguous();
-  const at::Tensor log_sum_c = row_log_sum.to(acc_type).contiguous();
-  // The upstream gradient's factor for each row: one per row for "none",
-  // else one for all (stride 0).
-  at::Tensor scale = grad_loss.to(acc_type);
-  if (reduction == at::Reduction::Mean) scale = scale.div(mean_divisor(total_weight.to(acc_type)));
-  scale = scale.contiguous();
-  const int64_t scale_stride = reduction == at::Reduction::None ? 1 : 0;
-  if (grad.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kBFloat16, at::kHalf, in.x.scalar_type(), "cross_entropy_backward_cuda", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          auto p = make_problem<scalar_t, acc_t>(in, ignore_index, label_smoothing, lse_square_scale, softcap);
-          const bool packed = rows_aligned(p, grad.data_ptr());
-          const Plan plan = make_plan(p.classes, packed ? kPack16<scalar_t> : 1);
-          p.chunk = plan.chunk;
-          const auto stream = at::cuda::getCurrentCUDAStream();
-          // A shard's row_weight is its rows' sum(w q): no pass over the targets.
-          at::Tensor target_weight_sum;
-          if (in.probabilities && shard == nullptr) {
-            target_weight_sum = at::empty({rows}, in.x.options().dtype(acc_type));
-            with_pack_width<scalar_t>(packed, [&](auto width) {
-              constexpr int vec = decltype(width)::value;
-              target_weight_sum_kernel<scalar_t, acc_t, vec>
-                  <<<static_cast<unsigned>(rows), threads_for(p.classes, vec), 0, stream>>>(
-                      p, target_weight_sum.data_ptr<acc_t>());
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
-            });
-          }
-          const Shard<acc_t> shard_args =
-              shard == nullptr ? Shard<acc_t>{}
-                               : Shard<acc_t>{shard->class_start, shard->classes, shard->row_weight.data_ptr<acc_t>()};
-          const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(plan.splits));
-          with_flag(in.probabilities, [&](auto probabilities) {
-            with_flag(shard != nullptr, [&](auto sharded) {
-              with_pack_width<scalar_t>(packed, [&](auto width) {
-                backward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(probabilities)::value,
-                                decltype(sharded)::value>
-                    <<<grid, plan.threads, 0, stream>>>(
-                        p, max_c.data_ptr<acc_t>(), log_sum_c.data_ptr<acc_t>(),
-                        scale.data_ptr<acc_t>(), scale_stride,
-                        target_weight_sum.defined() ? target_weight_sum.data_ptr<acc_t>() : nullptr,
-                        shard_args, grad.data_ptr<scalar_t>());
-                C10_CUDA_KERNEL_LAUNCH_CHECK();
-              });
-            });
-          });
-        });
-  }
-}
-
-at::Tensor cross_entropy_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
-    const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap) {
-  constexpr const char* op = "cross_entropy_backward";
-  check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum,
-                                      total_weight, reduction, label_smoothing, lse_square_scale, softcap);
+at::Tensor CrossEntropyKernels::backward(const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
+                                         const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                                         const at::Tensor& row_max, const at::Tensor& row_log_sum,
+                                         const at::Tensor& total_weight, const LossOptions& o,
+                                         const ClassShard* shard) {
   const c10::cuda::CUDAGuard guard(input.device());
-  const Inputs in = prepare(op, input, target, weight);
+  const Inputs in = prepare(op, input, target, weight, shard);
   at::Tensor grad = at::empty(in.x.sizes(), in.x.options());
-  backward_into(grad, in, grad_loss, row_max, row_log_sum, total_weight, reduction, ignore_index,
-                label_smoothing, lse_square_scale, softcap);
+  backward_into(grad, in, grad_loss, row_max, row_log_sum, total_weight, o, shard);
   return grad;
 }
 
-// The gradient written over the logits: no second R x C buffer.
-void cross_entropy_backward_inplace_cuda(
-    const at::Tensor& grad_loss, at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
-    const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap) {
-  constexpr const char* op = "cross_entropy_backward_";
-  check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum,
-                                      total_weight, reduction, label_smoothing, lse_square_scale, softcap);
-  TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous");
+void CrossEntropyKernels::backward_inplace(const char* op, const at::Tensor& grad_loss, at::Tensor& input,
+                                           const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                                           const at::Tensor& row_max, const at::Tensor& row_log_sum,
+                                           const at::Tensor& total_weight, const LossOptions& o,
+                                           const ClassShard* shard) {
   const c10::cuda::CUDAGuard guard(input.device());
-  const Inputs in = prepare(op, input, target, weight);
-  backward_into(input, in, grad_loss, row_max, row_log_sum, total_weight, reduction, ignore_index,
-                label_smoothing, lse_square_scale, softcap);
+  const Inputs in = prepare(op, input, target, weight, shard);
+  backward_into(input, in, grad_loss, row_max, row_log_sum, total_weight, o, shard);
 }
 
-// The gradient w.r.t. a shard of the classes (vocabulary parallelism), given the
-// whole rows' statistics; weight_sum stays on the device, where the kernel reads it.
-at::Tensor cross_entropy_shard_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& row_max, const at::Tensor& row_log_sum,
-    const at::Tensor& row_weight, const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap, int64_t class_start,
-    int64_t classes) {
-  constexpr const char* op = "cross_entropy_shard_backward";
-  check_cross_entropy_shard_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, row_weight,
-                                            total_weight, weight_sum, reduction, label_smoothing, lse_square_scale,
-                                            softcap, class_start, classes);
-  const c10::cuda::CUDAGuard guard(input.device());
-  const Inputs in = prepare(op, input, target, weight, weight_sum);
-  const ShardInputs shard{class_start, classes,
-                          row_weight.to(at::toOpMathType(in.x.scalar_type())).contiguous()};
-  at::Tensor grad = at::empty(in.x.sizes(), in.x.options());
-  backward_into(grad, in, grad_loss, row_max, row_log_sum, total_weight, reduction, ignore_index,
-                label_smoothing, lse_square_scale, softcap, &shard);
-  return grad;
-}
-
-}  // namespace
-
-// cross_entropy_shard_backward's gradient written over the logits: the row step
-// of linear_cross_entropy_shard_backward (linear_cross_entropy.cpp, which
-// declares it), as cross_entropy_backward_ is the unsharded loop's. A host
-// function, not a dispatcher op: the schemas have no in-place shard backward.
-void cross_entropy_shard_backward_inplace(
-    const at::Tensor& grad_loss, at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& row_max, const at::Tensor& row_log_sum,
-    const at::Tensor& row_weight, const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap, int64_t class_start,
-    int64_t classes) {
-  constexpr const char* op = "cross_entropy_shard_backward_inplace";
-  check_cross_entropy_shard_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, row_weight,
-                                            total_weight, weight_sum, reduction, label_smoothing, lse_square_scale,
-                                            softcap, class_start, classes);
-  // prepare() would copy other logits, and the gradient would land in the copy.
-  TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous");
-  const c10::cuda::CUDAGuard guard(input.device());
-  const Inputs in = prepare(op, input, target, weight, weight_sum);
-  const ShardInputs shard{class_start, classes,
-                          row_weight.to(at::toOpMathType(in.x.scalar_type())).contiguous()};
-  backward_into(input, in, grad_loss, row_max, row_log_sum, total_weight, reduction, ignore_index,
-                label_smoothing, lse_square_scale, softcap, &shard);
-}
-
-TORCH_LIBRARY_IMPL(myext, CUDA, m) {
-  m.impl("cross_entropy_forward", &cross_entropy_forward_cuda);
-  m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);
-  m.impl("cross_entropy_backward_", &cross_entropy_backward_inplace_cuda);
-  m.impl("cross_entropy_shard_backward", &cross_entropy_shard_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(myext, CUDA, m) { register_cross_entropy_ops<CrossEntropyKernels>(m); }
 
 }  // namespace cuda
 }  // namespace myext
