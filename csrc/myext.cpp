@@ -63,7 +63,8 @@ TORCH_LIBRARY(myext, m) {
   // label smoothing), total_weight the mean's divisor and weight_sum (a scalar)
   // the sum of every class's weight (C without weights); the rest as
   // cross_entropy_backward's. Forward needs no op of its own: the shard's
-  // cross_entropy_forward gives its rows' statistics (myext/vocab_parallel.py).
+  // cross_entropy_forward gives its rows' statistics, which the
+  // vocabulary-parallel Functions in myext/ops/ combine over the shards.
   m.def(
       "cross_entropy_shard_backward(Tensor grad_loss, Tensor input, Tensor target, "
       "Tensor? weight, Tensor row_max, Tensor row_log_sum, Tensor row_weight, "

@@ -17,7 +17,7 @@
 // Math is in float32 for bfloat16/float16 inputs (float64 for float64), and
 // loads are 128-bit wherever every row starts 16-byte aligned.
 //
-// The per-row quantities, as in the CPU kernel (csrc/cpu/cross_entropy.cpp):
+// The per-row quantities, as in the CPU row kernels (csrc/cpu/cross_entropy_rows.h):
 // with q the target distribution after label smoothing and w the class
 // weights (ones if none),
 //   loss = sum(w q (max - x)) + sum(w q) log_sum,   grad = sum(w q) * softmax(x) - w q,
