@@ -153,10 +153,15 @@ class Report(list):
     def __str__(self) -> str:
         header = ("check", "sample", "dtype", "result", "max error", "detail")
         rows = [(r.check, r.sample, r.dtype, "refused" if r.refused else "ok" if r.passed else "FAIL",
-                 "-" if r.max_error is None else f"{r.max_error:.1e}", r.detail) for r in self]
+                 "-" if r.max_error is None else f"{r.max_error:.1e}", _shortened(r.detail)) for r in self]
         widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
         return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip()
                          for line in [header, *rows])
+
+
+def _shortened(text: str, limit: int = 60) -> str:
+    """A table cell of at most ``limit`` characters (the Result keeps the whole text)."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- calling
