@@ -6,7 +6,7 @@ torch.nn.functional. Autograd differentiates them to any order. Each is defined 
 the rest of its op in myext/ops/<op>.py (and is its spec's ``reference``).
 """
 
-from .ops.cross_entropy import cross_entropy_2d
+from .ops._losses import cross_entropy_2d
 from .ops.cross_entropy import reference as cross_entropy
 from .ops.linear_cross_entropy import reference as linear_cross_entropy
 from .ops.linear_relu import reference as linear_relu

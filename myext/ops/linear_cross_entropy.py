@@ -8,7 +8,9 @@ over chunks of rows that runs the cross-entropy row kernels of its backend on on
 of logits at a time. This module holds the rest of the op: its argument checks, fake
 kernels, autograd Function, the public function with the semantics of
 ``F.linear_cross_entropy``, the plain-PyTorch reference and its registry spec. The
-options and the per-row outputs are cross_entropy's (myext/ops/cross_entropy.py).
+options, the common checks and the per-row outputs are shared with cross_entropy
+(myext/ops/_losses.py); the vocabulary-parallel Function is in
+myext/ops/_vocab_parallel.py.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ from .._derivatives import vjp_of
 from .._validation import REDUCTIONS, check_float_dtype, check_same, check_tensor, needs_grad, transforms_active
 from ..backends import op, resolve_backend
 from . import cross_entropy as ce
-from .cross_entropy import CrossEntropyOutput, Options
+from ._losses import (CrossEntropyOutput, Options, check_class_indices, check_class_weight, check_options,
+                      check_target, cross_entropy_2d, extras, probability_target_grad, reduce_rows,
+                      reference_rows, refuse_class_weight_tangent, row_tangents)
+from ._vocab_parallel import (SHARD_BACKWARD, VocabParallelLinearCrossEntropyFunction, check_vocab_parallel,
+                              combine_shards, shard_logit_statistics, shard_weight, vocab_parallel_reference)
 from .linear_relu import affine, affine_tangent
 from ..distributed import VocabParallel, from_dtensor, is_dtensor, replicated, to_local
 
@@ -87,16 +93,16 @@ def check_linear_cross_entropy(
         if linear_bias.shape != (classes, *positions):
             raise ValueError(f"linear_bias must have shape {(classes, *positions)}, linear_weight's without its "
                              f"last dimension, got {tuple(linear_bias.shape)}")
-    ce.check_options(ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
-    ce.check_class_weight(weight, classes, input)
+    check_options(ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
+    check_class_weight(weight, classes, input)
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
     batch = input.shape[:-1]
     if positions:  # F.cross_entropy's K-dimensional form of the logits (N, C, d1, ..., dk)
-        return ce.check_target(target, input, ignore_index, class_shape=(*batch, *positions),
+        return check_target(target, input, ignore_index, class_shape=(*batch, *positions),
                                prob_shape=(*batch, classes, *positions), prob_shape_name="the shape (N, C, d1, ..., dk)")
-    return ce.check_target(target, input, ignore_index, class_shape=batch, prob_shape=batch + (classes,),
+    return check_target(target, input, ignore_index, class_shape=batch, prob_shape=batch + (classes,),
                            prob_shape_name="the shape (*, C)")
 
 
@@ -192,7 +198,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads = _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weight, ctx.options,
                                      mask, wants_target)
         else:
-            grad_target = (ce.probability_target_grad(grad_loss, affine(input, linear_weight, linear_bias), target,
+            grad_target = (probability_target_grad(grad_loss, affine(input, linear_weight, linear_bias), target,
                                                       weight, ctx.options) if wants_target else None)
             grads = (*_kernel_grads(ctx, grad_loss, mask), grad_target)
         return (*grads, None, None, None, None, None, None, None)
@@ -214,17 +220,17 @@ class LinearCrossEntropyJvpFunction(LinearCrossEntropyFunction):
     @staticmethod
     def jvp(ctx: Any, input_t, linear_weight_t, linear_bias_t, target_t, weight_t, *_constants):
         input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight = ctx.saved_tensors
-        ce.refuse_class_weight_tangent(weight_t)
+        refuse_class_weight_tangent(weight_t)
         rows = []
         for start in range(0, input.shape[0], ctx.chunk_size):
             chunk = slice(start, start + ctx.chunk_size)
             x, x_t = input[chunk], (input_t[chunk] if input_t is not None else None)
-            rows.append(ce.row_tangents(
+            rows.append(row_tangents(
                 affine(x, linear_weight, linear_bias), target[chunk], weight, row_max[chunk], row_log_sum[chunk],
                 total_weight, ctx.options, ctx.backend, affine_tangent(x, linear_weight, x_t, linear_weight_t,
                                                                        linear_bias_t),
                 target_t[chunk] if target_t is not None else None))
-        loss_t = ce.reduce_rows(torch.cat(rows) if rows else row_max.new_zeros(0), total_weight,
+        loss_t = reduce_rows(torch.cat(rows) if rows else row_max.new_zeros(0), total_weight,
                                 ctx.options.reduction, input.dtype)
         return loss_t, None, None, None, None
 
@@ -260,66 +266,6 @@ def _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weigh
 
 # --------------------------------------------------------------------------- vocabulary parallelism
 
-class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
-    """Cross-entropy over every class of ``input @ linear_weight.T + linear_bias`` whose
-    output rows (the classes) are split across ranks.
-
-    ``apply(input, linear_weight, linear_bias, target, weight, options, chunk_size,
-    shard, backend)``: rows ``(R, H)`` (the same on every rank), this rank's rows
-    ``[shard.start, shard.stop)`` of the linear weight and bias, class indices into
-    every class or the shard's probabilities, the shard's class weights. Forward runs
-    the fused forward op over the shard (each chunk's logits one GEMM, reduced to the
-    rows' statistics as myext.ops.cross_entropy.shard_forward plans), and one
-    combination over the ranks (combine_shards) gives the loss. Backward, the fused
-    shard backward op: each chunk's logits again, turned into their gradient with the
-    whole rows' statistics, and the gradients accumulated; the input's, summed over the
-    ranks by an all_reduce, is that of the whole problem. Differentiable once.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
-                target: torch.Tensor, weight: Optional[torch.Tensor], options: Options, chunk_size: int,
-                shard, backend: str):
-        rows, columns = input.shape[0], linear_weight.shape[0]
-        plan = ce.shard_forward(target, weight, columns, options, shard, input.dtype)
-        kernel_out = None
-        if columns:
-            kernel_out = op("linear_cross_entropy_forward", backend)(
-                input, linear_weight, linear_bias, plan.target, weight, *plan.settings, chunk_size,
-                [False, False, False])[:4]
-        found = ce.combine_shards(ce.shard_statistics(plan, kernel_out, rows, columns), target, options, shard)
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, *found)
-        ctx.options, ctx.chunk_size, ctx.shard, ctx.backend = options, chunk_size, shard, backend
-        ctx.mark_non_differentiable(found.row_max, found.row_log_sum, found.target_logit)
-        ctx.set_materialize_grads(False)  # as CrossEntropyFunction's
-        loss = ce.reduce_rows(found.loss, found.total_weight, options.reduction, input.dtype)
-        return loss, found.row_max, found.row_log_sum, found.target_logit
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused_grads):
-        if grad_loss is None:  # the loss took no part in what is differentiated
-            return (None,) * len(ctx.needs_input_grad)
-        input, linear_weight, linear_bias, target, weight, *saved = ctx.saved_tensors
-        found, options, shard = ce.ShardRows(*saved), ctx.options, ctx.shard
-        mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
-        grad_target = None
-        if ctx.needs_input_grad[3] and target.is_floating_point():
-            # The size of the logits, as the unsharded op's: from the shard's logits whole.
-            grad_target = ce.shard_target_grad(grad_loss, affine(input, linear_weight, linear_bias), weight, found,
-                                               options)
-        if linear_weight.shape[0]:
-            grad_input, grad_weight, grad_bias = op("linear_cross_entropy_shard_backward", ctx.backend)(
-                grad_loss, input, linear_weight, linear_bias, target, weight, found.row_max, found.row_log_sum,
-                found.row_weight, found.total_weight, found.weight_sum, *options.args, shard.start, shard.classes,
-                ctx.chunk_size, mask)
-        else:
-            grad_input = torch.zeros_like(input) if mask[0] else None
-            grad_weight = torch.zeros_like(linear_weight) if mask[1] else None
-            grad_bias = torch.zeros_like(linear_bias) if mask[2] and linear_bias is not None else None
-        if grad_input is not None:
-            torch.distributed.all_reduce(grad_input, group=shard.group)
-        return grad_input, grad_weight, grad_bias, grad_target, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- the public function
@@ -406,7 +352,7 @@ def linear_cross_entropy(
         input, target = to_local(input, mesh, "input"), to_local(target, mesh, "target")
         linear_bias, weight = to_local(linear_bias, mesh, "linear_bias"), to_local(weight, mesh, "weight")
     if vocab_parallel is not None:
-        weight = ce.shard_weight(weight, vocab_parallel)
+        weight = shard_weight(weight, vocab_parallel)
     probabilities = check_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index,
                                                reduction, label_smoothing, lse_square_scale, softcap, chunk_size)
     if return_accuracy and probabilities:
@@ -416,9 +362,9 @@ def linear_cross_entropy(
     classes = linear_weight.shape[0]
     name = resolve_backend(backend, input.device, NAME)
     if vocab_parallel is not None:
-        ce.check_vocab_parallel(vocab_parallel, classes, "linear_weight's rows", input.device, name, NAME)
+        check_vocab_parallel(vocab_parallel, classes, "linear_weight's rows", input.device, name, NAME)
     if not probabilities and (name != "cpp" or vocab_parallel is not None):
-        ce.check_class_indices(target, vocab_parallel.classes if vocab_parallel is not None else classes,
+        check_class_indices(target, vocab_parallel.classes if vocab_parallel is not None else classes,
                                ignore_index)
 
     options = Options(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
@@ -445,7 +391,7 @@ def linear_cross_entropy(
     loss = loss.reshape(batch_shape) if reduction == "none" else loss
     if not want_rows:
         return loss
-    return CrossEntropyOutput(loss, *ce.extras(row_max, row_log_sum, target_logit, target_2d, ignore_index,
+    return CrossEntropyOutput(loss, *extras(row_max, row_log_sum, target_logit, target_2d, ignore_index,
                                                batch_shape, return_lse, return_accuracy))
 
 
@@ -457,11 +403,11 @@ def _rows_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Op
     row_max = row_log_sum = target_logit = None
     if vocab_parallel is not None and name == "torch":
         logits = affine(replicated(input, vocab_parallel.group), linear_weight, linear_bias)
-        loss = ce.vocab_parallel_reference(logits, target, weight, options, vocab_parallel)
+        loss = vocab_parallel_reference(logits, target, weight, options, vocab_parallel)
         if want_rows:
             with torch.no_grad():
-                rows = ce.combine_shards(
-                    ce.shard_logit_statistics(logits, target, weight, options, vocab_parallel, name), target,
+                rows = combine_shards(
+                    shard_logit_statistics(logits, target, weight, options, vocab_parallel, name), target,
                     options, vocab_parallel)
             row_max, row_log_sum, target_logit = rows.row_max, rows.row_log_sum, rows.target_logit
     elif vocab_parallel is not None:
@@ -471,7 +417,7 @@ def _rows_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Op
         logits = affine(input, linear_weight, linear_bias)
         loss = options.reference(logits, target, weight)
         if want_rows:
-            row_max, row_log_sum, target_logit = ce._reference_rows(logits, target, options)
+            row_max, row_log_sum, target_logit = reference_rows(logits, target, options)
     elif not needs_grad(input, linear_weight, linear_bias, target):
         loss, row_max, row_log_sum, target_logit, *_ = op("linear_cross_entropy_forward", name)(
             input, linear_weight, linear_bias, target, weight, *options.args, chunk, [False, False, False])
@@ -560,7 +506,7 @@ def reference(
         return ce.reference(_head_logits(affine, input, linear_weight, linear_bias), target, weight, ignore_index,
                             reduction, label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
     return _loss_of_rows(
-        lambda logits, rows_target: ce.cross_entropy_2d(logits, rows_target, weight, ignore_index, reduction,
+        lambda logits, rows_target: cross_entropy_2d(logits, rows_target, weight, ignore_index, reduction,
                                                         float(label_smoothing), lse_square_scale, softcap),
         affine(input, linear_weight, linear_bias), target, reduction)
 
@@ -710,7 +656,7 @@ SPEC = registry.register(registry.OpSpec(
     fakes={"linear_cross_entropy_forward": linear_cross_entropy_forward_fake,
            "linear_cross_entropy_backward": linear_cross_entropy_backward_fake,
            "linear_cross_entropy_shard_backward": linear_cross_entropy_shard_backward_fake},
-    capabilities={ce.SHARD_BACKWARD: "linear_cross_entropy_shard_backward"},
+    capabilities={SHARD_BACKWARD: "linear_cross_entropy_shard_backward"},
     samples=samples,
     accuracy_samples=accuracy_samples,
     benchmark=registry.Benchmark(

@@ -1,0 +1,345 @@
+"""What the two losses, cross_entropy and linear_cross_entropy, share: their options
+value, the checks of their common arguments, the extras from the kernels' per-row
+outputs, the tangents of rows, and the plain-PyTorch reference of a loss over rows of
+logits (the executable spec both references are built on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from .._validation import REDUCTIONS, check_same, check_tensor, transforms_active
+from ..backends import op
+
+__all__ = ["CrossEntropyOutput", "Options", "capped", "check_class_indices", "check_class_weight", "check_options",
+           "check_target", "cross_entropy_2d", "extras", "probability_target_grad", "reduce_rows", "reference_rows",
+           "refuse_class_weight_tangent", "row_tangents", "target_grad_of"]
+
+
+# --------------------------------------------------------------------------- options
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The options of a call as the dispatcher ops take them (softcap 0: none), one
+    value handed whole to the Functions, the references and the kernels' calls.
+
+    A dataclass, not a tuple: torch.func's transforms flatten tuple arguments of an
+    autograd Function into their fields, which they then cannot match with tangents.
+    """
+
+    reduction: int
+    ignore_index: int
+    label_smoothing: float
+    lse_square_scale: float
+    softcap: float
+
+    @property
+    def args(self) -> tuple:
+        """The dispatcher ops' arguments, in their schemas' order."""
+        return (self.reduction, self.ignore_index, self.label_smoothing, self.lse_square_scale, self.softcap)
+
+    def reference(self, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+        """The reference loss of rows of logits with these options."""
+        return cross_entropy_2d(input, target, weight, self.ignore_index, _REDUCTION_NAMES[self.reduction],
+                                self.label_smoothing, self.lse_square_scale, self.softcap or None)
+
+
+_REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
+
+
+# --------------------------------------------------------------------------- checks
+
+def check_options(ignore_index: int, reduction: str, label_smoothing: float, lse_square_scale: float,
+                  softcap: Optional[float]) -> None:
+    """Checks the options of the cross-entropy ops (shared with linear_cross_entropy)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not isinstance(lse_square_scale, (int, float)) or not 0.0 <= lse_square_scale < math.inf:
+        raise ValueError(f"lse_square_scale must be a finite float >= 0, got {lse_square_scale!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not 0.0 < softcap < math.inf):
+        raise ValueError(f"softcap must be a finite float > 0, or None, got {softcap!r}")
+
+
+def check_class_weight(weight: Optional[torch.Tensor], classes: int, input: torch.Tensor) -> None:
+    """``weight``: None or one entry per class, on the input's device and of its dtype."""
+    if weight is None:
+        return
+    check_tensor("weight", weight)
+    check_same("weight", weight, "input", input)
+    if weight.shape != (classes,):
+        raise ValueError(f"weight must have one entry per class, shape ({classes},), got {tuple(weight.shape)}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weight requires grad, but myext does not differentiate the class weights; "
+                         "pass weight.detach()")
+
+
+def check_target(target: torch.Tensor, input: torch.Tensor, ignore_index: int, *, class_shape: tuple[int, ...],
+                 prob_shape: tuple[int, ...], prob_shape_name: str) -> bool:
+    """Checks a target of class indices (int64 or uint8, of ``class_shape``) or of
+    probabilities (``prob_shape``, the input's dtype); returns True for probabilities."""
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}: "
+                         "expected all tensors on one device")
+    if target.is_floating_point():
+        if target.shape != prob_shape:
+            raise ValueError(f"a floating-point target holds class probabilities and must have "
+                             f"{prob_shape_name} {tuple(prob_shape)}, got {tuple(target.shape)}")
+        check_same("target", target, "input", input)
+        if ignore_index != -100:
+            raise ValueError(f"ignore_index ({ignore_index}) applies to class-index targets only, "
+                             "not to a floating-point target of probabilities")
+        return True
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise TypeError(f"target must hold class indices as int64 or uint8 (or probabilities of the input's "
+                        f"dtype), got {target.dtype}")
+    if target.shape != class_shape:
+        raise ValueError(f"target of class indices must have shape {tuple(class_shape)} for input of shape "
+                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    return False
+
+
+def check_class_indices(target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """Raises IndexError for a class index outside [0, classes) that is not ignore_index.
+
+    It reads the values (a host sync on a GPU), which a traced graph does not have,
+    so it is skipped while compiling and under torch.func's transforms (whose batched
+    tensors have no single value to read), and for the C++ kernels, which raise the same
+    error as they read. In a compiled graph the CUDA and Triton kernels assert on
+    such an index; neither reads out of bounds.
+    """
+    if torch.compiler.is_compiling() or target.numel() == 0 or transforms_active():
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if bad.any():
+        value = target[bad].flatten()[0].item()
+        raise IndexError(f"target holds class index {value}, expected values in [0, {classes}) "
+                         f"or ignore_index ({ignore_index})")
+
+
+# --------------------------------------------------------------------------- outputs
+
+class CrossEntropyOutput(NamedTuple):
+    """What :func:`cross_entropy` returns when asked for its extras.
+
+    Attributes:
+        loss: the loss, as without extras.
+        lse: with ``return_lse``, the log-sum-exp of each element's (capped) logits, of
+            the shape of an unreduced loss; NaN where the target is ignore_index (those
+            logits are not read). Else None.
+        accuracy: with ``return_accuracy``, the fraction of the elements not ignored
+            whose target's logit is the largest of its row (ties count as right); NaN
+            where all are ignored. Else None.
+    """
+
+    loss: torch.Tensor
+    lse: Optional[torch.Tensor]
+    accuracy: Optional[torch.Tensor]
+
+
+def extras(row_max: torch.Tensor, row_log_sum: torch.Tensor, target_logit: torch.Tensor, target: torch.Tensor,
+           ignore_index: int, batch_shape: torch.Size, return_lse: bool, return_accuracy: bool):
+    """(lse, accuracy) from the kernels' per-row outputs (each None where not asked for).
+    Shared with the fused linear cross-entropy, whose kernels give the same outputs."""
+    lse = accuracy = None
+    probabilities = target.is_floating_point()
+    kept = None if probabilities else target != ignore_index
+    if return_lse:
+        lse = (row_max + row_log_sum).detach()
+        if kept is not None:
+            lse = torch.where(kept, lse, torch.full_like(lse, math.nan))
+        lse = lse.reshape(batch_shape)
+    if return_accuracy:
+        hits = ((target_logit >= row_max) & kept).to(row_max.dtype)
+        accuracy = hits.sum() / kept.sum()
+    return lse, accuracy
+
+
+def reduce_rows(losses: torch.Tensor, total_weight: torch.Tensor, reduction: int, dtype: torch.dtype) -> torch.Tensor:
+    """The op's loss, in ``dtype``, from each row's: the rows summed in float64, as the
+    kernels sum them; a mean over no weight is nan."""
+    if reduction == REDUCTIONS["none"]:
+        return losses.to(dtype)
+    total = losses.double().sum()
+    if reduction == REDUCTIONS["mean"]:
+        total = total / total_weight.double()
+    return total.to(dtype)
+
+
+# --------------------------------------------------------------------------- derivatives
+
+def refuse_class_weight_tangent(weight_t: Optional[torch.Tensor]) -> None:
+    """Class weights are not differentiated, in forward mode either: a tangent for them
+    is refused as a weight that requires grad is, not dropped."""
+    if weight_t is not None:
+        raise ValueError("weight has a forward-mode tangent, but myext does not differentiate the class weights; "
+                         "pass a weight without one")
+
+
+def row_tangents(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], row_max: torch.Tensor,
+                 row_log_sum: torch.Tensor, total_weight: torch.Tensor, options: Options, backend: str,
+                 logits_t: Optional[torch.Tensor], target_t: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each row's loss tangent (R,), in the accumulation dtype: the row's gradient with
+    respect to its logits (the backward kernel's, for an unreduced loss and an upstream
+    gradient of 1) dotted with ``logits_t``, plus, for probabilities, the gradient with
+    respect to them, -(1 - eps) w logp, dotted with ``target_t``."""
+    acc = row_max.dtype
+    per_row = dataclasses.replace(options, reduction=REDUCTIONS["none"])
+    ones = torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    tangent = torch.zeros(logits.shape[0], dtype=acc, device=logits.device)
+    if logits_t is not None:
+        grad = op("cross_entropy_backward", backend)(ones, logits, target, weight, row_max, row_log_sum, total_weight,
+                                                     *per_row.args)
+        tangent = tangent + (grad.to(acc) * logits_t.to(acc)).sum(dim=1)
+    if target_t is not None:
+        logp = capped(logits.to(acc), options.softcap or None) - (row_max + row_log_sum).unsqueeze(1)
+        tangent = tangent + (target_grad_of(ones, logp, weight, per_row) * target_t.to(acc)).sum(dim=1)
+    return tangent
+
+
+def probability_target_grad(grad_loss: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
+                            weight: Optional[torch.Tensor], options: Options) -> torch.Tensor:
+    """The gradient for probability targets q of logits (R, C): -(1 - eps) w_c logp_ic
+    times row i's upstream gradient (divided by R for 'mean'), logp the log-softmax of
+    the capped logits. From torch ops, without autograd.grad, so that torch.compile
+    traces it and autograd differentiates it again."""
+    logits = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+    logp = torch.log_softmax(capped(logits, options.softcap or None), dim=1)
+    return target_grad_of(grad_loss, logp, weight, options).to(target.dtype)
+
+
+def target_grad_of(grad_loss: torch.Tensor, logp: torch.Tensor, weight: Optional[torch.Tensor],
+                   options: Options) -> torch.Tensor:
+    """-(1 - eps) w_c logp_ic times row i's upstream gradient (divided by R for 'mean'):
+    the gradient for probability targets, given the log-softmax ``logp`` (R, C)."""
+    scale = grad_loss.to(logp.dtype)
+    if options.reduction == REDUCTIONS["none"]:
+        scale = scale.unsqueeze(1)
+    elif options.reduction == REDUCTIONS["mean"]:
+        scale = scale / logp.shape[0]
+    grad = logp * (-(1.0 - options.label_smoothing) * scale)
+    return grad * weight.to(logp.dtype) if weight is not None else grad
+
+
+# --------------------------------------------------------------------------- the spec
+
+def capped(input: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """softcap * tanh(input / softcap), from exp and expm1 so that both it and the
+    derivative autograd takes from it, 1 / cosh^2 = 4 e / (1 + e)^2 with e = exp(-2 |u|),
+    are precise; torch.tanh's derivative, 1 - tanh^2, cancels to nothing where tanh is
+    within rounding of 1. The kernels compute the same."""
+    if not softcap:
+        return input
+    u = input / softcap
+
+    def tanh_of_nonnegative(v):
+        # Near 0, -m / (2 + m) with m = expm1(-2v) (1 - e would cancel); further out
+        # (1 - e) / (1 + e), whose derivative, unlike expm1's (m + 1), keeps its digits.
+        m = torch.expm1(-2 * v)
+        e = torch.exp(-2 * v)
+        return torch.where(v < 0.5, -m / (2 + m), (1 - e) / (1 + e))
+
+    # tanh is odd: one evaluation at |u| (never at -|u|, where exp overflows and its
+    # derivative, though where() discards it, turns the gradient to NaN), with the sign
+    # chosen so that the derivative at 0 is 1 (abs's would be 0).
+    nonnegative = torch.where(u >= 0, u, -u)
+    magnitude = tanh_of_nonnegative(nonnegative)
+    return softcap * torch.where(u >= 0, magnitude, -magnitude)
+
+
+def reference_rows(input: torch.Tensor, target: torch.Tensor, options: Options):
+    """Each row's max and log-sum and the target's logit, as the kernels give them, from
+    torch ops (the torch backend's extras)."""
+    with torch.no_grad():
+        z = capped(input.float() if input.dtype in (torch.float16, torch.bfloat16) else input, options.softcap)
+        row_max = z.amax(dim=1)
+        row_log_sum = (z - row_max.unsqueeze(1)).exp().sum(dim=1).log()
+        if target.is_floating_point():
+            target_logit = torch.zeros_like(row_max)
+        else:
+            safe = torch.where(target == options.ignore_index, torch.zeros_like(target), target)
+            target_logit = z.gather(1, safe.unsqueeze(1)).squeeze(1)
+    return row_max, row_log_sum, target_logit
+
+
+def cross_entropy_2d(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """Cross-entropy of logits (R, C) against class indices (R,) or probabilities (R, C).
+
+    As PyTorch defines it, with logp = log_softmax(z), z the logits capped at
+    softcap * tanh(input / softcap) where softcap is given, and w the class weights
+    (ones if none). Probabilities q, smoothed to (1 - eps) q + eps / C: loss_i =
+    -sum_c w_c q_ic logp_ic, and 'mean' divides by R. Class indices t: loss_i =
+    (1 - eps) nll_i + eps / C smooth_i with nll_i = -w_t logp_it and smooth_i =
+    -sum_c w_c logp_ic, 0 for rows whose index is ignore_index (their gradient is 0,
+    also for NaN or infinite logits, where PyTorch's is NaN); 'mean' divides each of
+    the two sums by the summed weight w_t of the rows kept, so that a divisor of 0
+    gives nan. The smoothing terms are left out for eps = 0 (where an infinite
+    logit would make 0 * inf). The z-loss adds lse_square_scale * lse_i^2 to the loss
+    of each row kept, divided by the same divisor for 'mean'. half-precision input
+    is computed in float32 and the loss cast back.
+    """
+    out_dtype = input.dtype
+    if input.dtype in (torch.float16, torch.bfloat16):
+        input = input.float()
+        target = target.float() if target.is_floating_point() else target
+        weight = weight.float() if weight is not None else None
+    rows, classes = input.shape
+    kept = None
+    if not target.is_floating_point():
+        # Ignored rows take no part, also where their logits are NaN or infinite (PyTorch
+        # computes their softmax anyway, and gives them a NaN gradient there).
+        kept = target != ignore_index
+        input = torch.where(kept.unsqueeze(1), input, torch.zeros_like(input))
+    z = capped(input, softcap)
+    # log_softmax as PyTorch computes it: a +inf logit makes z - max, and the row, NaN.
+    shifted = z - z.amax(dim=1, keepdim=True).detach()
+    log_sum = shifted.exp().sum(dim=1, keepdim=True).log()
+    logp = shifted - log_sum
+    w = weight if weight is not None else torch.ones(classes, dtype=input.dtype, device=input.device)
+    eps = label_smoothing
+    z_loss = None
+    if lse_square_scale:
+        lse = (z.amax(dim=1).detach() + log_sum.squeeze(1))
+        z_loss = lse_square_scale * lse * lse
+
+    if target.is_floating_point():
+        q = target * (1.0 - eps) + eps / classes if eps > 0 else target
+        losses = -(logp * q * w).sum(dim=1)
+        if z_loss is not None:
+            losses = losses + z_loss
+        if reduction == "none":
+            return losses.to(out_dtype)
+        total = losses.sum()
+        return (total if reduction == "sum" else total / rows).to(out_dtype)
+
+    safe_target = torch.where(kept, target, torch.zeros_like(target))
+    w_target = w[safe_target] * kept
+    nll = torch.where(kept, -w_target * logp.gather(1, safe_target.unsqueeze(1)).squeeze(1), 0.0)
+    smooth = torch.where(kept, -(logp * w).sum(dim=1), 0.0) if eps > 0 else None
+    z_loss = torch.where(kept, z_loss, 0.0) if z_loss is not None else None
+    if reduction == "none":
+        losses = (1.0 - eps) * nll + eps / classes * smooth if eps > 0 else nll
+        return (losses + z_loss if z_loss is not None else losses).to(out_dtype)
+    divisor = w_target.sum() if reduction == "mean" else 1.0
+    loss = nll.sum() / divisor
+    if eps > 0:
+        loss = (1.0 - eps) * loss + eps / classes * (smooth.sum() / divisor)
+    if z_loss is not None:
+        loss = loss + z_loss.sum() / divisor
+    return loss.to(out_dtype)
