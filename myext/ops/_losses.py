@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
 from .._validation import REDUCTIONS, check_same, check_tensor, transforms_active
-from ..backends import op
+from ..backends import available_backends, has_capability, op, resolve_backend
+from ..distributed import VocabParallel
 
-__all__ = ["CrossEntropyOutput", "Options", "capped", "check_class_indices", "check_class_weight", "check_options",
-           "check_target", "cross_entropy_2d", "extras", "probability_target_grad", "reduce_rows", "reference_rows",
-           "refuse_class_weight_tangent", "row_tangents", "target_grad_of"]
+# The capability of a loss's backend: the backward of a shard of the classes.
+SHARD_BACKWARD = "shard_backward"
+
+__all__ = ["SHARD_BACKWARD", "CrossEntropyOutput", "Options", "capped", "check_class_indices", "check_class_weight",
+           "check_options", "check_target", "check_vocab_parallel", "cross_entropy_2d", "extras", "finish", "plan",
+           "probability_target_grad", "reduce_rows", "reference_rows", "refuse_class_weight_tangent", "row_tangents",
+           "target_grad_of"]
 
 
 # --------------------------------------------------------------------------- options
@@ -36,6 +41,13 @@ class Options:
     label_smoothing: float
     lse_square_scale: float
     softcap: float
+
+    @classmethod
+    def of(cls, reduction: str, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+           softcap: Optional[float]) -> "Options":
+        """The options of a public call, its arguments checked (check_options)."""
+        return cls(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
+                   float(softcap or 0.0))
 
     @property
     def args(self) -> tuple:
@@ -124,6 +136,53 @@ def check_class_indices(target: torch.Tensor, classes: int, ignore_index: int) -
                          f"or ignore_index ({ignore_index})")
 
 
+def check_vocab_parallel(shard: VocabParallel, columns: int, what: str, device: torch.device, backend: str,
+                         op_name: str) -> None:
+    """``shard`` describes ``columns`` classes (those of ``what``), and ``backend`` has
+    the shard kernels of the op ``op_name`` (its ``shard_backward`` capability) on
+    ``device``; refuses forward-mode AD and torch.func's transforms, which the
+    collectives between the ranks do not support (PyTorch's own differentiable
+    all_reduce has no forward-mode formula, and a batch would need one call per rank
+    and element)."""
+    if not isinstance(shard, VocabParallel):
+        raise TypeError(f"vocab_parallel must be a myext.distributed.VocabParallel, got {type(shard).__name__}")
+    if transforms_active():
+        raise NotImplementedError(f"{op_name} with vocab_parallel supports reverse-mode autograd only: not "
+                                  "forward-mode AD (torch.autograd.forward_ad) or torch.func's transforms")
+    if columns != shard.size:
+        raise ValueError(f"vocab_parallel holds classes [{shard.start}, {shard.stop}), {shard.size} of them, but "
+                         f"{what} has {columns}")
+    if backend != "torch" and not has_capability(op_name, SHARD_BACKWARD, backend, device):
+        shard_backends = [b for b in available_backends(device, op_name)
+                          if b == "torch" or has_capability(op_name, SHARD_BACKWARD, b, device)]
+        raise ValueError(f"backend {backend!r} has no vocabulary-parallel kernels for {op_name} on {device.type}; "
+                         f"backends that have: {shard_backends}")
+
+
+
+def plan(op_name: str, backend: Optional[str], device: torch.device, target: torch.Tensor, probabilities: bool,
+         ignore_index: int, classes: int, vocab_parallel: Optional[VocabParallel], what: str,
+         return_accuracy: bool) -> tuple[torch.Tensor, str]:
+    """What a loss's public function settles once its arguments are checked: the backend
+    that runs it (resolved once) and the checks that depend on the backend. Returns the
+    target as the kernels read it (int64 class indices) and the backend's name.
+
+    ``classes``: the columns of this call's logits, ``what`` names them (with
+    ``vocab_parallel``, this rank's; the class indices go up to every rank's).
+    """
+    if return_accuracy and probabilities:
+        raise ValueError("return_accuracy needs class-index targets, not probabilities")
+    if target.dtype == torch.uint8:
+        target = target.long()
+    name = resolve_backend(backend, device, op_name)
+    if vocab_parallel is not None:
+        check_vocab_parallel(vocab_parallel, classes, what, device, name, op_name)
+    # The cpp kernels raise on a class index out of range as they read it.
+    if not probabilities and (name != "cpp" or vocab_parallel is not None):
+        check_class_indices(target, vocab_parallel.classes if vocab_parallel is not None else classes, ignore_index)
+    return target, name
+
+
 # --------------------------------------------------------------------------- outputs
 
 class CrossEntropyOutput(NamedTuple):
@@ -160,6 +219,18 @@ def extras(row_max: torch.Tensor, row_log_sum: torch.Tensor, target_logit: torch
         hits = ((target_logit >= row_max) & kept).to(row_max.dtype)
         accuracy = hits.sum() / kept.sum()
     return lse, accuracy
+
+
+def finish(loss: torch.Tensor, row_max: Optional[torch.Tensor], row_log_sum: Optional[torch.Tensor],
+           target_logit: Optional[torch.Tensor], target: torch.Tensor, options: Options, batch_shape: torch.Size,
+           return_lse: bool, return_accuracy: bool) -> Union[torch.Tensor, CrossEntropyOutput]:
+    """A loss's public result from its rows': the loss in the batch shape for reduction
+    none, and the extras asked for, from the rows' statistics and (R,) or (R, C) targets."""
+    loss = loss.reshape(batch_shape) if options.reduction == REDUCTIONS["none"] else loss
+    if not (return_lse or return_accuracy):
+        return loss
+    return CrossEntropyOutput(loss, *extras(row_max, row_log_sum, target_logit, target, options.ignore_index,
+                                            batch_shape, return_lse, return_accuracy))
 
 
 def reduce_rows(losses: torch.Tensor, total_weight: torch.Tensor, reduction: int, dtype: torch.dtype) -> torch.Tensor:

@@ -18,19 +18,14 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from .._library import acc_dtype
-from .._validation import REDUCTIONS, transforms_active
-from ..backends import available_backends, has_capability, op
+from .._validation import REDUCTIONS
+from ..backends import op
 from ..distributed import VocabParallel, all_reduce_max, all_reduce_sum
 from ._losses import Options, capped, reduce_rows, reference_rows, target_grad_of
 from .linear_relu import affine
 
-__all__ = ["SHARD_BACKWARD", "VocabParallelCrossEntropyFunction", "VocabParallelLinearCrossEntropyFunction",
-           "check_vocab_parallel", "combine_shards", "shard_logit_statistics", "shard_weight",
-           "vocab_parallel_reference"]
-
-# The capability of an op's backend: the backward of a shard of the classes.
-SHARD_BACKWARD = "shard_backward"
-
+__all__ = ["VocabParallelCrossEntropyFunction", "VocabParallelLinearCrossEntropyFunction", "combine_shards",
+           "shard_logit_statistics", "shard_weight", "vocab_parallel_reference"]
 
 class ShardRows(NamedTuple):
     """Each row's statistics over the whole classes, combined from every rank's shard:
@@ -279,29 +274,6 @@ def shard_weight(weight: Optional[torch.Tensor], shard: VocabParallel) -> Option
     if weight is not None and weight.dim() == 1 and weight.shape[0] == shard.classes != shard.size:
         return weight[shard.start:shard.stop]
     return weight
-
-
-def check_vocab_parallel(shard: VocabParallel, columns: int, what: str, device: torch.device, backend: str,
-                         op_name: str) -> None:
-    """``shard`` describes ``columns`` classes (those of ``what``), and ``backend`` has
-    the shard kernels of the op ``op_name`` (its ``shard_backward`` capability) on
-    ``device``; refuses forward-mode AD and torch.func's transforms, which the
-    collectives between the ranks do not support (PyTorch's own differentiable
-    all_reduce has no forward-mode formula, and a batch would need one call per rank
-    and element)."""
-    if not isinstance(shard, VocabParallel):
-        raise TypeError(f"vocab_parallel must be a myext.distributed.VocabParallel, got {type(shard).__name__}")
-    if transforms_active():
-        raise NotImplementedError(f"{op_name} with vocab_parallel supports reverse-mode autograd only: not "
-                                  "forward-mode AD (torch.autograd.forward_ad) or torch.func's transforms")
-    if columns != shard.size:
-        raise ValueError(f"vocab_parallel holds classes [{shard.start}, {shard.stop}), {shard.size} of them, but "
-                         f"{what} has {columns}")
-    if backend != "torch" and not has_capability(op_name, SHARD_BACKWARD, backend, device):
-        shard_backends = [b for b in available_backends(device, op_name)
-                          if b == "torch" or has_capability(op_name, SHARD_BACKWARD, b, device)]
-        raise ValueError(f"backend {backend!r} has no vocabulary-parallel kernels for {op_name} on {device.type}; "
-                         f"backends that have: {shard_backends}")
 
 
 class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):

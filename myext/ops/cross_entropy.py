@@ -22,14 +22,14 @@ from .. import registry
 from .._batching import is_legacy_batched
 from .._derivatives import jvp_of, vjp_of
 from .._library import acc_dtype
-from .._validation import REDUCTIONS, check_float_dtype, check_tensor, needs_grad, transforms_active
-from ..backends import has_capability, op, resolve_backend
+from .._validation import check_float_dtype, check_tensor, needs_grad, transforms_active
+from ..backends import has_capability, op
 from ..distributed import VocabParallel, from_dtensor, is_dtensor, to_local
-from ._losses import (CrossEntropyOutput, Options, check_class_indices, check_class_weight, check_options,
-                      check_target, cross_entropy_2d, extras, probability_target_grad, reduce_rows, reference_rows,
+from ._losses import (SHARD_BACKWARD, CrossEntropyOutput, Options, check_class_weight, check_options, check_target,
+                      cross_entropy_2d, finish, plan, probability_target_grad, reduce_rows, reference_rows,
                       refuse_class_weight_tangent, row_tangents)
-from ._vocab_parallel import (SHARD_BACKWARD, VocabParallelCrossEntropyFunction, check_vocab_parallel,
-                              combine_shards, shard_logit_statistics, shard_weight, vocab_parallel_reference)
+from ._vocab_parallel import (VocabParallelCrossEntropyFunction, combine_shards, shard_logit_statistics, shard_weight,
+                              vocab_parallel_reference)
 
 __all__ = ["CrossEntropyBackwardFunction", "CrossEntropyFunction", "CrossEntropyJvpFunction", "CrossEntropyOutput",
            "Options", "cross_entropy", "cross_entropy_2d", "reference"]
@@ -379,27 +379,19 @@ def cross_entropy(
         weight = shard_weight(weight, vocab_parallel)
     probabilities = check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                                         lse_square_scale, softcap)
-    if return_accuracy and probabilities:
-        raise ValueError("return_accuracy needs class-index targets, not probabilities")
-    if target.dtype == torch.uint8:
-        target = target.long()  # the kernels read int64 class indices
     if inplace_backward and input.is_leaf and input.requires_grad:
         raise ValueError("inplace_backward=True would overwrite input, a leaf tensor that requires grad, with "
                          "its own gradient; use it for logits computed by an earlier op")
-    name = resolve_backend(backend, input.device, NAME)
-    if vocab_parallel is not None:
-        if inplace_backward:
-            raise ValueError("inplace_backward is not available with vocab_parallel")
-        check_vocab_parallel(vocab_parallel, input.size(0 if input.dim() == 1 else 1), "input's class dimension",
-                             input.device, name, NAME)
-    if not probabilities and (name != "cpp" or vocab_parallel is not None):
-        classes = vocab_parallel.classes if vocab_parallel is not None else input.size(0 if input.dim() == 1 else 1)
-        check_class_indices(target, classes, ignore_index)
+    if inplace_backward and vocab_parallel is not None:
+        raise ValueError("inplace_backward is not available with vocab_parallel")
+    target, name = plan(NAME, backend, input.device, target, probabilities, ignore_index,
+                        input.shape[0 if input.dim() == 1 else 1], vocab_parallel, "input's class dimension",
+                        return_accuracy)
 
     # The kernels see rows of classes: (R, C) logits and (R,) or (R, C) targets.
     input_2d, target_2d, batch_shape = _as_rows(input, target, probabilities)
-    options = Options(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
-                      float(softcap or 0.0))
+    options = Options.of(reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
+    row_max = row_log_sum = target_logit = None  # the rows' statistics, where a path gives them
     if vocab_parallel is not None and name == "torch":
         loss = vocab_parallel_reference(input_2d, target_2d, weight, options, vocab_parallel)
         if return_lse or return_accuracy:
@@ -422,11 +414,8 @@ def cross_entropy(
         function = CrossEntropyJvpFunction if transforms_active() else CrossEntropyFunction
         loss, row_max, row_log_sum, target_logit, _ = function.apply(input_2d, target_2d, weight, options, name,
                                                                      inplace)
-    loss = loss.reshape(batch_shape) if reduction == "none" else loss
-    if not (return_lse or return_accuracy):
-        return loss
-    return CrossEntropyOutput(loss, *extras(row_max, row_log_sum, target_logit, target_2d, ignore_index,
-                                            batch_shape, return_lse, return_accuracy))
+    return finish(loss, row_max, row_log_sum, target_logit, target_2d, options, batch_shape, return_lse,
+                  return_accuracy)
 
 
 

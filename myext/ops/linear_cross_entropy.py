@@ -27,13 +27,13 @@ from .._library import acc_dtype
 from .._batching import is_legacy_batched
 from .._derivatives import vjp_of
 from .._validation import REDUCTIONS, check_float_dtype, check_same, check_tensor, needs_grad, transforms_active
-from ..backends import op, resolve_backend
+from ..backends import op
 from . import cross_entropy as ce
-from ._losses import (CrossEntropyOutput, Options, check_class_indices, check_class_weight, check_options,
-                      check_target, cross_entropy_2d, extras, probability_target_grad, reduce_rows,
-                      reference_rows, refuse_class_weight_tangent, row_tangents)
-from ._vocab_parallel import (SHARD_BACKWARD, VocabParallelLinearCrossEntropyFunction, check_vocab_parallel,
-                              combine_shards, shard_logit_statistics, shard_weight, vocab_parallel_reference)
+from ._losses import (SHARD_BACKWARD, CrossEntropyOutput, Options, check_class_weight, check_options, check_target,
+                      cross_entropy_2d, finish, plan, probability_target_grad, reduce_rows, reference_rows,
+                      refuse_class_weight_tangent, row_tangents)
+from ._vocab_parallel import (VocabParallelLinearCrossEntropyFunction, combine_shards, shard_logit_statistics,
+                              shard_weight, vocab_parallel_reference)
 from .linear_relu import affine, affine_tangent
 from ..distributed import VocabParallel, from_dtensor, is_dtensor, replicated, to_local
 
@@ -355,20 +355,10 @@ def linear_cross_entropy(
         weight = shard_weight(weight, vocab_parallel)
     probabilities = check_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index,
                                                reduction, label_smoothing, lse_square_scale, softcap, chunk_size)
-    if return_accuracy and probabilities:
-        raise ValueError("return_accuracy needs class-index targets, not probabilities")
-    if target.dtype == torch.uint8:
-        target = target.long()
     classes = linear_weight.shape[0]
-    name = resolve_backend(backend, input.device, NAME)
-    if vocab_parallel is not None:
-        check_vocab_parallel(vocab_parallel, classes, "linear_weight's rows", input.device, name, NAME)
-    if not probabilities and (name != "cpp" or vocab_parallel is not None):
-        check_class_indices(target, vocab_parallel.classes if vocab_parallel is not None else classes,
-                               ignore_index)
-
-    options = Options(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
-                      float(softcap or 0.0))
+    target, name = plan(NAME, backend, input.device, target, probabilities, ignore_index, classes, vocab_parallel,
+                        "linear_weight's rows", return_accuracy)
+    options = Options.of(reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
     want_rows = return_lse or return_accuracy
     if linear_weight.dim() > 2:
         if vocab_parallel is not None:
@@ -388,11 +378,8 @@ def linear_cross_entropy(
         chunk = chunk_size or default_chunk_size(input_2d.shape[0], classes, input.dtype)
         loss, row_max, row_log_sum, target_logit = _rows_loss(input_2d, linear_weight, linear_bias, target_2d, weight,
                                                               options, chunk, name, vocab_parallel, want_rows)
-    loss = loss.reshape(batch_shape) if reduction == "none" else loss
-    if not want_rows:
-        return loss
-    return CrossEntropyOutput(loss, *extras(row_max, row_log_sum, target_logit, target_2d, ignore_index,
-                                               batch_shape, return_lse, return_accuracy))
+    return finish(loss, row_max, row_log_sum, target_logit, target_2d, options, batch_shape, return_lse,
+                  return_accuracy)
 
 
 def _rows_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
