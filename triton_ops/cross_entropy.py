@@ -22,7 +22,6 @@ of the classes (vocabulary parallelism) is the same sweep over the shard's colum
 given the whole rows' max, log_sum and sum(w q).
 """
 
-import math
 from typing import Optional
 
 import torch
@@ -31,6 +30,7 @@ import triton.language as tl
 
 from . import INTERPRETED
 from ._host import check, check_floating, check_like, check_optional_vector, check_shape, wrap_triton
+from ._loss_options import LossOptions
 
 # The most elements a program loads at a time: 16 KB of float32, eight per thread
 # of 16 warps. Tests lower it to run rows of many blocks cheaply.
@@ -304,8 +304,10 @@ def _cross_entropy_backward_kernel(
 
 def _launch(kernel, *args, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
             label_smoothing: float, lse_square_scale: float, softcap: float, **flags: bool) -> None:
-    """Launches one of the kernels over the rows of input, with tiles sized for its rows;
-    ``flags`` are the constexprs of that kernel alone."""
+    """Launches one of the kernels over the rows of input, with tiles sized for its rows.
+    It takes what the kernels take: ``args`` their arguments, the options among them as
+    scalars (LossOptions.kernel_args), and by name the options that switch math on
+    (LossOptions.switches); ``flags`` are the constexprs of that kernel alone."""
     rows, classes = input.shape
     block_c = min(triton.next_power_of_2(max(classes, 1)), MAX_BLOCK_C)
     block_r = min(triton.next_power_of_2(rows), MAX_BLOCK_C // block_c)
@@ -322,8 +324,7 @@ def _target_strides(target: torch.Tensor) -> tuple[int, int]:
 
 
 def _check_inputs(op: str, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                  reduction: int, ignore_index: int, label_smoothing: float, lse_square_scale: float,
-                  softcap: float, shard: Optional[tuple[int, int]] = None) -> None:
+                  o: LossOptions, shard: Optional[tuple[int, int]] = None) -> None:
     """The checks of csrc/cross_entropy.h; with ``shard`` = (class_start, classes), input
     holds the logits of classes [class_start, class_start + C_local) of ``classes``,
     which the class indices index."""
@@ -334,8 +335,8 @@ def _check_inputs(op: str, input: torch.Tensor, target: torch.Tensor, weight: Op
     if shard is not None:
         class_start, classes = shard
         check_shard_range(op, class_start, columns, classes)
-    check_targets(op, target, weight, rows, columns, input, ignore_index, index_classes=classes)
-    check_options(op, reduction, label_smoothing, lse_square_scale, softcap)
+    check_targets(op, target, weight, rows, columns, input, o.ignore_index, index_classes=classes)
+    o.check(op)
 
 
 def check_shard_range(op: str, class_start: int, columns: int, classes: int) -> None:
@@ -367,13 +368,6 @@ def check_targets(op: str, target: torch.Tensor, weight: Optional[torch.Tensor],
             torch._assert_async(in_range.all(), f"{op}: a class index is outside [0, {bound}) "
                                                 f"and not ignore_index ({ignore_index})")
     check_optional_vector(op, "weight", weight, classes, ref)
-
-
-def check_options(op: str, reduction: int, label_smoothing: float, lse_square_scale: float, softcap: float) -> None:
-    check(reduction in (0, 1, 2), op, f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
-    check(0.0 <= label_smoothing <= 1.0, op, f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    check(0.0 <= lse_square_scale < math.inf, op, f"lse_square_scale must be finite and >= 0, got {lse_square_scale}")
-    check(0.0 <= softcap < math.inf, op, f"softcap must be finite and > 0, or 0 for none, got {softcap}")
 
 
 def check_row_outputs(op: str, grad_loss: torch.Tensor, row_max: torch.Tensor, row_log_sum: torch.Tensor,
@@ -418,16 +412,16 @@ def cross_entropy_forward(
     or R); the last four in float32 (float64 for float64 input).
     """
     op = "cross_entropy_forward_triton"
-    _check_inputs(op, input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
+    o = LossOptions(reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
+    _check_inputs(op, input, target, weight, o)
     rows, classes = input.shape
     acc = torch.promote_types(input.dtype, torch.float32)  # float64 stays, the rest is float32
     losses, row_max, row_log_sum, target_logit, row_weight = (input.new_empty((rows,), dtype=acc) for _ in range(5))
-    forward_rows(input, target, weight, losses, row_max, row_log_sum, target_logit, row_weight, ignore_index,
-                 label_smoothing, lse_square_scale, softcap)
+    forward_rows(input, target, weight, losses, row_max, row_log_sum, target_logit, row_weight, o)
     total_weight = row_weight.sum()
-    if reduction == 0:
+    if o.reduction == 0:
         loss = losses
-    elif reduction == 2:
+    elif o.reduction == 2:
         loss = losses.sum()
     else:
         loss = losses.sum() / mean_divisor(total_weight)
@@ -443,14 +437,14 @@ def cross_entropy_backward(
     gradient grad_loss and forward's row_max, row_log_sum and total_weight: the op
     myext::cross_entropy_backward_triton."""
     op = "cross_entropy_backward_triton"
-    _check_inputs(op, input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
+    o = LossOptions(reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
+    _check_inputs(op, input, target, weight, o)
     rows, classes = input.shape
-    check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, reduction, input)
+    check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, o.reduction, input)
     grad_input = torch.empty((rows, classes), dtype=input.dtype, device=input.device)
     acc = torch.promote_types(input.dtype, torch.float32)
     backward_rows(grad_input, input, target, weight, row_max, row_log_sum,
-                  _row_scale(grad_loss, total_weight, reduction, acc), ignore_index, label_smoothing,
-                  lse_square_scale, softcap)
+                  _row_scale(grad_loss, total_weight, o.reduction, acc), o)
     return grad_input
 
 
@@ -468,10 +462,10 @@ def cross_entropy_shard_backward(
     sum(w q) over every class and weight_sum (0-d) the sum of every class's weight (C
     without weights); the rest as cross_entropy_backward's."""
     op = "cross_entropy_shard_backward_triton"
-    _check_inputs(op, input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
-                  shard=(class_start, classes))
+    o = LossOptions(reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
+    _check_inputs(op, input, target, weight, o, shard=(class_start, classes))
     rows, columns = input.shape
-    check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, reduction, input)
+    check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, o.reduction, input)
     for name, t, shape in (("row_weight", row_weight, (rows,)), ("weight_sum", weight_sum, ())):
         check_floating(op, name, t)
         check(t.device == input.device, op, f"{name} is on {t.device} but input is on {input.device}")
@@ -479,15 +473,14 @@ def cross_entropy_shard_backward(
     grad_input = torch.empty((rows, columns), dtype=input.dtype, device=input.device)
     acc = torch.promote_types(input.dtype, torch.float32)
     backward_rows(grad_input, input, target, weight, row_max, row_log_sum,
-                  _row_scale(grad_loss, total_weight, reduction, acc), ignore_index, label_smoothing,
-                  lse_square_scale, softcap, shard=(class_start, classes, row_weight, weight_sum))
+                  _row_scale(grad_loss, total_weight, o.reduction, acc), o,
+                  shard=(class_start, classes, row_weight, weight_sum))
     return grad_input
 
 
 def forward_rows(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], losses: torch.Tensor,
                  row_max: torch.Tensor, row_log_sum: torch.Tensor, target_logit: torch.Tensor,
-                 row_weight: torch.Tensor, ignore_index: int, label_smoothing: float, lse_square_scale: float,
-                 softcap: float) -> None:
+                 row_weight: torch.Tensor, o: LossOptions) -> None:
     """The forward kernel over checked rows (R, C) of logits: each row's loss, max,
     log-sum, target logit and share of the mean's divisor into the (R,) outputs, all of
     the accumulation dtype. Shared with the fused linear cross-entropy's chunks."""
@@ -497,14 +490,12 @@ def forward_rows(input: torch.Tensor, target: torch.Tensor, weight: Optional[tor
     weight = weight.contiguous() if weight is not None else None
     # A pointer the options switch off is never read: the input stands in.
     _launch(_cross_entropy_forward_kernel, input, target, weight if weight is not None else input, losses,
-            row_max, row_log_sum, target_logit, row_weight, rows, classes, ignore_index, label_smoothing,
-            lse_square_scale, softcap, *input.stride(), *_target_strides(target), input=input, target=target,
-            weight=weight, label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
+            row_max, row_log_sum, target_logit, row_weight, rows, classes, *o.kernel_args, *input.stride(),
+            *_target_strides(target), input=input, target=target, weight=weight, **o.switches)
 
 
 def backward_rows(grad: torch.Tensor, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
-                  row_max: torch.Tensor, row_log_sum: torch.Tensor, scale: torch.Tensor, ignore_index: int,
-                  label_smoothing: float, lse_square_scale: float, softcap: float,
+                  row_max: torch.Tensor, row_log_sum: torch.Tensor, scale: torch.Tensor, o: LossOptions,
                   shard: Optional[tuple[int, int, torch.Tensor, torch.Tensor]] = None) -> None:
     """The backward kernel over checked rows (R, C): the logits' gradient times
     ``scale`` (one per row, (R,), or one for all, 0-d) into ``grad`` (R, C), unit column
@@ -526,8 +517,7 @@ def backward_rows(grad: torch.Tensor, input: torch.Tensor, target: torch.Tensor,
         # Whole rows: scale stands in for the pointers the kernel then never reads.
         class_start, classes, row_weight, weight_sum = 0, columns, scale, scale
     _launch(_cross_entropy_backward_kernel, grad, input, target, weight if weight is not None else input,
-            row_max, row_log_sum, scale, row_weight, weight_sum, rows, columns, classes, class_start, ignore_index,
-            label_smoothing, lse_square_scale, softcap, grad.stride(0), *input.stride(), *_target_strides(target),
-            scale.stride(0) if scale.dim() else 0, input=input, target=target, weight=weight,
-            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+            row_max, row_log_sum, scale, row_weight, weight_sum, rows, columns, classes, class_start,
+            *o.kernel_args, grad.stride(0), *input.stride(), *_target_strides(target),
+            scale.stride(0) if scale.dim() else 0, input=input, target=target, weight=weight, **o.switches,
             SHARD=shard is not None)

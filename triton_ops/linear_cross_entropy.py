@@ -19,6 +19,7 @@ import torch
 
 from . import cross_entropy as ce
 from ._host import check, check_floating, check_like, check_optional_vector, check_shape
+from ._loss_options import LinearLossOptions
 
 # As csrc/linear_cross_entropy.h: a chunk's logits take about this many bytes, in at
 # least this many rows.
@@ -37,8 +38,7 @@ def chunk_rows(rows: int, classes: int, element_size: int, requested: int) -> in
 
 
 def _check_inputs(op: str, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
-                  target: torch.Tensor, weight: Optional[torch.Tensor], reduction: int, ignore_index: int,
-                  label_smoothing: float, lse_square_scale: float, softcap: float, chunk_size: int,
+                  target: torch.Tensor, weight: Optional[torch.Tensor], o: LinearLossOptions,
                   shard: Optional[tuple[int, int]] = None) -> None:
     """The checks of csrc/linear_cross_entropy.h; class indices are asserted on the
     device, as by the cross-entropy ops. With ``shard`` = (class_start, classes) the
@@ -56,9 +56,9 @@ def _check_inputs(op: str, input: torch.Tensor, linear_weight: torch.Tensor, lin
     if shard is not None:
         class_start, index_classes = shard
         ce.check_shard_range(op, class_start, classes, index_classes)
-    ce.check_targets(op, target, weight, input.shape[0], classes, input, ignore_index, index_classes=index_classes)
-    ce.check_options(op, reduction, label_smoothing, lse_square_scale, softcap)
-    check(chunk_size >= 0, op, f"chunk_size must be >= 0 (0: chosen from the shapes), got {chunk_size}")
+    ce.check_targets(op, target, weight, input.shape[0], classes, input, o.ignore_index,
+                     index_classes=index_classes)
+    o.check(op)
 
 
 def _divisor_before(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
@@ -115,33 +115,31 @@ def linear_cross_entropy_forward(
     rows; for reduction mean or sum also the gradients ``grad_mask`` asks for (for an
     upstream gradient of 1): the op myext::linear_cross_entropy_forward_triton."""
     op = "linear_cross_entropy_forward_triton"
-    _check_inputs(op, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-                  lse_square_scale, softcap, chunk_size)
+    o = LinearLossOptions(reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_size)
+    _check_inputs(op, input, linear_weight, linear_bias, target, weight, o)
     rows, classes = input.shape[0], linear_weight.shape[0]
     acc = torch.promote_types(input.dtype, torch.float32)
     losses, row_max, row_log_sum, target_logit, row_weight = (input.new_empty((rows,), dtype=acc) for _ in range(5))
-    with_grads = reduction != 0 and any(grad_mask)
+    with_grads = o.reduction != 0 and any(grad_mask)
     grads = _grad_buffers(input, linear_weight, grad_mask) if with_grads else (None, None, None)
     if with_grads:
         scale = torch.ones((), dtype=acc, device=input.device)
-        if reduction == 1:
-            scale = scale / ce.mean_divisor(_divisor_before(target, weight, ignore_index, acc))
-    chunk = chunk_rows(rows, classes, input.element_size(), chunk_size)
+        if o.reduction == 1:
+            scale = scale / ce.mean_divisor(_divisor_before(target, weight, o.ignore_index, acc))
+    chunk = chunk_rows(rows, classes, input.element_size(), o.chunk_size)
     for begin in range(0, rows, chunk):
         end = min(rows, begin + chunk)
         x, t = input[begin:end], target[begin:end]
         logits = _linear(x, linear_weight, linear_bias)
         ce.forward_rows(logits, t, weight, losses[begin:end], row_max[begin:end], row_log_sum[begin:end],
-                        target_logit[begin:end], row_weight[begin:end], ignore_index, label_smoothing,
-                        lse_square_scale, softcap)
+                        target_logit[begin:end], row_weight[begin:end], o)
         if with_grads:
-            ce.backward_rows(logits, logits, t, weight, row_max[begin:end], row_log_sum[begin:end], scale,
-                             ignore_index, label_smoothing, lse_square_scale, softcap)
+            ce.backward_rows(logits, logits, t, weight, row_max[begin:end], row_log_sum[begin:end], scale, o)
             _accumulate(grads, logits, x, linear_weight, begin)
     total_weight = row_weight.sum()
-    if reduction == 0:
+    if o.reduction == 0:
         loss = losses
-    elif reduction == 2:
+    elif o.reduction == 2:
         loss = losses.sum()
     else:
         loss = losses.sum() / ce.mean_divisor(total_weight)
@@ -150,9 +148,8 @@ def linear_cross_entropy_forward(
 
 def _backward_chunks(grad_loss: torch.Tensor, input: torch.Tensor, linear_weight: torch.Tensor,
                      linear_bias: Optional[torch.Tensor], target: torch.Tensor, weight: Optional[torch.Tensor],
-                     row_max: torch.Tensor, row_log_sum: torch.Tensor, total_weight: torch.Tensor, reduction: int,
-                     ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
-                     chunk_size: int, output_mask: Sequence[bool],
+                     row_max: torch.Tensor, row_log_sum: torch.Tensor, total_weight: torch.Tensor,
+                     o: LinearLossOptions, output_mask: Sequence[bool],
                      shard: Optional[tuple[int, int, torch.Tensor, torch.Tensor]] = None):
     """The backward loop over checked arguments: each chunk's logits again, turned into
     their gradient (with ``shard`` = (class_start, classes, row_weight, weight_sum) that
@@ -163,21 +160,20 @@ def _backward_chunks(grad_loss: torch.Tensor, input: torch.Tensor, linear_weight
     rows = input.shape[0]
     acc = torch.promote_types(input.dtype, torch.float32)
     scale = grad_loss.to(acc)
-    if reduction == 1:
+    if o.reduction == 1:
         scale = scale / ce.mean_divisor(total_weight.to(acc))
     if shard is not None:
         # Converted once: each chunk's rows are then a contiguous view.
         class_start, classes, row_weight, weight_sum = shard
         row_weight = row_weight.to(acc).contiguous()
     grads = _grad_buffers(input, linear_weight, output_mask)
-    chunk = chunk_rows(rows, linear_weight.shape[0], input.element_size(), chunk_size)
+    chunk = chunk_rows(rows, linear_weight.shape[0], input.element_size(), o.chunk_size)
     for begin in range(0, rows, chunk):
         end = min(rows, begin + chunk)
         x = input[begin:end]
         logits = _linear(x, linear_weight, linear_bias)
         ce.backward_rows(logits, logits, target[begin:end], weight, row_max[begin:end], row_log_sum[begin:end],
-                         scale[begin:end] if reduction == 0 else scale, ignore_index, label_smoothing,
-                         lse_square_scale, softcap,
+                         scale[begin:end] if o.reduction == 0 else scale, o,
                          shard=None if shard is None else (class_start, classes, row_weight[begin:end], weight_sum))
         _accumulate(grads, logits, x, linear_weight, begin)
     return _finish(grads, input.dtype)
@@ -193,12 +189,11 @@ def linear_cross_entropy_backward(
     for, each chunk's logits computed again: the op
     myext::linear_cross_entropy_backward_triton."""
     op = "linear_cross_entropy_backward_triton"
-    _check_inputs(op, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-                  lse_square_scale, softcap, chunk_size)
-    ce.check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, input.shape[0], reduction, input)
+    o = LinearLossOptions(reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_size)
+    _check_inputs(op, input, linear_weight, linear_bias, target, weight, o)
+    ce.check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, input.shape[0], o.reduction, input)
     return _backward_chunks(grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum,
-                            total_weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
-                            chunk_size, output_mask)
+                            total_weight, o, output_mask)
 
 
 def linear_cross_entropy_shard_backward(
@@ -217,14 +212,13 @@ def linear_cross_entropy_shard_backward(
     the input's gradient, which the caller sums over the shards: the op
     myext::linear_cross_entropy_shard_backward_triton."""
     op = "linear_cross_entropy_shard_backward_triton"
-    _check_inputs(op, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-                  lse_square_scale, softcap, chunk_size, shard=(class_start, classes))
+    o = LinearLossOptions(reduction, ignore_index, label_smoothing, lse_square_scale, softcap, chunk_size)
+    _check_inputs(op, input, linear_weight, linear_bias, target, weight, o, shard=(class_start, classes))
     rows = input.shape[0]
-    ce.check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, reduction, input)
+    ce.check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, o.reduction, input)
     for name, t, shape in (("row_weight", row_weight, (rows,)), ("weight_sum", weight_sum, ())):
         check_floating(op, name, t)
         check(t.device == input.device, op, f"{name} is on {t.device} but input is on {input.device}")
         check_shape(op, name, t, shape)
     return _backward_chunks(grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum,
-                            total_weight, reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
-                            chunk_size, output_mask, shard=(class_start, classes, row_weight, weight_sum))
+                            total_weight, o, output_mask, shard=(class_start, classes, row_weight, weight_sum))
