@@ -347,6 +347,16 @@ def check_shard_range(op: str, class_start: int, columns: int, classes: int) -> 
           f"{class_start + columns}) must lie within the {classes} classes")
 
 
+def check_shard_rows(op: str, row_weight: torch.Tensor, weight_sum: torch.Tensor, rows: int,
+                     ref: torch.Tensor) -> None:
+    """A shard's row_weight (rows,) and weight_sum (0-d), floating, on the device of
+    ``ref`` (the rest of csrc/cross_entropy.h's check_shard)."""
+    for name, t, shape in (("row_weight", row_weight, (rows,)), ("weight_sum", weight_sum, ())):
+        check_floating(op, name, t)
+        check(t.device == ref.device, op, f"{name} is on {t.device} but input is on {ref.device}")
+        check_shape(op, name, t, shape)
+
+
 def check_targets(op: str, target: torch.Tensor, weight: Optional[torch.Tensor], rows: int, classes: int,
                   ref: torch.Tensor, ignore_index: int, index_classes: Optional[int] = None) -> None:
     """target (rows,) int64 or (rows, classes) probabilities, weight (classes) or None, of
@@ -391,8 +401,24 @@ def mean_divisor(total_weight: torch.Tensor) -> torch.Tensor:
     return torch.where(total_weight == 0, torch.full_like(total_weight, float("nan")), total_weight)
 
 
-def _row_scale(grad_loss: torch.Tensor, total_weight: torch.Tensor, reduction: int, acc: torch.dtype) -> torch.Tensor:
-    """The factor of each row: the upstream gradient, over the mean's divisor."""
+def reduce_rows(losses: torch.Tensor, row_weight: torch.Tensor, reduction: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' losses reduced (kept per row for reduction 0, else their mean (1) or sum
+    (2)) in ``dtype``, and the mean's divisor, the rows' weights summed. Shared with the
+    fused linear cross-entropy."""
+    total_weight = row_weight.sum()
+    if reduction == 0:
+        loss = losses
+    elif reduction == 2:
+        loss = losses.sum()
+    else:
+        loss = losses.sum() / mean_divisor(total_weight)
+    return loss.to(dtype), total_weight
+
+
+def row_scale(grad_loss: torch.Tensor, total_weight: torch.Tensor, reduction: int, acc: torch.dtype) -> torch.Tensor:
+    """The factor of each row: the upstream gradient, over the mean's divisor. Shared with
+    the fused linear cross-entropy."""
     scale = grad_loss.to(acc)
     if reduction == 1:
         scale = scale / mean_divisor(total_weight.to(acc))
@@ -418,14 +444,8 @@ def cross_entropy_forward(
     acc = torch.promote_types(input.dtype, torch.float32)  # float64 stays, the rest is float32
     losses, row_max, row_log_sum, target_logit, row_weight = (input.new_empty((rows,), dtype=acc) for _ in range(5))
     forward_rows(input, target, weight, losses, row_max, row_log_sum, target_logit, row_weight, o)
-    total_weight = row_weight.sum()
-    if o.reduction == 0:
-        loss = losses
-    elif o.reduction == 2:
-        loss = losses.sum()
-    else:
-        loss = losses.sum() / mean_divisor(total_weight)
-    return loss.to(input.dtype), row_max, row_log_sum, target_logit, total_weight
+    loss, total_weight = reduce_rows(losses, row_weight, o.reduction, input.dtype)
+    return loss, row_max, row_log_sum, target_logit, total_weight
 
 
 def cross_entropy_backward(
@@ -444,7 +464,7 @@ def cross_entropy_backward(
     grad_input = torch.empty((rows, classes), dtype=input.dtype, device=input.device)
     acc = torch.promote_types(input.dtype, torch.float32)
     backward_rows(grad_input, input, target, weight, row_max, row_log_sum,
-                  _row_scale(grad_loss, total_weight, o.reduction, acc), o)
+                  row_scale(grad_loss, total_weight, o.reduction, acc), o)
     return grad_input
 
 
@@ -466,14 +486,11 @@ def cross_entropy_shard_backward(
     _check_inputs(op, input, target, weight, o, shard=(class_start, classes))
     rows, columns = input.shape
     check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, o.reduction, input)
-    for name, t, shape in (("row_weight", row_weight, (rows,)), ("weight_sum", weight_sum, ())):
-        check_floating(op, name, t)
-        check(t.device == input.device, op, f"{name} is on {t.device} but input is on {input.device}")
-        check_shape(op, name, t, shape)
+    check_shard_rows(op, row_weight, weight_sum, rows, input)
     grad_input = torch.empty((rows, columns), dtype=input.dtype, device=input.device)
     acc = torch.promote_types(input.dtype, torch.float32)
     backward_rows(grad_input, input, target, weight, row_max, row_log_sum,
-                  _row_scale(grad_loss, total_weight, o.reduction, acc), o,
+                  row_scale(grad_loss, total_weight, o.reduction, acc), o,
                   shard=(class_start, classes, row_weight, weight_sum))
     return grad_input
 

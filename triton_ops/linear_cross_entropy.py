@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import cross_entropy as ce
-from ._host import check, check_floating, check_like, check_optional_vector, check_shape
+from ._host import check, check_floating, check_like, check_optional_vector
 from ._loss_options import LinearLossOptions
 
 # As csrc/linear_cross_entropy.h: a chunk's logits take about this many bytes, in at
@@ -136,14 +136,8 @@ def linear_cross_entropy_forward(
         if with_grads:
             ce.backward_rows(logits, logits, t, weight, row_max[begin:end], row_log_sum[begin:end], scale, o)
             _accumulate(grads, logits, x, linear_weight, begin)
-    total_weight = row_weight.sum()
-    if o.reduction == 0:
-        loss = losses
-    elif o.reduction == 2:
-        loss = losses.sum()
-    else:
-        loss = losses.sum() / ce.mean_divisor(total_weight)
-    return (loss.to(input.dtype), row_max, row_log_sum, target_logit, total_weight, *_finish(grads, input.dtype))
+    loss, total_weight = ce.reduce_rows(losses, row_weight, o.reduction, input.dtype)
+    return (loss, row_max, row_log_sum, target_logit, total_weight, *_finish(grads, input.dtype))
 
 
 def _backward_chunks(grad_loss: torch.Tensor, input: torch.Tensor, linear_weight: torch.Tensor,
@@ -159,9 +153,7 @@ def _backward_chunks(grad_loss: torch.Tensor, input: torch.Tensor, linear_weight
         return None, None, None
     rows = input.shape[0]
     acc = torch.promote_types(input.dtype, torch.float32)
-    scale = grad_loss.to(acc)
-    if o.reduction == 1:
-        scale = scale / ce.mean_divisor(total_weight.to(acc))
+    scale = ce.row_scale(grad_loss, total_weight, o.reduction, acc)
     if shard is not None:
         # Converted once: each chunk's rows are then a contiguous view.
         class_start, classes, row_weight, weight_sum = shard
@@ -216,9 +208,6 @@ def linear_cross_entropy_shard_backward(
     _check_inputs(op, input, linear_weight, linear_bias, target, weight, o, shard=(class_start, classes))
     rows = input.shape[0]
     ce.check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, o.reduction, input)
-    for name, t, shape in (("row_weight", row_weight, (rows,)), ("weight_sum", weight_sum, ())):
-        check_floating(op, name, t)
-        check(t.device == input.device, op, f"{name} is on {t.device} but input is on {input.device}")
-        check_shape(op, name, t, shape)
+    ce.check_shard_rows(op, row_weight, weight_sum, rows, input)
     return _backward_chunks(grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum,
                             total_weight, o, output_mask, shard=(class_start, classes, row_weight, weight_sum))
