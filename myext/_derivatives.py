@@ -25,14 +25,7 @@ def vjp_of(fn: Callable[..., torch.Tensor], primals: Sequence[Optional[torch.Ten
     ``fn(*primals)`` differentiated, as a graph that differentiates again."""
     if peek_interpreter_stack() is not None:
         moved = [i for i, w in enumerate(wanted) if w]
-
-        def of_moved(*values):
-            args = list(primals)
-            for i, value in zip(moved, values):
-                args[i] = value
-            return fn(*args)
-
-        _, pullback = torch.func.vjp(of_moved, *[primals[i] for i in moved])
+        _, pullback = torch.func.vjp(_of_moved(fn, primals, moved), *[primals[i] for i in moved])
         found = iter(pullback(cotangent))
         return tuple(next(found) if w else None for w in wanted)
     with torch.enable_grad():
@@ -55,19 +48,13 @@ def jvp_of(fn: Callable[..., torch.Tensor], primals: Sequence[Optional[torch.Ten
     wanted = [t is not None for t in tangents]
     if peek_interpreter_stack() is not None:
         moved = [i for i, w in enumerate(wanted) if w]
-
-        def of_moved(*values):
-            args = list(primals)
-            for i, value in zip(moved, values):
-                args[i] = value
-            return fn(*args)
-
         # Dense copies: torch.func.jvp cannot pair a primal with an expanded tangent or
         # the reverse (an upstream gradient of ones often is one), whatever its logical
         # strides say under vmap.
         dense = [(primals[i].clone(memory_format=torch.contiguous_format),
                   tangents[i].clone(memory_format=torch.contiguous_format)) for i in moved]
-        return torch.func.jvp(of_moved, tuple(p for p, _ in dense), tuple(t for _, t in dense))[1]
+        return torch.func.jvp(_of_moved(fn, primals, moved), tuple(p for p, _ in dense),
+                              tuple(t for _, t in dense))[1]
     with torch.enable_grad():
         leaves = [p.detach().requires_grad_() if w else (p.detach() if isinstance(p, torch.Tensor) else p)
                   for p, w in zip(primals, wanted)]
@@ -80,6 +67,17 @@ def jvp_of(fn: Callable[..., torch.Tensor], primals: Sequence[Optional[torch.Ten
             return torch.zeros_like(out)
         (jvp,) = torch.autograd.grad(inner, u, allow_unused=True)
     return _zeros_if_none(jvp, out)
+
+
+def _of_moved(fn: Callable[..., torch.Tensor], primals: Sequence, moved: Sequence[int]) -> Callable[..., torch.Tensor]:
+    """``fn`` as a function of the primals at the indices ``moved`` only, the others
+    fixed: what torch.func's vjp and jvp differentiate."""
+    def of_moved(*values):
+        args = list(primals)
+        for i, value in zip(moved, values):
+            args[i] = value
+        return fn(*args)
+    return of_moved
 
 
 def _zeros_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
