@@ -15,9 +15,18 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from ._batching import register_loop_vmap
-from .testing import Sample
 
 __all__ = ["Benchmark", "OpSpec", "Sample", "get", "names", "register", "specs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """The arguments of one call. The tensors in ``args`` and ``kwargs`` that require
+    grad are the differentiable inputs; everything else is held fixed."""
+
+    args: tuple
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    name: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

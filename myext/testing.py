@@ -82,6 +82,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
+from .registry import Sample  # defined with the op specs that list samples; check() takes them too
+
 __all__ = ["CHECKS", "MODE_CHECKS", "Report", "Result", "Sample", "check"]
 
 CHECKS = ("gradcheck", "gradgradcheck", "forward AD", "batched grad", "forward over reverse", "reentrant",
@@ -92,16 +94,6 @@ MODE_CHECKS = ("forward AD", "batched grad", "forward over reverse", "torch.func
 _TORCH_REFUSALS = ("must override the setup_context staticmethod", "You must implement the jvp function",
                    "Batching rule not implemented")
 _BUILTIN_NAMESPACES = frozenset({"aten", "prims", "prim", "_ops", "profiler", "debugprims"})
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    """The arguments of one call. The tensors in ``args`` and ``kwargs`` that require
-    grad are the differentiable inputs; everything else is held fixed."""
-
-    args: tuple
-    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    name: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
