@@ -15,7 +15,7 @@ import glob
 import os
 import platform
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -139,6 +139,11 @@ def cpu_kernel_extension(capability: str):
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 
 setup(
+    # The folder triton_ops/ installs as the package myext_triton_ops: a top-level package
+    # named triton_ops could collide with another project's. (In a checkout, the link
+    # myext_triton_ops -> triton_ops gives the same name to PYTHONPATH=<checkout> runs.)
+    packages=find_packages(ROOT, include=["myext", "myext.*"]) + ["myext_triton_ops"],
+    package_dir={"myext_triton_ops": "triton_ops"},
     ext_modules=[schema_extension()] + [cpu_kernel_extension(c) for c in cpu_capabilities()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-import triton_ops
+import myext_triton_ops
 
 from ._batching import register_loop_vmap
 
@@ -59,7 +59,7 @@ def register_triton_ops(names: Sequence[str], fakes: Mapping[str, Callable], mod
         host = getattr(module, name)
         schema = schema_of(f"myext::{name}")
         qualified_name = f"myext::{name}{TRITON_SUFFIX}"
-        if not triton_ops.INTERPRETED and _traceable_schema(host, schema):
+        if not myext_triton_ops.INTERPRETED and _traceable_schema(host, schema):
             torch.library.triton_op(qualified_name, host, mutates_args=())
         else:
             torch.library.custom_op(qualified_name, host, mutates_args=(), schema=schema)

@@ -3,8 +3,8 @@
 Backends:
   ``"cpp"``     the C++ CPU kernels in csrc/cpu (CPU tensors).
   ``"cuda"``    the CUDA kernels in csrc/cuda (CUDA tensors; needs a CUDA build of myext).
-  ``"triton"``  the Triton kernels in triton_ops/ (CUDA tensors; CPU tensors only under
-                ``TRITON_INTERPRET=1``).
+  ``"triton"``  the Triton kernels in triton_ops/, the package ``myext_triton_ops`` (CUDA
+                tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
   ``"torch"``   each op's plain-PyTorch reference: the executable spec.
 
 Availability is per op and backend: a compiled backend has an op where every one of
@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-import triton_ops
+import myext_triton_ops
 
 from . import _C, _cpu  # noqa: F401  (their kernels must be registered before they are probed)
 from . import registry
@@ -97,7 +97,7 @@ def probe_triton() -> bool:
     global _triton_loaded, _triton_error
     if _triton_loaded is None:
         try:
-            modules = [(spec, importlib.import_module(f"triton_ops.{spec.name}"))
+            modules = [(spec, importlib.import_module(f"myext_triton_ops.{spec.name}"))
                        for spec in registry.specs() if "triton" in spec.backends]
         except ImportError as err:
             _triton_loaded, _triton_error = False, f"{type(err).__name__}: {err}"
@@ -111,7 +111,7 @@ def probe_triton() -> bool:
 
 def triton_may_run() -> bool:
     """Whether Triton kernels can run in this process: on a CUDA device, or interpreted."""
-    return triton_ops.INTERPRETED or torch.cuda.is_available()
+    return myext_triton_ops.INTERPRETED or torch.cuda.is_available()
 
 
 def _has_kernels(names: tuple[str, ...], backend: str, device_type: str) -> bool:
@@ -120,7 +120,7 @@ def _has_kernels(names: tuple[str, ...], backend: str, device_type: str) -> bool
             torch._C._dispatch_has_kernel_for_dispatch_key(f"myext::{name}", _DISPATCH_KEY[backend])
             for name in names)
     if backend == "triton":
-        runs_here = device_type == "cuda" or (device_type == "cpu" and triton_ops.INTERPRETED)
+        runs_here = device_type == "cuda" or (device_type == "cpu" and myext_triton_ops.INTERPRETED)
         return runs_here and probe_triton() and all(
             torch._C._dispatch_has_kernel(f"myext::{name}{TRITON_SUFFIX}") for name in names)
     return False
@@ -243,7 +243,7 @@ def _best_backend(op: Optional[str], device: torch.device) -> str:
 
 
 def _why_unavailable(backend: str, device_type: str) -> str:
-    if backend == "triton" and device_type == "cpu" and not triton_ops.INTERPRETED:
+    if backend == "triton" and device_type == "cpu" and not myext_triton_ops.INTERPRETED:
         return " (Triton runs CPU tensors only under TRITON_INTERPRET=1, set before triton is imported)"
     if backend == "triton" and not probe_triton():
         return f" (the Triton kernels cannot be imported: {_triton_error})"

@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 
 import torch
 import myext
-import triton_ops
+import myext_triton_ops
 
 from . import machine, registry
 
@@ -293,7 +293,7 @@ def default_backends(device: torch.device) -> list[str]:
     """The myext backends worth timing here: compiled kernels, not the plain-PyTorch
     reference, and not Triton under its (CPU) interpreter, which is orders slower."""
     return [b for b in myext.available_backends(device)
-            if b != "torch" and not (b == "triton" and (triton_ops.INTERPRETED or device.type != "cuda"))]
+            if b != "torch" and not (b == "triton" and (myext_triton_ops.INTERPRETED or device.type != "cuda"))]
 
 
 def run_case(op: str, series: str, shape: dict[str, int], backward: bool, providers: Sequence[str],

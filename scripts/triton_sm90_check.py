@@ -28,8 +28,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import triton_ops.cross_entropy as ce  # noqa: E402
-import triton_ops.linear_relu as lr  # noqa: E402
+import myext_triton_ops.cross_entropy as ce  # noqa: E402
+import myext_triton_ops.linear_relu as lr  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 # The most shared memory a block may take on an H100/H200 (227 KiB).

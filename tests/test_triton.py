@@ -22,8 +22,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 pytestmark = pytest.mark.skipif("triton" not in myext.available_backends(), reason="Triton is not available")
 
 if "triton" in myext.available_backends():
-    import triton_ops.cross_entropy as triton_ce
-    import triton_ops.linear_relu as triton_lr
+    import myext_triton_ops.cross_entropy as triton_ce
+    import myext_triton_ops.linear_relu as triton_lr
 
 TRITON_DEVICES = [pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else [])
                   for d in DEVICES if "triton" in myext.available_backends(d)]
@@ -282,9 +282,11 @@ def test_cpu_tensors_need_the_interpreter():
 
 
 def test_triton_ops_imported_before_myext():
-    """triton_ops depends on nothing of myext: importing it (and its kernels) first, in a fresh
-    interpreter, leaves backend="triton" working."""
-    code = ("import triton_ops, triton_ops.cross_entropy, triton_ops.linear_relu\n"
+    """The Triton package (the folder triton_ops/, imported as myext_triton_ops) depends on
+    nothing of myext: importing it (and its kernels) first, in a fresh interpreter, leaves
+    backend="triton" working, and nothing imports a top-level triton_ops."""
+    code = ("import sys, myext_triton_ops, myext_triton_ops.cross_entropy, myext_triton_ops.linear_relu\n"
+            "assert 'myext' not in sys.modules\n"
             "import torch, myext\n"
             "x, w = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4)\n"
             "out = myext.linear_relu(x, w, backend='triton')\n"
@@ -292,6 +294,7 @@ def test_triton_ops_imported_before_myext():
             "loss.backward()\n"
             "expected = torch.nn.functional.cross_entropy(torch.relu(x @ w.t()), torch.tensor([0, 4, 2]))\n"
             "torch.testing.assert_close(loss, expected)\n"
+            "assert 'triton_ops' not in sys.modules\n"
             "print(myext.available_backends('cpu'))\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,

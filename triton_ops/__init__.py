@@ -1,4 +1,9 @@
-"""Triton kernels behind myext's ``backend="triton"``.
+"""Triton kernels behind myext's ``backend="triton"``: the package ``myext_triton_ops``.
+
+The folder ``triton_ops/`` installs under that name, the project's own rather than the
+generic ``triton_ops`` (setup.py maps the name to the folder); in a checkout, the link
+``myext_triton_ops`` beside the folder lets it be imported in place
+(``PYTHONPATH=<checkout>``).
 
 One module per op, ``triton_ops/<op>.py``: its ``@triton.jit`` kernels and, for each of
 the op's ``myext::`` dispatcher ops, a host function of the same name that checks its
@@ -7,8 +12,8 @@ myext registers the host functions as the ops ``myext::<name>_triton`` (with the
 schemas of their C++ counterparts, see myext/_library.py), never the reverse, so
 this package may be imported before or after myext.
 
-Importing the package itself imports nothing but torch; ``triton_ops.<op>`` imports
-triton.
+Importing the package itself imports nothing but the standard library;
+``myext_triton_ops.<op>`` imports torch and triton.
 """
 
 import os

@@ -4,7 +4,7 @@
 
 The loop of the C++ ops (csrc/linear_cross_entropy.h): the rows go in chunks; each
 chunk's logits are one GEMM (``torch.mm``: cuBLAS on a GPU) into a chunk-sized buffer,
-which the Triton cross-entropy kernels of :mod:`triton_ops.cross_entropy` read and,
+which the Triton cross-entropy kernels of :mod:`myext_triton_ops.cross_entropy` read and,
 where gradients are wanted, overwrite with the logits' gradient; the gradient GEMMs
 then read it. The logits are never held whole. No step reads a value on the host.
 The backward of a shard of the classes (vocabulary parallelism) is the same loop over
