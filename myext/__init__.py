@@ -16,9 +16,7 @@ from .functional import CrossEntropyOutput, cross_entropy, linear_cross_entropy,
 from . import models, nn
 from .fuse import fuse
 
-if backends.triton_may_run():
-    backends.probe_triton()
-backends.survey()
+# Backends are probed when first asked, not here (see myext.backends).
 
 __all__ = ["CrossEntropyOutput", "autograd", "available_backends", "cross_entropy", "fuse", "linear_cross_entropy",
            "linear_relu", "models", "nn", "reference", "registry", "testing"]

@@ -9,6 +9,12 @@ Backends:
 
 Availability is per op and backend: a compiled backend has an op where every one of
 the op's dispatcher ops has a kernel for the device (see myext.registry).
+
+Nothing is probed at import: the first question (an op's call, ``available_backends``)
+surveys every op, backend and device type present, once, importing the Triton kernels
+where Triton can run. torch.compile never traces the probes: it runs the functions that
+answer (marked ``_run_while_tracing``) and takes their answers as constants, so a compiled
+function may be the first to ask.
 """
 
 from __future__ import annotations
@@ -72,8 +78,8 @@ class kernels:  # noqa: N801  (used like a function: kernels(backend).<op name>)
         return op(name, self._backend)
 
 
-# Facts of the installation, probed once. Plain module globals: torch.compile reads
-# them as constants instead of tracing the probes.
+# Facts of the installation, probed once, when first asked.
+_surveyed = False
 _triton_loaded: Optional[bool] = None
 _triton_error = ""
 _available: dict[tuple[str, str, str], bool] = {}
@@ -86,13 +92,25 @@ _best: dict[tuple[Optional[str], torch.device], str] = {}
 _resolved: set[tuple[str, torch.device, Optional[str]]] = set()
 
 
+def _run_while_tracing(fn):
+    """Marks a function that answers from the probes so that torch.compile calls it while
+    tracing, as plain Python, and puts its answer in the graph as a constant: the probes
+    import modules and register ops, which no graph can hold, and the caches they fill
+    are then never read by traced code, so filling them breaks no guard. The mark is
+    torch.compiler.assume_constant_result's, set here without importing torch._dynamo
+    (which takes longer than the rest of myext's import); an eager call pays nothing
+    for it. The answers may be constants: they do not change in a process."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_run_while_tracing
 def probe_triton() -> bool:
     """Imports the Triton module of every registered op and registers its ops (and those
     of its capabilities that the module implements), once;
     returns whether that worked.
 
-    myext's import calls it where Triton can run (a CUDA device, or TRITON_INTERPRET=1),
-    so that a compiled graph never has to trace the import.
+    The survey calls it where Triton can run (a CUDA device, or TRITON_INTERPRET=1).
     """
     global _triton_loaded, _triton_error
     if _triton_loaded is None:
@@ -109,11 +127,6 @@ def probe_triton() -> bool:
     return _triton_loaded
 
 
-def triton_may_run() -> bool:
-    """Whether Triton kernels can run in this process: on a CUDA device, or interpreted."""
-    return myext_triton_ops.INTERPRETED or torch.cuda.is_available()
-
-
 def _has_kernels(names: tuple[str, ...], backend: str, device_type: str) -> bool:
     if backend in _DISPATCH_KEY:
         return device_type == _DEVICE_TYPE[backend] and all(
@@ -126,11 +139,14 @@ def _has_kernels(names: tuple[str, ...], backend: str, device_type: str) -> bool
     return False
 
 
+@_run_while_tracing
 def available(op_name: str, backend: str, device_type: str) -> bool:
     """Whether ``backend`` runs the op ``op_name`` on tensors of ``device_type``."""
     key = (op_name, backend, device_type)
     found = _available.get(key)
-    if found is None:
+    if found is None and _survey_once():
+        found = _available.get(key)
+    if found is None:  # not surveyed: another device type, or an op registered since
         spec = registry.get(op_name)
         if backend not in spec.backends:
             found = False
@@ -142,11 +158,14 @@ def available(op_name: str, backend: str, device_type: str) -> bool:
     return found
 
 
+@_run_while_tracing
 def has_capability(op_name: str, capability: str, backend: str, device: torch.device) -> bool:
     """Whether ``backend`` has the optional feature ``capability`` of the op ``op_name``
     (one of its spec's ``capabilities``) on ``device``."""
     key = (op_name, capability, backend, device.type)
     found = _capable.get(key)
+    if found is None and _survey_once():
+        found = _capable.get(key)
     if found is None:
         provider = registry.get(op_name).capabilities.get(capability)
         found = _capable[key] = provider is not None and _has_kernels((provider,), backend, device.type)
@@ -155,8 +174,8 @@ def has_capability(op_name: str, capability: str, backend: str, device: torch.de
 
 def survey() -> None:
     """Fills the caches of ``available``, ``has_capability`` and the default backends
-    for every registered op, backend and device type present, so that compiled code
-    reads them as constants instead of tracing the probes. myext's import calls it."""
+    for every registered op, backend and device type present. The first of them to miss
+    its cache calls it (``_survey_once``), so that the probes run together, once."""
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for spec in registry.specs():
         for backend in BACKENDS:
@@ -169,6 +188,16 @@ def survey() -> None:
     for device in devices:
         for name in [None, *registry.names()]:
             _best_backend(name, device)
+
+
+def _survey_once() -> bool:
+    """Runs the survey unless it ran; returns whether it ran now."""
+    global _surveyed
+    if _surveyed:
+        return False
+    _surveyed = True  # first: the survey's own questions call this again
+    survey()
+    return True
 
 
 def _ops_for(op_name: Optional[str]) -> list[str]:
@@ -231,14 +260,16 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: Optional[s
     return backend
 
 
+@_run_while_tracing
 def _best_backend(op: Optional[str], device: torch.device) -> str:
     key = (op, device)
     best = _best.get(key)
+    if best is None and _survey_once():
+        best = _best.get(key)
     if best is None:
         order = _DEFAULT_ORDER.get(device.type, ("torch",))
-        best = next(name for name in order if all(available(o, name, device.type) for o in _ops_for(op)))
-        if not torch.compiler.is_compiling():
-            _best[key] = best
+        best = _best[key] = next(name for name in order
+                                 if all(available(o, name, device.type) for o in _ops_for(op)))
     return best
 
 

@@ -9,6 +9,11 @@ the reference's own in that dtype). A new op gets all of it by registering.
 """
 
 import functools
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +117,43 @@ def test_compile_fullgraph(op, backend, device):
     report = testing.check(_checked(op, backend), None, spec.samples(device)[-1:], checks=["compile"])
     report.assert_ok()
     assert [r.check for r in report] == ["compile"]
+
+
+# A fresh interpreter whose first call of an op is compiled (fullgraph=True): the probes
+# run beside the trace, not in it, and the function compiles once.
+FIRST_CALL_COMPILED = """
+import sys, torch, myext
+assert not myext.backends._surveyed, "import myext probed the backends"
+assert "triton" not in sys.modules and "torch._dynamo" not in sys.modules, "import myext imported them"
+graphs = []
+def counting(gm, example_inputs):
+    graphs.append(gm)
+    return gm.forward
+@torch.compile(fullgraph=True, backend=counting)
+def loss(x, w, t):
+    return myext.cross_entropy(myext.linear_relu(x, w, backend=BACKEND), t, backend=BACKEND)
+x, w, t = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4), torch.tensor([0, 4, 2])
+for _ in range(2):
+    out = loss(x, w, t)
+    out.backward()
+torch.testing.assert_close(out, torch.nn.functional.cross_entropy(torch.relu(x @ w.t()), t))
+assert len(graphs) == 1, len(graphs)
+print(myext.available_backends("cpu"))
+"""
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "cpp", "triton"])
+def test_import_probes_nothing_and_a_compiled_first_call_probes(backend):
+    """`import myext` probes no backend; the first call may be compiled with fullgraph=True.
+    Triton runs interpreted here, so that it is probed on any machine that has it."""
+    if backend == "cpp" and "cpp" not in backends.available_backends("cpu"):
+        pytest.skip("no C++ CPU kernels in this build")
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1") if backend == "triton" else None
+    result = subprocess.run([sys.executable, "-c", f"BACKEND = {backend!r}" + FIRST_CALL_COMPILED],
+                            capture_output=True, text=True, env=env, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    if backend == "triton":
+        assert result.stdout.strip() == "['cpp', 'triton', 'torch']"
