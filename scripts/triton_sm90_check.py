@@ -7,10 +7,9 @@ speed or results (scripts/gpu_check.sh runs the kernels on a GPU)::
 
     python scripts/triton_sm90_check.py    # exit status 1 if a GEMM of 4+ warps has no wgmma
 
-Variants: the linear_relu GEMM with each autotune config, in bfloat16, float16 and float32
-(TF32), for the three passes its host code launches (forward with bias and ReLU; the input
-gradient with the ReLU mask on A; the weight gradient with the mask and the row sum), and
-the cross-entropy forward and backward kernels (class indices and probabilities, weights,
+Variants: the linear_relu forward GEMM (bias and ReLU) with each autotune config, in
+bfloat16, float16 and float32 (TF32); its backward's masked-gradient pass (G stored, the
+bias gradient's partial sums, or both); and the cross-entropy forward and backward kernels (class indices and probabilities, weights,
 smoothing, the shard flag) in bfloat16 and float32.
 """
 
@@ -62,22 +61,27 @@ def report(kernel) -> dict:
 
 
 def gemm_variants():
-    passes = {
-        "forward (bias, ReLU)": dict(HAS_BIAS=True, RELU=True, MASK_A=False, ROW_SUM=False),
-        "input grad (mask on A)": dict(HAS_BIAS=False, RELU=False, MASK_A=True, ROW_SUM=False),
-        "weight grad (mask, row sum)": dict(HAS_BIAS=False, RELU=False, MASK_A=True, ROW_SUM=True),
-    }
     for dtype in ("bfloat16", "float16", "float32"):
         pointer = TRITON_TYPES[dtype]
-        pointers = {name: pointer for name in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "mask_ptr", "row_sum_ptr")}
+        pointers = {name: pointer for name in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr")}
         precision = "tf32" if dtype == "float32" else "ieee"
-        for pass_name, flags in passes.items():
-            for config in lr._CONFIGS:
-                constexprs = dict(**flags, FP64=False, WIDEN=False, INPUT_PRECISION=precision, **config.kwargs)
-                tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-                label = f"linear_relu GEMM {dtype} {pass_name} {tile} s{config.num_stages} w{config.num_warps}"
-                yield label, lr._gemm_kernel, pointers, constexprs, dict(num_warps=config.num_warps,
-                                                                        num_stages=config.num_stages)
+        for config in lr._CONFIGS:
+            constexprs = dict(HAS_BIAS=True, FP64=False, WIDEN=False, INPUT_PRECISION=precision, **config.kwargs)
+            tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            label = f"linear_relu GEMM {dtype} forward (bias, ReLU) {tile} s{config.num_stages} w{config.num_warps}"
+            yield label, lr._gemm_kernel, pointers, constexprs, dict(num_warps=config.num_warps,
+                                                                    num_stages=config.num_stages)
+
+
+def relu_grad_variants():
+    passes = {"G and bias": (True, True), "G only": (True, False), "bias only": (False, True)}
+    for dtype in ("bfloat16", "float32"):
+        pointer = TRITON_TYPES[dtype]
+        pointers = dict(dy_ptr=pointer, y_ptr=pointer, g_ptr=pointer, partial_ptr="fp32")
+        for pass_name, (store_g, bias_grad) in passes.items():
+            constexprs = dict(STORE_G=store_g, BIAS_GRAD=bias_grad, FP64=False, **lr._RELU_GRAD_TILE)
+            yield (f"linear_relu backward pass {dtype} {pass_name}", lr._relu_grad_kernel, pointers, constexprs,
+                   dict(num_warps=4))
 
 
 def cross_entropy_variants():
@@ -106,7 +110,7 @@ def main() -> int:
     print(f"triton {triton.__version__}, target {TARGET}")
     print(f"{'variant':78} {'wgmma':>5} {'tma':>4} {'mma.sync':>8} {'smem bytes':>10}")
     failures = []
-    for label, fn, pointers, constexprs, options in (*gemm_variants(), *cross_entropy_variants()):
+    for label, fn, pointers, constexprs, options in (*gemm_variants(), *relu_grad_variants(), *cross_entropy_variants()):
         try:
             found = report(compile_variant(fn, pointers, constexprs, options))
         except Exception as err:  # reported, and the run fails

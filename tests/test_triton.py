@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import myext
 
@@ -33,7 +34,7 @@ TRITON_DEVICES = [pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else []
 def launches(monkeypatch):
     """Counts the launches of each of the backend's Triton kernels, by name."""
     counts = Counter()
-    kernels = {"gemm": triton_lr._gemm_kernel, "column_sum": triton_lr._masked_column_sum_kernel,
+    kernels = {"gemm": triton_lr._gemm_kernel, "relu_grad": triton_lr._relu_grad_kernel,
                "ce_forward": triton_ce._cross_entropy_forward_kernel,
                "ce_backward": triton_ce._cross_entropy_backward_kernel}
     for name, kernel in kernels.items():
@@ -47,9 +48,10 @@ def launches(monkeypatch):
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_kernels_run(device, launches):
-    """Forward and backward launch our kernels: one GEMM forward, two GEMMs backward with the
-    bias gradient inside the second; one cross-entropy kernel each way. (Counted on a second
-    call: on a GPU the first one autotunes, launching each configuration.)"""
+    """Forward and backward launch our kernels: one GEMM forward; backward one pass for the
+    masked gradient and the bias gradient (its GEMMs are torch.mm); one cross-entropy kernel
+    each way. (Counted on a second call: on a GPU the first one autotunes, launching each
+    configuration.)"""
     x = torch.randn(6, 5, device=device, requires_grad=True)
     w = torch.randn(4, 5, device=device, requires_grad=True)
     b = torch.randn(4, device=device, requires_grad=True)
@@ -57,7 +59,7 @@ def test_kernels_run(device, launches):
     for _ in range(2):
         launches.clear()
         myext.linear_relu(x, w, b, backend="triton").sum().backward()
-    assert launches == {"gemm": 3}
+    assert launches == {"gemm": 1, "relu_grad": 1}
     for _ in range(2):
         launches.clear()
         myext.cross_entropy(x, target, backend="triton").backward()
@@ -145,22 +147,105 @@ def test_linear_relu_half_precision(device, dtype):
     _check_linear(x, w, b, rtol=TOLERANCES[dtype]["rtol"], atol=4 * TOLERANCES[dtype]["atol"])
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops run under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_formula(grad_output, input, weight, output):
+    """The three gradients from their definition, in float64."""
+    g = (grad_output.double() * (output > 0)).reshape(-1, weight.shape[0])
+    x = input.double().reshape(-1, weight.shape[1])
+    return (g @ weight.double()).reshape(input.shape), g.t() @ x, g.sum(0)
+
+
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_linear_relu_backward_output_mask(device, launches):
-    """Each gradient comes only when asked for; the bias gradient alone has its own kernel."""
+def test_linear_relu_backward_output_mask(device, launches, monkeypatch):
+    """Each gradient comes only when asked for, and only its work runs: the masked-gradient
+    pass once if anything is asked (storing G only for a GEMM, summing it only for the
+    bias), one torch.mm per asked GEMM."""
     x, w, b = _linear_case(9, 7, 5, torch.float64, device)
     op = myext.backends.kernels("triton").linear_relu_backward
     out = myext.linear_relu(x, w, b, backend="triton")
     grad = torch.randn_like(out)
-    full = op(grad, x, w, out, [True, True, True])
+    expected = _backward_formula(grad, x, w, out)
+    flags = []
+
+    def recorded(*args, _run=triton_lr._relu_grad_kernel.run, **kwargs):
+        flags.append((kwargs["STORE_G"], kwargs["BIAS_GRAD"]))
+        return _run(*args, **kwargs)
+
+    monkeypatch.setattr(triton_lr._relu_grad_kernel, "run", recorded)
     for mask in itertools.product([False, True], repeat=3):
         launches.clear()
+        flags.clear()
         result = op(grad, x, w, out, list(mask))
-        for wanted, got, expected in zip(mask, result, full):
+        for wanted, got, want in zip(mask, result, expected):
             assert (got is None) == (not wanted)
             if wanted:
-                torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-        assert launches["column_sum"] == (mask[2] and not mask[1])
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert launches["relu_grad"] == any(mask)
+        assert flags == ([(mask[0] or mask[1], mask[2])] if any(mask) else [])
+        # The op's body, run directly, shows its aten calls: a GEMM only where asked.
+        with _CountOps() as ops:
+            triton_lr.linear_relu_backward(grad, x, w, out, list(mask))
+        assert ops.counts["mm"] == mask[0] + mask[1]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_linear_relu_bias_gradient_sums_in_float32(device, dtype):
+    """The bias gradient of 700 rows (three row blocks of the pass) is their float32 sum
+    rounded once: exactly the float64 sum of the masked bf16/fp16 gradient, rounded to
+    the dtype. Summed in the dtype itself it would drift by many of its ulps (at sums
+    of a few hundred, bfloat16's ulp is 2: adding values near 1 one at a time stalls)."""
+    rows, in_features, out_features = 700, 3, 4
+    x = torch.randn(rows, in_features, device=device, dtype=dtype)
+    w = torch.randn(out_features, in_features, device=device, dtype=dtype)
+    grad = (1 + 0.25 * torch.randn(rows, out_features, device=device)).to(dtype)
+    out = torch.randn(rows, out_features, device=device).to(dtype)
+    op = myext.backends.kernels("triton").linear_relu_backward
+    _, _, grad_bias = op(grad, x, w, out, [False, False, True])
+    exact = (grad.double() * (out > 0)).sum(0)
+    assert grad_bias.dtype == dtype
+    assert torch.equal(grad_bias, exact.to(dtype)), (grad_bias, exact)
+    # Ones over 700 rows: a sum in the dtype, one row at a time, would stop at 256 (bf16).
+    _, _, ones_bias = op(torch.ones_like(grad), x, w, torch.ones_like(out), [False, False, True])
+    assert torch.equal(ones_bias, torch.full_like(ones_bias, rows))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_linear_relu_backward_strided_operands(device):
+    """Transposed and sliced operands, read through their strides, and a 3-d input whose
+    rows are no view (reshape copies): the gradients of the definition, NaN and inf of
+    grad_output where the ReLU is off giving 0 as in torch's relu backward."""
+    dtype = torch.float64
+    rows, in_features, out_features = 35, 9, 6
+    x = torch.randn(in_features, rows, dtype=dtype, device=device).t()
+    w = torch.randn(in_features, out_features, dtype=dtype, device=device).t()
+    out = torch.randn(out_features, rows, dtype=dtype, device=device).t()
+    grad = torch.randn(rows, 2 * out_features, dtype=dtype, device=device)[:, ::2]
+    grad.masked_fill_(out <= 0, float("nan"))
+    grad[:, 0].masked_fill_(out[:, 0] <= 0, float("inf"))
+    op = myext.backends.kernels("triton").linear_relu_backward
+    expected = _backward_formula(torch.where(out > 0, grad, 0.0), x, w, out)
+    for got, want in zip(op(grad, x, w, out, [True, True, True]), expected):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # (5, 7, F) permuted from (7, 5, F): its rows are a copy, its gradient of input's shape.
+    x3 = torch.randn(7, 5, in_features, dtype=dtype, device=device).transpose(0, 1)
+    out3 = torch.randn(5, 7, out_features, dtype=dtype, device=device)
+    grad3 = torch.randn(7, 5, out_features, dtype=dtype, device=device).transpose(0, 1)
+    expected = _backward_formula(grad3, x3, w, out3)
+    for got, want in zip(op(grad3, x3, w, out3, [True, True, True]), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 # --- cross_entropy -------------------------------------------------------------

@@ -1,10 +1,15 @@
-"""Fused Linear+ReLU in Triton: one tiled GEMM kernel serves forward and backward.
+"""Fused Linear+ReLU in Triton: a tiled GEMM forward, and a backward of one
+elementwise pass and two library GEMMs.
 
 Forward is ``relu(X W^T + b)`` with the bias and ReLU applied to the accumulator
-before the single store. Backward never writes the masked gradient
-``G = dY * (Y > 0)``: the GEMMs ``dX = G W`` and ``dW = G^T X`` apply the mask as
-they load their tiles of dY, and the programs of the first column block of the
-``dW`` GEMM also sum those tiles into the bias gradient.
+before the single store. Backward is, by construction, as fast as the GEMM library:
+one Triton pass reads ``dY`` and ``Y`` once and writes the masked gradient
+``G = dY * (Y > 0)`` with the column sums of ``G`` (the bias gradient, accumulated
+in float32); then ``dX = G W`` and ``dW = G^T X`` are plain ``torch.mm`` calls
+(cuBLAS on a GPU), as in the fused-linear kernels of Liger-Kernel and Unsloth. A
+GEMM that applies the mask inside its K loop reads ``dY`` and ``Y`` once per tile
+of the other operand and cannot use the library's kernels; it ran the backward at
+0.14x torch's on an H200.
 """
 
 from __future__ import annotations
@@ -22,18 +27,15 @@ from ._host import check, check_floating, check_like, check_optional_vector, che
 
 @triton.jit
 def _gemm_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, mask_ptr, row_sum_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr,
     M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_mm, stride_mk,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, MASK_A: tl.constexpr, ROW_SUM: tl.constexpr,
-    FP64: tl.constexpr, WIDEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    HAS_BIAS: tl.constexpr, FP64: tl.constexpr, WIDEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C (M, N) = A (M, K) @ B (K, N), any strides, accumulated in float32 (float64 for FP64).
+    """C (M, N) = relu(A (M, K) @ B (K, N) + bias), any strides, accumulated in float32
+    (float64 for FP64); bias (N,) where HAS_BIAS.
 
-    HAS_BIAS, RELU: C = relu(A B + bias), bias (N,).
-    MASK_A: A is read as A * (mask > 0), mask with A's shape and its own strides.
-    ROW_SUM: row_sum (M,) = the rows of the (masked) A summed, in C's dtype.
     WIDEN: A and B are widened to float32 as loaded (for the interpreter, which
     computes bfloat16 on its bit patterns: triton-lang/triton#11584).
     """
@@ -58,26 +60,16 @@ def _gemm_kernel(
     # int64 offsets: M * K alone may pass 2**31 elements.
     rows = offs_m[:, None].to(tl.int64)
     a_ptrs = a_ptr + rows * stride_am + offs_k[None, :] * stride_ak
-    mask_ptrs = mask_ptr + rows * stride_mm + offs_k[None, :] * stride_mk
     b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
-    row_sum = tl.zeros((BLOCK_M,), dtype=acc_dtype)
     for k in range(0, K, BLOCK_K):
         in_k = offs_k < K - k
-        a_in = in_m[:, None] & in_k[None, :]
-        a = tl.load(a_ptrs, mask=a_in, other=0.0)
+        a = tl.load(a_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=in_k[:, None] & in_n[None, :], other=0.0)
         if WIDEN:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if MASK_A:
-            # Compared in acc_dtype: the interpreter orders bfloat16 by its bits.
-            keep = tl.load(mask_ptrs, mask=a_in, other=0.0).to(acc_dtype) > 0
-            a = tl.where(keep, a, 0.0)
-            mask_ptrs += BLOCK_K * stride_mk
-        if ROW_SUM:
-            row_sum += tl.sum(a.to(acc_dtype), axis=1)
         if FP64:
             # tl.dot's float64 support differs between Triton versions and GPUs;
             # the products summed over K are exact and used only for gradcheck.
@@ -89,37 +81,52 @@ def _gemm_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(acc_dtype)[None, :]
-    if RELU:
-        # NaN stays NaN, as in torch.relu.
-        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    # NaN stays NaN, as in torch.relu.
+    acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     c_ptrs = c_ptr + rows * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
-    # Every column block sums the same rows; the first one stores the result.
-    if ROW_SUM and pid_n == 0:
-        tl.store(row_sum_ptr + offs_m, row_sum.to(row_sum_ptr.dtype.element_ty), mask=in_m)
 
 
 @triton.jit
-def _masked_column_sum_kernel(
-    g_ptr, mask_ptr, out_ptr,
+def _relu_grad_kernel(
+    dy_ptr, y_ptr, g_ptr, partial_ptr,
     M, N,
-    stride_gm, stride_gn, stride_mm, stride_mn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_dym, stride_dyn, stride_ym, stride_yn,
+    STORE_G: tl.constexpr, BIAS_GRAD: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
 ):
-    """out (N,) = sum over rows of g * (mask > 0), both (M, N); one program per BLOCK_N columns."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """The ReLU's backward over dY and Y (M, N), any strides, in one read of each.
+
+    STORE_G: G = dY * (Y > 0) into g (M, N), contiguous, in its dtype (exact: each
+    entry is dY's or zero).
+    BIAS_GRAD: partial[pid_m] (N,) = G summed over the ROWS_PER_PROGRAM rows of row
+    block pid_m, in float32 (float64 for FP64), whatever dY's dtype; the host sums
+    the few rows of partial, so the result does not depend on the order programs run.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float64 if out_ptr.dtype.element_ty == tl.float64 else tl.float32)
-    for start in range(0, M, BLOCK_M):
+    # Summed over rows once, after the loop: a (BLOCK_M, BLOCK_N) accumulator
+    # needs no reduction across threads per step.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
+    first = pid_m * ROWS_PER_PROGRAM
+    for start in range(first, min(first + ROWS_PER_PROGRAM, M), BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
+        rows = offs_m[:, None].to(tl.int64)
         inside = (offs_m < M)[:, None] & in_n[None, :]
-        g = tl.load(g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :] * stride_gn,
-                    mask=inside, other=0.0).to(acc.dtype)
-        # Compared in acc's dtype: the interpreter orders bfloat16 by its bits.
-        keep = tl.load(mask_ptr + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn,
-                       mask=inside, other=0.0).to(acc.dtype) > 0
-        acc += tl.sum(tl.where(keep, g, 0.0), axis=0)
-    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=in_n)
+        dy = tl.load(dy_ptr + rows * stride_dym + offs_n[None, :] * stride_dyn, mask=inside, other=0.0)
+        y = tl.load(y_ptr + rows * stride_ym + offs_n[None, :] * stride_yn, mask=inside, other=0.0)
+        # Compared in acc_dtype: the interpreter orders bfloat16 by its bits. A select,
+        # not a product: dY's inf or NaN where Y <= 0 gives 0, as torch's relu backward.
+        g = tl.where(y.to(acc_dtype) > 0, dy.to(acc_dtype), 0.0)
+        if STORE_G:
+            tl.store(g_ptr + rows * N + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=inside)
+        if BIAS_GRAD:
+            acc += g
+    if BIAS_GRAD:
+        tl.store(partial_ptr + pid_m.to(tl.int64) * N + offs_n, tl.sum(acc, axis=0), mask=in_n)
 
 
 # Configurations from Triton's matmul tutorial, for the GPUs of the last years;
@@ -137,16 +144,22 @@ _CONFIGS = [
 ]
 _gemm_autotuned = triton.autotune(
     configs=_CONFIGS[:1] if INTERPRETED else _CONFIGS,
-    key=["M", "N", "K", "HAS_BIAS", "MASK_A", "ROW_SUM", "INPUT_PRECISION"],
+    key=["M", "N", "K", "HAS_BIAS", "INPUT_PRECISION"],
 )(_gemm_kernel)
 # float64 sums a 3-d tile of products, which must stay small enough for registers.
 _FP64_TILE = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8)
-_COLUMN_SUM_TILE = dict(BLOCK_M=32, BLOCK_N=128)
+# 256 rows per program: at 4096 x 4096, 16 x 32 programs, and 16 rows of partial sums.
+_RELU_GRAD_TILE = dict(BLOCK_M=32, BLOCK_N=128, ROWS_PER_PROGRAM=256)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
     """(*, F) as (rows, F); a view whenever the leading dimensions allow one."""
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the bias gradient is summed in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -156,17 +169,15 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _launch_gemm(a, b, c, M, N, K, a_strides, b_strides, *, bias=None, relu=False, mask=None,
-                 mask_strides=(0, 0), row_sum=None) -> None:
-    """C (M, N) = A (M, K) @ B (K, N), A and B given as a tensor and its (row, column) strides."""
+def _launch_gemm(a, b, c, M, N, K, a_strides, b_strides, *, bias=None) -> None:
+    """C (M, N) = relu(A (M, K) @ B (K, N) + bias), A and B given as a tensor and its
+    (row, column) strides."""
     if M == 0 or N == 0:
         return
     fp64 = c.dtype == torch.float64
-    # Pointers a flag switches off are never read: any tensor stands in for them.
-    args = (a, b, c, bias if bias is not None else c, mask if mask is not None else a,
-            row_sum if row_sum is not None else c, M, N, K, *a_strides, *b_strides, *c.stride(), *mask_strides)
-    flags = dict(HAS_BIAS=bias is not None, RELU=relu, MASK_A=mask is not None, ROW_SUM=row_sum is not None,
-                 FP64=fp64, WIDEN=INTERPRETED and c.dtype == torch.bfloat16,
+    # The bias pointer is never read without HAS_BIAS: any tensor stands in for it.
+    args = (a, b, c, bias if bias is not None else c, M, N, K, *a_strides, *b_strides, *c.stride())
+    flags = dict(HAS_BIAS=bias is not None, FP64=fp64, WIDEN=INTERPRETED and c.dtype == torch.bfloat16,
                  INPUT_PRECISION=_input_precision(c.dtype))
     if fp64:
         grid = (triton.cdiv(M, _FP64_TILE["BLOCK_M"]) * triton.cdiv(N, _FP64_TILE["BLOCK_N"]),)
@@ -200,8 +211,7 @@ def linear_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     output = x.new_empty((x.shape[0], out_features))
     # The kernel reads the bias with unit stride; copying a strided one costs one vector.
     _launch_gemm(x, weight, output, x.shape[0], out_features, in_features, x.stride(),
-                 (weight.stride(1), weight.stride(0)), bias=bias.contiguous() if bias is not None else None,
-                 relu=True)
+                 (weight.stride(1), weight.stride(0)), bias=bias.contiguous() if bias is not None else None)
     return output.view(*input.shape[:-1], out_features)
 
 
@@ -213,7 +223,8 @@ def linear_relu_backward(
     output_mask asks (None elsewhere): the op myext::linear_relu_backward_triton.
 
     With G = grad_output * (output > 0): grad_input = G weight, grad_weight = G^T input,
-    grad_bias = G summed over rows. G is applied as the GEMMs load grad_output, never stored.
+    grad_bias = G summed over rows. One Triton pass writes G (only where a GEMM needs
+    it) and the bias gradient's partial sums (only where asked); the GEMMs are torch.mm.
     """
     op = "linear_relu_backward_triton"
     _check_inputs(op, input, weight, None)
@@ -221,26 +232,26 @@ def linear_relu_backward(
     for name, t in (("output", output), ("grad_output", grad_output)):
         check_like(op, name, t, "input", input)
         check_shape(op, name, t, out_shape)
-    out_features, in_features = weight.shape
-    g, y, x = _as_rows(grad_output), _as_rows(output), _as_rows(input)
+    want_input, want_weight, want_bias = output_mask
+    if not (want_input or want_weight or want_bias):
+        return None, None, None
+    out_features = weight.shape[0]
+    dy, y, x = _as_rows(grad_output), _as_rows(output), _as_rows(input)
     rows = x.shape[0]
-    grad_input = grad_weight = grad_bias = None
-    if output_mask[0]:
-        grad_input = x.new_empty((rows, in_features))
-        _launch_gemm(g, weight, grad_input, rows, in_features, out_features, g.stride(), weight.stride(),
-                     mask=y, mask_strides=y.stride())
-        grad_input = grad_input.view(input.shape)
-    if output_mask[2]:
-        grad_bias = weight.new_empty((out_features,))
-    # The weight GEMM's A is G^T: its rows summed are the bias gradient. Without
-    # that GEMM (or with no columns to run it over) a column sum of G stands in.
-    bias_in_gemm = grad_bias is not None and output_mask[1] and in_features > 0
-    if output_mask[1]:
-        grad_weight = weight.new_empty((out_features, in_features))
-        _launch_gemm(g, x, grad_weight, out_features, in_features, rows, (g.stride(1), g.stride(0)), x.stride(),
-                     mask=y, mask_strides=(y.stride(1), y.stride(0)), row_sum=grad_bias if bias_in_gemm else None)
-    if grad_bias is not None and not bias_in_gemm and out_features > 0:
-        grid = (triton.cdiv(out_features, _COLUMN_SUM_TILE["BLOCK_N"]),)
-        wrap_triton(_masked_column_sum_kernel)[grid](g, y, grad_bias, rows, out_features, *g.stride(), *y.stride(),
-                                                     **_COLUMN_SUM_TILE)
+    store_g = want_input or want_weight
+    g = x.new_empty((rows, out_features)) if store_g else None
+    # One row of partial bias sums per row block (none without rows: their sum is 0).
+    row_blocks = triton.cdiv(rows, _RELU_GRAD_TILE["ROWS_PER_PROGRAM"])
+    partial = x.new_empty((row_blocks, out_features), dtype=_acc_dtype(x.dtype)) if want_bias else None
+    if rows > 0 and out_features > 0:
+        # Pointers a flag switches off are never written: any tensor stands in for them.
+        grid = (row_blocks, triton.cdiv(out_features, _RELU_GRAD_TILE["BLOCK_N"]))
+        wrap_triton(_relu_grad_kernel)[grid](
+            dy, y, g if store_g else dy, partial if want_bias else dy, rows, out_features, *dy.stride(),
+            *y.stride(), STORE_G=store_g, BIAS_GRAD=want_bias, FP64=x.dtype == torch.float64,
+            **_RELU_GRAD_TILE, num_warps=4)
+    grad_input = torch.mm(g, weight).view(input.shape) if want_input else None
+    # G^T is a transposed view: the GEMM library reads it in place.
+    grad_weight = torch.mm(g.t(), x) if want_weight else None
+    grad_bias = partial.sum(0).to(weight.dtype) if want_bias else None
     return grad_input, grad_weight, grad_bias
