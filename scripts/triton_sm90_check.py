@@ -7,10 +7,20 @@ speed or results (scripts/gpu_check.sh runs the kernels on a GPU)::
 
     python scripts/triton_sm90_check.py    # exit status 1 if a GEMM of 4+ warps has no wgmma
 
-Variants: the linear_relu forward GEMM (bias and ReLU) with each autotune config, in
-bfloat16, float16 and float32 (TF32); its backward's masked-gradient pass (G stored, the
+Variants: the linear_relu forward GEMM (bias and ReLU) with each autotune config of each
+target's list (Hopper's, and the pre-Hopper list, compiled for sm_90 too), in bfloat16,
+float16 and float32 (TF32); its backward's masked-gradient pass (G stored, the
 bias gradient's partial sums, or both); and the cross-entropy forward and backward kernels (class indices and probabilities, weights,
 smoothing, the shard flag) in bfloat16 and float32.
+
+The GEMM and the backward pass are compiled as Triton's JIT specializes them for
+contiguous operands whose sizes are multiples of 16 (4096^3, the MLP sizes): pointers
+16-byte aligned, unit strides as the constant 1, the other sizes and strides divisible
+by 16. Without that, 2-byte loads cannot be vectorized and the K loop is not pipelined
+(its shared memory is one stage's), which is not what a GPU runs; the bfloat16 GEMM is
+also compiled with generic strides (a transposed or odd-sized operand), where only wgmma
+is checked. An aligned 16-bit GEMM whose shared memory is under num_stages - 1 stages
+of tiles fails the check: its loads are not pipelined.
 """
 
 from __future__ import annotations
@@ -36,9 +46,11 @@ SM90_SHARED_BYTES = 227 * 1024
 TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int64": "i64"}
 
 
-def compile_variant(fn, pointer_types: dict[str, str], constexprs: dict, options: dict):
+def compile_variant(fn, pointer_types: dict[str, str], constexprs: dict, options: dict, divisible=()):
     """``fn`` compiled for sm_90: pointers typed by ``pointer_types`` (by argument name),
-    arguments annotated tl.float64 as fp64, the rest i32."""
+    arguments annotated tl.float64 as fp64, the rest i32; the arguments named in
+    ``divisible`` known divisible by 16 (the JIT's specialization of aligned pointers and
+    sizes; unit strides are passed as constexprs, as the JIT specializes them)."""
     params = {p.name: p for p in fn.params}
     signature = {}
     for name in fn.arg_names:
@@ -51,7 +63,9 @@ def compile_variant(fn, pointer_types: dict[str, str], constexprs: dict, options
         else:
             signature[name] = "i32"
     positions = {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
-    return triton.compile(ASTSource(fn, signature=signature, constexprs=positions), target=TARGET, options=options)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    return triton.compile(ASTSource(fn, signature=signature, constexprs=positions, attrs=attrs), target=TARGET,
+                          options=options)
 
 
 def report(kernel) -> dict:
@@ -60,17 +74,36 @@ def report(kernel) -> dict:
             "mma.sync": ptx.count("mma.sync"), "smem": kernel.metadata.shared}
 
 
+# The forward GEMM's operands as linear_relu passes them for contiguous x (M, K), weight
+# (N, K) read as B = weight^T (K, N), and output (M, N): unit strides, the rest aligned.
+GEMM_UNIT_STRIDES = dict(stride_ak=1, stride_bk=1, stride_cn=1)
+GEMM_DIVISIBLE = ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "M", "N", "K", "stride_am", "stride_bn", "stride_cm")
+ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
 def gemm_variants():
-    for dtype in ("bfloat16", "float16", "float32"):
-        pointer = TRITON_TYPES[dtype]
-        pointers = {name: pointer for name in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr")}
-        precision = "tf32" if dtype == "float32" else "ieee"
-        for config in lr._CONFIGS:
-            constexprs = dict(HAS_BIAS=True, FP64=False, WIDEN=False, INPUT_PRECISION=precision, **config.kwargs)
-            tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            label = f"linear_relu GEMM {dtype} forward (bias, ReLU) {tile} s{config.num_stages} w{config.num_warps}"
-            yield label, lr._gemm_kernel, pointers, constexprs, dict(num_warps=config.num_warps,
-                                                                    num_stages=config.num_stages)
+    """(label, kernel, pointers, constexprs, options, divisible, stage_bytes): stage_bytes,
+    the shared memory of one stage of A and B tiles, where pipelining is expected."""
+    for target, configs in (("hopper", lr._HOPPER_CONFIGS), ("pre-hopper", lr._PRE_HOPPER_CONFIGS)):
+        for dtype in ("bfloat16", "float16", "float32"):
+            pointer = TRITON_TYPES[dtype]
+            pointers = {name: pointer for name in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr")}
+            precision = "tf32" if dtype == "float32" else "ieee"
+            layouts = ("aligned", "generic") if dtype == "bfloat16" else ("aligned",)
+            for config, layout in ((c, l) for c in configs for l in layouts):
+                kw = config.kwargs
+                constexprs = dict(HAS_BIAS=True, FP64=False, WIDEN=False, INPUT_PRECISION=precision, **kw)
+                aligned = layout == "aligned"
+                if aligned:
+                    constexprs.update(GEMM_UNIT_STRIDES)
+                stage_bytes = (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * ELEMENT_BYTES[dtype]
+                tile = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                label = (f"linear_relu GEMM {target} {dtype} {layout} {tile} s{config.num_stages} "
+                         f"w{config.num_warps}")
+                yield (label, lr._gemm_kernel, pointers, constexprs,
+                       dict(num_warps=config.num_warps, num_stages=config.num_stages),
+                       GEMM_DIVISIBLE if aligned else (),
+                       stage_bytes if aligned and ELEMENT_BYTES[dtype] == 2 else None)
 
 
 def relu_grad_variants():
@@ -79,9 +112,11 @@ def relu_grad_variants():
         pointer = TRITON_TYPES[dtype]
         pointers = dict(dy_ptr=pointer, y_ptr=pointer, g_ptr=pointer, partial_ptr="fp32")
         for pass_name, (store_g, bias_grad) in passes.items():
-            constexprs = dict(STORE_G=store_g, BIAS_GRAD=bias_grad, FP64=False, **lr._RELU_GRAD_TILE)
+            constexprs = dict(STORE_G=store_g, BIAS_GRAD=bias_grad, FP64=False, stride_dyn=1, stride_yn=1,
+                              **lr._RELU_GRAD_TILE)
             yield (f"linear_relu backward pass {dtype} {pass_name}", lr._relu_grad_kernel, pointers, constexprs,
-                   dict(num_warps=4))
+                   dict(num_warps=4), ("dy_ptr", "y_ptr", "g_ptr", "partial_ptr", "M", "N", "stride_dym", "stride_ym"),
+                   None)
 
 
 def cross_entropy_variants():
@@ -96,23 +131,24 @@ def cross_entropy_variants():
                                     row_weight_ptr="fp32")
             kind = "prob" if prob else "class"
             yield (f"cross_entropy forward {dtype} {kind}", ce._cross_entropy_forward_kernel, forward_pointers,
-                   flags, dict(num_warps=8))
+                   flags, dict(num_warps=8), (), None)
             backward_pointers = dict(grad_ptr=pointer, x_ptr=pointer, target_ptr=target, weight_ptr=pointer,
                                      max_ptr="fp32", log_sum_ptr="fp32", scale_ptr="fp32", row_weight_ptr="fp32",
                                      weight_sum_ptr="fp32")
             for shard in (False, True):
                 yield (f"cross_entropy backward {dtype} {kind}{' shard' if shard else ''}",
                        ce._cross_entropy_backward_kernel, backward_pointers, dict(**flags, SHARD=shard),
-                       dict(num_warps=8))
+                       dict(num_warps=8), (), None)
 
 
 def main() -> int:
     print(f"triton {triton.__version__}, target {TARGET}")
     print(f"{'variant':78} {'wgmma':>5} {'tma':>4} {'mma.sync':>8} {'smem bytes':>10}")
     failures = []
-    for label, fn, pointers, constexprs, options in (*gemm_variants(), *relu_grad_variants(), *cross_entropy_variants()):
+    variants = (*gemm_variants(), *relu_grad_variants(), *cross_entropy_variants())
+    for label, fn, pointers, constexprs, options, divisible, stage_bytes in variants:
         try:
-            found = report(compile_variant(fn, pointers, constexprs, options))
+            found = report(compile_variant(fn, pointers, constexprs, options, divisible))
         except Exception as err:  # reported, and the run fails
             failures.append(f"{label}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             print(f"{label:78} failed to compile")
@@ -122,10 +158,13 @@ def main() -> int:
         # A warp group is 4 warps: a GEMM of fewer cannot issue wgmma, and mma.sync is its due.
         if label.startswith("linear_relu GEMM") and options["num_warps"] >= 4 and found["wgmma"] == 0:
             failures.append(f"{label}: no wgmma")
+        if stage_bytes is not None and found["smem"] < (options["num_stages"] - 1) * stage_bytes:
+            failures.append(f"{label}: not pipelined ({found['smem']} bytes of shared memory)")
     if failures:
         print("\n".join(["", "triton_sm90_check: FAIL", *failures]))
         return 1
-    print("\ntriton_sm90_check: PASS: every variant compiles for sm_90, every GEMM of 4+ warps with wgmma")
+    print("\ntriton_sm90_check: PASS: every variant compiles for sm_90, every GEMM of 4+ warps with wgmma, "
+          "every aligned 16-bit GEMM pipelined")
     return 0
 
 

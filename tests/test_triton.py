@@ -132,6 +132,24 @@ TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rto
               torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
+@pytest.mark.parametrize("capability,target", [((9, 0), "hopper"), ((10, 0), "hopper"), ((8, 0), "pre-hopper")])
+def test_linear_relu_forward_configs_per_target(monkeypatch, capability, target):
+    """A GPU gets its target's autotune list (Hopper's tiles from sm_90 on); the
+    interpreter, one configuration: Hopper's first, 128 x 256 x 64."""
+    monkeypatch.setattr(triton_lr, "INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    triton_lr._target.cache_clear()
+    try:
+        tuned = triton_lr._autotuned_gemm(torch.device("cuda", 0))
+    finally:
+        triton_lr._target.cache_clear()
+    assert tuned is triton_lr._GEMM_BY_TARGET[target]
+    assert triton_lr._HOPPER_CONFIGS[0].kwargs == {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the lists as built at import
+        assert [c.kwargs for c in triton_lr._GEMM_BY_TARGET["hopper"].configs] == [
+            triton_lr._HOPPER_CONFIGS[0].kwargs]
+
+
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("case", LINEAR_EDGES)
 def test_linear_relu_tile_edges(device, case):

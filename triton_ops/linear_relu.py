@@ -14,6 +14,7 @@ of the other operand and cannot use the library's kernels; it ran the backward a
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -129,27 +130,58 @@ def _relu_grad_kernel(
         tl.store(partial_ptr + pid_m.to(tl.int64) * N + offs_n, tl.sum(acc, axis=0), mask=in_n)
 
 
-# Configurations from Triton's matmul tutorial, for the GPUs of the last years;
-# ones that need more shared memory than a GPU has are skipped by the autotuner.
-# The interpreter cannot benchmark (it has no GPU), so it gets the first only.
-_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=5, num_warps=2),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=5, num_warps=2),
+def _config(block_m: int, block_n: int, block_k: int, stages: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                         num_stages=stages, num_warps=warps)
+
+
+# Forward configurations per target, from Triton's matmul tutorials (03 and, for
+# Hopper, 09-persistent-matmul); ones that need more shared memory than the GPU has
+# (float32's wide tiles on any) are skipped by the autotuner.
+# Hopper (sm_90+): wide tiles of BLOCK_K 64, 3-4 stages, 4-8 warps (one or two warp
+# groups issuing wgmma); 128 x 256 x 64 in 4 stages takes 192 KiB of the 227.
+_HOPPER_CONFIGS = [
+    _config(128, 256, 64, stages=3, warps=8),
+    _config(128, 256, 64, stages=4, warps=8),
+    _config(128, 128, 64, stages=4, warps=8),
+    _config(128, 128, 64, stages=4, warps=4),
+    _config(128, 128, 128, stages=3, warps=8),
+    _config(128, 256, 32, stages=3, warps=8),  # float32 (TF32): the widest that fits
+    _config(64, 128, 64, stages=4, warps=4),  # small or skinny problems: more programs
 ]
-_gemm_autotuned = triton.autotune(
-    configs=_CONFIGS[:1] if INTERPRETED else _CONFIGS,
-    key=["M", "N", "K", "HAS_BIAS", "INPUT_PRECISION"],
-)(_gemm_kernel)
+# Before Hopper (Ampere, Ada): matmul tutorial 03's list for CUDA.
+_PRE_HOPPER_CONFIGS = [
+    _config(128, 256, 64, stages=3, warps=8),
+    _config(64, 256, 32, stages=4, warps=4),
+    _config(128, 128, 32, stages=4, warps=4),
+    _config(128, 64, 32, stages=4, warps=4),
+    _config(64, 128, 32, stages=4, warps=4),
+    _config(128, 32, 32, stages=4, warps=4),
+    _config(64, 32, 32, stages=5, warps=2),
+    _config(32, 64, 32, stages=5, warps=2),
+]
+_AUTOTUNE_KEY = ["M", "N", "K", "HAS_BIAS", "INPUT_PRECISION"]
+# The interpreter cannot benchmark (it has no GPU): it gets one configuration, the
+# first for Hopper (128 x 256 x 64), whose edges tests/test_triton.py exercises.
+_GEMM_BY_TARGET = {
+    target: triton.autotune(configs=configs[:1] if INTERPRETED else configs, key=_AUTOTUNE_KEY)(_gemm_kernel)
+    for target, configs in (("hopper", _HOPPER_CONFIGS), ("pre-hopper", _PRE_HOPPER_CONFIGS))
+}
 # float64 sums a 3-d tile of products, which must stay small enough for registers.
 _FP64_TILE = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8)
 # 256 rows per program: at 4096 x 4096, 16 x 32 programs, and 16 rows of partial sums.
 _RELU_GRAD_TILE = dict(BLOCK_M=32, BLOCK_N=128, ROWS_PER_PROGRAM=256)
+
+
+@functools.lru_cache(maxsize=None)
+def _target(device_index: int) -> str:
+    return "hopper" if torch.cuda.get_device_capability(device_index)[0] >= 9 else "pre-hopper"
+
+
+def _autotuned_gemm(device: torch.device):
+    if INTERPRETED or device.type != "cuda":
+        return _GEMM_BY_TARGET["hopper"]
+    return _GEMM_BY_TARGET[_target(device.index if device.index is not None else torch.cuda.current_device())]
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -186,7 +218,7 @@ def _launch_gemm(a, b, c, M, N, K, a_strides, b_strides, *, bias=None) -> None:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-        wrap_triton(_gemm_autotuned)[grid](*args, **flags)
+        wrap_triton(_autotuned_gemm(c.device))[grid](*args, **flags)
 
 
 def _check_inputs(op: str, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
