@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import myext
 
@@ -165,18 +164,6 @@ def test_linear_relu_half_precision(device, dtype):
     _check_linear(x, w, b, rtol=TOLERANCES[dtype]["rtol"], atol=4 * TOLERANCES[dtype]["atol"])
 
 
-class _CountOps(TorchDispatchMode):
-    """Counts the aten ops run under it, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _backward_formula(grad_output, input, weight, output):
     """The three gradients from their definition, in float64."""
     g = (grad_output.double() * (output > 0)).reshape(-1, weight.shape[0])
@@ -201,9 +188,18 @@ def test_linear_relu_backward_output_mask(device, launches, monkeypatch):
         return _run(*args, **kwargs)
 
     monkeypatch.setattr(triton_lr._relu_grad_kernel, "run", recorded)
+    # The op's body calls torch.mm by name: counted here (a dispatch mode would see the op only).
+    gemms = []
+
+    def mm(*args, _mm=torch.mm, **kwargs):
+        gemms.append(args[0].shape)
+        return _mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", mm)
     for mask in itertools.product([False, True], repeat=3):
         launches.clear()
         flags.clear()
+        gemms.clear()
         result = op(grad, x, w, out, list(mask))
         for wanted, got, want in zip(mask, result, expected):
             assert (got is None) == (not wanted)
@@ -211,10 +207,7 @@ def test_linear_relu_backward_output_mask(device, launches, monkeypatch):
                 torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         assert launches["relu_grad"] == any(mask)
         assert flags == ([(mask[0] or mask[1], mask[2])] if any(mask) else [])
-        # The op's body, run directly, shows its aten calls: a GEMM only where asked.
-        with _CountOps() as ops:
-            triton_lr.linear_relu_backward(grad, x, w, out, list(mask))
-        assert ops.counts["mm"] == mask[0] + mask[1]
+        assert len(gemms) == mask[0] + mask[1]
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
