@@ -140,6 +140,10 @@ def _config(block_m: int, block_n: int, block_k: int, stages: int, warps: int) -
 # (float32's wide tiles on any) are skipped by the autotuner.
 # Hopper (sm_90+): wide tiles of BLOCK_K 64, 3-4 stages, 4-8 warps (one or two warp
 # groups issuing wgmma); 128 x 256 x 64 in 4 stages takes 192 KiB of the 227.
+# Tutorial 09's persistent programs and TMA tensor descriptors are not used: the op
+# takes operands of any strides, and a descriptor needs a unit last stride and 16-byte
+# aligned base and strides, so it would be a second kernel chosen per call, worth it
+# only once a GPU shows this pipelined wgmma GEMM short of cuBLAS.
 _HOPPER_CONFIGS = [
     _config(128, 256, 64, stages=3, warps=8),
     _config(128, 256, 64, stages=4, warps=8),
