@@ -18,6 +18,6 @@ from .fuse import fuse
 
 # Backends are probed when first asked, not here (see myext.backends).
 
-__all__ = ["CrossEntropyOutput", "autograd", "available_backends", "cross_entropy", "fuse", "linear_cross_entropy",
-           "linear_relu", "models", "nn", "reference", "registry", "testing"]
+__all__ = ["CrossEntropyOutput", "autograd", "available_backends", "backends", "cross_entropy", "fuse",
+           "linear_cross_entropy", "linear_relu", "models", "nn", "reference", "registry", "testing"]
 __version__ = "0.1.0"

@@ -41,18 +41,28 @@ class Options:
     label_smoothing: float
     lse_square_scale: float
     softcap: float
+    # The dispatcher ops' arguments, in their schemas' order: made once, read on every call.
+    args: tuple = dataclasses.field(init=False, repr=False, compare=False)
 
-    @classmethod
-    def of(cls, reduction: str, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "args", (self.reduction, self.ignore_index, self.label_smoothing,
+                                          self.lse_square_scale, self.softcap))
+
+    @staticmethod
+    def of(reduction: str, ignore_index: int, label_smoothing: float, lse_square_scale: float,
            softcap: Optional[float]) -> "Options":
-        """The options of a public call, its arguments checked (check_options)."""
-        return cls(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
-                   float(softcap or 0.0))
-
-    @property
-    def args(self) -> tuple:
-        """The dispatcher ops' arguments, in their schemas' order."""
-        return (self.reduction, self.ignore_index, self.label_smoothing, self.lse_square_scale, self.softcap)
+        """The options of a public call, its arguments checked (check_options); one value
+        per distinct set of options (a training loop repeats its own), so that an eager
+        call pays a dictionary lookup, not a frozen dataclass's constructor."""
+        if torch.compiler.is_compiling():  # traced: a constant of the graph, no cache to guard
+            return _new_options(reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
+        key = (reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
+        found = _OPTIONS.get(key)
+        if found is None:
+            if len(_OPTIONS) >= 256:
+                _OPTIONS.clear()
+            found = _OPTIONS[key] = _new_options(*key)
+        return found
 
     def reference(self, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
         """The reference loss of rows of logits with these options."""
@@ -61,6 +71,15 @@ class Options:
 
 
 _REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
+
+
+_OPTIONS: dict[tuple, Options] = {}
+
+
+def _new_options(reduction: str, ignore_index: int, label_smoothing: float, lse_square_scale: float,
+                 softcap: Optional[float]) -> Options:
+    return Options(REDUCTIONS[reduction], ignore_index, float(label_smoothing), float(lse_square_scale),
+                   float(softcap or 0.0))
 
 
 # --------------------------------------------------------------------------- checks

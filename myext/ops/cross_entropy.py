@@ -113,33 +113,35 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Cross-entropy of logits (R, C) against class indices (R,) or probabilities (R, C).
 
     ``CrossEntropyFunction.apply(input, target, weight, options, backend,
-    inplace_backward)`` with ``options`` an :class:`Options`; the arguments already
-    checked and reshaped to two dimensions (see myext.cross_entropy). Returns the loss
-    and, not differentiable, each row's max and log(sum(exp(z - max))) of the capped
-    logits z, the target's capped logit (for myext.cross_entropy's extras) and the
-    mean's divisor; backward reads the two numbers per row and the divisor. With
+    inplace_backward, return_rows)`` with ``options`` an :class:`Options`; the arguments
+    already checked and reshaped to two dimensions (see myext.cross_entropy). Returns the
+    loss, and with ``return_rows`` (the default), not differentiable, each row's max and
+    log(sum(exp(z - max))) of the capped logits z and the target's capped logit (for
+    myext.cross_entropy's extras); without them autograd tracks one output. Forward
+    keeps those two numbers per row for backward, and the mean's divisor. With
     ``inplace_backward`` (cpp and cuda backends, contiguous logits) backward writes the
     gradient over the logits and bumps their version, so any other autograd node that
-    saved them raises an error instead of reading it. torch.func's vmap runs it through
-    the dispatcher ops' batching rules (generate_vmap_rule); forward-mode AD is
-    :class:`CrossEntropyJvpFunction`'s.
+    saved them raises an error instead of reading it.
+
+    Reverse mode and torch.compile, in PyTorch's older form (forward takes ``ctx``):
+    torch 2.13's apply binds a ``setup_context``-form Function's arguments to its
+    forward's signature on every call (inspect.signature, about 12 us), and dynamo does
+    not trace a Function that defines ``jvp``. :class:`CrossEntropyJvpFunction` is the
+    same Function in the ``setup_context`` form, for forward-mode AD and torch.func.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], options: Options,
-                backend: str, inplace_backward: bool):
-        return op("cross_entropy_forward", backend)(input, target, weight, *options.args)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        input, target, weight, ctx.options, ctx.backend, ctx.inplace_backward = inputs
-        _, row_max, row_log_sum, target_logit, total_weight = output
-        ctx.save_for_backward(input, target, weight, row_max, row_log_sum, total_weight)
-        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit, total_weight)
+    def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                options: Options, backend: str, inplace_backward: bool, return_rows: bool = True):
+        loss, row_max, row_log_sum, target_logit, total_weight = op("cross_entropy_forward", backend)(
+            input, target, weight, *options.args)
+        _save(ctx, (input, target, weight, options, backend, inplace_backward), row_max, row_log_sum, total_weight)
+        if not return_rows:
+            return loss
+        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit)
         # Backward gets None, not a tensor of zeros made on every call, for the extras.
         ctx.set_materialize_grads(False)
+        return loss, row_max, row_log_sum, target_logit
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused_grads):
@@ -163,22 +165,38 @@ class CrossEntropyFunction(torch.autograd.Function):
                 grad_input = input
             else:
                 grad_input = op("cross_entropy_backward", ctx.backend)(*args)
-        return grad_input, grad_target, None, None, None, None
+        return (grad_input, grad_target) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+def _save(ctx: Any, inputs: tuple, row_max: torch.Tensor, row_log_sum: torch.Tensor,
+          total_weight: torch.Tensor) -> None:
+    input, target, weight, ctx.options, ctx.backend, ctx.inplace_backward = inputs
+    ctx.save_for_backward(input, target, weight, row_max, row_log_sum, total_weight)
 
 
 class CrossEntropyJvpFunction(CrossEntropyFunction):
-    """:class:`CrossEntropyFunction` with forward-mode AD, for calls under
-    ``forward_ad`` or a torch.func transform (a Function of its own: dynamo cannot
-    trace one that defines ``jvp``). The loss's tangent is each row's gradient, from
-    the backward kernel and the row statistics of forward, dotted with the tangent of
-    its logits (and of its probabilities), then reduced as the loss is."""
+    """:class:`CrossEntropyFunction` in the ``setup_context`` form, for calls under
+    ``forward_ad`` or a torch.func transform: vmapped through the dispatcher ops'
+    batching rules (generate_vmap_rule), with forward-mode AD. Returns the loss and,
+    not differentiable, the rows' statistics and the mean's divisor (outputs, so that
+    torch.func can save them). The loss's tangent is each row's gradient, from the
+    backward kernel and the row statistics of forward, dotted with the tangent of its
+    logits (and of its probabilities), then reduced as the loss is."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], options: Options,
+                backend: str, inplace_backward: bool):
+        return op("cross_entropy_forward", backend)(input, target, weight, *options.args)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        CrossEntropyFunction.setup_context(ctx, inputs, output)
-        input, target, weight = inputs[:3]
-        _, row_max, row_log_sum, _, total_weight = output
-        ctx.save_for_forward(input, target, weight, row_max, row_log_sum, total_weight)
+        _, row_max, row_log_sum, target_logit, total_weight = output
+        _save(ctx, inputs, row_max, row_log_sum, total_weight)
+        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit, total_weight)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_forward(*inputs[:3], row_max, row_log_sum, total_weight)
 
     @staticmethod
     def jvp(ctx: Any, input_t: Optional[torch.Tensor], target_t: Optional[torch.Tensor],
@@ -411,9 +429,14 @@ def cross_entropy(
     else:
         inplace = (inplace_backward and input_2d.is_contiguous()
                    and has_capability(NAME, INPLACE_BACKWARD, name, input.device))
-        function = CrossEntropyJvpFunction if transforms_active() else CrossEntropyFunction
-        loss, row_max, row_log_sum, target_logit, _ = function.apply(input_2d, target_2d, weight, options, name,
-                                                                     inplace)
+        if transforms_active():
+            loss, row_max, row_log_sum, target_logit, _ = CrossEntropyJvpFunction.apply(
+                input_2d, target_2d, weight, options, name, inplace)
+        elif return_lse or return_accuracy:
+            loss, row_max, row_log_sum, target_logit = CrossEntropyFunction.apply(input_2d, target_2d, weight,
+                                                                                  options, name, inplace)
+        else:
+            loss = CrossEntropyFunction.apply(input_2d, target_2d, weight, options, name, inplace, False)
     return finish(loss, row_max, row_log_sum, target_logit, target_2d, options, batch_shape, return_lse,
                   return_accuracy)
 

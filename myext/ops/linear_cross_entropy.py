@@ -80,7 +80,9 @@ def check_linear_cross_entropy(
     check_same("linear_weight", linear_weight, "input", input)
     if linear_weight.dim() < 2:
         raise ValueError(f"linear_weight must be (C, H) or (C, d1, ..., dk, H), got shape {tuple(linear_weight.shape)}")
-    features, classes, positions = input.shape[-1], linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    # Indexed sizes, not slices of torch.Size (a microsecond on every call), for a plain head.
+    features, classes = input.shape[-1], linear_weight.shape[0]
+    positions = () if linear_weight.dim() == 2 else tuple(linear_weight.shape[1:-1])
     if linear_weight.shape[-1] != features:
         raise ValueError(f"linear_weight must have the input's features last, (C, ..., {features}), "
                          f"got {tuple(linear_weight.shape)}")
@@ -145,45 +147,44 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     class indices (R,) or probabilities (R, C).
 
     ``LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
-    options, chunk_size, backend, *grads_in_forward)``, the arguments checked and
-    reshaped to rows (see myext.linear_cross_entropy). Returns the loss and, not
-    differentiable, each row's max and log-sum of the capped logits, the target's
-    capped logit and the mean's divisor, then the gradients forward computed.
+    options, chunk_size, backend, return_rows)``, the arguments checked and reshaped to rows
+    (see myext.linear_cross_entropy). Returns the loss and, with ``return_rows`` (the
+    default), not differentiable, each row's max and log-sum of the capped logits and the
+    target's capped logit; without them autograd tracks one output.
 
-    ``grads_in_forward``: three bools, whether forward computes the gradient of input,
-    linear_weight and linear_bias (reduction mean or sum only), for an upstream gradient
-    of 1, in the same pass over the chunks, so that each chunk's logits are made once;
-    the first backward scales them in place. Any other backward (reduction none, a second
-    one through a retained graph) makes the logits again: for a reduced loss with an
+    For reduction mean or sum, forward computes the gradients in the same pass over the
+    chunks (for an upstream gradient of 1) and the first backward scales them in place:
+    the chunk's logits are made once. Any other backward (reduction none, a second one
+    through a retained graph) makes the logits again: for a reduced loss with an
     upstream gradient of 1, scaled afterwards, which gives the first backward's bits.
     Double backward goes through the reference (torch ops, which hold the logits); so
-    does the gradient of probability targets, itself the logits' size. Forward-mode AD
-    is :class:`LinearCrossEntropyJvpFunction`'s; torch.func's vmap runs it through the
-    dispatcher ops' batching rules (generate_vmap_rule).
+    does the gradient of probability targets, itself the logits' size.
+
+    Reverse mode and torch.compile, in PyTorch's older form (forward takes ``ctx``), as
+    :class:`~myext.ops.cross_entropy.CrossEntropyFunction` is, and for the same reasons;
+    :class:`LinearCrossEntropyJvpFunction` is the ``setup_context`` form, for forward-mode
+    AD and torch.func.
     """
 
-    generate_vmap_rule = True
-
-    # The mask as three bools, not a list: torch.func flattens a list argument.
     @staticmethod
-    def forward(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+    def forward(ctx: Any, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
                 target: torch.Tensor, weight: Optional[torch.Tensor], options: Options, chunk_size: int,
-                backend: str, *grads_in_forward: bool):
-        out = op("linear_cross_entropy_forward", backend)(
-            input, linear_weight, linear_bias, target, weight, *options.args, chunk_size, list(grads_in_forward))
-        return out if any(grads_in_forward) else out[:5]
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        input, linear_weight, linear_bias, target, weight, ctx.options, ctx.chunk_size, ctx.backend = inputs[:8]
-        _, row_max, row_log_sum, target_logit, total_weight, *grads = output
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight)
+                backend: str, return_rows: bool = True):
+        mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
+        in_forward = options.reduction != REDUCTIONS["none"] and any(mask)
+        loss, row_max, row_log_sum, target_logit, total_weight, *grads = op("linear_cross_entropy_forward", backend)(
+            input, linear_weight, linear_bias, target, weight, *options.args, chunk_size,
+            mask if in_forward else [False, False, False])
+        _save(ctx, (input, linear_weight, linear_bias, target, weight, options, chunk_size, backend), row_max,
+              row_log_sum, total_weight)
         # Not saved tensors: the first backward scales them in place and hands them on,
         # so that a step holds each gradient once, not twice.
-        ctx.grads_from_forward = grads or None
-        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit, total_weight,
-                                    *[g for g in grads if g is not None])
+        ctx.grads_from_forward = grads if in_forward else None
+        if not return_rows:
+            return loss
+        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit)
         ctx.set_materialize_grads(False)  # as CrossEntropyFunction's
+        return loss, row_max, row_log_sum, target_logit
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused_grads):
@@ -199,23 +200,45 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                      mask, wants_target)
         else:
             grad_target = (probability_target_grad(grad_loss, affine(input, linear_weight, linear_bias), target,
-                                                      weight, ctx.options) if wants_target else None)
+                                                   weight, ctx.options) if wants_target else None)
             grads = (*_kernel_grads(ctx, grad_loss, mask), grad_target)
-        return (*grads, None, None, None, None, None, None, None)
+        return tuple(grads) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+def _save(ctx: Any, inputs: tuple, row_max: torch.Tensor, row_log_sum: torch.Tensor,
+          total_weight: torch.Tensor) -> None:
+    input, linear_weight, linear_bias, target, weight, ctx.options, ctx.chunk_size, ctx.backend = inputs[:8]
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight)
 
 
 class LinearCrossEntropyJvpFunction(LinearCrossEntropyFunction):
-    """:class:`LinearCrossEntropyFunction` with forward-mode AD, for calls under
-    ``forward_ad`` or a torch.func transform (a Function of its own: dynamo cannot trace
-    one that defines ``jvp``). By chunks of rows, as the kernels go: each chunk's
-    logits and their tangent (the product rule over the linear layer), each row's
-    gradient from the cross-entropy backward kernel and forward's row statistics, dotted
-    with it; the logits are never held whole. Forward computes no gradients here."""
+    """:class:`LinearCrossEntropyFunction` in the ``setup_context`` form, for calls under
+    ``forward_ad`` or a torch.func transform: vmapped through the dispatcher ops'
+    batching rules (generate_vmap_rule), with forward-mode AD. Forward computes no
+    gradients here (the transforms differentiate through backward, not around it) and
+    returns the loss and, not differentiable, the rows' statistics and the mean's
+    divisor. The tangent goes by chunks of rows, as the kernels do: each chunk's logits
+    and their tangent (the product rule over the linear layer), each row's gradient from
+    the cross-entropy backward kernel and forward's row statistics, dotted with it; the
+    logits are never held whole."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
+                target: torch.Tensor, weight: Optional[torch.Tensor], options: Options, chunk_size: int,
+                backend: str):
+        return op("linear_cross_entropy_forward", backend)(
+            input, linear_weight, linear_bias, target, weight, *options.args, chunk_size, [False, False, False])[:5]
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        LinearCrossEntropyFunction.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:5], *output[1:3], output[4])
+        _, row_max, row_log_sum, target_logit, total_weight = output
+        _save(ctx, inputs, row_max, row_log_sum, total_weight)
+        ctx.grads_from_forward = None
+        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit, total_weight)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_forward(*inputs[:5], row_max, row_log_sum, total_weight)
 
     @staticmethod
     def jvp(ctx: Any, input_t, linear_weight_t, linear_bias_t, target_t, weight_t, *_constants):
@@ -408,16 +431,15 @@ def _rows_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Op
     elif not needs_grad(input, linear_weight, linear_bias, target):
         loss, row_max, row_log_sum, target_logit, *_ = op("linear_cross_entropy_forward", name)(
             input, linear_weight, linear_bias, target, weight, *options.args, chunk, [False, False, False])
+    elif transforms_active():
+        loss, row_max, row_log_sum, target_logit, _ = LinearCrossEntropyJvpFunction.apply(
+            input, linear_weight, linear_bias, target, weight, options, chunk, name)
+    elif want_rows:
+        loss, row_max, row_log_sum, target_logit = LinearCrossEntropyFunction.apply(
+            input, linear_weight, linear_bias, target, weight, options, chunk, name)
     else:
-        transforms = transforms_active()
-        # Under forward AD or torch.func the gradients are not made in forward: the
-        # transforms differentiate through backward, not around it.
-        in_forward = (() if transforms or options.reduction == REDUCTIONS["none"] else
-                      (input.requires_grad, linear_weight.requires_grad,
-                       linear_bias is not None and linear_bias.requires_grad))
-        function = LinearCrossEntropyJvpFunction if transforms else LinearCrossEntropyFunction
-        loss, row_max, row_log_sum, target_logit, *_ = function.apply(
-            input, linear_weight, linear_bias, target, weight, options, chunk, name, *(in_forward or (False,) * 3))
+        loss = LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, options, chunk,
+                                                name, False)
     return loss, row_max, row_log_sum, target_logit
 
 

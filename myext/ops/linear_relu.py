@@ -73,23 +73,22 @@ class FusedLinearReLUFunction(torch.autograd.Function):
     ``FusedLinearReLUFunction.apply(input, weight, bias, backend)``, where backend is
     "cpp", "cuda" or "triton" (arguments already checked; see myext.linear_relu).
     Saves the inputs and the output, whose sign is the ReLU mask: no pre-activation
-    or mask tensor is kept. Forward-mode AD masks the pre-activation's tangent the
-    same way; torch.func's vmap runs the Function per batch element through the
-    dispatcher ops' own batching rules (generate_vmap_rule).
+    or mask tensor is kept.
+
+    Reverse mode and torch.compile. In PyTorch's older form, forward taking ``ctx``:
+    torch 2.13's apply binds a ``setup_context``-form Function's arguments to its
+    forward's signature on every call (inspect.signature, about 12 us), and dynamo
+    does not trace a Function that defines ``jvp``. :class:`FusedLinearReLUJvpFunction`
+    is the same Function in the ``setup_context`` form with a jvp, for forward-mode AD
+    and torch.func.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    def forward(ctx: Any, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 backend: str) -> torch.Tensor:
-        return op("linear_relu", backend)(input, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        input, weight, _, ctx.backend = inputs
-        ctx.save_for_backward(input, weight, output)
-        ctx.save_for_forward(input, weight, output)
+        output = op("linear_relu", backend)(input, weight, bias)
+        _save(ctx, (input, weight, bias, backend), output)
+        return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
@@ -105,10 +104,28 @@ class FusedLinearReLUFunction(torch.autograd.Function):
         return (*grads, None)
 
 
+def _save(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    input, weight, _, ctx.backend = inputs
+    ctx.save_for_backward(input, weight, output)
+
+
 class FusedLinearReLUJvpFunction(FusedLinearReLUFunction):
-    """:class:`FusedLinearReLUFunction` with forward-mode AD, for calls under
-    ``forward_ad`` or a torch.func transform: a Function of its own because dynamo
-    cannot trace one that defines ``jvp``."""
+    """:class:`FusedLinearReLUFunction` in the ``setup_context`` form, with forward-mode
+    AD (the pre-activation's tangent masked as the gradient is) and torch.func's vmap
+    through the dispatcher ops' batching rules (generate_vmap_rule): what the public
+    function calls under ``forward_ad`` or a torch.func transform."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                backend: str) -> torch.Tensor:
+        return op("linear_relu", backend)(input, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        _save(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], inputs[1], output)
 
     @staticmethod
     def jvp(ctx: Any, input_t: Optional[torch.Tensor], weight_t: Optional[torch.Tensor],
