@@ -26,6 +26,8 @@ def register_loop_vmap(qualified_name: str) -> None:
         return
 
     def rule(info: Any, in_dims: tuple, *args: Any):
+        if info.batch_size == 0:  # no element to learn the outputs' shapes from
+            raise NotImplementedError(f"{qualified_name} under vmap needs a batch of at least one element")
         results = []
         for index in range(info.batch_size):
             # in_dims holds an int for each batched tensor (None or a list of them otherwise).
