@@ -178,7 +178,6 @@ def check_vocab_parallel(shard: VocabParallel, columns: int, what: str, device: 
                          f"backends that have: {shard_backends}")
 
 
-
 def plan(op_name: str, backend: Optional[str], device: torch.device, target: torch.Tensor, probabilities: bool,
          ignore_index: int, classes: int, vocab_parallel: Optional[VocabParallel], what: str,
          return_accuracy: bool) -> tuple[torch.Tensor, str]:

@@ -68,14 +68,6 @@ def check_cross_entropy(
                         prob_shape_name="the input's shape")
 
 
-
-
-
-
-
-
-
-
 # --------------------------------------------------------------------------- fake kernels
 
 def cross_entropy_forward_fake(input, target, weight, reduction, ignore_index, label_smoothing, lse_square_scale,
@@ -104,9 +96,6 @@ def cross_entropy_backward_inplace_fake(grad_loss, input, target, weight, row_ma
 
 
 # --------------------------------------------------------------------------- autograd
-
-
-
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -208,14 +197,6 @@ class CrossEntropyJvpFunction(CrossEntropyFunction):
         return reduce_rows(rows, total_weight, ctx.options.reduction, input.dtype), None, None, None, None
 
 
-
-
-
-
-
-
-
-
 class CrossEntropyBackwardFunction(torch.autograd.Function):
     """The backward of cross-entropy as a differentiable function, for double backward.
 
@@ -276,29 +257,7 @@ def reference_input_grad(grad_loss: torch.Tensor, input: torch.Tensor, target: t
 # --------------------------------------------------------------------------- vocabulary parallelism
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --------------------------------------------------------------------------- the public function
-
 
 
 def _as_rows(input: torch.Tensor, target: torch.Tensor, probabilities: bool):
@@ -311,8 +270,6 @@ def _as_rows(input: torch.Tensor, target: torch.Tensor, probabilities: bool):
     rows = input.movedim(1, -1).reshape(-1, classes)
     target_rows = target.movedim(1, -1).reshape(-1, classes) if probabilities else target.reshape(-1)
     return rows, target_rows, input.shape[:1] + input.shape[2:]
-
-
 
 
 def cross_entropy(
@@ -441,16 +398,7 @@ def cross_entropy(
                   return_accuracy)
 
 
-
-
-
-
 # --------------------------------------------------------------------------- the spec
-
-
-
-
-
 
 
 def reference(

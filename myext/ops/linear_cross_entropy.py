@@ -290,7 +290,6 @@ def _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weigh
 # --------------------------------------------------------------------------- vocabulary parallelism
 
 
-
 # --------------------------------------------------------------------------- the public function
 
 def linear_cross_entropy(
