@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import myext
 from myext import backends, registry, testing
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -157,3 +158,9 @@ def test_import_probes_nothing_and_a_compiled_first_call_probes(backend):
     assert result.returncode == 0, result.stderr
     if backend == "triton":
         assert result.stdout.strip() == "['cpp', 'triton', 'torch']"
+
+
+def test_vmap_over_an_empty_batch_is_refused_with_the_op_named():
+    logits, target = torch.randn(0, 4, 5, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="myext::cross_entropy_forward under vmap"):
+        torch.func.vmap(lambda x, t: myext.cross_entropy(x, t, backend="cpp"))(logits, target)
