@@ -54,3 +54,11 @@ def check_optional_vector(op: str, name: str, tensor: Optional[torch.Tensor], le
     if tensor is not None:
         check_shape(op, name, tensor, (length,))
         check_like(op, name, tensor, "input", ref)
+
+
+def check_optional_rows(op: str, name: str, tensor: Optional[torch.Tensor], rows: int, ref: torch.Tensor) -> None:
+    """``tensor`` is None or (rows,), of any floating dtype, on ``ref``'s device."""
+    if tensor is not None:
+        check_floating(op, name, tensor)
+        check(tensor.device == ref.device, op, f"{name} is on {tensor.device} but input is on {ref.device}")
+        check_shape(op, name, tensor, (rows,))

@@ -26,6 +26,8 @@ class LossOptions:
     label_smoothing: float   # eps of q = (1 - eps) target + eps / C, in [0, 1]
     lse_square_scale: float  # lambda of the z-loss lambda lse^2; 0: none
     softcap: float           # logits capped at softcap tanh(x / softcap); 0: none
+    temperature: float       # the capped logits divided by it; 1: none
+    entropy: bool            # forward also writes each row's softmax entropy
 
     def check(self, op: str) -> None:
         """csrc/cross_entropy.h's check_cross_entropy_options, with its messages. Any
@@ -38,19 +40,22 @@ class LossOptions:
               f"lse_square_scale must be finite and >= 0, got {self.lse_square_scale}")
         check(0.0 <= self.softcap < math.inf, op,
               f"softcap must be finite and > 0, or 0 for none, got {self.softcap}")
+        check(0.0 < self.temperature < math.inf, op,
+              f"temperature must be finite and > 0, got {self.temperature}")
 
     @property
     def kernel_args(self) -> tuple:
         """The options among the kernels' arguments, in their order there (the reduction is
-        the host's: the kernels write per-row values)."""
-        return self.ignore_index, self.label_smoothing, self.lse_square_scale, self.softcap
+        the host's: the kernels write per-row values; entropy is a constexpr of forward's
+        kernel alone)."""
+        return self.ignore_index, self.label_smoothing, self.lse_square_scale, self.softcap, self.temperature
 
     @property
     def switches(self) -> dict:
-        """The options whose 0 compiles their math out of the kernels, by name, as the
-        launch takes them to set the kernels' constexprs."""
+        """The options whose neutral value (0; 1 for the temperature) compiles their math
+        out of the kernels, by name, as the launch takes them to set the kernels' constexprs."""
         return dict(label_smoothing=self.label_smoothing, lse_square_scale=self.lse_square_scale,
-                    softcap=self.softcap)
+                    softcap=self.softcap, temperature=self.temperature)
 
 
 @dataclasses.dataclass(frozen=True)
