@@ -11,7 +11,7 @@ Variants: the linear_relu forward GEMM (bias and ReLU) with each autotune config
 target's list (Hopper's, and the pre-Hopper list, compiled for sm_90 too), in bfloat16,
 float16 and float32 (TF32); its backward's masked-gradient pass (G stored, the
 bias gradient's partial sums, or both); and the cross-entropy forward and backward kernels (class indices and probabilities, weights,
-smoothing, the shard flag) in bfloat16 and float32.
+smoothing, the shard flag, the language-model options off and on) in bfloat16 and float32.
 
 The GEMM and the backward pass are compiled as Triton's JIT specializes them for
 contiguous operands whose sizes are multiples of 16 (4096^3, the MLP sizes): pointers
@@ -25,6 +25,7 @@ of tiles fails the check: its loads are not pipelined.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -120,25 +121,28 @@ def relu_grad_variants():
 
 
 def cross_entropy_variants():
-    for dtype in ("bfloat16", "float32"):
+    # Each kernel with the language-model options off (the default kernels) and all on
+    # (per-row weights, temperature, the entropy and the extras' gradients).
+    for dtype, prob, lm in itertools.product(("bfloat16", "float32"), (False, True), (False, True)):
         pointer = TRITON_TYPES[dtype]
-        for prob in (False, True):
-            target = pointer if prob else "i64"
-            flags = dict(PROB_TARGET=prob, HAS_WEIGHT=True, SMOOTHING=True, Z_LOSS=True, SOFTCAP=True,
-                         BLOCK_R=1, BLOCK_C=4096)
-            forward_pointers = dict(x_ptr=pointer, target_ptr=target, weight_ptr=pointer, loss_ptr="fp32",
-                                    max_ptr="fp32", log_sum_ptr="fp32", target_logit_ptr="fp32",
-                                    row_weight_ptr="fp32")
-            kind = "prob" if prob else "class"
-            yield (f"cross_entropy forward {dtype} {kind}", ce._cross_entropy_forward_kernel, forward_pointers,
-                   flags, dict(num_warps=8), (), None)
-            backward_pointers = dict(grad_ptr=pointer, x_ptr=pointer, target_ptr=target, weight_ptr=pointer,
-                                     max_ptr="fp32", log_sum_ptr="fp32", scale_ptr="fp32", row_weight_ptr="fp32",
-                                     weight_sum_ptr="fp32")
-            for shard in (False, True):
-                yield (f"cross_entropy backward {dtype} {kind}{' shard' if shard else ''}",
-                       ce._cross_entropy_backward_kernel, backward_pointers, dict(**flags, SHARD=shard),
-                       dict(num_warps=8), (), None)
+        target = pointer if prob else "i64"
+        flags = dict(PROB_TARGET=prob, HAS_WEIGHT=True, HAS_SAMPLE_WEIGHT=lm, SMOOTHING=True, Z_LOSS=True,
+                     SOFTCAP=True, TEMPERATURE=lm, BLOCK_R=1, BLOCK_C=4096)
+        forward_pointers = dict(x_ptr=pointer, target_ptr=target, weight_ptr=pointer, sample_weight_ptr="fp32",
+                                loss_ptr="fp32", max_ptr="fp32", log_sum_ptr="fp32", target_logit_ptr="fp32",
+                                row_weight_ptr="fp32", entropy_ptr="fp32")
+        kind = ("prob" if prob else "class") + (" lm" if lm else "")
+        yield (f"cross_entropy forward {dtype} {kind}", ce._cross_entropy_forward_kernel, forward_pointers,
+               dict(**flags, ENTROPY=lm), dict(num_warps=8), (), None)
+        backward_pointers = dict(grad_ptr=pointer, x_ptr=pointer, target_ptr=target, weight_ptr=pointer,
+                                 sample_weight_ptr="fp32", max_ptr="fp32", log_sum_ptr="fp32", scale_ptr="fp32",
+                                 row_weight_ptr="fp32", weight_sum_ptr="fp32", grad_logprob_ptr="fp32",
+                                 grad_entropy_ptr="fp32", entropy_ptr="fp32")
+        for shard in (False, True):
+            yield (f"cross_entropy backward {dtype} {kind}{' shard' if shard else ''}",
+                   ce._cross_entropy_backward_kernel, backward_pointers,
+                   dict(**flags, SHARD=shard, GRAD_LOGPROB=lm and not prob, GRAD_ENTROPY=lm), dict(num_warps=8),
+                   (), None)
 
 
 def main() -> int:
