@@ -15,7 +15,8 @@
 namespace myext {
 
 // The options: the reduction code, label smoothing in [0, 1], the z-loss scale
-// and the soft cap (0: none), both finite and >= 0. Any ignore_index is valid.
+// and the soft cap (0: none), both finite and >= 0, the temperature finite and
+// > 0. Any ignore_index is valid.
 inline void check_cross_entropy_options(const char* op, const LossOptions& o) {
   check_reduction(op, o.reduction);
   check_unit_interval(op, "label_smoothing", o.label_smoothing);
@@ -23,6 +24,41 @@ inline void check_cross_entropy_options(const char* op, const LossOptions& o) {
               ": lse_square_scale must be finite and >= 0, got ", o.lse_square_scale);
   TORCH_CHECK(std::isfinite(o.softcap) && o.softcap >= 0, op,
               ": softcap must be finite and > 0, or 0 for none, got ", o.softcap);
+  TORCH_CHECK(std::isfinite(o.temperature) && o.temperature > 0, op,
+              ": temperature must be finite and > 0, got ", o.temperature);
+}
+
+// `t`, where given, is a floating vector of `rows` on `ref`'s device (any
+// floating dtype: the kernels read it in their accumulation type).
+inline void check_optional_rows(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                                int64_t rows, const at::Tensor& ref) {
+  if (!t.has_value()) return;
+  check_floating(op, name, *t);
+  check_device(op, name, *t, ref);
+  check_shape(op, name, *t, {rows});
+}
+
+// The upstream gradients of each row's log-probability of its target and of
+// its entropy, and forward's row_entropy, which the entropy's gradient reads.
+struct RowExtras {
+  std::optional<at::Tensor> grad_logprob;
+  std::optional<at::Tensor> grad_entropy;
+  std::optional<at::Tensor> row_entropy;
+};
+
+// The extras of `rows` rows: each a vector of them; row_entropy given exactly
+// where grad_entropy is, and grad_logprob only for class-index targets (a
+// target of probabilities has no one target class).
+inline void check_row_extras(const char* op, const RowExtras& e, const at::Tensor& target, int64_t rows,
+                             const at::Tensor& ref) {
+  check_optional_rows(op, "grad_logprob", e.grad_logprob, rows, ref);
+  check_optional_rows(op, "grad_entropy", e.grad_entropy, rows, ref);
+  check_optional_rows(op, "row_entropy", e.row_entropy, rows, ref);
+  TORCH_CHECK(e.grad_entropy.has_value() == e.row_entropy.has_value(), op,
+              ": grad_entropy needs forward's row_entropy and row_entropy is read only with grad_entropy; got ",
+              e.grad_entropy.has_value() ? "grad_entropy without row_entropy" : "row_entropy without grad_entropy");
+  TORCH_CHECK(!e.grad_logprob.has_value() || !target.is_floating_point(), op,
+              ": grad_logprob needs class-index targets: a target of probabilities has no one target class");
 }
 
 // target (rows,) int64 class indices or (rows, classes) probabilities of the
@@ -45,14 +81,16 @@ inline void check_cross_entropy_targets(const char* op, const at::Tensor& target
   check_optional_vector(op, "weight", weight, classes, ref);
 }
 
-// input (R, C) logits, and targets and weights for them.
+// input (R, C) logits, and targets, class weights and sample weights for them.
 inline void check_cross_entropy_inputs(const char* op, const at::Tensor& input,
                                        const at::Tensor& target,
                                        const std::optional<at::Tensor>& weight,
+                                       const std::optional<at::Tensor>& sample_weight,
                                        const LossOptions& o) {
   check_floating(op, "input", input);
   check_dim(op, "input", input, 2);
   check_cross_entropy_targets(op, target, weight, input.size(0), input.size(1), input);
+  check_optional_rows(op, "sample_weight", sample_weight, input.size(0), input);
   check_cross_entropy_options(op, o);
 }
 
@@ -81,15 +119,17 @@ inline void check_cross_entropy_row_outputs(const char* op, const at::Tensor& gr
   }
 }
 
-// The outputs of cross_entropy_forward that its backward reads, and grad_loss.
+// The outputs of cross_entropy_forward that its backward reads, grad_loss and
+// the extras.
 inline void check_cross_entropy_backward_inputs(
     const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
     const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& row_max, const at::Tensor& row_log_sum,
-    const at::Tensor& total_weight, const LossOptions& o) {
-  check_cross_entropy_inputs(op, input, target, weight, o);
+    const std::optional<at::Tensor>& sample_weight, const at::Tensor& row_max, const at::Tensor& row_log_sum,
+    const at::Tensor& total_weight, const RowExtras& extras, const LossOptions& o) {
+  check_cross_entropy_inputs(op, input, target, weight, sample_weight, o);
   check_cross_entropy_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, input.size(0), o.reduction,
                                   input);
+  check_row_extras(op, extras, target, input.size(0), input);
 }
 
 // Rows that hold a shard of the classes (vocabulary parallelism), classes
@@ -128,19 +168,21 @@ inline void check_shard(const char* op, int64_t rows, int64_t columns, const Cla
 // the shard's, whose columns are the input's.
 inline void check_cross_entropy_shard_backward_inputs(
     const char* op, const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& row_max, const at::Tensor& row_log_sum,
-    const at::Tensor& total_weight, const ClassShard& shard, const LossOptions& o) {
-  check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, o);
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& sample_weight,
+    const at::Tensor& row_max, const at::Tensor& row_log_sum, const at::Tensor& total_weight,
+    const RowExtras& extras, const ClassShard& shard, const LossOptions& o) {
+  check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, sample_weight, row_max, row_log_sum,
+                                      total_weight, extras, o);
   check_shard(op, input.size(0), input.size(1), shard, input);
 }
 
-using CrossEntropyForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using CrossEntropyForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The ops' schema signatures over a device's `Kernels`, which take the
 // arguments checked and the options whole:
-//   CrossEntropyForward forward(op, input, target, weight, options)
-//   at::Tensor backward(op, grad_loss, input, target, weight, row_max, row_log_sum,
-//                       total_weight, options, shard)
+//   CrossEntropyForward forward(op, input, target, weight, sample_weight, options)
+//   at::Tensor backward(op, grad_loss, input, target, weight, sample_weight, row_max,
+//                       row_log_sum, total_weight, extras, options, shard)
 //   void backward_inplace(op, grad_loss, input, ...as backward's)
 // where `shard` (a const ClassShard*) is null but for the shard's backward,
 // and backward_inplace writes the gradient over `input`, contiguous.
@@ -149,51 +191,72 @@ using CrossEntropyForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::T
 template <typename Kernels>
 struct CrossEntropyOps {
   static CrossEntropyForward forward(const at::Tensor& input, const at::Tensor& target,
-                                     const std::optional<at::Tensor>& weight, int64_t reduction,
+                                     const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& sample_weight, int64_t reduction,
                                      int64_t ignore_index, double label_smoothing, double lse_square_scale,
-                                     double softcap) {
+                                     double softcap, double temperature, bool entropy) {
     constexpr const char* op = "cross_entropy_forward";
-    const LossOptions o{reduction, ignore_index, label_smoothing, lse_square_scale, softcap};
-    check_cross_entropy_inputs(op, input, target, weight, o);
-    return Kernels::forward(op, input, target, weight, o);
+    const LossOptions o{reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy};
+    check_cross_entropy_inputs(op, input, target, weight, sample_weight, o);
+    return Kernels::forward(op, input, target, weight, sample_weight, o);
   }
 
   static at::Tensor backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                             const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
-                             const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
-                             int64_t ignore_index, double label_smoothing, double lse_square_scale,
-                             double softcap) {
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& sample_weight,
+                             const at::Tensor& row_max, const at::Tensor& row_log_sum, const at::Tensor& total_weight,
+                             const std::optional<at::Tensor>& grad_logprob,
+                             const std::optional<at::Tensor>& grad_entropy,
+                             const std::optional<at::Tensor>& row_entropy, int64_t reduction, int64_t ignore_index,
+                             double label_smoothing, double lse_square_scale, double softcap, double temperature,
+                             bool entropy) {
     constexpr const char* op = "cross_entropy_backward";
-    const LossOptions o{reduction, ignore_index, label_smoothing, lse_square_scale, softcap};
-    check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, o);
-    return Kernels::backward(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, o, nullptr);
+    const LossOptions o{reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy};
+    const RowExtras extras{grad_logprob, grad_entropy, row_entropy};
+    check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, sample_weight, row_max, row_log_sum,
+                                        total_weight, extras, o);
+    return Kernels::backward(op, grad_loss, input, target, weight, sample_weight, row_max, row_log_sum, total_weight,
+                             extras, o, nullptr);
   }
 
   static void backward_inplace(const at::Tensor& grad_loss, at::Tensor& input, const at::Tensor& target,
-                               const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
-                               const at::Tensor& row_log_sum, const at::Tensor& total_weight, int64_t reduction,
-                               int64_t ignore_index, double label_smoothing, double lse_square_scale,
-                               double softcap) {
+                               const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& sample_weight, const at::Tensor& row_max,
+                               const at::Tensor& row_log_sum, const at::Tensor& total_weight,
+                               const std::optional<at::Tensor>& grad_logprob,
+                               const std::optional<at::Tensor>& grad_entropy,
+                               const std::optional<at::Tensor>& row_entropy, int64_t reduction,
+                               int64_t ignore_index, double label_smoothing, double lse_square_scale, double softcap,
+                               double temperature, bool entropy) {
     constexpr const char* op = "cross_entropy_backward_";
-    const LossOptions o{reduction, ignore_index, label_smoothing, lse_square_scale, softcap};
-    check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, o);
+    const LossOptions o{reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy};
+    const RowExtras extras{grad_logprob, grad_entropy, row_entropy};
+    check_cross_entropy_backward_inputs(op, grad_loss, input, target, weight, sample_weight, row_max, row_log_sum,
+                                        total_weight, extras, o);
     // A kernel would lay other logits out in a copy, and the gradient would land there.
     TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous");
-    Kernels::backward_inplace(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, o, nullptr);
+    Kernels::backward_inplace(op, grad_loss, input, target, weight, sample_weight, row_max, row_log_sum,
+                              total_weight, extras, o, nullptr);
   }
 
   static at::Tensor shard_backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                                   const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
+                                   const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& sample_weight, const at::Tensor& row_max,
                                    const at::Tensor& row_log_sum, const at::Tensor& row_weight,
-                                   const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction,
+                                   const at::Tensor& total_weight, const at::Tensor& weight_sum,
+                                   const std::optional<at::Tensor>& grad_logprob,
+                                   const std::optional<at::Tensor>& grad_entropy,
+                                   const std::optional<at::Tensor>& row_entropy, int64_t reduction,
                                    int64_t ignore_index, double label_smoothing, double lse_square_scale,
-                                   double softcap, int64_t class_start, int64_t classes) {
+                                   double softcap, double temperature, bool entropy, int64_t class_start,
+                                   int64_t classes) {
     constexpr const char* op = "cross_entropy_shard_backward";
-    const LossOptions o{reduction, ignore_index, label_smoothing, lse_square_scale, softcap};
+    const LossOptions o{reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy};
+    const RowExtras extras{grad_logprob, grad_entropy, row_entropy};
     const ClassShard shard{row_weight, weight_sum, class_start, classes};
-    check_cross_entropy_shard_backward_inputs(op, grad_loss, input, target, weight, row_max, row_log_sum,
-                                              total_weight, shard, o);
-    return Kernels::backward(op, grad_loss, input, target, weight, row_max, row_log_sum, total_weight, o, &shard);
+    check_cross_entropy_shard_backward_inputs(op, grad_loss, input, target, weight, sample_weight, row_max,
+                                              row_log_sum, total_weight, extras, shard, o);
+    return Kernels::backward(op, grad_loss, input, target, weight, sample_weight, row_max, row_log_sum, total_weight,
+                             extras, o, &shard);
   }
 };
 

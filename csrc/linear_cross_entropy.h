@@ -42,12 +42,13 @@ struct LinearLossOptions : LossOptions {
 };
 
 // input (R, H); linear_weight (V, H) and linear_bias (V) or absent, of the
-// input's dtype and device; target and weight as cross_entropy's for (R, V)
-// logits; the options; chunk_size >= 0.
+// input's dtype and device; target, weight and sample_weight as
+// cross_entropy's for (R, V) logits; the options; chunk_size >= 0.
 inline void check_linear_cross_entropy_inputs(
     const char* op, const at::Tensor& input, const at::Tensor& linear_weight,
     const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const LinearLossOptions& o) {
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& sample_weight,
+    const LinearLossOptions& o) {
   check_floating(op, "input", input);
   check_dim(op, "input", input, 2);
   check_like(op, "linear_weight", linear_weight, input);
@@ -57,37 +58,40 @@ inline void check_linear_cross_entropy_inputs(
   const int64_t classes = linear_weight.size(0);
   check_optional_vector(op, "linear_bias", linear_bias, classes, input);
   check_cross_entropy_targets(op, target, weight, input.size(0), classes, input);
+  check_optional_rows(op, "sample_weight", sample_weight, input.size(0), input);
   check_cross_entropy_options(op, o);
   TORCH_CHECK(o.chunk_size >= 0, op, ": chunk_size must be >= 0 (0: chosen from the shapes), got ", o.chunk_size);
 }
 
 // linear_cross_entropy_backward's: the forward's, the row outputs of the
-// forward and grad_loss, and with `shard` the shard's (check_shard), whose
-// columns are linear_weight's rows.
+// forward, grad_loss and the extras, and with `shard` the shard's
+// (check_shard), whose columns are linear_weight's rows.
 inline void check_linear_cross_entropy_backward_inputs(
     const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
     const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
-    const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
-    const at::Tensor& row_log_sum, const at::Tensor& total_weight, const LinearLossOptions& o,
-    const ClassShard* shard = nullptr) {
-  check_linear_cross_entropy_inputs(op, input, linear_weight, linear_bias, target, weight, o);
+    const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& sample_weight, const at::Tensor& row_max,
+    const at::Tensor& row_log_sum, const at::Tensor& total_weight, const RowExtras& extras,
+    const LinearLossOptions& o, const ClassShard* shard = nullptr) {
+  check_linear_cross_entropy_inputs(op, input, linear_weight, linear_bias, target, weight, sample_weight, o);
   check_cross_entropy_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, input.size(0), o.reduction,
                                   input);
+  check_row_extras(op, extras, target, input.size(0), input);
   if (shard != nullptr) check_shard(op, input.size(0), linear_weight.size(0), *shard, input);
 }
 
 using LinearGradOutputs = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
 using LinearCrossEntropyForward =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>,
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>,
                std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
 // The ops' schema signatures over a device's `Kernels`, which take the
 // arguments checked and the options whole:
 //   LinearCrossEntropyForward forward(op, input, linear_weight, linear_bias, target,
-//                                     weight, options, grad_mask)
+//                                     weight, sample_weight, options, grad_mask)
 //   LinearGradOutputs backward(op, grad_loss, input, linear_weight, linear_bias, target,
-//                              weight, row_max, row_log_sum, total_weight, options,
-//                              output_mask, shard)
+//                              weight, sample_weight, row_max, row_log_sum, total_weight,
+//                              extras, options, output_mask, shard)
 // where `shard` (a const ClassShard*) is null but for the shard's backward.
 // The ops are public (torch.ops.myext.*): each checks every argument here,
 // before any kernel reads them.
@@ -95,44 +99,57 @@ template <typename Kernels>
 struct LinearCrossEntropyOps {
   static LinearCrossEntropyForward forward(const at::Tensor& input, const at::Tensor& linear_weight,
                                            const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
-                                           const std::optional<at::Tensor>& weight, int64_t reduction,
+                                           const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& sample_weight, int64_t reduction,
                                            int64_t ignore_index, double label_smoothing, double lse_square_scale,
-                                           double softcap, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+                                           double softcap, double temperature, bool entropy, int64_t chunk_size,
+                                           std::array<bool, 3> grad_mask) {
     constexpr const char* op = "linear_cross_entropy_forward";
-    const LinearLossOptions o{{reduction, ignore_index, label_smoothing, lse_square_scale, softcap}, chunk_size};
-    check_linear_cross_entropy_inputs(op, input, linear_weight, linear_bias, target, weight, o);
-    return Kernels::forward(op, input, linear_weight, linear_bias, target, weight, o, grad_mask);
+    const LinearLossOptions o{
+        {reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy}, chunk_size};
+    check_linear_cross_entropy_inputs(op, input, linear_weight, linear_bias, target, weight, sample_weight, o);
+    return Kernels::forward(op, input, linear_weight, linear_bias, target, weight, sample_weight, o, grad_mask);
   }
 
   static LinearGradOutputs backward(const at::Tensor& grad_loss, const at::Tensor& input,
                                     const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
                                     const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                                    const at::Tensor& row_max, const at::Tensor& row_log_sum,
-                                    const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
-                                    double label_smoothing, double lse_square_scale, double softcap,
-                                    int64_t chunk_size, std::array<bool, 3> output_mask) {
+                                    const std::optional<at::Tensor>& sample_weight, const at::Tensor& row_max,
+                                    const at::Tensor& row_log_sum, const at::Tensor& total_weight,
+                                    const std::optional<at::Tensor>& grad_logprob,
+                                    const std::optional<at::Tensor>& grad_entropy,
+                                    const std::optional<at::Tensor>& row_entropy, int64_t reduction,
+                                    int64_t ignore_index, double label_smoothing, double lse_square_scale,
+                                    double softcap, double temperature, bool entropy, int64_t chunk_size,
+                                    std::array<bool, 3> output_mask) {
     constexpr const char* op = "linear_cross_entropy_backward";
-    const LinearLossOptions o{{reduction, ignore_index, label_smoothing, lse_square_scale, softcap}, chunk_size};
+    const LinearLossOptions o{
+        {reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy}, chunk_size};
+    const RowExtras extras{grad_logprob, grad_entropy, row_entropy};
     check_linear_cross_entropy_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
-                                               row_max, row_log_sum, total_weight, o);
-    return Kernels::backward(op, grad_loss, input, linear_weight, linear_bias, target, weight, row_max,
-                             row_log_sum, total_weight, o, output_mask, nullptr);
+                                               sample_weight, row_max, row_log_sum, total_weight, extras, o);
+    return Kernels::backward(op, grad_loss, input, linear_weight, linear_bias, target, weight, sample_weight, row_max,
+                             row_log_sum, total_weight, extras, o, output_mask, nullptr);
   }
 
   static LinearGradOutputs shard_backward(
       const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
       const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-      const at::Tensor& row_max, const at::Tensor& row_log_sum, const at::Tensor& row_weight,
-      const at::Tensor& total_weight, const at::Tensor& weight_sum, int64_t reduction, int64_t ignore_index,
-      double label_smoothing, double lse_square_scale, double softcap, int64_t class_start, int64_t classes,
-      int64_t chunk_size, std::array<bool, 3> output_mask) {
+      const std::optional<at::Tensor>& sample_weight, const at::Tensor& row_max, const at::Tensor& row_log_sum,
+      const at::Tensor& row_weight, const at::Tensor& total_weight, const at::Tensor& weight_sum,
+      const std::optional<at::Tensor>& grad_logprob, const std::optional<at::Tensor>& grad_entropy,
+      const std::optional<at::Tensor>& row_entropy, int64_t reduction, int64_t ignore_index, double label_smoothing,
+      double lse_square_scale, double softcap, double temperature, bool entropy, int64_t class_start,
+      int64_t classes, int64_t chunk_size, std::array<bool, 3> output_mask) {
     constexpr const char* op = "linear_cross_entropy_shard_backward";
-    const LinearLossOptions o{{reduction, ignore_index, label_smoothing, lse_square_scale, softcap}, chunk_size};
+    const LinearLossOptions o{
+        {reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy}, chunk_size};
+    const RowExtras extras{grad_logprob, grad_entropy, row_entropy};
     const ClassShard shard{row_weight, weight_sum, class_start, classes};
     check_linear_cross_entropy_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
-                                               row_max, row_log_sum, total_weight, o, &shard);
-    return Kernels::backward(op, grad_loss, input, linear_weight, linear_bias, target, weight, row_max,
-                             row_log_sum, total_weight, o, output_mask, &shard);
+                                               sample_weight, row_max, row_log_sum, total_weight, extras, o, &shard);
+    return Kernels::backward(op, grad_loss, input, linear_weight, linear_bias, target, weight, sample_weight, row_max,
+                             row_log_sum, total_weight, extras, o, output_mask, &shard);
   }
 };
 

@@ -15,6 +15,8 @@ struct LossOptions {
   double label_smoothing;   // eps of q = (1 - eps) target + eps / C, in [0, 1]
   double lse_square_scale;  // lambda of the z-loss lambda lse^2; 0: none
   double softcap;           // logits capped at softcap tanh(x / softcap); 0: none
+  double temperature;       // z = cap(x) / temperature, > 0; 1: none
+  bool entropy;             // forward also gives each row's entropy of softmax(z)
 };
 
 }  // namespace myext
