@@ -9,18 +9,27 @@
 // log(sum(exp(x - max))), never their rounded sum: softmax = exp((x - max) -
 // log_sum) is then as precise as PyTorch's at any scale of the logits.
 // bfloat16 and float16 rows are widened to float32 in a per-thread scratch row;
-// so are rows that are soft-capped, z = softcap * tanh(x / softcap), first.
+// so are rows that are soft-capped or tempered, z = cap(x) / temperature with
+// cap(x) = softcap * tanh(x / softcap), first. Untempered, uncapped rows of the
+// accumulation type are read where they lie: the common case copies nothing.
 //
-// The per-row quantities: with z the (capped) logits, q the target
+// The per-row quantities: with z the (capped, tempered) logits, q the target
 // distribution after label smoothing (q = (1 - eps) target + eps / C, target
 // one-hot for class indices), w the class weights (ones if none) and lambda
 // the z-loss scale (lse_square_scale),
 //   loss = sum_c w_c q_c (lse - z_c) + lambda lse^2
 //        = sum(w q (max - z)) + sum(w q) log_sum + lambda lse^2,
 //   d loss / d z = (sum(w q) + 2 lambda lse) softmax(z) - w q,
-// times dz/dx = 1 / cosh^2(x / softcap) where capped. Every term of sum(w q (max -
+// times dz/dx = 1 / (cosh^2(x / softcap) temperature). Every term of sum(w q (max -
 // z)) is >= 0, so it is summed without the cancellation that sum(w q) max -
 // sum(w q z) would suffer for large logits.
+// A sample weight s_r multiplies row r's loss, its share of the mean's divisor
+// and its loss gradient. Forward can also give each row's entropy H = lse -
+// sum(p z) = log_sum + B / S, S = sum(exp(z - max)) and B = sum(exp(z - max)
+// (max - z)), whose terms are all >= 0 like the gap sum's; backward can add the
+// gradients of the target's log-probability and of H, upstream factors g_lp and
+// g_H of their own (not times s_r):
+//   g_lp (onehot_t - p) - g_H p ((z - max) + (H - log_sum)).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,6 +45,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -178,6 +188,36 @@ double sum_exp(const T* x, int64_t n, T shift, const T* next = nullptr, int64_t 
   return total;
 }
 
+// sum_exp's sum and, with it, the entropy's sum(exp(x - shift) (shift - x)), both
+// in double across blocks. A -inf logit's term is 0 (its probability is 0), not
+// 0 * inf; it is masked, as are the lanes past the end.
+template <typename T>
+std::array<double, 2> sum_exp_entropy(const T* x, int64_t n, T shift, const T* next = nullptr, int64_t ahead = 0) {
+  using Vec = Vectorized<T>;
+  const Vec vshift(shift), zero(T(0)), minus_inf(-kInf<T>);
+  Vec acc(T(0)), gaps(T(0));
+  const auto add = [&](const Vec& xv) {
+    const Vec e = exp_nonpositive(xv - vshift);
+    acc = acc + e;
+    gaps = at::vec::fmadd(e, Vec::blendv(vshift - xv, zero, xv == minus_inf), gaps);
+  };
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    if (i < ahead) __builtin_prefetch(next + i, /*rw=*/0, /*locality (2: L2)=*/2);
+    add(Vec::loadu(x + i));
+  }
+  if (i < n) add(Vec::set(minus_inf, Vec::loadu(x + i, n - i), n - i));
+  T lanes[Vec::size()], gap_lanes[Vec::size()];
+  acc.store(lanes);
+  gaps.store(gap_lanes);
+  double total = 0, gap = 0;
+  for (int64_t lane = 0; lane < Vec::size(); ++lane) {
+    total += lanes[lane];
+    gap += gap_lanes[lane];
+  }
+  return {total, gap};
+}
+
 // Raises IndexError, naming the op, for a class index outside [0, classes)
 // that is not ignore_index: checked before any kernel reads with them.
 inline void check_class_indices(const char* op, const int64_t* target, int64_t rows, int64_t classes,
@@ -202,6 +242,8 @@ struct Options {
   T smoothing;
   T z_loss;             // lambda
   T softcap;            // 0: none
+  T inv_temperature;    // 1 / temperature; 1: none. z is multiplied by it, a
+                        // product per logit where a division would be several times dearer.
 };
 
 template <typename T>
@@ -293,14 +335,15 @@ std::array<T, 2> weighted_gap(const T* x, int64_t n, T m, const Weights& weights
   return {at::vec::vec_reduce_all<T>(add, gaps), weight};
 }
 
-// A row's statistics: max, log(sum(exp(x - max))), and with weights v the gap
-// sum(v (max - x)) and sum(v).
+// A row's statistics: max, log(sum(exp(x - max))), with weights v the gap
+// sum(v (max - x)) and sum(v), and where asked the entropy of softmax(x).
 template <typename T>
 struct RowStats {
   T max;
   double log_sum;
   T gap = 0;
   T weight = 0;
+  double entropy = 0;
 };
 
 struct NoWeights {};
@@ -308,12 +351,14 @@ struct NoWeights {};
 // One pass over the row from memory: each block is reduced for its max, then
 // summed from L1 against the running max (fetching the next block meanwhile),
 // rescaling the running sums when the max grows. A NaN logit makes the max NaN,
-// and with it everything after.
-template <typename T, typename Weights>
+// and with it everything after. kEntropy (a template argument, so that the loop
+// without it is the same code as ever) also sums the entropy's B.
+template <typename T, typename Weights, bool kEntropy = false>
 RowStats<T> row_stats(const T* x, int64_t n, const Weights& weights) {
   constexpr bool kGap = !std::is_same_v<Weights, NoWeights>;
   T running_max = -kInf<T>;
   double running_sum = 0;
+  double entropy_gap = 0;  // B = sum(exp(x - max) (max - x)), against the running max
   T gap = 0;
   T seen_weight = 0;
   for (int64_t start = 0; start < n; start += kBlock) {
@@ -321,7 +366,14 @@ RowStats<T> row_stats(const T* x, int64_t n, const Weights& weights) {
     const T block_max = hmax(x + start, len);
     if (!(block_max <= running_max)) {
       // (Empty running sums need no rescaling: short rows skip an exp.)
-      if (running_sum != 0) running_sum *= std::exp(static_cast<double>(running_max) - block_max);
+      if (running_sum != 0) {
+        const double rescale = std::exp(static_cast<double>(running_max) - block_max);
+        // Each term of B grows by its exp(x - max) times the max's step, before both shrink.
+        if constexpr (kEntropy) {
+          entropy_gap = rescale * (entropy_gap + running_sum * (static_cast<double>(block_max) - running_max));
+        }
+        running_sum *= rescale;
+      }
       if constexpr (kGap) {
         if (seen_weight != T(0)) gap += seen_weight * (block_max - running_max);
       }
@@ -329,7 +381,14 @@ RowStats<T> row_stats(const T* x, int64_t n, const Weights& weights) {
     }
     // While every logit so far is -inf, exp(x - 0) adds the zeros it should.
     const int64_t next_len = std::clamp<int64_t>(n - start - kBlock, 0, kBlock);
-    running_sum += sum_exp(x + start, len, running_max == -kInf<T> ? T(0) : running_max, x + start + len, next_len);
+    const T shift = running_max == -kInf<T> ? T(0) : running_max;
+    if constexpr (kEntropy) {
+      const auto [block_sum, block_entropy_gap] = sum_exp_entropy(x + start, len, shift, x + start + len, next_len);
+      running_sum += block_sum;
+      entropy_gap += block_entropy_gap;
+    } else {
+      running_sum += sum_exp(x + start, len, shift, x + start + len, next_len);
+    }
     if constexpr (kGap) {
       const auto [block_gap, block_weight] = weighted_gap(x + start, len, running_max, weights, start);
       gap += block_gap;
@@ -338,7 +397,9 @@ RowStats<T> row_stats(const T* x, int64_t n, const Weights& weights) {
   }
   // A +inf logit makes x - max NaN, as in PyTorch (exp_u20 would give inf).
   const double log_sum = running_max == kInf<T> ? std::nan("") : std::log(running_sum);
-  return {running_max, log_sum, gap, seen_weight};
+  // H = log S + B / S: both terms >= 0, nothing cancels. (A row of -inf only: NaN.)
+  const double entropy = kEntropy ? log_sum + entropy_gap / running_sum : 0.0;
+  return {running_max, log_sum, gap, seen_weight, entropy};
 }
 
 // The loss of a row with class-index target t (not ignored): the target's
@@ -367,27 +428,31 @@ struct RowResult {
   double loss;
   T max;
   double log_sum;
-  T target_logit;  // the target's (capped) logit, for the token accuracy
-  T weight;        // the row's share of the mean's divisor
+  T target_logit;  // the target's (capped, tempered) logit, for the token accuracy
+  T weight;        // the row's share of the mean's divisor (before its sample weight)
+  double entropy;  // where forward is asked for it (0 for ignored rows)
 };
 
 // Ignored rows skip the sweep: their max and log_sum are never read.
-template <typename T>
+template <typename T, bool kEntropy = false>
 RowResult<T> forward_class_row(const T* z, int64_t target, const Options<T>& o) {
-  if (target == o.ignore_index) return {0.0, T(0), 0.0, T(0), T(0)};
-  const RowStats<T> s = o.smoothing <= T(0)       ? row_stats(z, o.classes, NoWeights{})
-                        : o.weight == nullptr ? row_stats(z, o.classes, Ones<T>{})
-                                              : row_stats(z, o.classes, ClassWeights<T>{o.weight, o.block_sums});
+  if (target == o.ignore_index) return {0.0, T(0), 0.0, T(0), T(0), 0.0};
+  const RowStats<T> s =
+      o.smoothing <= T(0)   ? row_stats<T, NoWeights, kEntropy>(z, o.classes, NoWeights{})
+      : o.weight == nullptr ? row_stats<T, Ones<T>, kEntropy>(z, o.classes, Ones<T>{})
+                            : row_stats<T, ClassWeights<T>, kEntropy>(z, o.classes,
+                                                                      ClassWeights<T>{o.weight, o.block_sums});
   const T w_t = class_weight(o, target);
-  return {class_row_loss(s, z[target], w_t, o) + z_loss(s, o), s.max, s.log_sum, z[target], w_t};
+  return {class_row_loss(s, z[target], w_t, o) + z_loss(s, o), s.max, s.log_sum, z[target], w_t, s.entropy};
 }
 
-template <typename T>
+template <typename T, bool kEntropy = false>
 RowResult<T> forward_prob_row(const T* z, const T* q, const Options<T>& o) {
   const TargetWeights<T> weights{q, o.weight, T(1) - o.smoothing, o.smoothing / T(o.classes)};
-  const RowStats<T> s = row_stats(z, o.classes, weights);
+  const RowStats<T> s = row_stats<T, TargetWeights<T>, kEntropy>(z, o.classes, weights);
   // s.weight is sum(w q).
-  return {s.gap + static_cast<double>(s.weight) * s.log_sum + z_loss(s, o), s.max, s.log_sum, T(0), T(1)};
+  return {s.gap + static_cast<double>(s.weight) * s.log_sum + z_loss(s, o), s.max, s.log_sum, T(0), T(1),
+          s.entropy};
 }
 
 // Rows of few classes (the article's 10 digits) go Vec::size() rows at a time,
@@ -397,7 +462,8 @@ RowResult<T> forward_prob_row(const T* z, const T* q, const Options<T>& o) {
 constexpr int64_t kFewClasses = 32;
 
 // forward_class_row of Vec::size() consecutive rows of z, written to out[lane].
-template <typename T>
+// The max is known before the sums here, so B needs no rescaling.
+template <typename T, bool kEntropy = false>
 void forward_class_rows_few(const T* z, const int64_t* target, const Options<T>& o, RowResult<T>* out) {
   using Vec = Vectorized<T>;
   using Index = Vectorized<at::vec::int_same_size_t<T>>;
@@ -414,30 +480,65 @@ void forward_class_rows_few(const T* z, const int64_t* target, const Options<T>&
   // An all -inf row has max -inf: shift by 0 so that its sum is 0, not NaN.
   const Vec shift = Vec::blendv(max, Vec(T(0)), max == minus_inf);
   Vec sum(T(0));
-  Vec gap(T(0));  // sum(w (max - z)), for the smoothing term
+  Vec gap(T(0));          // sum(w (max - z)), for the smoothing term
+  Vec entropy_gap(T(0));  // B = sum(exp(z - max) (max - z)), 0 for z = -inf
+  const Vec zero(T(0));
   for (int64_t c = 0; c < n; ++c) {
-    sum = sum + exp_nonpositive(column[c] - shift);
+    const Vec e = exp_nonpositive(column[c] - shift);
+    sum = sum + e;
+    if constexpr (kEntropy) {
+      entropy_gap = at::vec::fmadd(e, Vec::blendv(max - column[c], zero, column[c] == minus_inf), entropy_gap);
+    }
     if (o.smoothing > T(0)) {
       const Vec diff = Vec::blendv(max - column[c], inf, column[c] == minus_inf);
       gap = at::vec::fmadd(Vec(class_weight(o, c)), diff, gap);
     }
   }
-  T maxes[kLanes], log_sums[kLanes], gaps[kLanes];
+  T maxes[kLanes], log_sums[kLanes], gaps[kLanes], entropies[kLanes];
   max.store(maxes);
   // A +inf logit makes z - max NaN, as in PyTorch (exp_u20 would give inf).
-  Vec::blendv(sum.log(), Vec(std::numeric_limits<T>::quiet_NaN()), max == inf).store(log_sums);
+  const Vec log_sum = Vec::blendv(sum.log(), Vec(std::numeric_limits<T>::quiet_NaN()), max == inf);
+  log_sum.store(log_sums);
   gap.store(gaps);
+  if constexpr (kEntropy) (log_sum + entropy_gap / sum).store(entropies);
   for (int64_t lane = 0; lane < kLanes; ++lane) {
     const int64_t t = target[lane];
     if (t == o.ignore_index) {
-      out[lane] = {0.0, T(0), 0.0, T(0), T(0)};
+      out[lane] = {0.0, T(0), 0.0, T(0), T(0), 0.0};
       continue;
     }
     const RowStats<T> s{maxes[lane], static_cast<double>(log_sums[lane]), gaps[lane], T(0)};
     const T w_t = class_weight(o, t);
     const T z_t = z[lane * n + t];
-    out[lane] = {class_row_loss(s, z_t, w_t, o) + z_loss(s, o), s.max, s.log_sum, z_t, w_t};
+    out[lane] = {class_row_loss(s, z_t, w_t, o) + z_loss(s, o), s.max, s.log_sum, z_t, w_t,
+                 kEntropy ? static_cast<double>(entropies[lane]) : 0.0};
   }
+}
+
+// A row's extras in backward: the upstream gradients of the target's
+// log-probability (0: none) and of the entropy, and H - log_sum of the whole row,
+// so that z - (lse - H) = -((max - z) - entropy_shift) keeps the digits of the
+// gap max - z. The entropy's terms are added only with kEntropy (a template
+// argument: rows without it run the loop they always ran).
+template <typename T>
+struct RowExtraGrads {
+  T logprob = 0;
+  T entropy = 0;
+  T entropy_shift = 0;
+};
+
+// -g_H p (z - E) = g_H p ((max - z) - (H - log_sum)); 0 where p = 0 (a -inf logit's
+// max - z is inf, and 0 * inf would be NaN).
+template <typename T>
+Vectorized<T> entropy_grad(const Vectorized<T>& p, const Vectorized<T>& z, T max, const RowExtraGrads<T>& e) {
+  using Vec = Vectorized<T>;
+  const Vec g = (Vec(e.entropy) * p) * ((Vec(max) - z) - Vec(e.entropy_shift));
+  return Vec::blendv(g, Vec(T(0)), p == Vec(T(0)));
+}
+
+template <typename T>
+T entropy_grad(T p, T z, T max, const RowExtraGrads<T>& e) {
+  return p == T(0) ? T(0) : (e.entropy * p) * ((max - z) - e.entropy_shift);
 }
 
 // d loss / d z of a row with class-index target t: scale * (a softmax(z) - b w)
@@ -446,9 +547,11 @@ void forward_class_rows_few(const T* z, const int64_t* target, const Options<T>&
 // [class_start, class_start + columns); t may be outside them (a row of a shard
 // that does not hold its target), and then `row_weight`, sum(w q) =
 // (1 - eps) w_t + eps / C W over every class, gives a (else it is null).
-template <typename T>
+// The extras add g_lp (onehot_t - p): -g_lp joins a, and the target's c - g_lp
+// keeps the expm1 grouping; and the entropy's term (entropy_grad) with kEntropy.
+template <typename T, bool kEntropy = false>
 void backward_class_row(const T* z, T* grad, int64_t target, T max, T log_sum, T scale, const Options<T>& o,
-                        const T* row_weight = nullptr) {
+                        const T* row_weight = nullptr, const RowExtraGrads<T>& extra = {}) {
   using Vec = Vectorized<T>;
   const int64_t n = o.columns;
   if (target == o.ignore_index) {
@@ -464,9 +567,11 @@ void backward_class_row(const T* z, T* grad, int64_t target, T max, T log_sum, T
   const T z_coef = o.z_loss == T(0) ? T(0) : scale * T(2) * o.z_loss * (max + log_sum);
   // Without smoothing the class weights other than w_t take no part (a NaN among
   // them must not reach the gradient).
-  T a = row_weight != nullptr ? scale * *row_weight + z_coef
-                              : scale * ((T(1) - o.smoothing) * w_t + (smoothing ? eps_c * o.weight_sum : T(0))) +
-                                    z_coef;
+  // (Without a grad_logprob, a - 0 is a, to the bit.)
+  T a = (row_weight != nullptr ? scale * *row_weight + z_coef
+                               : scale * ((T(1) - o.smoothing) * w_t + (smoothing ? eps_c * o.weight_sum : T(0))) +
+                                     z_coef) -
+        extra.logprob;
   // A NaN logit made the row's statistics NaN; exp_u20 would turn NaN into inf.
   if (std::isnan(max + log_sum)) a = std::numeric_limits<T>::quiet_NaN();
   const T b = scale * eps_c;
@@ -479,26 +584,30 @@ void backward_class_row(const T* z, T* grad, int64_t target, T max, T log_sum, T
   // scalar loop of std::exp, which would cost rows of a few classes most of their time.
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), n - i);
-    const Vec p = exp_nonpositive((Vec::loadu(z + i, count) - vmax) - vlog_sum);
+    const Vec zv = Vec::loadu(z + i, count);
+    const Vec p = exp_nonpositive((zv - vmax) - vlog_sum);
     // a p - b w with a single rounding of a p (fmsub): exact where the two cancel.
-    const Vec g = smoothing ? at::vec::fmsub(va, p, o.weight == nullptr ? vb : vb * Vec::loadu(o.weight + i, count))
-                            : va * p;
+    Vec g = smoothing ? at::vec::fmsub(va, p, o.weight == nullptr ? vb : vb * Vec::loadu(o.weight + i, count))
+                      : va * p;
+    if constexpr (kEntropy) g = g + entropy_grad(p, zv, max, extra);
     g.store(grad + i, count);
   }
   // The target's own: c (p_t - 1) + b (W p_t - w_t) + z_coef p_t with c = scale
   // (1 - eps) w_t: the terms grouped so that they cancel where they should (p_t - 1
   // as expm1, exact for p_t near 1; a row of one class gets exactly 0).
   if (!holds_target) return;
-  const T c = scale * (T(1) - o.smoothing) * w_t;
+  const T c = scale * (T(1) - o.smoothing) * w_t - extra.logprob;
   grad[local] = c * p_t_minus_1 + (smoothing ? b * (o.weight_sum * p_t - w_t) : T(0)) + z_coef * p_t;
+  if constexpr (kEntropy) grad[local] += entropy_grad(p_t, z_t, max, extra);
   if (std::isnan(a)) grad[local] = a;
 }
 
 // The same for probability targets q (the row's columns of them); `row_weight`,
 // where given, is sum(w q) over every class, which a row of a shard does not hold.
-template <typename T>
+// Of the extras only the entropy's applies (no one target, no log-probability).
+template <typename T, bool kEntropy = false>
 void backward_prob_row(const T* z, const T* q, T* grad, T max, T log_sum, T scale, const Options<T>& o,
-                       const T* row_weight = nullptr) {
+                       const T* row_weight = nullptr, const RowExtraGrads<T>& extra = {}) {
   using Vec = Vectorized<T>;
   const int64_t n = o.columns;
   const TargetWeights<T> weights{q, o.weight, T(1) - o.smoothing, o.smoothing / T(o.classes)};
@@ -521,18 +630,22 @@ void backward_prob_row(const T* z, const T* q, T* grad, T max, T log_sum, T scal
   const Vec vsum_wq(sum_wq), vmax(max), vlog_sum(log_sum), vscale(scale), vz_coef(z_coef);
   // scale (sum(w q) p - w q), the difference rounded once (fmsub): where the target is
   // close to the softmax the two nearly cancel.
-  const auto grad_of = [&](const Vec& p, const Vec& wq) {
-    const Vec g = vscale * at::vec::fmsub(vsum_wq, p, wq);
-    return z_coef == T(0) ? g : at::vec::fmadd(vz_coef, p, g);
+  const auto grad_of = [&](const Vec& p, const Vec& wq, const Vec& zv) {
+    Vec g = vscale * at::vec::fmsub(vsum_wq, p, wq);
+    if (z_coef != T(0)) g = at::vec::fmadd(vz_coef, p, g);
+    if constexpr (kEntropy) g = g + entropy_grad(p, zv, max, extra);
+    return g;
   };
   for (int64_t i = 0; i < full; i += Vec::size()) {
-    const Vec p = exp_nonpositive((Vec::loadu(z + i) - vmax) - vlog_sum);
-    grad_of(p, weights.load(i)).store(grad + i);
+    const Vec zv = Vec::loadu(z + i);
+    const Vec p = exp_nonpositive((zv - vmax) - vlog_sum);
+    grad_of(p, weights.load(i), zv).store(grad + i);
   }
   if (full < n) {
     const int64_t count = n - full;
-    const Vec p = exp_nonpositive((Vec::loadu(z + full, count) - vmax) - vlog_sum);
-    grad_of(p, weights.load(full, count)).store(grad + full, count);
+    const Vec zv = Vec::loadu(z + full, count);
+    const Vec p = exp_nonpositive((zv - vmax) - vlog_sum);
+    grad_of(p, weights.load(full, count), zv).store(grad + full, count);
   }
 }
 
@@ -544,10 +657,14 @@ void backward_prob_row(const T* z, const T* q, T* grad, T max, T log_sum, T scal
 // e = 1 + m, both exact there; where e < 1/2, exp(a) itself keeps the digits of e
 // that 1 + m would lose. The slope never takes 1 - tanh^2, which loses all of its
 // digits where tanh is within rounding of 1.
+// With a temperature, z and the slope are both also times 1 / temperature (one
+// product folded into the cap's own, the other where the slope is formed).
 template <typename T>
-void cap(const T* x, T* z, T* slope, int64_t n, T softcap) {
+void cap(const T* x, T* z, T* slope, int64_t n, T softcap, T inv_temperature = T(1)) {
   using Vec = Vectorized<T>;
-  const Vec vcap(softcap), minus_two_over_cap(T(-2) / softcap), minus_ln2(-std::log(T(2)));
+  const bool tempered = inv_temperature != T(1);
+  const Vec vcap(tempered ? softcap * inv_temperature : softcap), vinv_temperature(inv_temperature);
+  const Vec minus_two_over_cap(T(-2) / softcap), minus_ln2(-std::log(T(2)));
   const Vec one(T(1)), four(T(4));
   constexpr int kAllLanes = (1 << Vec::size()) - 1;
   for (int64_t i = 0; i < n; i += Vec::size()) {
@@ -571,7 +688,10 @@ void cap(const T* x, T* z, T* slope, int64_t n, T softcap) {
     }
     const Vec d = one + e;
     (vcap * (one_minus_e / d).copysign(xv)).store(z + i, count);
-    if (slope != nullptr) (four * e / (d * d)).store(slope + i, count);
+    if (slope != nullptr) {
+      const Vec s = four * e / (d * d);
+      (tempered ? s * vinv_temperature : s).store(slope + i, count);
+    }
   }
 }
 
@@ -609,16 +729,27 @@ void store_grad_row(const acc_t* row, scalar_t* dst, int64_t r, int64_t n) {
   }
 }
 
+// z = x / temperature into z (which may be x).
+template <typename T>
+void temper(const T* x, T* z, int64_t n, T inv_temperature) {
+  using Vec = Vectorized<T>;
+  at::vec::map<T>([v = Vec(inv_temperature)](Vec a) { return a * v; }, z, x, n);
+}
+
 // Rows r of `src` (n elements each, count of them) as the compute type T, capped
-// where the options ask: the rows themselves where nothing is to be done, else
-// a copy in `scratch`.
+// and tempered where the options ask: the rows themselves where nothing is to be
+// done, else a copy in `scratch`.
 template <typename scalar_t, typename T>
 const T* rows_as_calc(const scalar_t* src, int64_t r, int64_t n, int64_t count, std::vector<T>& scratch,
                       const Options<T>& o) {
   const T* rows = row_as_acc<scalar_t, T>(src + r * n, 0, count * n, scratch);
-  if (o.softcap == T(0)) return rows;
+  if (o.softcap == T(0) && o.inv_temperature == T(1)) return rows;
   scratch.resize(count * n);
-  cap(rows, scratch.data(), static_cast<T*>(nullptr), count * n, o.softcap);
+  if (o.softcap != T(0)) {
+    cap(rows, scratch.data(), static_cast<T*>(nullptr), count * n, o.softcap, o.inv_temperature);
+  } else {
+    temper(rows, scratch.data(), count * n, o.inv_temperature);
+  }
   return scratch.data();
 }
 
@@ -652,6 +783,7 @@ Options<T> make_options(int64_t classes, const at::Tensor& weight, const LossOpt
   o.smoothing = static_cast<T>(options.label_smoothing);
   o.z_loss = static_cast<T>(options.lse_square_scale);
   o.softcap = static_cast<T>(options.softcap);
+  o.inv_temperature = static_cast<T>(1.0 / options.temperature);
   return o;
 }
 
@@ -673,23 +805,29 @@ struct ForwardOut {
   acc_t* log_sum;
   acc_t* target_logit;
   double* weight;
+  acc_t* entropy;  // null unless the options ask for it
 };
 
-// The forward sweep of every row of `in`, in parallel.
-template <typename scalar_t>
-void forward(const Rows<scalar_t>& in, const at::Tensor& weight, const LossOptions& options,
-             const ForwardOut<at::opmath_type<scalar_t>>& out) {
+// The forward sweep of every row of `in`, in parallel; row r's loss and weight
+// times sample_weight[r] where that is given (the rows' own, already offset).
+template <typename scalar_t, bool kEntropy>
+void forward_rows(const Rows<scalar_t>& in, const at::Tensor& weight, const at::opmath_type<scalar_t>* sample_weight,
+                  const LossOptions& options, const ForwardOut<at::opmath_type<scalar_t>>& out) {
   using T = at::opmath_type<scalar_t>;
   at::Tensor weight_storage;
   std::vector<T> block_sums;
   const auto o = make_options<T>(in.classes, weight, options, weight_storage, block_sums);
   const int64_t n = in.classes;
   const auto store = [&](int64_t r, const RowResult<T>& res) {
-    out.loss[r] = res.loss;
+    // An ignored row adds 0 to both sums whatever its sample weight (even inf or NaN).
+    const bool weighed = sample_weight != nullptr &&
+                         !(in.class_target != nullptr && in.class_target[r] == o.ignore_index);
+    out.loss[r] = weighed ? res.loss * sample_weight[r] : res.loss;
     out.max[r] = res.max;
     out.log_sum[r] = static_cast<T>(res.log_sum);
     out.target_logit[r] = res.target_logit;
-    out.weight[r] = res.weight;
+    out.weight[r] = weighed ? static_cast<double>(res.weight) * sample_weight[r] : static_cast<double>(res.weight);
+    if constexpr (kEntropy) out.entropy[r] = static_cast<T>(res.entropy);
   };
   at::parallel_for(0, in.rows, rows_per_task(n), [&](int64_t begin, int64_t end) {
     std::vector<T> x_scratch, q_scratch;
@@ -699,17 +837,28 @@ void forward(const Rows<scalar_t>& in, const at::Tensor& weight, const LossOptio
       std::array<RowResult<T>, kLanes> res;
       for (; r + kLanes <= end; r += kLanes) {
         // The block of kLanes rows as one "row" of kLanes * classes elements.
-        forward_class_rows_few(rows_as_calc(in.x, r, n, kLanes, x_scratch, o), in.class_target + r, o, res.data());
+        forward_class_rows_few<T, kEntropy>(rows_as_calc(in.x, r, n, kLanes, x_scratch, o), in.class_target + r, o,
+                                            res.data());
         for (int64_t lane = 0; lane < kLanes; ++lane) store(r + lane, res[lane]);
       }
     }
     for (; r < end; ++r) {
       const T* z = rows_as_calc(in.x, r, n, 1, x_scratch, o);
       store(r, in.class_target != nullptr
-                   ? forward_class_row(z, in.class_target[r], o)
-                   : forward_prob_row(z, row_as_acc<scalar_t, T>(in.prob_target, r, n, q_scratch), o));
+                   ? forward_class_row<T, kEntropy>(z, in.class_target[r], o)
+                   : forward_prob_row<T, kEntropy>(z, row_as_acc<scalar_t, T>(in.prob_target, r, n, q_scratch), o));
     }
   });
+}
+
+template <typename scalar_t>
+void forward(const Rows<scalar_t>& in, const at::Tensor& weight, const at::opmath_type<scalar_t>* sample_weight,
+             const LossOptions& options, const ForwardOut<at::opmath_type<scalar_t>>& out) {
+  if (options.entropy) {
+    forward_rows<scalar_t, true>(in, weight, sample_weight, options, out);
+  } else {
+    forward_rows<scalar_t, false>(in, weight, sample_weight, options, out);
+  }
 }
 
 // The op's loss from forward's per-row losses and weights, both summed in double:
@@ -739,19 +888,59 @@ void reduce_rows(const std::vector<double>& losses, const std::vector<double>& w
   }
 }
 
+// Per-row inputs of backward besides its statistics, each (rows,) in the
+// accumulation type or null: the sample weights (null: 1) and the extras, the
+// upstream gradients of the target's log-probability (null: 0) and of the
+// entropy, with forward's entropy (both null, or neither).
+template <typename T>
+struct RowFactors {
+  const T* sample_weight = nullptr;
+  const T* grad_logprob = nullptr;
+  const T* grad_entropy = nullptr;
+  const T* row_entropy = nullptr;
+
+  // Those of rows [begin, ...): a chunk's.
+  RowFactors from(int64_t begin) const {
+    const auto at = [begin](const T* p) { return p == nullptr ? p : p + begin; };
+    return {at(sample_weight), at(grad_logprob), at(grad_entropy), at(row_entropy)};
+  }
+};
+
+// `t` where given, in `acc_type` and contiguous (the kernels read it as such),
+// else undefined.
+inline at::Tensor rows_in(const std::optional<at::Tensor>& t, at::ScalarType acc_type) {
+  return t.has_value() ? t->to(acc_type).contiguous() : at::Tensor();
+}
+
 // What backward reads besides the logits, in the accumulation type `acc_type`:
 // forward's per-row max and log-sum, and each row's factor: its upstream
 // gradient with no reduction (`row_scale`), else one scalar (`common_scale`,
-// divided by the mean's divisor; nan for a divisor of 0).
+// divided by the mean's divisor; nan for a divisor of 0); and the per-row
+// sample weights and extras (undefined where not given).
 struct BackwardInputs {
   at::Tensor row_max, row_log_sum, row_scale;  // row_scale undefined unless reduction none
   double common_scale = 0;
+  at::Tensor sample_weight, grad_logprob, grad_entropy, row_entropy;
+
+  template <typename T>
+  RowFactors<T> factors() const {
+    const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    return {ptr(sample_weight), ptr(grad_logprob), ptr(grad_entropy), ptr(row_entropy)};
+  }
 };
 
 inline BackwardInputs backward_inputs(const at::Tensor& grad_loss, const at::Tensor& row_max,
                                       const at::Tensor& row_log_sum, const at::Tensor& total_weight,
-                                      int64_t reduction, at::ScalarType acc_type) {
+                                      int64_t reduction, at::ScalarType acc_type,
+                                      const std::optional<at::Tensor>& sample_weight = std::nullopt,
+                                      const std::optional<at::Tensor>& grad_logprob = std::nullopt,
+                                      const std::optional<at::Tensor>& grad_entropy = std::nullopt,
+                                      const std::optional<at::Tensor>& row_entropy = std::nullopt) {
   BackwardInputs b{row_max.to(acc_type).contiguous(), row_log_sum.to(acc_type).contiguous(), at::Tensor(), 0};
+  b.sample_weight = rows_in(sample_weight, acc_type);
+  b.grad_logprob = rows_in(grad_logprob, acc_type);
+  b.grad_entropy = rows_in(grad_entropy, acc_type);
+  b.row_entropy = rows_in(row_entropy, acc_type);
   if (reduction == at::Reduction::None) {
     b.row_scale = grad_loss.to(acc_type).contiguous();
     return b;
@@ -776,14 +965,17 @@ struct Shard {
 };
 
 // The gradient of every row of `in` into `grad` (which may be `in.x` itself):
-// row r's upstream factor is row_scale[r], or common_scale where row_scale is null.
-// With `shard`, the gradient of the loss over every class w.r.t. the shard's
-// columns; row_max and row_log_sum are then those of the whole rows.
-template <typename scalar_t>
-void backward(const Rows<scalar_t>& in, scalar_t* grad, const at::Tensor& weight,
-              const at::opmath_type<scalar_t>* row_max, const at::opmath_type<scalar_t>* row_log_sum,
-              const at::opmath_type<scalar_t>* row_scale, double common_scale, const LossOptions& options,
-              const Shard<at::opmath_type<scalar_t>>* shard = nullptr) {
+// row r's upstream factor is row_scale[r], or common_scale where row_scale is null,
+// times its sample weight; `factors` (the rows' own, already offset) also give
+// the extras. With `shard`, the gradient of the loss over every class w.r.t. the
+// shard's columns; row_max, row_log_sum and row_entropy are then those of the
+// whole rows.
+template <typename scalar_t, bool kEntropy>
+void backward_rows(const Rows<scalar_t>& in, scalar_t* grad, const at::Tensor& weight,
+                   const at::opmath_type<scalar_t>* row_max, const at::opmath_type<scalar_t>* row_log_sum,
+                   const at::opmath_type<scalar_t>* row_scale, double common_scale, const LossOptions& options,
+                   const RowFactors<at::opmath_type<scalar_t>>& factors,
+                   const Shard<at::opmath_type<scalar_t>>* shard) {
   using T = at::opmath_type<scalar_t>;
   at::Tensor weight_storage;
   std::vector<T> block_sums;
@@ -795,32 +987,64 @@ void backward(const Rows<scalar_t>& in, scalar_t* grad, const at::Tensor& weight
   }
   const int64_t n = in.classes;
   const T scale_all = static_cast<T>(common_scale);
+  const bool tempered = o.inv_temperature != T(1);
   at::parallel_for(0, in.rows, rows_per_task(n), [&](int64_t begin, int64_t end) {
     std::vector<T> x_scratch, z_scratch, q_scratch, g_scratch, slope;
     for (int64_t r = begin; r < end; ++r) {
       // z (capped, a copy: the gradient may then overwrite the logits) and dz/dx
-      // together, from one exponential per logit.
+      // together, from one exponential per logit; or z tempered, a copy too.
       const T* z = row_as_acc<scalar_t, T>(in.x, r, n, x_scratch);
       if (o.softcap != T(0)) {
         slope.resize(n);
         z_scratch.resize(n);
-        cap(z, z_scratch.data(), slope.data(), n, o.softcap);
+        cap(z, z_scratch.data(), slope.data(), n, o.softcap, o.inv_temperature);
+        z = z_scratch.data();
+      } else if (tempered) {
+        z_scratch.resize(n);
+        temper(z, z_scratch.data(), n, o.inv_temperature);
         z = z_scratch.data();
       }
       T* grad_row = grad_row_as_acc<scalar_t, T>(grad, r, n, g_scratch);
-      const T scale = row_scale != nullptr ? row_scale[r] : scale_all;
+      T scale = row_scale != nullptr ? row_scale[r] : scale_all;
+      if (factors.sample_weight != nullptr) scale *= factors.sample_weight[r];
+      RowExtraGrads<T> extra;
+      if (factors.grad_logprob != nullptr) extra.logprob = factors.grad_logprob[r];
+      if constexpr (kEntropy) {
+        extra.entropy = factors.grad_entropy[r];
+        extra.entropy_shift = factors.row_entropy[r] - row_log_sum[r];
+      }
       const T* row_weight = shard != nullptr ? shard->row_weight + r : nullptr;
       if (in.class_target != nullptr) {
-        backward_class_row(z, grad_row, in.class_target[r], row_max[r], row_log_sum[r], scale, o, row_weight);
+        backward_class_row<T, kEntropy>(z, grad_row, in.class_target[r], row_max[r], row_log_sum[r], scale, o,
+                                        row_weight, extra);
       } else {
-        backward_prob_row(z, row_as_acc<scalar_t, T>(in.prob_target, r, n, q_scratch), grad_row, row_max[r],
-                          row_log_sum[r], scale, o, row_weight);
+        backward_prob_row<T, kEntropy>(z, row_as_acc<scalar_t, T>(in.prob_target, r, n, q_scratch), grad_row,
+                                       row_max[r], row_log_sum[r], scale, o, row_weight, extra);
       }
-      if (o.softcap != T(0)) at::vec::map2<T>([](Vectorized<T> g, Vectorized<T> d) { return g * d; }, grad_row,
-                                              grad_row, slope.data(), n);
+      if (o.softcap != T(0)) {
+        at::vec::map2<T>([](Vectorized<T> g, Vectorized<T> d) { return g * d; }, grad_row, grad_row, slope.data(),
+                         n);
+      } else if (tempered) {
+        temper(grad_row, grad_row, n, o.inv_temperature);
+      }
       store_grad_row(grad_row, grad, r, n);
     }
   });
+}
+
+template <typename scalar_t>
+void backward(const Rows<scalar_t>& in, scalar_t* grad, const at::Tensor& weight,
+              const at::opmath_type<scalar_t>* row_max, const at::opmath_type<scalar_t>* row_log_sum,
+              const at::opmath_type<scalar_t>* row_scale, double common_scale, const LossOptions& options,
+              const RowFactors<at::opmath_type<scalar_t>>& factors = {},
+              const Shard<at::opmath_type<scalar_t>>* shard = nullptr) {
+  if (factors.grad_entropy != nullptr) {
+    backward_rows<scalar_t, true>(in, grad, weight, row_max, row_log_sum, row_scale, common_scale, options, factors,
+                                  shard);
+  } else {
+    backward_rows<scalar_t, false>(in, grad, weight, row_max, row_log_sum, row_scale, common_scale, options, factors,
+                                   shard);
+  }
 }
 
 }  // namespace ce

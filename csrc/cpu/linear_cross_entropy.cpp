@@ -125,17 +125,30 @@ ce::Rows<scalar_t> chunk_rows_of(const Operands& p, const scalar_t* z, int64_t b
 }
 
 // The mean's divisor: the summed weights of the class targets not ignored, or
-// the number of rows for probabilities. Known before the first chunk, so that
-// forward can scale the gradients as it computes them.
-double mean_divisor(const Operands& p, int64_t ignore_index) {
+// the number of rows for probabilities, each times the row's sample weight
+// (`sample_weight`, in the accumulation type, where defined). Known before the
+// first chunk, so that forward can scale the gradients as it computes them; the
+// products and their order as forward's total_weight has them.
+double mean_divisor(const Operands& p, const at::Tensor& sample_weight, int64_t ignore_index) {
   const int64_t rows = p.x.size(0);
-  if (!p.class_targets) return static_cast<double>(rows);
-  const at::Tensor w = p.weight.defined() ? p.weight.to(at::kDouble).contiguous() : at::Tensor();
+  const at::Tensor s = sample_weight.defined() ? sample_weight.to(at::kDouble) : at::Tensor();
+  const double* s_p = s.defined() ? s.data_ptr<double>() : nullptr;
+  if (!p.class_targets) {
+    if (s_p == nullptr) return static_cast<double>(rows);
+    double total = 0;
+    for (int64_t r = 0; r < rows; ++r) total += s_p[r];
+    return total;
+  }
+  const auto acc_type = at::toOpMathType(p.x.scalar_type());
+  // The class weights as forward reads them: in the accumulation type.
+  const at::Tensor w = p.weight.defined() ? p.weight.to(acc_type).to(at::kDouble).contiguous() : at::Tensor();
   const double* w_p = w.defined() ? w.data_ptr<double>() : nullptr;
   const int64_t* t = p.target.data_ptr<int64_t>();
   double total = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    if (t[r] != ignore_index) total += w_p == nullptr ? 1.0 : w_p[t[r]];
+    if (t[r] == ignore_index) continue;
+    const double w_t = w_p == nullptr ? 1.0 : w_p[t[r]];
+    total += s_p == nullptr ? w_t : w_t * s_p[r];
   }
   return total;
 }
@@ -144,23 +157,27 @@ double mean_divisor(const Operands& p, int64_t ignore_index) {
 struct CpuKernels {
   static LinearCrossEntropyForward forward(const char* op, const at::Tensor& input, const at::Tensor& linear_weight,
                                            const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
-                                           const std::optional<at::Tensor>& weight, const LinearLossOptions& o,
+                                           const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& sample_weight, const LinearLossOptions& o,
                                            std::array<bool, 3> grad_mask) {
     const Operands p = prepare(op, input, linear_weight, linear_bias, target, weight, o.ignore_index);
     const int64_t rows = p.x.size(0);
     const int64_t classes = p.w.size(0);
-    const auto acc_options = p.x.options().dtype(at::toOpMathType(p.x.scalar_type()));
+    const auto acc_type = at::toOpMathType(p.x.scalar_type());
+    const auto acc_options = p.x.options().dtype(acc_type);
     at::Tensor row_max = at::empty({rows}, acc_options);
     at::Tensor row_log_sum = at::empty({rows}, acc_options);
     at::Tensor target_logit = at::empty({rows}, acc_options);
     at::Tensor total_weight = at::empty({}, acc_options);
+    at::Tensor row_entropy = at::empty({o.entropy ? rows : 0}, acc_options);
+    const at::Tensor row_sample_weight = ce::rows_in(sample_weight, acc_type);
     at::Tensor loss = at::empty(o.reduction == at::Reduction::None ? at::IntArrayRef{rows} : at::IntArrayRef{},
                                 p.x.options());
     const bool grads = o.reduction != at::Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
     LinearGrads g = grads ? make_linear_grads(p.x, p.w, grad_mask) : LinearGrads{};
     double grad_scale = 1;
     if (grads && o.reduction == at::Reduction::Mean) {
-      const double divisor = mean_divisor(p, o.ignore_index);
+      const double divisor = mean_divisor(p, row_sample_weight, o.ignore_index);
       grad_scale = divisor == 0 ? std::nan("") : 1 / divisor;
     }
     const int64_t chunk = chunk_rows(rows, classes, p.x.element_size(), o.chunk_size);
@@ -172,24 +189,30 @@ struct CpuKernels {
           acc_t* max_p = row_max.data_ptr<acc_t>();
           acc_t* log_sum_p = row_log_sum.data_ptr<acc_t>();
           acc_t* target_logit_p = target_logit.data_ptr<acc_t>();
+          acc_t* entropy_p = o.entropy ? row_entropy.data_ptr<acc_t>() : nullptr;
+          // Only the sample weights: the extras' gradients come with backward's upstream ones.
+          ce::RowFactors<acc_t> factors;
+          factors.sample_weight = row_sample_weight.defined() ? row_sample_weight.data_ptr<acc_t>() : nullptr;
           for_each_chunk(p.x, p.w, p.b, chunk, grads, g, CpuGemms{},
                          [&](const at::Tensor& logits, int64_t begin, int64_t count) {
                            scalar_t* z = logits.data_ptr<scalar_t>();
                            const ce::Rows<scalar_t> chunk_in = chunk_rows_of(p, z, begin, count);
-                           ce::forward(chunk_in, p.weight, o,
+                           const ce::RowFactors<acc_t> chunk_factors = factors.from(begin);
+                           ce::forward(chunk_in, p.weight, chunk_factors.sample_weight, o,
                                        ce::ForwardOut<acc_t>{losses.data() + begin, max_p + begin,
                                                              log_sum_p + begin, target_logit_p + begin,
-                                                             weights.data() + begin});
+                                                             weights.data() + begin,
+                                                             entropy_p == nullptr ? nullptr : entropy_p + begin});
                            if (grads) {
                              ce::backward(chunk_in, z, p.weight, max_p + begin, log_sum_p + begin, nullptr,
-                                          grad_scale, o);
+                                          grad_scale, o, chunk_factors);
                            }
                          });
           ce::reduce_rows<scalar_t>(losses, weights, o.reduction, loss, total_weight);
         });
     const LinearGradOutputs out = grads ? finish(g, p.x.scalar_type()) : LinearGradOutputs{};
-    return {loss, row_max, row_log_sum, target_logit, total_weight, std::get<0>(out), std::get<1>(out),
-            std::get<2>(out)};
+    return {loss,         row_max,          row_log_sum,      target_logit,    total_weight,
+            row_entropy,  std::get<0>(out), std::get<1>(out), std::get<2>(out)};
   }
 
   // The backward chunk loop: each chunk's logits again, turned into their
@@ -197,8 +220,9 @@ struct CpuKernels {
   static LinearGradOutputs backward(const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
                                     const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
                                     const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                                    const at::Tensor& row_max, const at::Tensor& row_log_sum,
-                                    const at::Tensor& total_weight, const LinearLossOptions& o,
+                                    const std::optional<at::Tensor>& sample_weight, const at::Tensor& row_max,
+                                    const at::Tensor& row_log_sum, const at::Tensor& total_weight,
+                                    const RowExtras& extras, const LinearLossOptions& o,
                                     std::array<bool, 3> output_mask, const ClassShard* shard) {
     if (!(output_mask[0] || output_mask[1] || output_mask[2])) return {};
     const Operands p = prepare(op, input, linear_weight, linear_bias, target, weight, o.ignore_index,
@@ -206,7 +230,8 @@ struct CpuKernels {
     const int64_t rows = p.x.size(0);
     const auto acc_type = at::toOpMathType(p.x.scalar_type());
     const ce::BackwardInputs b =
-        ce::backward_inputs(grad_loss, row_max, row_log_sum, total_weight, o.reduction, acc_type);
+        ce::backward_inputs(grad_loss, row_max, row_log_sum, total_weight, o.reduction, acc_type, sample_weight,
+                            extras.grad_logprob, extras.grad_entropy, extras.row_entropy);
     const at::Tensor row_weight = shard != nullptr ? shard->row_weight.to(acc_type).contiguous() : at::Tensor();
     LinearGrads g = make_linear_grads(p.x, p.w, output_mask);
     const int64_t chunk = chunk_rows(rows, p.w.size(0), p.x.element_size(), o.chunk_size);
@@ -215,6 +240,7 @@ struct CpuKernels {
           using acc_t = at::opmath_type<scalar_t>;
           const acc_t* scales = b.row_scale.defined() ? b.row_scale.data_ptr<acc_t>() : nullptr;
           const double weight_sum = shard != nullptr ? shard->weight_sum.item<double>() : 0;
+          const ce::RowFactors<acc_t> factors = b.factors<acc_t>();
           for_each_chunk(p.x, p.w, p.b, chunk, true, g, CpuGemms{},
                          [&](const at::Tensor& logits, int64_t begin, int64_t count) {
                            scalar_t* z = logits.data_ptr<scalar_t>();
@@ -227,7 +253,7 @@ struct CpuKernels {
                                         b.row_max.data_ptr<acc_t>() + begin,
                                         b.row_log_sum.data_ptr<acc_t>() + begin,
                                         scales == nullptr ? nullptr : scales + begin, b.common_scale, o,
-                                        chunk_shard ? &*chunk_shard : nullptr);
+                                        factors.from(begin), chunk_shard ? &*chunk_shard : nullptr);
                          });
         });
     return finish(g, p.x.scalar_type());
