@@ -23,6 +23,16 @@
 //   loss = sum(w q (max - x)) + sum(w q) log_sum,   grad = sum(w q) * softmax(x) - w q,
 // where a class-index target t gives q = (1 - eps) onehot(t) + eps / C. Every
 // term of the gap sum sum(w q (max - x)) is >= 0: no cancellation for large logits.
+// x here is z = cap(x) / temperature, the logit the softmax sees; backward
+// multiplies by dz/dx = cap'(x) / temperature. A row's sample weight s scales
+// its loss, its share of the mean's divisor and its gradient.
+//
+// Forward's entropy H = log_sum + B / sum_exp with B = sum(exp(x - max) (max - x)),
+// kept online like the gap sum: every term >= 0, and where the max grows from m
+// to m', B' = exp(m - m') (B + sum_exp (m' - m)). Backward's extras add, for the
+// upstream gradients g_lp of log p_t and g_H of H, g_lp (onehot(t) - p) and
+// -g_H p (x - lse + H), the latter from (x - max) + (H - log_sum): no large
+// terms that cancel.
 //
 // Only the ATen headers in use are included, not ATen/ATen.h: nvcc parses
 // every header several times (host, and device once per architecture), and
@@ -71,22 +81,35 @@ struct Problem {
   acc_t smoothing;
   acc_t z_loss;   // lambda of lambda lse^2; 0: none
   acc_t softcap;  // logits capped at softcap tanh(x / softcap); 0: none
+  acc_t temperature;           // z = cap(x) / temperature; 1: none
+  const acc_t* sample_weight;  // (R,) each row's weight, or null: all ones
 };
 
 // dz/dx at a logit x: 1 / cosh^2(x / softcap) = 4 e / (1 + e)^2 with e =
 // exp(-2 |x| / softcap), 1 where not capped (1 - tanh^2 would cancel to nothing
-// where tanh is within rounding of 1).
+// where tanh is within rounding of 1), over the temperature. Both tests are
+// uniform over the launch: a temperature of 1 divides by nothing.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t cap_slope(const Problem<scalar_t, acc_t>& p, acc_t x) {
-  if (p.softcap == acc_t(0)) return acc_t(1);
-  const acc_t e = std::exp(acc_t(-2) * std::abs(x) / p.softcap);
-  return acc_t(4) * e / ((acc_t(1) + e) * (acc_t(1) + e));
+  acc_t slope = acc_t(1);
+  if (p.softcap != acc_t(0)) {
+    const acc_t e = std::exp(acc_t(-2) * std::abs(x) / p.softcap);
+    slope = acc_t(4) * e / ((acc_t(1) + e) * (acc_t(1) + e));
+  }
+  return p.temperature == acc_t(1) ? slope : slope / p.temperature;
 }
 
-// The logit the softmax sees: capped where asked.
+// The logit the softmax sees: capped where asked, over the temperature.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t capped(const Problem<scalar_t, acc_t>& p, acc_t x) {
-  return p.softcap == acc_t(0) ? x : p.softcap * std::tanh(x / p.softcap);
+  const acc_t z = p.softcap == acc_t(0) ? x : p.softcap * std::tanh(x / p.softcap);
+  return p.temperature == acc_t(1) ? z : z / p.temperature;
+}
+
+// A row's sample weight s.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t sample_weight(const Problem<scalar_t, acc_t>& p, int64_t row) {
+  return p.sample_weight == nullptr ? acc_t(1) : p.sample_weight[row];
 }
 
 template <typename acc_t>
@@ -96,6 +119,7 @@ struct RowOutputs {
   acc_t* log_sum;
   acc_t* target_logit;  // the target's capped logit, for the token accuracy
   acc_t* row_weight;    // the row's share of the mean's divisor
+  acc_t* entropy;       // the entropy of the row's softmax, or null: not asked
 };
 
 // Partial statistics of a row (or of a chunk of one). With weights v (w for
@@ -109,11 +133,27 @@ struct RowStats {
   acc_t gap;
 };
 
+// RowStats and the entropy's B = sum(exp(x - max) (max - x)): a type of its
+// own, so that forward without the entropy keeps its four-number reductions.
+template <typename acc_t>
+struct EntropyRowStats : RowStats<acc_t> {
+  acc_t ent;
+};
+
 template <typename acc_t>
 __device__ __forceinline__ RowStats<acc_t> shfl_xor(const RowStats<acc_t>& s, int mask) {
   using myext::cuda::shfl_xor;  // the scalar overload, hidden by this one
   return {shfl_xor(s.max, mask), shfl_xor(s.sum_exp, mask), shfl_xor(s.weight, mask),
           shfl_xor(s.gap, mask)};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ EntropyRowStats<acc_t> shfl_xor(const EntropyRowStats<acc_t>& s, int mask) {
+  using myext::cuda::shfl_xor;
+  EntropyRowStats<acc_t> out;
+  static_cast<RowStats<acc_t>&>(out) = shfl_xor(static_cast<const RowStats<acc_t>&>(s), mask);
+  out.ent = shfl_xor(s.ent, mask);
+  return out;
 }
 
 // max(a, b) that is NaN when either is.
@@ -136,6 +176,16 @@ __device__ __forceinline__ acc_t regap(const RowStats<acc_t>& s, acc_t new_max) 
   return (s.weight == acc_t(0) || s.max == new_max) ? s.gap : s.gap + s.weight * (new_max - s.max);
 }
 
+// The entropy's B of `s` moved up to `new_max` (>= s.max), from s's own
+// sum_exp: B' = exp(m - m') (B + sum_exp (m' - m)). A part whose max is -inf
+// has seen only classes of probability 0, which add 0 (not 0 * inf).
+template <typename acc_t>
+__device__ __forceinline__ acc_t regrow_entropy(acc_t ent, acc_t sum_exp, acc_t max, acc_t new_max) {
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  if (max == new_max || max == -kInf) return ent;
+  return (ent + sum_exp * (new_max - max)) * std::exp(max - new_max);
+}
+
 struct MergeStats {
   template <typename acc_t>
   __device__ RowStats<acc_t> operator()(const RowStats<acc_t>& a, const RowStats<acc_t>& b) const {
@@ -143,7 +193,21 @@ struct MergeStats {
     return {max, rescale(a.sum_exp, a.max, max) + rescale(b.sum_exp, b.max, max),
             a.weight + b.weight, regap(a, max) + regap(b, max)};
   }
+
+  template <typename acc_t>
+  __device__ EntropyRowStats<acc_t> operator()(const EntropyRowStats<acc_t>& a,
+                                               const EntropyRowStats<acc_t>& b) const {
+    EntropyRowStats<acc_t> out;
+    static_cast<RowStats<acc_t>&>(out) =
+        (*this)(static_cast<const RowStats<acc_t>&>(a), static_cast<const RowStats<acc_t>&>(b));
+    out.ent = regrow_entropy(a.ent, a.sum_exp, a.max, out.max) + regrow_entropy(b.ent, b.sum_exp, b.max, out.max);
+    return out;
+  }
 };
+
+// The statistics forward keeps: with the entropy's B where it is asked.
+template <typename acc_t, bool kEntropy>
+using StatsFor = std::conditional_t<kEntropy, EntropyRowStats<acc_t>, RowStats<acc_t>>;
 
 struct Sum {
   template <typename T>
@@ -188,14 +252,16 @@ __device__ __forceinline__ void write_ignored_row(const RowOutputs<acc_t>& out, 
   out.log_sum[row] = acc_t(0);
   out.target_logit[row] = acc_t(0);
   out.row_weight[row] = acc_t(0);
+  if (out.entropy != nullptr) out.entropy[row] = acc_t(0);
 }
 
-// Turns a row's statistics into its loss, max, log_sum and weight in the mean.
-// The loss keeps max and log(sum_exp) apart, (max - x_t) + log_sum and the gap
-// sum, which stay exact for logits of large magnitude where lse - x would cancel.
-template <bool kProb, typename scalar_t, typename acc_t>
+// Turns a row's statistics into its loss, max, log_sum, weight in the mean and,
+// with EntropyRowStats, entropy. The loss keeps max and log(sum_exp) apart,
+// (max - x_t) + log_sum and the gap sum, which stay exact for logits of large
+// magnitude where lse - x would cancel.
+template <bool kProb, typename scalar_t, typename acc_t, typename Stats>
 __device__ void finish_row(const Problem<scalar_t, acc_t>& p, int64_t row,
-                           const RowStats<acc_t>& s, const RowOutputs<acc_t>& out) {
+                           const Stats& s, const RowOutputs<acc_t>& out) {
   const acc_t log_sum = std::log(s.sum_exp);
   acc_t loss;
   acc_t row_weight = acc_t(1);
@@ -217,19 +283,28 @@ __device__ void finish_row(const Problem<scalar_t, acc_t>& p, int64_t row,
     const acc_t lse = s.max + log_sum;
     loss += p.z_loss * lse * lse;
   }
+  // Every term of the row's loss, and its share of the divisor, scale with it.
+  if (p.sample_weight != nullptr) {
+    const acc_t sw = p.sample_weight[row];
+    loss *= sw;
+    row_weight *= sw;
+  }
   out.loss[row] = loss;
   out.max[row] = s.max;
   out.log_sum[row] = log_sum;
   out.target_logit[row] = z_t;
   out.row_weight[row] = row_weight;
+  if constexpr (std::is_same_v<Stats, EntropyRowStats<acc_t>>) {
+    out.entropy[row] = log_sum + s.ent / s.sum_exp;
+  }
 }
 
 // Block (row, j) reduces chunk j of the row. With one chunk per row it writes
 // the row's results; otherwise its statistics go to partial[row][j] for
 // combine_kernel.
-template <typename scalar_t, typename acc_t, int VEC, bool kProb>
+template <typename scalar_t, typename acc_t, int VEC, bool kProb, bool kEntropy>
 __global__ void __launch_bounds__(kMaxThreads)
-    forward_kernel(const Problem<scalar_t, acc_t> p, RowStats<acc_t>* partial,
+    forward_kernel(const Problem<scalar_t, acc_t> p, StatsFor<acc_t, kEntropy>* partial,
                    const RowOutputs<acc_t> out) {
   const int64_t row = blockIdx.x;
   const bool split = gridDim.y > 1;
@@ -248,7 +323,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   const acc_t eps_c = p.smoothing / static_cast<acc_t>(p.classes);
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
 
-  RowStats<acc_t> s = {-kInf, 0, 0, 0};
+  StatsFor<acc_t, kEntropy> s;
+  s.max = -kInf;
+  s.sum_exp = 0;
+  s.weight = 0;
+  s.gap = 0;
+  if constexpr (kEntropy) s.ent = 0;
   for (int64_t c = begin + threadIdx.x * VEC; c < end; c += blockDim.x * VEC) {
     const auto packed_x = load_pack<VEC>(x + c);
     acc_t xs[VEC];
@@ -259,6 +339,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       pack_max = nan_max(xs[i], pack_max);
     }
     if (!(pack_max <= s.max)) {  // the max grows, or is NaN
+      // (B moves with the sum_exp of the old max: first.)
+      if constexpr (kEntropy) s.ent = regrow_entropy(s.ent, s.sum_exp, s.max, pack_max);
       s.sum_exp = rescale(s.sum_exp, s.max, pack_max);
       s.gap = regap(s, pack_max);
       s.max = pack_max;
@@ -266,7 +348,12 @@ __global__ void __launch_bounds__(kMaxThreads)
     // While every logit so far is -inf, exp(x - 0) adds the zeros it should.
     const acc_t shift = s.max == -kInf ? acc_t(0) : s.max;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) s.sum_exp += std::exp(xs[i] - shift);
+    for (int i = 0; i < VEC; ++i) {
+      const acc_t e = std::exp(xs[i] - shift);
+      s.sum_exp += e;
+      // A class of probability 0 (x = -inf, also while the max is -inf) adds 0, not 0 * inf.
+      if constexpr (kEntropy) s.ent += xs[i] == -kInf ? acc_t(0) : e * (s.max - xs[i]);
+    }
 
     if (need_v) {
       const auto w = load_weights<VEC>(p, c);
@@ -292,9 +379,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // One thread per row: merges the row's `splits` partial statistics.
-template <typename scalar_t, typename acc_t, bool kProb>
+template <typename scalar_t, typename acc_t, bool kProb, bool kEntropy>
 __global__ void __launch_bounds__(kCombineThreads)
-    combine_kernel(const Problem<scalar_t, acc_t> p, const RowStats<acc_t>* partial,
+    combine_kernel(const Problem<scalar_t, acc_t> p, const StatsFor<acc_t, kEntropy>* partial,
                    int64_t rows, int64_t splits, const RowOutputs<acc_t> out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
@@ -304,7 +391,7 @@ __global__ void __launch_bounds__(kCombineThreads)
       return;
     }
   }
-  RowStats<acc_t> s = partial[row * splits];
+  StatsFor<acc_t, kEntropy> s = partial[row * splits];
   for (int64_t j = 1; j < splits; ++j) s = MergeStats{}(s, partial[row * splits + j]);
   finish_row<kProb>(p, row, s, out);
 }
@@ -337,16 +424,36 @@ struct Shard {
   const acc_t* row_weight;  // (R,) each row's sum(w q) over every class
 };
 
+// The entropy's term of the gradient of a class, -g_H p (x - lse + H) given
+// ent_coef = -g_H, ent_shift = H - log_sum and shifted = x - max. A class of
+// probability 0 adds 0: its x - lse is -inf (or lower than any float).
+template <typename acc_t>
+__device__ __forceinline__ acc_t entropy_term(acc_t ent_coef, acc_t ent_shift, acc_t softmax, acc_t shifted) {
+  return softmax == acc_t(0) ? acc_t(0) : ent_coef * softmax * (shifted + ent_shift);
+}
+
+// The upstream gradients of each row's log p_t and entropy, and forward's
+// entropy, (R,) in the accumulation type; each null where not given.
+template <typename acc_t>
+struct Extras {
+  const acc_t* grad_logprob;
+  const acc_t* grad_entropy;
+  const acc_t* row_entropy;  // given with grad_entropy
+};
+
 // grad = scale * (sum(w q) softmax(x) - w q) for chunk blockIdx.y of a row,
-// with scale the row's upstream gradient (over the mean's divisor). With
-// kShard, of the loss over every class w.r.t. the shard's: sum(w q) is the
-// shard's row_weight (a shard without the target cannot compute it) instead
-// of target_weight_sum's, and a target in another shard adds no term here.
-template <typename scalar_t, typename acc_t, int VEC, bool kProb, bool kShard>
+// with scale the row's upstream gradient (over the mean's divisor) times its
+// sample weight, plus the extras' terms. With kShard, of the loss over every
+// class w.r.t. the shard's: sum(w q) is the shard's row_weight (a shard
+// without the target cannot compute it) instead of target_weight_sum's, and a
+// target in another shard adds no term here (nor g_lp's delta). kEntropyGrad:
+// the entropy's term, the one extra that costs work per class.
+template <typename scalar_t, typename acc_t, int VEC, bool kProb, bool kShard, bool kEntropyGrad>
 __global__ void __launch_bounds__(kMaxThreads)
     backward_kernel(const Problem<scalar_t, acc_t> p, const acc_t* row_max,
                     const acc_t* row_log_sum, const acc_t* scale, int64_t scale_stride,
-                    const acc_t* target_weight_sum, const Shard<acc_t> shard, scalar_t* grad) {
+                    const acc_t* target_weight_sum, const Shard<acc_t> shard, const Extras<acc_t> extras,
+                    scalar_t* grad) {
   const int64_t row = blockIdx.x;
   const int64_t begin = blockIdx.y * p.chunk;
   const int64_t end = std::min(begin + p.chunk, p.classes);
@@ -354,7 +461,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   const scalar_t* x = p.input + row * p.classes;
   scalar_t* g = grad + row * p.classes;
 
-  const acc_t s = scale[row * scale_stride];
+  // The extras' terms are not the loss's: the sample weight is in s alone.
+  const acc_t s = scale[row * scale_stride] * sample_weight(p, row);
   const acc_t keep = acc_t(1) - p.smoothing;
   const acc_t eps_c = p.smoothing / static_cast<acc_t>(kShard ? shard.classes : p.classes);
   // s 2 lambda lse: the z-loss's coefficient of the softmax.
@@ -393,11 +501,25 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     smooth_coef = s * eps_c;
     target_coef = s * keep * w_t;
+    // g_lp (onehot(t) - p): -g_lp on every class's softmax, and at the target
+    // (c - g_lp) (p_t - 1) keeps expm1's grouping.
+    if (extras.grad_logprob != nullptr) {
+      const acc_t g_lp = extras.grad_logprob[row];
+      softmax_coef -= g_lp;
+      target_coef -= g_lp;
+    }
   }
   // softmax = exp((x - max) - log_sum), the two kept apart: precise at any scale.
   const acc_t max = row_max[row];
   const acc_t log_sum = row_log_sum[row];
   const bool need_w = kProb || p.smoothing > acc_t(0);
+  // -g_H p (x - lse + H) = ent_coef p ((x - max) + ent_shift).
+  acc_t ent_coef = 0;
+  acc_t ent_shift = 0;
+  if constexpr (kEntropyGrad) {
+    ent_coef = -extras.grad_entropy[row];
+    ent_shift = extras.row_entropy[row] - log_sum;
+  }
 
   for (int64_t c = begin + threadIdx.x * VEC; c < end; c += stride) {
     const auto packed_x = load_pack<VEC>(x + c);
@@ -409,15 +531,18 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int i = 0; i < VEC; ++i) {
         const acc_t wq = (keep * static_cast<acc_t>(packed_q.val[i]) + eps_c) * w.val[i];
         const acc_t x_i = static_cast<acc_t>(packed_x.val[i]);
-        const acc_t softmax = std::exp((capped(p, x_i) - max) - log_sum);
-        const acc_t value = (softmax_coef * softmax - s * wq) + z_coef * softmax;
+        const acc_t shifted = capped(p, x_i) - max;
+        const acc_t softmax = std::exp(shifted - log_sum);
+        acc_t value = (softmax_coef * softmax - s * wq) + z_coef * softmax;
+        if constexpr (kEntropyGrad) value += entropy_term(ent_coef, ent_shift, softmax, shifted);
         out.val[i] = static_cast<scalar_t>(value * cap_slope(p, x_i));
       }
     } else {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const acc_t x_i = static_cast<acc_t>(packed_x.val[i]);
-        const acc_t log_softmax = (capped(p, x_i) - max) - log_sum;
+        const acc_t shifted = capped(p, x_i) - max;
+        const acc_t log_softmax = shifted - log_sum;
         const acc_t softmax = std::exp(log_softmax);
         acc_t value = softmax_coef * softmax;
         if (need_w) value -= smooth_coef * w.val[i];
@@ -427,6 +552,7 @@ __global__ void __launch_bounds__(kMaxThreads)
           value = target_coef * std::expm1(log_softmax) + z_coef * softmax +
                   (need_w ? smooth_coef * (total_class_weight(p) * softmax - w.val[i]) : acc_t(0));
         }
+        if constexpr (kEntropyGrad) value += entropy_term(ent_coef, ent_shift, softmax, shifted);
         out.val[i] = static_cast<scalar_t>(value * cap_slope(p, x_i));
       }
     }
@@ -479,20 +605,33 @@ struct Inputs {
   at::Tensor target;      // (R,) int64 or (R, C) contiguous
   at::Tensor weight;      // (C,) in the accumulation type, or undefined
   at::Tensor weight_sum;  // 0-d sum of every class's weight, or undefined: C
+  at::Tensor sample_weight;  // (R,) in the accumulation type, or undefined: ones
   bool probabilities;
 };
+
+// `t` (R,) of any floating dtype in the accumulation type, contiguous, or
+// undefined where absent: converted on the device, never read on the host.
+at::Tensor rows_as(const std::optional<at::Tensor>& t, at::ScalarType acc_type) {
+  return t.has_value() ? t->to(acc_type).contiguous() : at::Tensor();
+}
+
+template <typename acc_t>
+const acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
+}
 
 // Lays out checked arguments (csrc/cross_entropy.h) for the kernels. Class
 // indices are checked by the kernels as they read them: on the host that
 // would synchronise. The weights of a shard of the classes are not all of
 // them: the shard's weight_sum is given.
 Inputs prepare(const char* op, const at::Tensor& input, const at::Tensor& target,
-               const std::optional<at::Tensor>& weight, const ClassShard* shard = nullptr) {
+               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& sample_weight,
+               const ClassShard* shard = nullptr) {
   TORCH_CHECK(input.size(0) <= std::numeric_limits<int32_t>::max(), op,
               ": at most 2^31 - 1 rows, got ", input.size(0));
-  Inputs in{input.contiguous(), target.contiguous(), at::Tensor(), at::Tensor(),
-            target.is_floating_point()};
   const auto acc_type = at::toOpMathType(input.scalar_type());
+  Inputs in{input.contiguous(), target.contiguous(), at::Tensor(), at::Tensor(),
+            rows_as(sample_weight, acc_type), target.is_floating_point()};
   if (weight.has_value()) in.weight = weight->to(acc_type).contiguous();
   // Stays on the device: reading it on the host would synchronise.
   if (shard != nullptr) {
@@ -525,6 +664,8 @@ Problem<scalar_t, acc_t> make_problem(const Inputs& in, const LossOptions& o) {
   p.smoothing = static_cast<acc_t>(o.label_smoothing);
   p.z_loss = static_cast<acc_t>(o.lse_square_scale);
   p.softcap = static_cast<acc_t>(o.softcap);
+  p.temperature = static_cast<acc_t>(o.temperature);
+  p.sample_weight = ptr_or_null<acc_t>(in.sample_weight);
   return p;
 }
 
@@ -544,9 +685,13 @@ bool rows_aligned(const Problem<scalar_t, acc_t>& p, const void* grad) {
 // the gradient of the loss over every class w.r.t. the shard's.
 void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_loss,
                    const at::Tensor& row_max, const at::Tensor& row_log_sum,
-                   const at::Tensor& total_weight, const LossOptions& o, const ClassShard* shard) {
+                   const at::Tensor& total_weight, const RowExtras& extras, const LossOptions& o,
+                   const ClassShard* shard) {
   const int64_t rows = in.x.size(0);
   const auto acc_type = at::toOpMathType(in.x.scalar_type());
+  const at::Tensor grad_logprob = rows_as(extras.grad_logprob, acc_type);
+  const at::Tensor grad_entropy = rows_as(extras.grad_entropy, acc_type);
+  const at::Tensor row_entropy = rows_as(extras.row_entropy, acc_type);
   const at::Tensor max_c = row_max.to(acc_type).contiguous();
   const at::Tensor log_sum_c = row_log_sum.to(acc_type).contiguous();
   // The upstream gradient's factor for each row: one per row for "none",
@@ -580,18 +725,22 @@ void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_lo
           const Shard<acc_t> shard_args =
               shard == nullptr ? Shard<acc_t>{}
                                : Shard<acc_t>{shard->class_start, shard->classes, row_weight.data_ptr<acc_t>()};
+          const Extras<acc_t> extras_args{ptr_or_null<acc_t>(grad_logprob), ptr_or_null<acc_t>(grad_entropy),
+                                          ptr_or_null<acc_t>(row_entropy)};
           const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(plan.splits));
           with_flag(in.probabilities, [&](auto probabilities) {
             with_flag(shard != nullptr, [&](auto sharded) {
-              with_pack_width<scalar_t>(packed, [&](auto width) {
-                backward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(probabilities)::value,
-                                decltype(sharded)::value>
-                    <<<grid, plan.threads, 0, stream>>>(
-                        p, max_c.data_ptr<acc_t>(), log_sum_c.data_ptr<acc_t>(),
-                        scale.data_ptr<acc_t>(), scale_stride,
-                        target_weight_sum.defined() ? target_weight_sum.data_ptr<acc_t>() : nullptr,
-                        shard_args, grad.data_ptr<scalar_t>());
-                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              with_flag(grad_entropy.defined(), [&](auto entropy_grad) {
+                with_pack_width<scalar_t>(packed, [&](auto width) {
+                  backward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(probabilities)::value,
+                                  decltype(sharded)::value, decltype(entropy_grad)::value>
+                      <<<grid, plan.threads, 0, stream>>>(
+                          p, max_c.data_ptr<acc_t>(), log_sum_c.data_ptr<acc_t>(),
+                          scale.data_ptr<acc_t>(), scale_stride,
+                          target_weight_sum.defined() ? target_weight_sum.data_ptr<acc_t>() : nullptr,
+                          shard_args, extras_args, grad.data_ptr<scalar_t>());
+                  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                });
               });
             });
           });
@@ -602,9 +751,10 @@ void backward_into(at::Tensor& grad, const Inputs& in, const at::Tensor& grad_lo
 }  // namespace
 
 CrossEntropyForward CrossEntropyKernels::forward(const char* op, const at::Tensor& input, const at::Tensor& target,
-                                                 const std::optional<at::Tensor>& weight, const LossOptions& o) {
+                                                 const std::optional<at::Tensor>& weight,
+                                                 const std::optional<at::Tensor>& sample_weight, const LossOptions& o) {
   const c10::cuda::CUDAGuard guard(input.device());
-  const Inputs in = prepare(op, input, target, weight);
+  const Inputs in = prepare(op, input, target, weight, sample_weight);
   const int64_t rows = in.x.size(0);
   const auto acc_options = in.x.options().dtype(at::toOpMathType(in.x.scalar_type()));
   at::Tensor losses = at::empty({rows}, acc_options);
@@ -612,6 +762,8 @@ CrossEntropyForward CrossEntropyKernels::forward(const char* op, const at::Tenso
   at::Tensor row_log_sum = at::empty({rows}, acc_options);
   at::Tensor target_logit = at::empty({rows}, acc_options);
   at::Tensor row_weights = at::empty({rows}, acc_options);
+  // Empty where not asked: the kernels then keep no B at all.
+  at::Tensor row_entropy = at::empty({o.entropy ? rows : 0}, acc_options);
 
   if (rows > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -623,28 +775,33 @@ CrossEntropyForward CrossEntropyKernels::forward(const char* op, const at::Tenso
           p.chunk = plan.chunk;
           const RowOutputs<acc_t> out{losses.data_ptr<acc_t>(), row_max.data_ptr<acc_t>(),
                                       row_log_sum.data_ptr<acc_t>(), target_logit.data_ptr<acc_t>(),
-                                      row_weights.data_ptr<acc_t>()};
-          at::Tensor partial;
-          RowStats<acc_t>* partial_ptr = nullptr;
-          if (plan.splits > 1) {
-            partial = at::empty({rows * plan.splits * static_cast<int64_t>(sizeof(RowStats<acc_t>))},
-                                in.x.options().dtype(at::kByte));
-            partial_ptr = reinterpret_cast<RowStats<acc_t>*>(partial.data_ptr());
-          }
+                                      row_weights.data_ptr<acc_t>(),
+                                      o.entropy ? row_entropy.data_ptr<acc_t>() : nullptr};
           const auto stream = at::cuda::getCurrentCUDAStream();
           const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(plan.splits));
-          with_flag(in.probabilities, [&](auto probabilities) {
-            with_pack_width<scalar_t>(packed, [&](auto width) {
-              forward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(probabilities)::value>
-                  <<<grid, plan.threads, 0, stream>>>(p, partial_ptr, out);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
-            });
+          with_flag(o.entropy, [&](auto entropy) {
+            constexpr bool kEntropy = decltype(entropy)::value;
+            using Stats = StatsFor<acc_t, kEntropy>;
+            at::Tensor partial;
+            Stats* partial_ptr = nullptr;
             if (plan.splits > 1) {
-              combine_kernel<scalar_t, acc_t, decltype(probabilities)::value>
-                  <<<static_cast<unsigned>(ceil_div(rows, kCombineThreads)), kCombineThreads, 0,
-                     stream>>>(p, partial_ptr, rows, plan.splits, out);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              partial = at::empty({rows * plan.splits * static_cast<int64_t>(sizeof(Stats))},
+                                  in.x.options().dtype(at::kByte));
+              partial_ptr = reinterpret_cast<Stats*>(partial.data_ptr());
             }
+            with_flag(in.probabilities, [&](auto probabilities) {
+              with_pack_width<scalar_t>(packed, [&](auto width) {
+                forward_kernel<scalar_t, acc_t, decltype(width)::value, decltype(probabilities)::value, kEntropy>
+                    <<<grid, plan.threads, 0, stream>>>(p, partial_ptr, out);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              });
+              if (plan.splits > 1) {
+                combine_kernel<scalar_t, acc_t, decltype(probabilities)::value, kEntropy>
+                    <<<static_cast<unsigned>(ceil_div(rows, kCombineThreads)), kCombineThreads, 0,
+                       stream>>>(p, partial_ptr, rows, plan.splits, out);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              }
+            });
           });
         });
   }
@@ -659,29 +816,30 @@ CrossEntropyForward CrossEntropyKernels::forward(const char* op, const at::Tenso
   } else {
     loss = losses.sum().div(mean_divisor(total_weight)).to(in.x.scalar_type());
   }
-  return {loss, row_max, row_log_sum, target_logit, total_weight};
+  return {loss, row_max, row_log_sum, target_logit, total_weight, row_entropy};
 }
 
 at::Tensor CrossEntropyKernels::backward(const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
                                          const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                                         const at::Tensor& row_max, const at::Tensor& row_log_sum,
-                                         const at::Tensor& total_weight, const LossOptions& o,
-                                         const ClassShard* shard) {
+                                         const std::optional<at::Tensor>& sample_weight, const at::Tensor& row_max,
+                                         const at::Tensor& row_log_sum, const at::Tensor& total_weight,
+                                         const RowExtras& extras, const LossOptions& o, const ClassShard* shard) {
   const c10::cuda::CUDAGuard guard(input.device());
-  const Inputs in = prepare(op, input, target, weight, shard);
+  const Inputs in = prepare(op, input, target, weight, sample_weight, shard);
   at::Tensor grad = at::empty(in.x.sizes(), in.x.options());
-  backward_into(grad, in, grad_loss, row_max, row_log_sum, total_weight, o, shard);
+  backward_into(grad, in, grad_loss, row_max, row_log_sum, total_weight, extras, o, shard);
   return grad;
 }
 
 void CrossEntropyKernels::backward_inplace(const char* op, const at::Tensor& grad_loss, at::Tensor& input,
                                            const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& sample_weight,
                                            const at::Tensor& row_max, const at::Tensor& row_log_sum,
-                                           const at::Tensor& total_weight, const LossOptions& o,
-                                           const ClassShard* shard) {
+                                           const at::Tensor& total_weight, const RowExtras& extras,
+                                           const LossOptions& o, const ClassShard* shard) {
   const c10::cuda::CUDAGuard guard(input.device());
-  const Inputs in = prepare(op, input, target, weight, shard);
-  backward_into(input, in, grad_loss, row_max, row_log_sum, total_weight, o, shard);
+  const Inputs in = prepare(op, input, target, weight, sample_weight, shard);
+  backward_into(input, in, grad_loss, row_max, row_log_sum, total_weight, extras, o, shard);
 }
 
 TORCH_LIBRARY_IMPL(myext, CUDA, m) { register_cross_entropy_ops<CrossEntropyKernels>(m); }

@@ -17,18 +17,21 @@ namespace cuda {
 
 struct CrossEntropyKernels {
   static CrossEntropyForward forward(const char* op, const at::Tensor& input, const at::Tensor& target,
-                                     const std::optional<at::Tensor>& weight, const LossOptions& o);
+                                     const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& sample_weight, const LossOptions& o);
 
   static at::Tensor backward(const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
                              const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                             const at::Tensor& row_max, const at::Tensor& row_log_sum,
-                             const at::Tensor& total_weight, const LossOptions& o, const ClassShard* shard);
+                             const std::optional<at::Tensor>& sample_weight, const at::Tensor& row_max,
+                             const at::Tensor& row_log_sum, const at::Tensor& total_weight,
+                             const RowExtras& extras, const LossOptions& o, const ClassShard* shard);
 
   // The gradient written over `input`, contiguous: no second R x C buffer.
   static void backward_inplace(const char* op, const at::Tensor& grad_loss, at::Tensor& input,
                                const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                               const at::Tensor& row_max, const at::Tensor& row_log_sum,
-                               const at::Tensor& total_weight, const LossOptions& o, const ClassShard* shard);
+                               const std::optional<at::Tensor>& sample_weight, const at::Tensor& row_max,
+                               const at::Tensor& row_log_sum, const at::Tensor& total_weight,
+                               const RowExtras& extras, const LossOptions& o, const ClassShard* shard);
 };
 
 }  // namespace cuda
