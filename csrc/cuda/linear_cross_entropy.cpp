@@ -40,16 +40,40 @@ struct CudaGemms {
   }
 };
 
-// The mean's divisor, known before the first chunk: the summed weights of the
-// class targets not ignored, or the number of rows for probabilities.
-at::Tensor divisor_before(const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+// The mean's divisor, known before the first chunk: the summed s w_t of the
+// class targets not ignored, or the summed s of the rows for probabilities
+// (s the sample weights, ones if none), as the row kernels count them.
+at::Tensor divisor_before(const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& sample_weight, int64_t ignore_index,
                           at::ScalarType acc_type) {
   const auto options = target.options().dtype(acc_type);
-  if (target.is_floating_point()) return at::full({}, static_cast<double>(target.size(0)), options);
+  const std::optional<at::Tensor> s =
+      sample_weight.has_value() ? std::optional<at::Tensor>(sample_weight->to(acc_type)) : std::nullopt;
+  if (target.is_floating_point()) {
+    return s.has_value() ? s->sum() : at::full({}, static_cast<double>(target.size(0)), options);
+  }
   const at::Tensor kept = target.ne(ignore_index);
-  if (!weight.has_value()) return kept.sum().to(acc_type);
-  const at::Tensor safe_target = at::where(kept, target, at::zeros_like(target));
-  return at::where(kept, weight->to(acc_type).index_select(0, safe_target), 0).sum();
+  if (!weight.has_value() && !s.has_value()) return kept.sum().to(acc_type);
+  at::Tensor row_weight;
+  if (weight.has_value()) {
+    const at::Tensor safe_target = at::where(kept, target, at::zeros_like(target));
+    row_weight = weight->to(acc_type).index_select(0, safe_target);
+    if (s.has_value()) row_weight = row_weight * *s;
+  } else {
+    row_weight = *s;
+  }
+  // After the product: an ignored row adds 0 whatever its sample weight (inf or nan too).
+  return at::where(kept, row_weight, 0).sum();
+}
+
+// Rows [begin, begin + count) of an optional (R,) tensor.
+std::optional<at::Tensor> rows_of(const std::optional<at::Tensor>& t, int64_t begin, int64_t count) {
+  return t.has_value() ? std::optional<at::Tensor>(t->narrow(0, begin, count)) : std::nullopt;
+}
+
+RowExtras rows_of(const RowExtras& e, int64_t begin, int64_t count) {
+  return {rows_of(e.grad_logprob, begin, count), rows_of(e.grad_entropy, begin, count),
+          rows_of(e.row_entropy, begin, count)};
 }
 
 // nan where the divisor is 0: a mean over no weight is nan, as in PyTorch.
@@ -84,7 +108,8 @@ Operands prepare(const at::Tensor& input, const at::Tensor& linear_weight,
 struct CudaKernels {
   static LinearCrossEntropyForward forward(const char* op, const at::Tensor& input, const at::Tensor& linear_weight,
                                            const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
-                                           const std::optional<at::Tensor>& weight, const LinearLossOptions& o,
+                                           const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& sample_weight, const LinearLossOptions& o,
                                            std::array<bool, 3> grad_mask) {
     const c10::cuda::CUDAGuard guard(input.device());
     const Operands p = prepare(input, linear_weight, linear_bias, target);
@@ -95,7 +120,9 @@ struct CudaKernels {
     at::Tensor row_max = at::empty({rows}, acc_options);
     at::Tensor row_log_sum = at::empty({rows}, acc_options);
     at::Tensor target_logit = at::empty({rows}, acc_options);
-    const at::Tensor total_weight = divisor_before(p.target, weight, o.ignore_index, acc_type);
+    // (0,) where not asked, as cross_entropy_forward's.
+    at::Tensor row_entropy = at::empty({o.entropy ? rows : 0}, acc_options);
+    const at::Tensor total_weight = divisor_before(p.target, weight, sample_weight, o.ignore_index, acc_type);
     const bool grads = o.reduction != at::Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
     LinearGrads g = grads ? make_linear_grads(p.x, p.w, grad_mask) : LinearGrads{};
     const at::Tensor grad_scale = o.reduction == at::Reduction::Mean ? nan_if_zero(total_weight).reciprocal()
@@ -107,16 +134,20 @@ struct CudaKernels {
     for_each_chunk(p.x, p.w, p.b, chunk, grads, g, CudaGemms{},
                    [&](const at::Tensor& logits, int64_t begin, int64_t count) {
                      const at::Tensor t = p.target.narrow(0, begin, count);
-                     auto [chunk_loss, chunk_max, chunk_log_sum, chunk_target_logit, chunk_weight] =
-                         CrossEntropyKernels::forward(op, logits, t, weight, unreduced);
+                     const std::optional<at::Tensor> chunk_sample_weight = rows_of(sample_weight, begin, count);
+                     auto [chunk_loss, chunk_max, chunk_log_sum, chunk_target_logit, chunk_weight, chunk_entropy] =
+                         CrossEntropyKernels::forward(op, logits, t, weight, chunk_sample_weight, unreduced);
                      losses.narrow(0, begin, count).copy_(chunk_loss);
                      row_max.narrow(0, begin, count).copy_(chunk_max);
                      row_log_sum.narrow(0, begin, count).copy_(chunk_log_sum);
                      target_logit.narrow(0, begin, count).copy_(chunk_target_logit);
+                     if (o.entropy) row_entropy.narrow(0, begin, count).copy_(chunk_entropy);
                      if (grads) {
+                       // Each row's gradient times its sample weight, over the divisor of them all.
                        at::Tensor grad_logits = logits;
-                       CrossEntropyKernels::backward_inplace(op, grad_scale, grad_logits, t, weight, chunk_max,
-                                                             chunk_log_sum, chunk_weight, summed, nullptr);
+                       CrossEntropyKernels::backward_inplace(op, grad_scale, grad_logits, t, weight,
+                                                             chunk_sample_weight, chunk_max, chunk_log_sum,
+                                                             chunk_weight, RowExtras{}, summed, nullptr);
                      }
                    });
     at::Tensor loss;
@@ -128,8 +159,8 @@ struct CudaKernels {
       loss = losses.sum().div(nan_if_zero(total_weight)).to(p.x.scalar_type());
     }
     const LinearGradOutputs out = grads ? finish(g, p.x.scalar_type()) : LinearGradOutputs{};
-    return {loss, row_max, row_log_sum, target_logit, total_weight, std::get<0>(out), std::get<1>(out),
-            std::get<2>(out)};
+    return {loss, row_max, row_log_sum, target_logit, total_weight, row_entropy, std::get<0>(out),
+            std::get<1>(out), std::get<2>(out)};
   }
 
   // The backward chunk loop: each chunk's logits again, their gradient written
@@ -138,8 +169,9 @@ struct CudaKernels {
   static LinearGradOutputs backward(const char* op, const at::Tensor& grad_loss, const at::Tensor& input,
                                     const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
                                     const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                                    const at::Tensor& row_max, const at::Tensor& row_log_sum,
-                                    const at::Tensor& total_weight, const LinearLossOptions& o,
+                                    const std::optional<at::Tensor>& sample_weight, const at::Tensor& row_max,
+                                    const at::Tensor& row_log_sum, const at::Tensor& total_weight,
+                                    const RowExtras& extras, const LinearLossOptions& o,
                                     std::array<bool, 3> output_mask, const ClassShard* shard) {
     if (!(output_mask[0] || output_mask[1] || output_mask[2])) return {};
     const c10::cuda::CUDAGuard guard(input.device());
@@ -156,9 +188,11 @@ struct CudaKernels {
                        chunk_shard = ClassShard{shard->row_weight.narrow(0, begin, count), shard->weight_sum,
                                                 shard->class_start, shard->classes};
                      }
+                     // The chunk's rows of every per-row operand: sample weights and extras too.
                      CrossEntropyKernels::backward_inplace(
                          op, chunk_grad_loss, grad_logits, p.target.narrow(0, begin, count), weight,
-                         row_max.narrow(0, begin, count), row_log_sum.narrow(0, begin, count), total_weight, o,
+                         rows_of(sample_weight, begin, count), row_max.narrow(0, begin, count),
+                         row_log_sum.narrow(0, begin, count), total_weight, rows_of(extras, begin, count), o,
                          chunk_shard ? &*chunk_shard : nullptr);
                    });
     return finish(g, p.x.scalar_type());
