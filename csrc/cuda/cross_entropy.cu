@@ -117,7 +117,7 @@ struct RowOutputs {
   acc_t* loss;
   acc_t* max;
   acc_t* log_sum;
-  acc_t* target_logit;  // the target's capped logit, for the token accuracy
+  acc_t* target_logit;  // the target's z (capped, over the temperature), for the token accuracy
   acc_t* row_weight;    // the row's share of the mean's divisor
   acc_t* entropy;       // the entropy of the row's softmax, or null: not asked
 };

@@ -66,6 +66,16 @@ at::Tensor divisor_before(const at::Tensor& target, const std::optional<at::Tens
   return at::where(kept, row_weight, 0).sum();
 }
 
+// An optional (R,) operand in the accumulation type, contiguous: converted once
+// for all chunks (each chunk's row kernels then find it so and copy nothing).
+std::optional<at::Tensor> as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc_type) {
+  return t.has_value() ? std::optional<at::Tensor>(t->to(acc_type).contiguous()) : std::nullopt;
+}
+
+RowExtras as_acc(const RowExtras& e, at::ScalarType acc_type) {
+  return {as_acc(e.grad_logprob, acc_type), as_acc(e.grad_entropy, acc_type), as_acc(e.row_entropy, acc_type)};
+}
+
 // Rows [begin, begin + count) of an optional (R,) tensor.
 std::optional<at::Tensor> rows_of(const std::optional<at::Tensor>& t, int64_t begin, int64_t count) {
   return t.has_value() ? std::optional<at::Tensor>(t->narrow(0, begin, count)) : std::nullopt;
@@ -122,7 +132,8 @@ struct CudaKernels {
     at::Tensor target_logit = at::empty({rows}, acc_options);
     // (0,) where not asked, as cross_entropy_forward's.
     at::Tensor row_entropy = at::empty({o.entropy ? rows : 0}, acc_options);
-    const at::Tensor total_weight = divisor_before(p.target, weight, sample_weight, o.ignore_index, acc_type);
+    const std::optional<at::Tensor> sample_weight_acc = as_acc(sample_weight, acc_type);
+    const at::Tensor total_weight = divisor_before(p.target, weight, sample_weight_acc, o.ignore_index, acc_type);
     const bool grads = o.reduction != at::Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
     LinearGrads g = grads ? make_linear_grads(p.x, p.w, grad_mask) : LinearGrads{};
     const at::Tensor grad_scale = o.reduction == at::Reduction::Mean ? nan_if_zero(total_weight).reciprocal()
@@ -134,7 +145,7 @@ struct CudaKernels {
     for_each_chunk(p.x, p.w, p.b, chunk, grads, g, CudaGemms{},
                    [&](const at::Tensor& logits, int64_t begin, int64_t count) {
                      const at::Tensor t = p.target.narrow(0, begin, count);
-                     const std::optional<at::Tensor> chunk_sample_weight = rows_of(sample_weight, begin, count);
+                     const std::optional<at::Tensor> chunk_sample_weight = rows_of(sample_weight_acc, begin, count);
                      auto [chunk_loss, chunk_max, chunk_log_sum, chunk_target_logit, chunk_weight, chunk_entropy] =
                          CrossEntropyKernels::forward(op, logits, t, weight, chunk_sample_weight, unreduced);
                      losses.narrow(0, begin, count).copy_(chunk_loss);
@@ -177,6 +188,9 @@ struct CudaKernels {
     const c10::cuda::CUDAGuard guard(input.device());
     const Operands p = prepare(input, linear_weight, linear_bias, target);
     LinearGrads g = make_linear_grads(p.x, p.w, output_mask);
+    const auto acc_type = at::toOpMathType(p.x.scalar_type());
+    const std::optional<at::Tensor> sample_weight_acc = as_acc(sample_weight, acc_type);
+    const RowExtras extras_acc = as_acc(extras, acc_type);
     const int64_t chunk = chunk_rows(p.x.size(0), p.w.size(0), p.x.element_size(), o.chunk_size);
     for_each_chunk(p.x, p.w, p.b, chunk, true, g, CudaGemms{},
                    [&](const at::Tensor& logits, int64_t begin, int64_t count) {
@@ -191,8 +205,8 @@ struct CudaKernels {
                      // The chunk's rows of every per-row operand: sample weights and extras too.
                      CrossEntropyKernels::backward_inplace(
                          op, chunk_grad_loss, grad_logits, p.target.narrow(0, begin, count), weight,
-                         rows_of(sample_weight, begin, count), row_max.narrow(0, begin, count),
-                         row_log_sum.narrow(0, begin, count), total_weight, rows_of(extras, begin, count), o,
+                         rows_of(sample_weight_acc, begin, count), row_max.narrow(0, begin, count),
+                         row_log_sum.narrow(0, begin, count), total_weight, rows_of(extras_acc, begin, count), o,
                          chunk_shard ? &*chunk_shard : nullptr);
                    });
     return finish(g, p.x.scalar_type());
