@@ -60,9 +60,30 @@ def close(name: str, actual: torch.Tensor, expected: torch.Tensor, *, rtol: floa
 
 # --------------------------------------------------------------------------- cross-entropy
 
+def _lm_options(kind: str, batch: tuple[int, ...], generator: torch.Generator, dtype) -> dict:
+    """A language model's options for a case: per-token weights, shift, temperature, and
+    the log-probabilities (class indices) and entropies returned."""
+    return dict(sample_weight=(torch.rand(batch, generator=generator, dtype=torch.float64) + 0.25).to(dtype),
+                shift=1 if kind == "class" else 0, temperature=0.7, return_logprob=kind == "class",
+                return_entropy=True)
+
+
+def _objective(out, generator: torch.Generator, lm: bool):
+    """What a case differentiates: the loss under a random upstream gradient, and with
+    the extras a random combination of the log-probabilities and entropies too."""
+    upstream = torch.randn(out.loss.shape, generator=generator, dtype=torch.float64).to(out.loss.dtype)
+    total = (out.loss * upstream).sum()
+    if lm:
+        for extra in (out.logprob, out.entropy):
+            if extra is not None:
+                total = total + (extra * torch.randn(extra.shape, generator=generator, dtype=torch.float64)
+                                 .to(extra.dtype)).sum()
+    return total
+
+
 def _ce_case(*, kind: str = "class", weighted: str = "", dtype=torch.float64, backend: str = "native",
              rows: int = 6, classes: int = 11, scale: float = 3.0, shape_suffix: tuple[int, ...] = (),
-             **options) -> Callable[[], None]:
+             lm: bool = False, **options) -> Callable[[], None]:
     def run() -> None:
         name = NATIVE if backend == "native" else backend
         generator = _generator(1234)
@@ -81,21 +102,24 @@ def _ce_case(*, kind: str = "class", weighted: str = "", dtype=torch.float64, ba
         if weight is not None:
             shard_weight = (weight if weighted == "full" else weight[shard.start:shard.stop]).to(dtype)
         extras = kind == "class"
+        call_options = {**options, **_lm_options(kind, (rows, *shape_suffix), generator, dtype)} if lm else options
         out = myext.cross_entropy(local, local_target, shard_weight, vocab_parallel=shard, backend=name,
-                                  return_lse=True, return_accuracy=extras, **options)
+                                  return_lse=True, return_accuracy=extras, **call_options)
         whole = logits.to(dtype).requires_grad_()
         expected = myext.cross_entropy(whole, target.to(dtype) if kind == "prob" else target,
                                        weight.to(dtype) if weight is not None else None, backend=NATIVE,
-                                       return_lse=True, return_accuracy=extras, **options)
-        upstream = torch.randn(out.loss.shape, generator=generator, dtype=torch.float64).to(dtype)
-        (grad,) = torch.autograd.grad(out.loss, local, upstream)
-        (expected_grad,) = torch.autograd.grad(expected.loss, whole, upstream)
+                                       return_lse=True, return_accuracy=extras, **call_options)
+        (grad,) = torch.autograd.grad(_objective(out, torch.Generator().manual_seed(3), lm), local)
+        (expected_grad,) = torch.autograd.grad(_objective(expected, torch.Generator().manual_seed(3), lm), whole)
         tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else (
             dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3))
         close("loss", out.loss, expected.loss, **tol)
         close("lse", out.lse, expected.lse, **tol)
         if extras:
             close("accuracy", out.accuracy, expected.accuracy, rtol=0, atol=0)
+        for extra in ("logprob", "entropy") if lm else ():
+            if getattr(expected, extra) is not None:
+                close(extra, getattr(out, extra), getattr(expected, extra), **tol)
         close("grad", grad, expected_grad[:, shard.start:shard.stop], **tol)
     return run
 
@@ -120,6 +144,13 @@ for _name, _kwargs in {
     "triton backend prob": dict(backend="triton", kind="prob", weighted="local", reduction="none"),
     "torch backend": dict(backend="torch", weighted="local", label_smoothing=0.1, lse_square_scale=0.01),
     "torch backend prob": dict(backend="torch", kind="prob", weighted="local", label_smoothing=0.1),
+    "LM options": dict(lm=True, weighted="local", label_smoothing=0.1, softcap=4.0),
+    "LM options sum": dict(lm=True, reduction="sum", lse_square_scale=0.01),
+    "LM options none 3-d": dict(lm=True, reduction="none", shape_suffix=(3,)),
+    "LM options prob": dict(lm=True, kind="prob", weighted="local"),
+    "LM options fewer classes than ranks": dict(lm=True, classes=2),
+    "LM options triton": dict(lm=True, backend="triton", weighted="local"),
+    "LM options torch": dict(lm=True, backend="torch", weighted="local"),
 }.items():
     case("cross_entropy", _name)(_ce_case(**_kwargs))
 
@@ -196,7 +227,8 @@ def _dtensor() -> None:
 
 def _linear_ce_case(*, kind: str = "class", weighted: str = "", bias: bool = True, dtype=torch.float64,
                     backend: str = "native", rows: int = 9, features: int = 5, classes: int = 11,
-                    chunk_size: int = 4, batch: tuple[int, ...] = (), **options) -> Callable[[], None]:
+                    chunk_size: int = 4, batch: tuple[int, ...] = (), lm: bool = False,
+                    **options) -> Callable[[], None]:
     def run() -> None:
         name = NATIVE if backend == "native" else backend
         generator = _generator(99)
@@ -222,22 +254,25 @@ def _linear_ce_case(*, kind: str = "class", weighted: str = "", bias: bool = Tru
         if weight is not None:
             shard_weight = (weight if weighted == "full" else weight[part]).to(dtype)
         extras = kind == "class"
+        call_options = {**options, **_lm_options(kind, shape, generator, dtype)} if lm else options
         out = myext.linear_cross_entropy(leaves[0], leaves[1], local_target, linear_bias=leaves[2] if bias else None,
                                          weight=shard_weight, vocab_parallel=shard, backend=name,
-                                         chunk_size=chunk_size, return_lse=True, return_accuracy=extras, **options)
+                                         chunk_size=chunk_size, return_lse=True, return_accuracy=extras, **call_options)
         expected = myext.linear_cross_entropy(whole[0], whole[1], target.to(dtype) if kind == "prob" else target,
                                               linear_bias=whole[2] if bias else None,
                                               weight=weight.to(dtype) if weight is not None else None, backend=NATIVE,
-                                              return_lse=True, return_accuracy=extras, **options)
-        upstream = torch.randn(out.loss.shape, generator=generator, dtype=torch.float64).to(dtype)
-        grads = torch.autograd.grad(out.loss, leaves, upstream)
-        expected_grads = torch.autograd.grad(expected.loss, whole, upstream)
+                                              return_lse=True, return_accuracy=extras, **call_options)
+        grads = torch.autograd.grad(_objective(out, torch.Generator().manual_seed(3), lm), leaves)
+        expected_grads = torch.autograd.grad(_objective(expected, torch.Generator().manual_seed(3), lm), whole)
         tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else (
             dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2))
         close("loss", out.loss, expected.loss, **tol)
         close("lse", out.lse, expected.lse, **tol)
         if extras:
             close("accuracy", out.accuracy, expected.accuracy, rtol=0, atol=0)
+        for extra in ("logprob", "entropy") if lm else ():
+            if getattr(expected, extra) is not None:
+                close(extra, getattr(out, extra), getattr(expected, extra), **tol)
         close("grad input", grads[0], expected_grads[0], **tol)
         close("grad linear_weight", grads[1], expected_grads[1][part], **tol)
         if bias:
@@ -258,6 +293,11 @@ for _name, _kwargs in {
     "class fewer classes than ranks": dict(classes=2, weighted="local"),
     "triton backend": dict(backend="triton", weighted="local", label_smoothing=0.1),
     "torch backend": dict(backend="torch", weighted="local", label_smoothing=0.1, lse_square_scale=0.01),
+    "LM options": dict(lm=True, weighted="local", softcap=4.0, batch=(2,)),
+    "LM options none": dict(lm=True, reduction="none", label_smoothing=0.1),
+    "LM options prob": dict(lm=True, kind="prob"),
+    "LM options triton": dict(lm=True, backend="triton"),
+    "LM options torch": dict(lm=True, backend="torch", weighted="local"),
 }.items():
     case("linear_cross_entropy", _name)(_linear_ce_case(**_kwargs))
 

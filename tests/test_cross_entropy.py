@@ -342,7 +342,7 @@ def test_out_of_range_target_fails_in_kernel():
     x = torch.randn(3, 4)
     ops = myext.backends.kernels("cpp")
     with pytest.raises(IndexError, match="class index 9"):
-        ops.cross_entropy_forward(x, torch.tensor([0, 9, 1]), None, 1, -100, 0.0, 0.0, 0.0)
+        ops.cross_entropy_forward(x, torch.tensor([0, 9, 1]), None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)
 
 
 @pytest.mark.parametrize("kind", ["class", "prob"])
@@ -425,10 +425,11 @@ def test_inplace_op_opcheck():
     ops = myext.backends.kernels("cpp")
     x = torch.randn(4, 7, dtype=torch.float64)
     target = torch.tensor([1, 6, -100, 0])
-    loss, row_max, row_log_sum, _, total_weight = ops.cross_entropy_forward(x, target, None, 1, -100, 0.1, 1e-3, 0.0)
+    loss, row_max, row_log_sum, _, total_weight, _ = ops.cross_entropy_forward(x, target, None, None, 1, -100, 0.1,
+                                                                               1e-3, 0.0, 1.0, False)
     torch.library.opcheck(torch.ops.myext.cross_entropy_backward_,
-                          (torch.ones(()), x.clone(), target, None, row_max, row_log_sum, total_weight, 1, -100, 0.1,
-                           1e-3, 0.0))
+                          (torch.ones(()), x.clone(), target, None, None, row_max, row_log_sum, total_weight, None,
+                           None, None, 1, -100, 0.1, 1e-3, 0.0, 1.0, False))
 
 
 # Direct calls of the dispatcher ops with arguments the Python layer refuses (the ops
@@ -438,40 +439,38 @@ DIRECT_SETUP = """
 x = torch.randn(4, 5, device=dev)
 t = torch.tensor([1, 2, 0, 4], device=dev)
 q = torch.softmax(torch.randn(4, 5, device=dev), 1)
-loss, row_max, row_log_sum, target_logit, total = ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, 0.0, 0.0)
+loss, row_max, row_log_sum, target_logit, total, _ = ops.cross_entropy_forward(x, t, None, None, 1, -100, 0.0, 0.0,
+                                                                                0.0, 1.0, False)
 g = torch.ones((), device=dev)
 row_weight, weight_sum = torch.ones(4, device=dev), torch.tensor(9.0, device=dev)
 """
 # Each call is the set-up's good one with one argument made bad.
-B_ARGS = "g, x, t, None, row_max, row_log_sum, total, 1, -100, 0.0, 0.0, 0.0"
+B_ARGS = "g, x, t, None, None, row_max, row_log_sum, total, None, None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False"
 # A shard of classes [2, 7) of 9.
-S_ARGS = "g, x, t, None, row_max, row_log_sum, row_weight, total, weight_sum, 1, -100, 0.0, 0.0, 0.0, 2, 9"
+S_ARGS = ("g, x, t, None, None, row_max, row_log_sum, row_weight, total, weight_sum, None, None, None, 1, -100, "
+          "0.0, 0.0, 0.0, 1.0, False, 2, 9")
 BAD_DIRECT_CALLS = {
-    "target shorter than the rows": ("ops.cross_entropy_forward(x, t[:2], None, 1, -100, 0.0, 0.0, 0.0)", "target"),
-    "target longer than the rows": ("ops.cross_entropy_forward(x, torch.zeros(9, dtype=torch.long, device=dev), "
-                                    "None, 1, -100, 0.0, 0.0, 0.0)", "target"),
-    "int32 target": ("ops.cross_entropy_forward(x, t.int(), None, 1, -100, 0.0, 0.0, 0.0)", "target"),
-    "probabilities of another shape": ("ops.cross_entropy_forward(x, q[:, :3], None, 1, -100, 0.0, 0.0, 0.0)",
+    "target shorter than the rows": ("ops.cross_entropy_forward(x, t[:2], None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "target"),
+    "target longer than the rows": ("ops.cross_entropy_forward(x, torch.zeros(9, dtype=torch.long, device=dev), None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "target"),
+    "int32 target": ("ops.cross_entropy_forward(x, t.int(), None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "target"),
+    "probabilities of another shape": ("ops.cross_entropy_forward(x, q[:, :3], None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)",
                                        "target"),
-    "probabilities of another dtype": ("ops.cross_entropy_forward(x, q.double(), None, 1, -100, 0.0, 0.0, 0.0)",
+    "probabilities of another dtype": ("ops.cross_entropy_forward(x, q.double(), None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)",
                                        "target"),
-    "weight shorter than the classes": ("ops.cross_entropy_forward(x, t, torch.ones(3, device=dev), 1, -100, 0.0, "
-                                        "0.0, 0.0)", "weight"),
-    "weight of another dtype": ("ops.cross_entropy_forward(x, t, torch.ones(5, dtype=torch.float64, device=dev), "
-                                "1, -100, 0.0, 0.0, 0.0)", "weight"),
-    "3-d input": ("ops.cross_entropy_forward(x.view(2, 2, 5), t, None, 1, -100, 0.0, 0.0, 0.0)", "input"),
-    "1-d input": ("ops.cross_entropy_forward(x[0], t[:1], None, 1, -100, 0.0, 0.0, 0.0)", "input"),
-    "integer input": ("ops.cross_entropy_forward(x.long(), t, None, 1, -100, 0.0, 0.0, 0.0)", "input"),
-    "reduction 7": ("ops.cross_entropy_forward(x, t, None, 7, -100, 0.0, 0.0, 0.0)", "reduction"),
-    "label_smoothing 2": ("ops.cross_entropy_forward(x, t, None, 1, -100, 2.0, 0.0, 0.0)", "label_smoothing"),
-    "label_smoothing nan": ("ops.cross_entropy_forward(x, t, None, 1, -100, float('nan'), 0.0, 0.0)",
+    "weight shorter than the classes": ("ops.cross_entropy_forward(x, t, torch.ones(3, device=dev), None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "weight"),
+    "weight of another dtype": ("ops.cross_entropy_forward(x, t, torch.ones(5, dtype=torch.float64, device=dev), None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "weight"),
+    "3-d input": ("ops.cross_entropy_forward(x.view(2, 2, 5), t, None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "input"),
+    "1-d input": ("ops.cross_entropy_forward(x[0], t[:1], None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "input"),
+    "integer input": ("ops.cross_entropy_forward(x.long(), t, None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "input"),
+    "reduction 7": ("ops.cross_entropy_forward(x, t, None, None, 7, -100, 0.0, 0.0, 0.0, 1.0, False)", "reduction"),
+    "label_smoothing 2": ("ops.cross_entropy_forward(x, t, None, None, 1, -100, 2.0, 0.0, 0.0, 1.0, False)", "label_smoothing"),
+    "label_smoothing nan": ("ops.cross_entropy_forward(x, t, None, None, 1, -100, float('nan'), 0.0, 0.0, 1.0, False)",
                             "label_smoothing"),
-    "negative lse_square_scale": ("ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, -1.0, 0.0)",
+    "negative lse_square_scale": ("ops.cross_entropy_forward(x, t, None, None, 1, -100, 0.0, -1.0, 0.0, 1.0, False)",
                                   "lse_square_scale"),
-    "negative softcap": ("ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, 0.0, -30.0)", "softcap"),
-    "infinite softcap": ("ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, 0.0, float('inf'))", "softcap"),
-    "class index out of range": ("ops.cross_entropy_forward(x, torch.tensor([1, 2, 5, 0], device=dev), None, 1, "
-                                 "-100, 0.0, 0.0, 0.0)", "class index"),
+    "negative softcap": ("ops.cross_entropy_forward(x, t, None, None, 1, -100, 0.0, 0.0, -30.0, 1.0, False)", "softcap"),
+    "infinite softcap": ("ops.cross_entropy_forward(x, t, None, None, 1, -100, 0.0, 0.0, float('inf'), 1.0, False)", "softcap"),
+    "class index out of range": ("ops.cross_entropy_forward(x, torch.tensor([1, 2, 5, 0], device=dev), None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "class index"),
     "row_max shorter than the rows": (f"ops.cross_entropy_backward({B_ARGS.replace('row_max', 'row_max[:2]')})",
                                       "row_max"),
     "row_log_sum shorter than the rows": (
@@ -480,15 +479,41 @@ BAD_DIRECT_CALLS = {
                                   "total_weight"),
     "grad_loss of rows for a mean": (
         f"ops.cross_entropy_backward({B_ARGS.replace('g, ', 'torch.ones(4, device=dev), ', 1)})", "grad_loss"),
-    "grad_loss shorter than the rows": ("ops.cross_entropy_backward(torch.ones(3, device=dev), x, t, None, "
-                                        "row_max, row_log_sum, total, 0, -100, 0.0, 0.0, 0.0)", "grad_loss"),
+    "grad_loss shorter than the rows": ("ops.cross_entropy_backward(torch.ones(3, device=dev), x, t, None, None, "
+                                        "row_max, row_log_sum, total, None, None, None, 0, -100, 0.0, 0.0, 0.0, 1.0, "
+                                        "False)", "grad_loss"),
     "backward target shorter than the rows": (f"ops.cross_entropy_backward({B_ARGS.replace(' t,', ' t[:2],')})",
                                               "target"),
-    "backward softcap nan": (f"ops.cross_entropy_backward({B_ARGS[:-5]}, float('nan'))", "softcap"),
+    "backward softcap nan": ("ops.cross_entropy_backward(" + B_ARGS.replace("0.0, 1.0", "float('nan'), 1.0") + ")", "softcap"),
     "in-place backward target shorter than the rows": (
         f"ops.cross_entropy_backward_({B_ARGS.replace('g, x,', 'g, x.clone(),').replace(' t,', ' t[:2],')})", "target"),
     "shard past the classes": (f"ops.cross_entropy_shard_backward({S_ARGS[:-6]}, 5, 9)", "within the 9 classes"),
     "shard with a negative start": (f"ops.cross_entropy_shard_backward({S_ARGS[:-6]}, -1, 9)", "class_start"),
+    "temperature 0": (f"ops.cross_entropy_forward(x, t, None, None, 1, -100, 0.0, 0.0, 0.0, 0.0, False)",
+                      "temperature"),
+    "temperature nan": ("ops.cross_entropy_backward(" + B_ARGS.replace("1.0, False", "float('nan'), False") + ")",
+                        "temperature"),
+    "sample_weight shorter than the rows": (
+        "ops.cross_entropy_forward(x, t, None, torch.ones(3, device=dev), 1, -100, 0.0, 0.0, 0.0, 1.0, False)",
+        "sample_weight"),
+    "integer sample_weight": (
+        "ops.cross_entropy_forward(x, t, None, torch.ones(4, dtype=torch.long, device=dev), 1, -100, 0.0, 0.0, 0.0, "
+        "1.0, False)", "sample_weight"),
+    "backward sample_weight shorter than the rows": (
+        f"ops.cross_entropy_backward({B_ARGS.replace('None, None, row_max', 'None, torch.ones(2, device=dev), row_max')})",
+        "sample_weight"),
+    "grad_entropy without row_entropy": (
+        f"ops.cross_entropy_backward({B_ARGS.replace('None, None, None, 1', 'None, torch.ones(4, device=dev), None, 1')})",
+        "row_entropy"),
+    "grad_logprob shorter than the rows": (
+        f"ops.cross_entropy_backward({B_ARGS.replace('None, None, None, 1', 'torch.ones(3, device=dev), None, None, 1')})",
+        "grad_logprob"),
+    "grad_logprob for probabilities": (
+        f"ops.cross_entropy_backward({B_ARGS.replace(' t,', ' q,').replace('None, None, None, 1', 'torch.ones(4, device=dev), None, None, 1')})",
+        "grad_logprob"),
+    "shard grad_entropy of another device or shape": (
+        f"ops.cross_entropy_shard_backward({S_ARGS.replace('None, None, None, 1', 'None, torch.ones(3, device=dev), torch.ones(4, device=dev), 1')})",
+        "grad_entropy"),
     "shard row_weight shorter than the rows": (
         f"ops.cross_entropy_shard_backward({S_ARGS.replace('row_weight,', 'row_weight[:2],')})", "row_weight"),
     "shard weight_sum not a scalar": (
@@ -605,7 +630,9 @@ def test_extras(backend, device, shape):
 
 def test_extras_take_no_gradient_and_leave_the_loss_as_it_is(backend, device):
     x, target, _ = make_case((6, 9), "class", dtype=torch.float64, device=device)
-    loss, lse, accuracy = myext.cross_entropy(x, target, return_lse=True, return_accuracy=True, backend=backend)
+    loss, lse, accuracy, logprob, entropy = myext.cross_entropy(x, target, return_lse=True, return_accuracy=True,
+                                                                backend=backend)
+    assert logprob is None and entropy is None
     assert not lse.requires_grad and not accuracy.requires_grad
     (grad,) = torch.autograd.grad(loss, x)
     (grad_plain,) = torch.autograd.grad(myext.cross_entropy(x, target, backend=backend), x)

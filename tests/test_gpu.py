@@ -231,7 +231,7 @@ def test_cross_entropy_out_of_range_class_is_an_error():
         "import torch, myext\n"
         "x = torch.randn(4, 10, device='cuda')\n"
         "target = torch.tensor([1, 2, 10, 3], device='cuda')\n"
-        "torch.ops.myext.cross_entropy_forward(x, target, None, 1, -100, 0.0, 0.0, 0.0)\n"
+        "torch.ops.myext.cross_entropy_forward(x, target, None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)\n"
         "torch.cuda.synchronize()\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -326,16 +326,17 @@ x = torch.randn(6, 4, device=dev)
 w = torch.randn(5, 4, device=dev)
 b = torch.randn(5, device=dev)
 t = torch.tensor([1, 2, 0, 4, 3, 1], device=dev)
-loss, row_max, row_log_sum, target_logit, total, *grads = ops.linear_cross_entropy_forward(
-    x, w, b, t, None, 0, -100, 0.0, 0.0, 0.0, 0, [False, False, False])
+loss, row_max, row_log_sum, target_logit, total, row_entropy, *grads = ops.linear_cross_entropy_forward(
+    x, w, b, t, None, None, 0, -100, 0.0, 0.0, 0.0, 1.0, False, 0, [False, False, False])
 g = torch.ones(6, device=dev)
 row_weight, weight_sum = torch.ones(6, device=dev), torch.tensor(9.0, device=dev)
 """
-F_ARGS = "x, w, b, t, None, 1, -100, 0.0, 0.0, 0.0, 0, [True, True, True]"
-B_ARGS = "g, x, w, b, t, None, row_max, row_log_sum, total, 0, -100, 0.0, 0.0, 0.0, 0, [True, True, True]"
+F_ARGS = "x, w, b, t, None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False, 0, [True, True, True]"
+B_ARGS = ("g, x, w, b, t, None, None, row_max, row_log_sum, total, None, None, None, 0, -100, 0.0, 0.0, 0.0, 1.0, "
+          "False, 0, [True, True, True]")
 # w and b as the rows [2, 7) of an output layer of 9 classes.
-S_ARGS = ("g, x, w, b, t, None, row_max, row_log_sum, row_weight, total, weight_sum, 0, -100, 0.0, 0.0, 0.0, 2, 9, "
-          "0, [True, True, True]")
+S_ARGS = ("g, x, w, b, t, None, None, row_max, row_log_sum, row_weight, total, weight_sum, None, None, None, 0, -100, "
+          "0.0, 0.0, 0.0, 1.0, False, 2, 9, 0, [True, True, True]")
 
 
 def _shard_backward(**replace):
@@ -365,7 +366,19 @@ BAD_DIRECT_CALLS = {
     "class weight shorter than the classes": (_forward(**{"None,": "torch.ones(3, device=dev),"}), "weight"),
     "reduction 7": (_forward(**{" 1,": " 7,"}), "reduction"),
     "label_smoothing 2": (_forward(**{"0.0,": "2.0,"}), "label_smoothing"),
-    "negative softcap": (_forward(**{"0.0, 0,": "-1.0, 0,"}), "softcap"),
+    "negative softcap": (_forward(**{"0.0, 1.0,": "-1.0, 1.0,"}), "softcap"),
+    "temperature 0": (_forward(**{"1.0, False": "0.0, False"}), "temperature"),
+    "infinite temperature": (_forward(**{"1.0, False": "float('inf'), False"}), "temperature"),
+    "sample_weight shorter than the rows": (_forward(**{"None, 1,": "torch.ones(2, device=dev), 1,"}),
+                                            "sample_weight"),
+    "backward grad_entropy without row_entropy": (
+        f"ops.linear_cross_entropy_backward({B_ARGS.replace('None, None, None, 0', 'None, g, None, 0')})",
+        "row_entropy"),
+    "backward grad_logprob shorter than the rows": (
+        f"ops.linear_cross_entropy_backward({B_ARGS.replace('None, None, None, 0', 'g[:2], None, None, 0')})",
+        "grad_logprob"),
+    "shard sample_weight shorter than the rows": (_shard_backward(**{"None, row_max": "g[:4], row_max"}),
+                                                  "sample_weight"),
     "negative chunk_size": (_forward(**{" 0, [": " -4, ["}), "chunk_size"),
     "row_max shorter than the rows": (
         f"ops.linear_cross_entropy_backward({B_ARGS.replace('row_max', 'row_max[:2]')})", "row_max"),

@@ -354,11 +354,12 @@ def test_cross_entropy_out_of_range_class():
     x = torch.randn(3, 4)
     target = torch.tensor([0, 9, -100])
     with pytest.raises(RuntimeError, match="class index is outside"):
-        ops.cross_entropy_forward(x, target, None, 0, -100, 0.0, 0.0, 0.0)
+        ops.cross_entropy_forward(x, target, None, None, 0, -100, 0.0, 0.0, 0.0, 1.0, False)
     outputs = [torch.empty(3) for _ in range(5)]
-    triton_ce._launch(triton_ce._cross_entropy_forward_kernel, x, target, x, *outputs, 3, 4, -100, 0.0, 0.0, 0.0,
-                      *x.stride(), target.stride(0), 0, input=x, target=target, weight=None, label_smoothing=0.0,
-                      lse_square_scale=0.0, softcap=0.0)
+    triton_ce._launch(triton_ce._cross_entropy_forward_kernel, x, target, x, x, *outputs, outputs[0], 3, 4, -100,
+                      0.0, 0.0, 0.0, 1.0, *x.stride(), target.stride(0), 0, input=x, target=target, weight=None,
+                      sample_weight=None, label_smoothing=0.0, lse_square_scale=0.0, softcap=0.0, temperature=1.0,
+                      ENTROPY=False)
     loss = outputs[0]
     assert not loss[0].isnan() and loss[1].isnan() and loss[2] == 0
 

@@ -29,11 +29,12 @@ from .._derivatives import vjp_of
 from .._validation import REDUCTIONS, check_float_dtype, check_same, check_tensor, needs_grad, transforms_active
 from ..backends import op
 from . import cross_entropy as ce
-from ._losses import (SHARD_BACKWARD, CrossEntropyOutput, Options, check_class_weight, check_options, check_target,
-                      cross_entropy_2d, finish, plan, probability_target_grad, reduce_rows, reference_rows,
-                      refuse_class_weight_tangent, row_tangents)
+from ._losses import (NO_EXTRAS, SHARD_BACKWARD, CrossEntropyOutput, Extras, Options, check_class_weight,
+                      check_lm_options, check_options, check_target, cross_entropy_2d, finish, finish_lm, plan,
+                      plan_lm, probability_target_grad, reduce_rows, reference_logprob_entropy, reference_rows,
+                      refuse_class_weight_tangent, row_logprob, row_tangents)
 from ._vocab_parallel import (VocabParallelLinearCrossEntropyFunction, combine_shards, shard_logit_statistics,
-                              shard_weight, vocab_parallel_reference)
+                              shard_weight, vocab_parallel_extras_reference, vocab_parallel_reference)
 from .linear_relu import affine, affine_tangent
 from ..distributed import VocabParallel, from_dtensor, is_dtensor, replicated, to_local
 
@@ -69,6 +70,7 @@ def check_linear_cross_entropy(
     lse_square_scale: float,
     softcap: Optional[float],
     chunk_size: Optional[int],
+    temperature: float = 1.0,
 ) -> bool:
     """Checks the arguments of linear_cross_entropy; returns True for probability targets."""
     check_tensor("input", input)
@@ -95,7 +97,7 @@ def check_linear_cross_entropy(
         if linear_bias.shape != (classes, *positions):
             raise ValueError(f"linear_bias must have shape {(classes, *positions)}, linear_weight's without its "
                              f"last dimension, got {tuple(linear_bias.shape)}")
-    check_options(ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
+    check_options(ignore_index, reduction, label_smoothing, lse_square_scale, softcap, temperature)
     check_class_weight(weight, classes, input)
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                    or chunk_size < 1):
@@ -116,27 +118,31 @@ def _grad_fakes(input, linear_weight, linear_bias, mask):
             linear_weight.new_empty(linear_weight.shape[:1]) if mask[2] else None)
 
 
-def linear_cross_entropy_forward_fake(input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
-                                      label_smoothing, lse_square_scale, softcap, chunk_size, grad_mask):
+def linear_cross_entropy_forward_fake(input, linear_weight, linear_bias, target, weight, sample_weight, reduction,
+                                      ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy,
+                                      chunk_size, grad_mask):
     rows = input.shape[0]
     acc = acc_dtype(input.dtype)
     loss = input.new_empty((rows,) if reduction == 0 else ())
     row_max, row_log_sum, target_logit = (input.new_empty((rows,), dtype=acc) for _ in range(3))
+    row_entropy = input.new_empty((rows,) if entropy else (0,), dtype=acc)
     grads = (_grad_fakes(input, linear_weight, linear_bias, grad_mask) if reduction != 0
              else (None, None, None))
-    return (loss, row_max, row_log_sum, target_logit, input.new_empty((), dtype=acc), *grads)
+    return (loss, row_max, row_log_sum, target_logit, input.new_empty((), dtype=acc), row_entropy, *grads)
 
 
-def linear_cross_entropy_backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, row_max,
-                                       row_log_sum, total_weight, reduction, ignore_index, label_smoothing,
-                                       lse_square_scale, softcap, chunk_size, output_mask):
+def linear_cross_entropy_backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, sample_weight,
+                                       row_max, row_log_sum, total_weight, grad_logprob, grad_entropy, row_entropy,
+                                       reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
+                                       temperature, entropy, chunk_size, output_mask):
     return _grad_fakes(input, linear_weight, linear_bias, output_mask)
 
 
-def linear_cross_entropy_shard_backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, row_max,
-                                             row_log_sum, row_weight, total_weight, weight_sum, reduction,
-                                             ignore_index, label_smoothing, lse_square_scale, softcap, class_start,
-                                             classes, chunk_size, output_mask):
+def linear_cross_entropy_shard_backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight,
+                                             sample_weight, row_max, row_log_sum, row_weight, total_weight,
+                                             weight_sum, grad_logprob, grad_entropy, row_entropy, reduction,
+                                             ignore_index, label_smoothing, lse_square_scale, softcap, temperature,
+                                             entropy, class_start, classes, chunk_size, output_mask):
     return _grad_fakes(input, linear_weight, linear_bias, output_mask)
 
 
@@ -147,18 +153,23 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     class indices (R,) or probabilities (R, C).
 
     ``LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
-    options, chunk_size, backend, return_rows)``, the arguments checked and reshaped to rows
-    (see myext.linear_cross_entropy). Returns the loss and, with ``return_rows`` (the
-    default), not differentiable, each row's max and log-sum of the capped logits and the
-    target's capped logit; without them autograd tracks one output.
+    sample_weight, options, chunk_size, backend, return_rows)``, the arguments checked and
+    reshaped to rows (see myext.linear_cross_entropy); ``sample_weight`` (R,) or None,
+    not differentiated here. Returns the loss and, with ``return_rows`` (the default),
+    the rows' outputs as :class:`~myext.ops.cross_entropy.CrossEntropyFunction` gives
+    them: not differentiable, each row's max and log-sum of the logits and the target's
+    logit; differentiable, its log-probability of the target (None for probabilities)
+    and, where ``options.entropy`` asks, its entropy. Without them autograd tracks one
+    output.
 
-    For reduction mean or sum, forward computes the gradients in the same pass over the
-    chunks (for an upstream gradient of 1) and the first backward scales them in place:
-    the chunk's logits are made once. Any other backward (reduction none, a second one
-    through a retained graph) makes the logits again: for a reduced loss with an
-    upstream gradient of 1, scaled afterwards, which gives the first backward's bits.
-    Double backward goes through the reference (torch ops, which hold the logits); so
-    does the gradient of probability targets, itself the logits' size.
+    For reduction mean or sum, forward computes the loss's gradients in the same pass
+    over the chunks (for an upstream gradient of 1) and the first backward scales them
+    in place: the chunk's logits are made once. Any other backward (reduction none, a
+    second one through a retained graph, the log-probabilities' or entropies' gradients)
+    makes the logits again: a reduced loss for an upstream gradient of 1, scaled
+    afterwards, which gives the first backward's bits, and the extras' gradients added
+    in that one pass. Double backward goes through the reference (torch ops, which hold
+    the logits); so does the gradient of probability targets, itself the logits' size.
 
     Reverse mode and torch.compile, in PyTorch's older form (forward takes ``ctx``), as
     :class:`~myext.ops.cross_entropy.CrossEntropyFunction` is, and for the same reasons;
@@ -168,47 +179,56 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
-                target: torch.Tensor, weight: Optional[torch.Tensor], options: Options, chunk_size: int,
-                backend: str, return_rows: bool = True):
+                target: torch.Tensor, weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
+                options: Options, chunk_size: int, backend: str, return_rows: bool = True):
         mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
         in_forward = options.reduction != REDUCTIONS["none"] and any(mask)
-        loss, row_max, row_log_sum, target_logit, total_weight, *grads = op("linear_cross_entropy_forward", backend)(
-            input, linear_weight, linear_bias, target, weight, *options.args, chunk_size,
+        (loss, row_max, row_log_sum, target_logit, total_weight, row_entropy,
+         *grads) = op("linear_cross_entropy_forward", backend)(
+            input, linear_weight, linear_bias, target, weight, sample_weight, *options.args, chunk_size,
             mask if in_forward else [False, False, False])
-        _save(ctx, (input, linear_weight, linear_bias, target, weight, options, chunk_size, backend), row_max,
-              row_log_sum, total_weight)
+        _save(ctx, (input, linear_weight, linear_bias, target, weight, sample_weight, options, chunk_size, backend),
+              row_max, row_log_sum, total_weight, row_entropy)
         # Not saved tensors: the first backward scales them in place and hands them on,
         # so that a step holds each gradient once, not twice.
         ctx.grads_from_forward = grads if in_forward else None
         if not return_rows:
             return loss
+        logprob = (None if target.is_floating_point()
+                   else row_logprob(row_max, row_log_sum, target_logit, target, options.ignore_index))
         ctx.mark_non_differentiable(row_max, row_log_sum, target_logit)
         ctx.set_materialize_grads(False)  # as CrossEntropyFunction's
-        return loss, row_max, row_log_sum, target_logit
+        return loss, row_max, row_log_sum, target_logit, logprob, row_entropy if options.entropy else None
 
     @staticmethod
-    def backward(ctx: Any, grad_loss: Optional[torch.Tensor], *unused_grads):
-        if grad_loss is None:  # the loss took no part in what is differentiated
-            return (None,) * len(ctx.needs_input_grad)
-        input, linear_weight, linear_bias, target, weight = ctx.saved_tensors[:5]
+    def backward(ctx: Any, grad_loss: Optional[torch.Tensor], _grad_max=None, _grad_log_sum=None,
+                 _grad_target_logit=None, grad_logprob: Optional[torch.Tensor] = None,
+                 grad_entropy: Optional[torch.Tensor] = None):
+        if grad_loss is None and grad_logprob is None and grad_entropy is None:
+            return (None,) * len(ctx.needs_input_grad)  # no output took part in what is differentiated
+        input, linear_weight, linear_bias, target, weight, sample_weight = ctx.saved_tensors[:6]
         mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
-        wants_target = bool(ctx.needs_input_grad[3]) and target.is_floating_point()
+        wants_target = bool(ctx.needs_input_grad[3]) and target.is_floating_point() and grad_loss is not None
         # A batch of upstream gradients from torch's older vmap (gradcheck's batched
         # gradients) cannot run the backward op, whose outputs are optional.
-        if torch.is_grad_enabled() or is_legacy_batched(grad_loss):
-            grads = _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weight, ctx.options,
-                                     mask, wants_target)
+        if torch.is_grad_enabled() or any(is_legacy_batched(g) for g in (grad_loss, grad_logprob, grad_entropy)
+                                          if g is not None):
+            grads = _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weight, sample_weight,
+                                     ctx.options, mask, wants_target, grad_logprob, grad_entropy)
         else:
             grad_target = (probability_target_grad(grad_loss, affine(input, linear_weight, linear_bias), target,
-                                                   weight, ctx.options) if wants_target else None)
-            grads = (*_kernel_grads(ctx, grad_loss, mask), grad_target)
+                                                   weight, ctx.options, sample_weight, ctx.saved_tensors[8])
+                           if wants_target else None)
+            grads = (*_kernel_grads(ctx, grad_loss, mask, grad_logprob, grad_entropy), grad_target)
         return tuple(grads) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
-def _save(ctx: Any, inputs: tuple, row_max: torch.Tensor, row_log_sum: torch.Tensor,
-          total_weight: torch.Tensor) -> None:
-    input, linear_weight, linear_bias, target, weight, ctx.options, ctx.chunk_size, ctx.backend = inputs[:8]
-    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight)
+def _save(ctx: Any, inputs: tuple, row_max: torch.Tensor, row_log_sum: torch.Tensor, total_weight: torch.Tensor,
+          row_entropy: torch.Tensor) -> None:
+    (input, linear_weight, linear_bias, target, weight, sample_weight, ctx.options, ctx.chunk_size,
+     ctx.backend) = inputs[:9]
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, sample_weight, row_max, row_log_sum,
+                          total_weight, row_entropy)
 
 
 class LinearCrossEntropyJvpFunction(LinearCrossEntropyFunction):
@@ -216,75 +236,114 @@ class LinearCrossEntropyJvpFunction(LinearCrossEntropyFunction):
     ``forward_ad`` or a torch.func transform: vmapped through the dispatcher ops'
     batching rules (generate_vmap_rule), with forward-mode AD. Forward computes no
     gradients here (the transforms differentiate through backward, not around it) and
-    returns the loss and, not differentiable, the rows' statistics and the mean's
-    divisor. The tangent goes by chunks of rows, as the kernels do: each chunk's logits
-    and their tangent (the product rule over the linear layer), each row's gradient from
-    the cross-entropy backward kernel and forward's row statistics, dotted with it; the
-    logits are never held whole."""
+    returns the loss and, not differentiable, the rows' statistics, the mean's divisor
+    and the entropies. The tangent goes by chunks of rows, as the kernels do: each
+    chunk's logits and their tangent (the product rule over the linear layer), each
+    row's gradient from the cross-entropy backward kernel and forward's row statistics,
+    dotted with it; the logits are never held whole."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
-                target: torch.Tensor, weight: Optional[torch.Tensor], options: Options, chunk_size: int,
-                backend: str):
+                target: torch.Tensor, weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
+                options: Options, chunk_size: int, backend: str):
         return op("linear_cross_entropy_forward", backend)(
-            input, linear_weight, linear_bias, target, weight, *options.args, chunk_size, [False, False, False])[:5]
+            input, linear_weight, linear_bias, target, weight, sample_weight, *options.args, chunk_size,
+            [False, False, False])[:6]
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        _, row_max, row_log_sum, target_logit, total_weight = output
-        _save(ctx, inputs, row_max, row_log_sum, total_weight)
+        _, row_max, row_log_sum, target_logit, total_weight, row_entropy = output
+        _save(ctx, inputs, row_max, row_log_sum, total_weight, row_entropy)
         ctx.grads_from_forward = None
-        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit, total_weight)
+        ctx.mark_non_differentiable(row_max, row_log_sum, target_logit, total_weight, row_entropy)
         ctx.set_materialize_grads(False)
-        ctx.save_for_forward(*inputs[:5], row_max, row_log_sum, total_weight)
+        ctx.save_for_forward(*inputs[:6], row_max, row_log_sum, total_weight)
 
     @staticmethod
     def jvp(ctx: Any, input_t, linear_weight_t, linear_bias_t, target_t, weight_t, *_constants):
-        input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight = ctx.saved_tensors
+        (input, linear_weight, linear_bias, target, weight, sample_weight, row_max, row_log_sum,
+         total_weight) = ctx.saved_tensors
         refuse_class_weight_tangent(weight_t)
         rows = []
         for start in range(0, input.shape[0], ctx.chunk_size):
             chunk = slice(start, start + ctx.chunk_size)
             x, x_t = input[chunk], (input_t[chunk] if input_t is not None else None)
             rows.append(row_tangents(
-                affine(x, linear_weight, linear_bias), target[chunk], weight, row_max[chunk], row_log_sum[chunk],
-                total_weight, ctx.options, ctx.backend, affine_tangent(x, linear_weight, x_t, linear_weight_t,
-                                                                       linear_bias_t),
+                affine(x, linear_weight, linear_bias), target[chunk], weight,
+                sample_weight[chunk] if sample_weight is not None else None, row_max[chunk], row_log_sum[chunk],
+                total_weight, ctx.options, ctx.backend,
+                affine_tangent(x, linear_weight, x_t, linear_weight_t, linear_bias_t),
                 target_t[chunk] if target_t is not None else None))
         loss_t = reduce_rows(torch.cat(rows) if rows else row_max.new_zeros(0), total_weight,
-                                ctx.options.reduction, input.dtype)
-        return loss_t, None, None, None, None
+                             ctx.options.reduction, input.dtype)
+        return loss_t, None, None, None, None, None
 
 
-def _kernel_grads(ctx: Any, grad_loss: torch.Tensor, mask: list[bool]):
+def _kernel_grads(ctx: Any, grad_loss: Optional[torch.Tensor], mask: list[bool],
+                  grad_logprob: Optional[torch.Tensor] = None, grad_entropy: Optional[torch.Tensor] = None):
     """The gradients of (input, linear_weight, linear_bias) from the kernels: the first
     time forward's, scaled in place by the upstream gradient; else the backward op's,
     for a reduced loss with an upstream gradient of 1 and scaled afterwards, as
-    forward's (the same bits from every backward of one graph)."""
-    input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight = ctx.saved_tensors
-    if ctx.grads_from_forward is not None:
-        grads, ctx.grads_from_forward = ctx.grads_from_forward, None
-    elif ctx.options.reduction == REDUCTIONS["none"]:
-        return op("linear_cross_entropy_backward", ctx.backend)(
-            grad_loss, input, linear_weight, linear_bias, target, weight, row_max, row_log_sum, total_weight,
-            *ctx.options.args, ctx.chunk_size, mask)
-    else:
-        grads = op("linear_cross_entropy_backward", ctx.backend)(
-            torch.ones_like(grad_loss), input, linear_weight, linear_bias, target, weight, row_max, row_log_sum,
-            total_weight, *ctx.options.args, ctx.chunk_size, mask)
-    scale = grad_loss.to(input.dtype)
-    return tuple(g.mul_(scale) if g is not None and wanted else None for g, wanted in zip(grads, mask))
+    forward's (the same bits from every backward of one graph). The gradients of the
+    log-probabilities and entropies (``grad_logprob``, ``grad_entropy``) take one pass of
+    the backward op, added to the loss's."""
+    (input, linear_weight, linear_bias, target, weight, sample_weight, row_max, row_log_sum, total_weight,
+     row_entropy) = ctx.saved_tensors
+    backward = op("linear_cross_entropy_backward", ctx.backend)
+    extras = grad_logprob is not None or grad_entropy is not None
+    none = ctx.options.reduction == REDUCTIONS["none"]
+
+    def run(upstream, g_lp=None, g_h=None):
+        return backward(upstream, input, linear_weight, linear_bias, target, weight, sample_weight, row_max,
+                        row_log_sum, total_weight, g_lp, g_h, row_entropy if g_h is not None else None,
+                        *ctx.options.args, ctx.chunk_size, mask)
+
+    if none:
+        if grad_loss is None:
+            grad_loss = input.new_zeros(input.shape[0])
+        return run(grad_loss, grad_logprob, grad_entropy)
+    grads = None
+    if grad_loss is not None:
+        if ctx.grads_from_forward is not None:
+            grads, ctx.grads_from_forward = ctx.grads_from_forward, None
+        else:
+            grads = run(torch.ones_like(grad_loss))
+        scale = grad_loss.to(input.dtype)
+        grads = tuple(g.mul_(scale) if g is not None and wanted else None for g, wanted in zip(grads, mask))
+    if not extras:
+        return grads
+    more = run(input.new_zeros(()), grad_logprob, grad_entropy)
+    if grads is None:
+        return more
+    return tuple(g.add_(m) if g is not None else None for g, m in zip(grads, more))
 
 
-def _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weight, options: Options, mask,
-                     wants_target: bool):
-    """The gradients of the reference loss for (input, linear_weight, linear_bias,
-    target) where asked, built from torch ops so that they differentiate again."""
+def _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weight, sample_weight, options: Options,
+                     mask, wants_target: bool, grad_logprob=None, grad_entropy=None):
+    """The gradients of the reference loss (and of the log-probabilities and entropies,
+    for their upstream gradients) for (input, linear_weight, linear_bias, target) where
+    asked, built from torch ops so that they differentiate again."""
     wanted = (mask[0], mask[1], mask[2] and linear_bias is not None, wants_target)
-    return vjp_of(lambda x, w, b, t: options.reference(affine(x, w, b), t, weight),
-                  (input, linear_weight, linear_bias, target), grad_loss, wanted)
+    if grad_logprob is None and grad_entropy is None:
+        return vjp_of(lambda x, w, b, t: options.reference(affine(x, w, b), t, weight, sample_weight),
+                      (input, linear_weight, linear_bias, target), grad_loss, wanted)
+
+    def objective(x, w, b, t):
+        logits = affine(x, w, b)
+        total = logits.new_zeros((), dtype=acc_dtype(logits.dtype))
+        if grad_loss is not None:
+            total = total + (options.reference(logits, t, weight, sample_weight) * grad_loss).sum()
+        logprob, entropy = reference_logprob_entropy(logits, t, options)
+        if grad_logprob is not None:
+            total = total + (logprob * grad_logprob).sum()
+        if grad_entropy is not None:
+            total = total + (entropy * grad_entropy).sum()
+        return total
+
+    return vjp_of(objective, (input, linear_weight, linear_bias, target),
+                  torch.ones((), dtype=acc_dtype(input.dtype), device=input.device), wanted)
 
 
 # --------------------------------------------------------------------------- vocabulary parallelism
@@ -302,11 +361,17 @@ def linear_cross_entropy(
     reduction: str = "mean",
     ignore_index: Optional[int] = -100,
     label_smoothing: float = 0.0,
+    sample_weight: Optional[torch.Tensor] = None,
+    normalizer: Optional[Union[float, torch.Tensor]] = None,
+    shift: int = 0,
+    temperature: float = 1.0,
     lse_square_scale: float = 0.0,
     softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
     return_lse: bool = False,
     return_accuracy: bool = False,
+    return_logprob: bool = False,
+    return_entropy: bool = False,
     backend: Optional[str] = None,
     vocab_parallel: Optional[VocabParallel] = None,
 ) -> Union[torch.Tensor, CrossEntropyOutput]:
@@ -330,6 +395,19 @@ def linear_cross_entropy(
         ignore_index: a class index that contributes neither loss nor gradient; ``None``
             means -100, as in ``F.linear_cross_entropy``.
         label_smoothing: in ``[0, 1]``.
+        sample_weight: a weight per element of the input's batch shape ``(*)`` (per
+            token), multiplying its loss; ``"mean"`` then divides by the sum of
+            ``sample_weight * weight[target]`` over the elements not ignored. As
+            :func:`myext.cross_entropy`'s, differentiable.
+        normalizer: a number or a 0-d tensor on the input's device that replaces
+            ``"mean"``'s divisor (Hugging Face's ``num_items_in_batch``), as
+            :func:`myext.cross_entropy`'s; never read on the host.
+        shift: scores the hidden state at position ``t`` of the batch shape's last
+            dimension (a sequence ``T``) against target ``t + shift`` and drops the last
+            ``shift`` positions: a causal language model passes its hidden states
+            ``(B, T, H)`` and input ids ``(B, T)`` as they are, ``shift=1``. The rows
+            of the input are read where they are (no copy).
+        temperature: divides the (capped) logits before the softmax; > 0.
         lse_square_scale: the z-loss: adds ``lse_square_scale * lse**2`` to the loss of
             each element not ignored, before the reduction.
         softcap: caps the logits at ``softcap * tanh(logits / softcap)`` before the
@@ -338,6 +416,11 @@ def linear_cross_entropy(
             32 MiB of logits). Results do not depend on it beyond rounding.
         return_lse: also return each element's log-sum-exp, from the same pass.
         return_accuracy: also return the token accuracy (class-index targets).
+        return_logprob: also return each element's log-probability of its target,
+            differentiable, from the same pass (0 where ignored).
+        return_entropy: also return the entropy of each element's softmax,
+            differentiable, from the same pass (0 where ignored). Backpropagating
+            through either makes each chunk's logits once more in backward.
         backend: ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"torch"``; ``None`` picks
             ``$MYEXT_BACKEND`` or the best backend available for the tensors' device.
         vocab_parallel: the classes are split across the ranks of a process group
@@ -356,7 +439,7 @@ def linear_cross_entropy(
 
     Returns:
         The loss, a scalar or for ``reduction="none"`` of the input's batch shape; with
-        ``return_lse`` or ``return_accuracy``, a :class:`CrossEntropyOutput`.
+        any ``return_*`` flag, a :class:`CrossEntropyOutput`.
 
     Example::
 
@@ -373,73 +456,103 @@ def linear_cross_entropy(
         linear_weight, vocab_parallel = from_dtensor(linear_weight, 0)
         input, target = to_local(input, mesh, "input"), to_local(target, mesh, "target")
         linear_bias, weight = to_local(linear_bias, mesh, "linear_bias"), to_local(weight, mesh, "weight")
+        sample_weight = to_local(sample_weight, mesh, "sample_weight")
     if vocab_parallel is not None:
         weight = shard_weight(weight, vocab_parallel)
     probabilities = check_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index,
-                                               reduction, label_smoothing, lse_square_scale, softcap, chunk_size)
+                                               reduction, label_smoothing, lse_square_scale, softcap, chunk_size,
+                                               temperature)
+    want = (Extras(return_lse, return_accuracy, return_logprob, return_entropy)
+            if return_lse or return_accuracy or return_logprob or return_entropy else NO_EXTRAS)
+    head = linear_weight.dim() > 2
+    if sample_weight is not None or normalizer is not None or shift or want.logprob:
+        if head and (sample_weight is not None or shift):
+            raise ValueError("sample_weight and shift are not available with a K-dimensional head (linear_weight of "
+                             "more than two dimensions)")
+        check_lm_options(sample_weight, normalizer, shift, reduction, tuple(input.shape[:-1]), probabilities, input,
+                         want)
+    if (want.logprob or want.entropy) and (head or transforms_active()):
+        raise NotImplementedError("return_logprob and return_entropy are available in reverse-mode autograd for a "
+                                  "head (C, H): not with forward-mode AD, torch.func's transforms or a "
+                                  "K-dimensional head")
     classes = linear_weight.shape[0]
     target, name = plan(NAME, backend, input.device, target, probabilities, ignore_index, classes, vocab_parallel,
                         "linear_weight's rows", return_accuracy)
-    options = Options.of(reduction, ignore_index, label_smoothing, lse_square_scale, softcap)
-    want_rows = return_lse or return_accuracy
-    if linear_weight.dim() > 2:
+    lm = None
+    if sample_weight is not None or normalizer is not None or shift:
+        lm = plan_lm(target, sample_weight, normalizer, shift, reduction, ignore_index)
+        target, sample_weight = lm.target, lm.sample_weight
+    options = Options.of(lm.reduction if lm is not None else reduction, ignore_index, label_smoothing,
+                         lse_square_scale, softcap, temperature, want.entropy)
+    if head:
         if vocab_parallel is not None:
             raise ValueError("vocab_parallel is not available with a K-dimensional head (linear_weight of more "
                              "than two dimensions)")
         loss, row_max, row_log_sum, target_logit, target_2d = _positions_loss(
-            input, linear_weight, linear_bias, target, weight, options, chunk_size, name, want_rows, probabilities)
+            input, linear_weight, linear_bias, target, weight, options, chunk_size, name, want.rows, probabilities)
+        rows = (row_max, row_log_sum, target_logit, None, None)
         batch_shape = target.shape if not probabilities else target.shape[:1] + target.shape[2:]
     else:
         batch_shape = input.shape[:-1]
+        sample_rows = sample_weight
         if input.dim() == 2:  # rows already, and the checked target too: no views made on every call
             input_2d, target_2d = input, target
         else:
-            rows = math.prod(batch_shape)
-            input_2d = input.reshape(rows, input.shape[-1])
-            target_2d = target.reshape(rows, classes) if probabilities else target.reshape(rows)
+            count = math.prod(batch_shape)
+            input_2d = input.reshape(count, input.shape[-1])
+            target_2d = target.reshape(count, classes) if probabilities else target.reshape(count)
+            sample_rows = sample_weight.reshape(count) if sample_weight is not None else None
         chunk = chunk_size or default_chunk_size(input_2d.shape[0], classes, input.dtype)
-        loss, row_max, row_log_sum, target_logit = _rows_loss(input_2d, linear_weight, linear_bias, target_2d, weight,
-                                                              options, chunk, name, vocab_parallel, want_rows)
-    return finish(loss, row_max, row_log_sum, target_logit, target_2d, options, batch_shape, return_lse,
-                  return_accuracy)
+        loss, rows = _rows_loss(input_2d, linear_weight, linear_bias, target_2d, weight, sample_rows, options, chunk,
+                                name, vocab_parallel, want)
+    result = finish(loss, rows, target_2d, options, batch_shape, want)
+    return finish_lm(result, lm, reduction, target_2d, weight, ignore_index) if lm is not None else result
 
 
 def _rows_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
-               target: torch.Tensor, weight: Optional[torch.Tensor], options: Options, chunk: int, name: str,
-               vocab_parallel: Optional[VocabParallel], want_rows: bool):
-    """The loss of rows (R, H) through the head (C, H) on the backend ``name``, and with
-    ``want_rows`` (else possibly None) each row's max, log-sum and target logit."""
-    row_max = row_log_sum = target_logit = None
+               target: torch.Tensor, weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
+               options: Options, chunk: int, name: str, vocab_parallel: Optional[VocabParallel], want: Extras):
+    """The loss of rows (R, H) through the head (C, H) on the backend ``name``, and where
+    ``want`` asks for extras (else possibly None) the rows' (max, log-sum, target logit,
+    log-probability, entropy)."""
+    rows = None
     if vocab_parallel is not None and name == "torch":
         logits = affine(replicated(input, vocab_parallel.group), linear_weight, linear_bias)
-        loss = vocab_parallel_reference(logits, target, weight, options, vocab_parallel)
-        if want_rows:
+        loss = vocab_parallel_reference(logits, target, weight, options, vocab_parallel, sample_weight)
+        if want.rows:
             with torch.no_grad():
-                rows = combine_shards(
+                found = combine_shards(
                     shard_logit_statistics(logits, target, weight, options, vocab_parallel, name), target,
                     options, vocab_parallel)
-            row_max, row_log_sum, target_logit = rows.row_max, rows.row_log_sum, rows.target_logit
+            rows = (found.row_max, found.row_log_sum, found.target_logit,
+                    *vocab_parallel_extras_reference(logits, target, options, vocab_parallel))
     elif vocab_parallel is not None:
-        loss, row_max, row_log_sum, target_logit = VocabParallelLinearCrossEntropyFunction.apply(
-            input, linear_weight, linear_bias, target, weight, options, chunk, vocab_parallel, name)
+        loss, *rows = VocabParallelLinearCrossEntropyFunction.apply(
+            input, linear_weight, linear_bias, target, weight, sample_weight, options, chunk, vocab_parallel, name)
     elif name == "torch":
         logits = affine(input, linear_weight, linear_bias)
-        loss = options.reference(logits, target, weight)
-        if want_rows:
-            row_max, row_log_sum, target_logit = reference_rows(logits, target, options)
+        loss = options.reference(logits, target, weight, sample_weight)
+        if want.rows:
+            rows = (*reference_rows(logits, target, options), *reference_logprob_entropy(logits, target, options))
     elif not needs_grad(input, linear_weight, linear_bias, target):
-        loss, row_max, row_log_sum, target_logit, *_ = op("linear_cross_entropy_forward", name)(
-            input, linear_weight, linear_bias, target, weight, *options.args, chunk, [False, False, False])
+        loss, row_max, row_log_sum, target_logit, _, row_entropy, *_ = op("linear_cross_entropy_forward", name)(
+            input, linear_weight, linear_bias, target, weight, sample_weight, *options.args, chunk,
+            [False, False, False])
+        if want.rows:
+            logprob = (row_logprob(row_max, row_log_sum, target_logit, target, options.ignore_index)
+                       if want.logprob else None)
+            rows = (row_max, row_log_sum, target_logit, logprob, row_entropy)
     elif transforms_active():
-        loss, row_max, row_log_sum, target_logit, _ = LinearCrossEntropyJvpFunction.apply(
-            input, linear_weight, linear_bias, target, weight, options, chunk, name)
-    elif want_rows:
-        loss, row_max, row_log_sum, target_logit = LinearCrossEntropyFunction.apply(
-            input, linear_weight, linear_bias, target, weight, options, chunk, name)
+        loss, row_max, row_log_sum, target_logit, *_ = LinearCrossEntropyJvpFunction.apply(
+            input, linear_weight, linear_bias, target, weight, sample_weight, options, chunk, name)
+        rows = (row_max, row_log_sum, target_logit, None, None)
+    elif want.rows:
+        loss, *rows = LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
+                                                       sample_weight, options, chunk, name)
     else:
-        loss = LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, options, chunk,
-                                                name, False)
-    return loss, row_max, row_log_sum, target_logit
+        loss = LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, sample_weight,
+                                                options, chunk, name, False)
+    return loss, rows
 
 
 def _positions_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
@@ -460,8 +573,12 @@ def _positions_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bia
     each = dataclasses.replace(options, reduction=REDUCTIONS["none" if options.reduction == REDUCTIONS["none"]
                                                              else "sum"])
     chunk = chunk_size or default_chunk_size(rows, classes, input.dtype)
-    parts = [_rows_loss(input, heads[:, p], biases[:, p] if biases is not None else None, targets[..., p], weight,
-                        each, chunk, name, None, want_rows) for p in range(count)]
+    wanted = Extras(lse=want_rows)
+    parts = []
+    for p in range(count):
+        part, statistics = _rows_loss(input, heads[:, p], biases[:, p] if biases is not None else None,
+                                      targets[..., p], weight, None, each, chunk, name, None, wanted)
+        parts.append((part, *(statistics[:3] if statistics is not None else (None, None, None))))
     # Position-minor, as the rows of the logits (N, C, d1, ..., dk) are.
     by_row = [torch.stack(column, dim=1).reshape(-1) if want_rows else None for column in list(zip(*parts))[1:]]
     target_rows = (targets.movedim(1, -1).reshape(rows * count, classes) if probabilities
@@ -501,6 +618,10 @@ def reference(
     reduction: str = "mean",
     ignore_index: Optional[int] = -100,
     label_smoothing: float = 0.0,
+    sample_weight: Optional[torch.Tensor] = None,
+    normalizer: Optional[Union[float, torch.Tensor]] = None,
+    shift: int = 0,
+    temperature: float = 1.0,
     lse_square_scale: float = 0.0,
     softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
@@ -508,15 +629,25 @@ def reference(
     """linear_cross_entropy's loss, from elementary torch ops: cross_entropy's reference
     of the logits ``input @ linear_weight.T + linear_bias``, held whole (for a
     K-dimensional head, of the logits (N, C, d1, ..., dk) it makes); the executable
-    spec. ``chunk_size`` changes nothing."""
+    spec. ``shift`` is slicing here (rows ``[..., :T - shift, :]`` against target
+    ``[..., shift:]``), ``normalizer`` a division of the sum; ``chunk_size`` changes
+    nothing."""
     ignore_index = -100 if ignore_index is None else ignore_index
     if linear_weight.dim() > 2:
-        return ce.reference(_head_logits(affine, input, linear_weight, linear_bias), target, weight, ignore_index,
-                            reduction, label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
-    return _loss_of_rows(
-        lambda logits, rows_target: cross_entropy_2d(logits, rows_target, weight, ignore_index, reduction,
-                                                        float(label_smoothing), lse_square_scale, softcap),
-        affine(input, linear_weight, linear_bias), target, reduction)
+        loss = ce.reference(_head_logits(affine, input, linear_weight, linear_bias), target, weight, ignore_index,
+                            "sum" if normalizer is not None else reduction, label_smoothing,
+                            temperature=temperature, lse_square_scale=lse_square_scale, softcap=softcap)
+        return loss / normalizer if normalizer is not None else loss
+    if shift:
+        input = input[..., :input.shape[-2] - shift, :]
+        target, sample_weight = (t[..., shift:] if t is not None else None for t in (target, sample_weight))
+    rows_reduction = "sum" if normalizer is not None else reduction
+    loss = _loss_of_rows(
+        lambda logits, rows_target: cross_entropy_2d(
+            logits, rows_target, weight, ignore_index, rows_reduction, float(label_smoothing), lse_square_scale,
+            softcap, temperature, sample_weight.reshape(-1) if sample_weight is not None else None),
+        affine(input, linear_weight, linear_bias), target, rows_reduction)
+    return loss / normalizer if normalizer is not None else loss
 
 
 def baseline(
@@ -529,20 +660,29 @@ def baseline(
     reduction: str = "mean",
     ignore_index: Optional[int] = -100,
     label_smoothing: float = 0.0,
+    sample_weight: Optional[torch.Tensor] = None,
+    normalizer: Optional[Union[float, torch.Tensor]] = None,
+    shift: int = 0,
+    temperature: float = 1.0,
     lse_square_scale: float = 0.0,
     softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
     """What PyTorch itself computes: cross_entropy's baseline (F.cross_entropy, with
-    torch.tanh's cap and logsumexp's z-loss) of F.linear's logits."""
+    torch.tanh's cap and logsumexp's z-loss) of F.linear's logits, the shift as slicing."""
     ignore_index = -100 if ignore_index is None else ignore_index
+    options = dict(temperature=temperature, lse_square_scale=lse_square_scale, softcap=softcap,
+                   normalizer=normalizer)
     if linear_weight.dim() > 2:
         return ce.baseline(_head_logits(F.linear, input, linear_weight, linear_bias), target, weight, ignore_index,
-                           reduction, label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap)
+                           reduction, label_smoothing, **options)
+    if shift:
+        input = input[..., :input.shape[-2] - shift, :]
+        target, sample_weight = (t[..., shift:] if t is not None else None for t in (target, sample_weight))
+    rows_weight = sample_weight.reshape(-1) if sample_weight is not None else None
     return _loss_of_rows(
         lambda logits, rows_target: ce.baseline(logits, rows_target, weight, ignore_index, reduction,
-                                                label_smoothing, lse_square_scale=lse_square_scale,
-                                                softcap=softcap),
+                                                label_smoothing, sample_weight=rows_weight, **options),
         F.linear(input, linear_weight, linear_bias), target, reduction)
 
 
@@ -613,7 +753,32 @@ def samples(device: str) -> list[registry.Sample]:
                 chunk_size=4),
         _sample((3,), 4, 5, device, positions=(2,), weighted=True, label_smoothing=0.1, chunk_size=2),
         _sample((2,), 3, 4, device, kind="prob", positions=(2, 1), reduction="none", softcap=2.0),
+        *lm_samples(device),
     ]
+
+
+def _with(sample: registry.Sample, described: str, **kwargs: Any) -> registry.Sample:
+    """``sample`` with more keyword arguments, named with ``described`` added."""
+    return registry.Sample(sample.args, {**sample.kwargs, **kwargs}, name=sample.name + described)
+
+
+def lm_samples(device: str) -> list[registry.Sample]:
+    """A language model's options: per-token weights (one sample differentiates them),
+    shift, temperature over a soft cap, and the exact normalizer (a 0-d tensor)."""
+
+    def weights(*shape):
+        return torch.rand(*shape, dtype=torch.float64, device=device).add(0.5)
+
+    weighted = _sample((2, 4), 3, 5, device, shift=1, temperature=0.7, softcap=3.0, chunk_size=4)
+    weighted = _with(weighted, ", sample_weight", sample_weight=weights(2, 4))
+    learned = _sample((2, 3), 3, 5, device, kind="class", reduction="none", temperature=1.5, chunk_size=4)
+    learned = _with(learned, ", sample_weight that requires grad",
+                    sample_weight=weights(2, 3).requires_grad_())
+    normalized = _sample((2, 3), 3, 5, device, weighted=True, shift=2, chunk_size=4)
+    normalized = _with(normalized, ", normalizer", normalizer=torch.tensor(5.0, dtype=torch.float64, device=device))
+    prob = _sample((4,), 3, 5, device, kind="prob", temperature=2.0, chunk_size=3)
+    prob = _with(prob, ", sample_weight", sample_weight=weights(4))
+    return [weighted, learned, normalized, prob]
 
 
 def accuracy_samples(device: str) -> list[registry.Sample]:
