@@ -445,79 +445,83 @@ g = torch.ones((), device=dev)
 row_weight, weight_sum = torch.ones(4, device=dev), torch.tensor(9.0, device=dev)
 """
 # Each call is the set-up's good one with one argument made bad.
+F_ARGS = "x, t, None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False"
 B_ARGS = "g, x, t, None, None, row_max, row_log_sum, total, None, None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False"
 # A shard of classes [2, 7) of 9.
 S_ARGS = ("g, x, t, None, None, row_max, row_log_sum, row_weight, total, weight_sum, None, None, None, 1, -100, "
           "0.0, 0.0, 0.0, 1.0, False, 2, 9")
+# The extras' slots, (grad_logprob, grad_entropy, row_entropy), in B_ARGS and S_ARGS.
+EXTRAS = "None, None, None, 1"
+
+
+def _call(op: str, args: str, **replace: str) -> str:
+    """``ops.<op>(args)`` with the first occurrence of each key of ``replace`` replaced."""
+    for old, new in replace.items():
+        args = args.replace(old, new, 1)
+    return f"ops.{op}({args})"
+
+
+def _forward(**replace: str) -> str:
+    return _call("cross_entropy_forward", F_ARGS, **replace)
+
+
+def _backward(**replace: str) -> str:
+    return _call("cross_entropy_backward", B_ARGS, **replace)
+
+
 BAD_DIRECT_CALLS = {
-    "target shorter than the rows": ("ops.cross_entropy_forward(x, t[:2], None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "target"),
-    "target longer than the rows": ("ops.cross_entropy_forward(x, torch.zeros(9, dtype=torch.long, device=dev), None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "target"),
-    "int32 target": ("ops.cross_entropy_forward(x, t.int(), None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "target"),
-    "probabilities of another shape": ("ops.cross_entropy_forward(x, q[:, :3], None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)",
-                                       "target"),
-    "probabilities of another dtype": ("ops.cross_entropy_forward(x, q.double(), None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)",
-                                       "target"),
-    "weight shorter than the classes": ("ops.cross_entropy_forward(x, t, torch.ones(3, device=dev), None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "weight"),
-    "weight of another dtype": ("ops.cross_entropy_forward(x, t, torch.ones(5, dtype=torch.float64, device=dev), None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "weight"),
-    "3-d input": ("ops.cross_entropy_forward(x.view(2, 2, 5), t, None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "input"),
-    "1-d input": ("ops.cross_entropy_forward(x[0], t[:1], None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "input"),
-    "integer input": ("ops.cross_entropy_forward(x.long(), t, None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "input"),
-    "reduction 7": ("ops.cross_entropy_forward(x, t, None, None, 7, -100, 0.0, 0.0, 0.0, 1.0, False)", "reduction"),
-    "label_smoothing 2": ("ops.cross_entropy_forward(x, t, None, None, 1, -100, 2.0, 0.0, 0.0, 1.0, False)", "label_smoothing"),
-    "label_smoothing nan": ("ops.cross_entropy_forward(x, t, None, None, 1, -100, float('nan'), 0.0, 0.0, 1.0, False)",
-                            "label_smoothing"),
-    "negative lse_square_scale": ("ops.cross_entropy_forward(x, t, None, None, 1, -100, 0.0, -1.0, 0.0, 1.0, False)",
-                                  "lse_square_scale"),
-    "negative softcap": ("ops.cross_entropy_forward(x, t, None, None, 1, -100, 0.0, 0.0, -30.0, 1.0, False)", "softcap"),
-    "infinite softcap": ("ops.cross_entropy_forward(x, t, None, None, 1, -100, 0.0, 0.0, float('inf'), 1.0, False)", "softcap"),
-    "class index out of range": ("ops.cross_entropy_forward(x, torch.tensor([1, 2, 5, 0], device=dev), None, None, 1, -100, 0.0, 0.0, 0.0, 1.0, False)", "class index"),
-    "row_max shorter than the rows": (f"ops.cross_entropy_backward({B_ARGS.replace('row_max', 'row_max[:2]')})",
-                                      "row_max"),
-    "row_log_sum shorter than the rows": (
-        f"ops.cross_entropy_backward({B_ARGS.replace('row_log_sum', 'row_log_sum[:3]')})", "row_log_sum"),
-    "total_weight not a scalar": (f"ops.cross_entropy_backward({B_ARGS.replace('total', 'total.expand(2)')})",
-                                  "total_weight"),
-    "grad_loss of rows for a mean": (
-        f"ops.cross_entropy_backward({B_ARGS.replace('g, ', 'torch.ones(4, device=dev), ', 1)})", "grad_loss"),
-    "grad_loss shorter than the rows": ("ops.cross_entropy_backward(torch.ones(3, device=dev), x, t, None, None, "
-                                        "row_max, row_log_sum, total, None, None, None, 0, -100, 0.0, 0.0, 0.0, 1.0, "
-                                        "False)", "grad_loss"),
-    "backward target shorter than the rows": (f"ops.cross_entropy_backward({B_ARGS.replace(' t,', ' t[:2],')})",
-                                              "target"),
-    "backward softcap nan": ("ops.cross_entropy_backward(" + B_ARGS.replace("0.0, 1.0", "float('nan'), 1.0") + ")", "softcap"),
-    "in-place backward target shorter than the rows": (
-        f"ops.cross_entropy_backward_({B_ARGS.replace('g, x,', 'g, x.clone(),').replace(' t,', ' t[:2],')})", "target"),
-    "shard past the classes": (f"ops.cross_entropy_shard_backward({S_ARGS[:-6]}, 5, 9)", "within the 9 classes"),
-    "shard with a negative start": (f"ops.cross_entropy_shard_backward({S_ARGS[:-6]}, -1, 9)", "class_start"),
-    "temperature 0": (f"ops.cross_entropy_forward(x, t, None, None, 1, -100, 0.0, 0.0, 0.0, 0.0, False)",
-                      "temperature"),
-    "temperature nan": ("ops.cross_entropy_backward(" + B_ARGS.replace("1.0, False", "float('nan'), False") + ")",
-                        "temperature"),
-    "sample_weight shorter than the rows": (
-        "ops.cross_entropy_forward(x, t, None, torch.ones(3, device=dev), 1, -100, 0.0, 0.0, 0.0, 1.0, False)",
-        "sample_weight"),
-    "integer sample_weight": (
-        "ops.cross_entropy_forward(x, t, None, torch.ones(4, dtype=torch.long, device=dev), 1, -100, 0.0, 0.0, 0.0, "
-        "1.0, False)", "sample_weight"),
+    "target shorter than the rows": (_forward(**{" t,": " t[:2],"}), "target"),
+    "target longer than the rows": (_forward(**{" t,": " torch.zeros(9, dtype=torch.long, device=dev),"}), "target"),
+    "int32 target": (_forward(**{" t,": " t.int(),"}), "target"),
+    "probabilities of another shape": (_forward(**{" t,": " q[:, :3],"}), "target"),
+    "probabilities of another dtype": (_forward(**{" t,": " q.double(),"}), "target"),
+    "weight shorter than the classes": (_forward(**{"None,": "torch.ones(3, device=dev),"}), "weight"),
+    "weight of another dtype": (_forward(**{"None,": "torch.ones(5, dtype=torch.float64, device=dev),"}), "weight"),
+    "3-d input": (_forward(**{"x,": "x.view(2, 2, 5),"}), "input"),
+    "1-d input": (_forward(**{"x, t,": "x[0], t[:1],"}), "input"),
+    "integer input": (_forward(**{"x,": "x.long(),"}), "input"),
+    "reduction 7": (_forward(**{" 1,": " 7,"}), "reduction"),
+    "label_smoothing 2": (_forward(**{"-100, 0.0,": "-100, 2.0,"}), "label_smoothing"),
+    "label_smoothing nan": (_forward(**{"-100, 0.0,": "-100, float('nan'),"}), "label_smoothing"),
+    "negative lse_square_scale": (_forward(**{"0.0, 0.0, 1.0": "-1.0, 0.0, 1.0"}), "lse_square_scale"),
+    "negative softcap": (_forward(**{"0.0, 1.0": "-30.0, 1.0"}), "softcap"),
+    "infinite softcap": (_forward(**{"0.0, 1.0": "float('inf'), 1.0"}), "softcap"),
+    "class index out of range": (_forward(**{" t,": " torch.tensor([1, 2, 5, 0], device=dev),"}), "class index"),
+    "temperature 0": (_forward(**{"1.0, False": "0.0, False"}), "temperature"),
+    "sample_weight shorter than the rows": (_forward(**{"None, 1,": "torch.ones(3, device=dev), 1,"}),
+                                            "sample_weight"),
+    "integer sample_weight": (_forward(**{"None, 1,": "torch.ones(4, dtype=torch.long, device=dev), 1,"}),
+                              "sample_weight"),
+    "row_max shorter than the rows": (_backward(row_max="row_max[:2]"), "row_max"),
+    "row_log_sum shorter than the rows": (_backward(row_log_sum="row_log_sum[:3]"), "row_log_sum"),
+    "total_weight not a scalar": (_backward(total="total.expand(2)"), "total_weight"),
+    "grad_loss of rows for a mean": (_backward(**{"g, ": "torch.ones(4, device=dev), "}), "grad_loss"),
+    "grad_loss shorter than the rows": (_backward(**{"g, ": "torch.ones(3, device=dev), ", "None, 1,": "None, 0,"}),
+                                        "grad_loss"),
+    "backward target shorter than the rows": (_backward(**{" t,": " t[:2],"}), "target"),
+    "backward softcap nan": (_backward(**{"0.0, 1.0": "float('nan'), 1.0"}), "softcap"),
+    "temperature nan": (_backward(**{"1.0, False": "float('nan'), False"}), "temperature"),
     "backward sample_weight shorter than the rows": (
-        f"ops.cross_entropy_backward({B_ARGS.replace('None, None, row_max', 'None, torch.ones(2, device=dev), row_max')})",
-        "sample_weight"),
-    "grad_entropy without row_entropy": (
-        f"ops.cross_entropy_backward({B_ARGS.replace('None, None, None, 1', 'None, torch.ones(4, device=dev), None, 1')})",
-        "row_entropy"),
-    "grad_logprob shorter than the rows": (
-        f"ops.cross_entropy_backward({B_ARGS.replace('None, None, None, 1', 'torch.ones(3, device=dev), None, None, 1')})",
-        "grad_logprob"),
-    "grad_logprob for probabilities": (
-        f"ops.cross_entropy_backward({B_ARGS.replace(' t,', ' q,').replace('None, None, None, 1', 'torch.ones(4, device=dev), None, None, 1')})",
-        "grad_logprob"),
-    "shard grad_entropy of another device or shape": (
-        f"ops.cross_entropy_shard_backward({S_ARGS.replace('None, None, None, 1', 'None, torch.ones(3, device=dev), torch.ones(4, device=dev), 1')})",
-        "grad_entropy"),
+        _backward(**{"None, row_max": "torch.ones(2, device=dev), row_max"}), "sample_weight"),
+    "grad_entropy without row_entropy": (_backward(**{EXTRAS: "None, torch.ones(4, device=dev), None, 1"}),
+                                         "row_entropy"),
+    "grad_logprob shorter than the rows": (_backward(**{EXTRAS: "torch.ones(3, device=dev), None, None, 1"}),
+                                           "grad_logprob"),
+    "grad_logprob for probabilities": (_backward(**{" t,": " q,", EXTRAS: "torch.ones(4, device=dev), None, None, 1"}),
+                                       "grad_logprob"),
+    "in-place backward target shorter than the rows": (
+        _call("cross_entropy_backward_", B_ARGS, **{"g, x,": "g, x.clone(),", " t,": " t[:2],"}), "target"),
+    "shard past the classes": (_call("cross_entropy_shard_backward", S_ARGS, **{" 2, 9": " 5, 9"}),
+                               "within the 9 classes"),
+    "shard with a negative start": (_call("cross_entropy_shard_backward", S_ARGS, **{" 2, 9": " -1, 9"}),
+                                    "class_start"),
+    "shard grad_entropy of another shape": (
+        _call("cross_entropy_shard_backward", S_ARGS,
+              **{EXTRAS: "None, torch.ones(3, device=dev), torch.ones(4, device=dev), 1"}), "grad_entropy"),
     "shard row_weight shorter than the rows": (
-        f"ops.cross_entropy_shard_backward({S_ARGS.replace('row_weight,', 'row_weight[:2],')})", "row_weight"),
+        _call("cross_entropy_shard_backward", S_ARGS, **{"row_weight,": "row_weight[:2],"}), "row_weight"),
     "shard weight_sum not a scalar": (
-        f"ops.cross_entropy_shard_backward({S_ARGS.replace('weight_sum,', 'weight_sum.expand(2),')})", "weight_sum"),
+        _call("cross_entropy_shard_backward", S_ARGS, **{"weight_sum,": "weight_sum.expand(2),"}), "weight_sum"),
     "shard class index past every class": (
         f"ops.cross_entropy_shard_backward({S_ARGS.replace(' t,', ' torch.tensor([1, 9, 0, 4], device=dev),')})",
         "class index"),

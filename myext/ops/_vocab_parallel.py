@@ -71,8 +71,8 @@ def shard_forward(target: torch.Tensor, weight: Optional[torch.Tensor], columns:
     if target.is_floating_point():
         q = target * (1.0 - eps) + eps / shard.classes if eps > 0 else target
         held_weight = (q * weight if weight is not None else q).to(acc).sum(dim=1)
-        return ShardForward(q, (0, options.ignore_index, 0.0, 0.0, options.softcap, options.temperature, options.entropy), None,
-                            held_weight, weight_sum)
+        settings = (0, options.ignore_index, 0.0, 0.0, options.softcap, options.temperature, options.entropy)
+        return ShardForward(q, settings, None, held_weight, weight_sum)
     kept = target != options.ignore_index
     local = target - shard.start
     holds = kept & (local >= 0) & (local < columns)
@@ -83,9 +83,8 @@ def shard_forward(target: torch.Tensor, weight: Optional[torch.Tensor], columns:
         held_weight = holds.to(acc)
     else:
         held_weight = torch.where(holds, weight.to(acc)[local.clamp(0, columns - 1)], 0.0)
-    return ShardForward(kernel_target, (0, -1, 1.0 if eps > 0 else 0.0, 0.0, options.softcap, options.temperature,
-                                         options.entropy),
-                        holds, held_weight, weight_sum)
+    settings = (0, -1, 1.0 if eps > 0 else 0.0, 0.0, options.softcap, options.temperature, options.entropy)
+    return ShardForward(kernel_target, settings, holds, held_weight, weight_sum)
 
 
 def shard_statistics(plan: ShardForward, kernel_out: Optional[tuple[torch.Tensor, ...]], rows: int,
