@@ -150,6 +150,8 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             Default: ``0.0``.
         softcap: (keyword only) the logits' soft cap, as in :func:`myext.cross_entropy`.
             Default: ``None``.
+        shift, temperature: (keyword only) as in :func:`myext.cross_entropy`. Defaults:
+            ``0`` and ``1.0``.
         backend: (keyword only) the kernels to run, as in :func:`myext.cross_entropy`;
             ``None`` picks ``$MYEXT_BACKEND`` or the best one for the input's device.
         inplace_backward: (keyword only) write the gradient over the logits in backward,
@@ -159,6 +161,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     Shape:
         As ``nn.CrossEntropyLoss``: input :math:`(C)`, :math:`(N, C)` or
         :math:`(N, C, d_1, ..., d_K)`; target of class indices or of class probabilities.
+
+    ``forward(input, target, sample_weight=None, normalizer=None)``: the per-element
+    weights and the exact normalizer of :func:`myext.cross_entropy`, per call.
 
     Example::
 
@@ -177,12 +182,16 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         *,
         lse_square_scale: float = 0.0,
         softcap: Optional[float] = None,
+        shift: int = 0,
+        temperature: float = 1.0,
         backend: Optional[str] = None,
         inplace_backward: bool = False,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
+        self.shift = shift
+        self.temperature = temperature
         self.backend = backend
         self.inplace_backward = inplace_backward
 
@@ -196,17 +205,23 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         converted.train(loss.training)
         return converted
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor, sample_weight: Optional[torch.Tensor] = None,
+                normalizer: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
-                             lse_square_scale=self.lse_square_scale, softcap=self.softcap, backend=self.backend,
-                             inplace_backward=self.inplace_backward)
+                             sample_weight=sample_weight, normalizer=normalizer, shift=self.shift,
+                             temperature=self.temperature, lse_square_scale=self.lse_square_scale,
+                             softcap=self.softcap, backend=self.backend, inplace_backward=self.inplace_backward)
 
     def extra_repr(self) -> str:
         # nn.CrossEntropyLoss prints no arguments; ours adds only what it adds.
         added = [f"lse_square_scale={self.lse_square_scale}"] if self.lse_square_scale else []
         if self.softcap is not None:
             added.append(f"softcap={self.softcap}")
+        if self.shift:
+            added.append(f"shift={self.shift}")
+        if self.temperature != 1.0:
+            added.append(f"temperature={self.temperature}")
         if self.backend is not None:
             added.append(f"backend={self.backend!r}")
         if self.inplace_backward:
@@ -239,7 +254,7 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         weight: a manual rescaling weight given to each class, of size ``C``.
         ignore_index: a target value that is ignored; ``None`` (default) means -100.
         label_smoothing: a float in ``[0.0, 1.0]``. Default: ``0.0``.
-        lse_square_scale, softcap, chunk_size, backend: as in
+        lse_square_scale, softcap, shift, temperature, chunk_size, backend: as in
             :func:`myext.linear_cross_entropy`.
 
     Shape:
@@ -249,6 +264,9 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
           with a last dimension of ``C``; with ``out_features`` class indices
           :math:`(N, d_1, ..., d_K)` or probabilities :math:`(N, C, d_1, ..., d_K)`.
         - Output: a scalar; for ``reduction="none"`` the target's batch shape.
+
+    ``forward(input, target, sample_weight=None, normalizer=None)``: the per-element
+    weights and the exact normalizer of :func:`myext.linear_cross_entropy`, per call.
 
     Example::
 
@@ -272,6 +290,8 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         label_smoothing: float = 0.0,
         lse_square_scale: float = 0.0,
         softcap: Optional[float] = None,
+        shift: int = 0,
+        temperature: float = 1.0,
         chunk_size: Optional[int] = None,
         backend: Optional[str] = None,
     ) -> None:
@@ -281,7 +301,9 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         if weight is not None and weight.shape != (num_classes,):
             raise ValueError(f"weight must have shape ({num_classes},), got {tuple(weight.shape)}")
         check_options(-100 if ignore_index is None else ignore_index, reduction, label_smoothing, lse_square_scale,
-                      softcap)
+                      softcap, temperature)
+        if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
+            raise ValueError(f"shift must be an int >= 0, got {shift!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
@@ -292,6 +314,8 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         self.label_smoothing = label_smoothing
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
+        self.shift = shift
+        self.temperature = temperature
         self.chunk_size = chunk_size
         self.backend = backend
         self.linear = nn.Linear(in_features, math.prod(out_features, start=num_classes), bias=bias, device=device,
@@ -311,15 +335,18 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         converted.train(loss.training)
         return converted
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor, sample_weight: Optional[torch.Tensor] = None,
+                normalizer: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
         linear_weight, linear_bias = self.linear.weight, self.linear.bias
         if self.out_features:
             linear_weight = linear_weight.reshape(self.num_classes, *self.out_features, self.linear.in_features)
             linear_bias = linear_bias.reshape(self.num_classes, *self.out_features) if linear_bias is not None else None
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
                                     weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
-                                    label_smoothing=self.label_smoothing, lse_square_scale=self.lse_square_scale,
-                                    softcap=self.softcap, chunk_size=self.chunk_size, backend=self.backend)
+                                    label_smoothing=self.label_smoothing, sample_weight=sample_weight,
+                                    normalizer=normalizer, shift=self.shift, temperature=self.temperature,
+                                    lse_square_scale=self.lse_square_scale, softcap=self.softcap,
+                                    chunk_size=self.chunk_size, backend=self.backend)
 
     def extra_repr(self) -> str:
         text = (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
@@ -330,6 +357,10 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
             text += f", lse_square_scale={self.lse_square_scale}"
         if self.softcap is not None:
             text += f", softcap={self.softcap}"
+        if self.shift:
+            text += f", shift={self.shift}"
+        if self.temperature != 1.0:
+            text += f", temperature={self.temperature}"
         if self.chunk_size is not None:
             text += f", chunk_size={self.chunk_size}"
         if self.backend is not None:
