@@ -5,10 +5,13 @@ Under pytest (``pytest benchmarks/ --benchmark-only``): the op's registered case
 (myext/ops/linear_cross_entropy.py) for myext, eager and compile, and in the same
 groups PyTorch's own fused op and the three GEMMs alone. As a script, the comparison
 docs/BENCHMARKS.md records, time and memory of one training step (forward and the
-input and weight gradients) at a language model's head::
+input and weight gradients) at a language model's head, myext also with every option a
+language model's loop adds (per-token weights, normalizer, shift, temperature, the
+log-probabilities and entropies returned)::
 
     python benchmarks/bench_linear_cross_entropy.py            # N=4096 H=1024 V=32000 float32
     python benchmarks/bench_linear_cross_entropy.py --dtype bfloat16
+    python benchmarks/bench_linear_cross_entropy.py --only myext-cpp "myext-cpp, LM options" --rounds 9
 
 Times: the providers called in turn, round after round, the median of each (ratios
 within one run are what compare). Memory: each provider in a fresh process, one call
@@ -83,6 +86,22 @@ def onednn_gemm_floor(x: torch.Tensor, w: torch.Tensor) -> Callable[[], None]:
     return call
 
 
+def with_lm_options(backend: str, target: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """myext's loss with every option a language model's loop adds: per-token weights,
+    the exact normalizer (a tensor), shift 1, a temperature, and each token's
+    log-probability and entropy returned (the loss differentiated, as a loop that logs
+    them does)."""
+    sample_weight = torch.rand(target.shape, generator=torch.Generator().manual_seed(1)).to(torch.float32)
+    normalizer = sample_weight[1:].sum()
+
+    def loss(x, w, t):
+        return myext.linear_cross_entropy(x, w, t, sample_weight=sample_weight, normalizer=normalizer, shift=1,
+                                          temperature=0.7, return_logprob=True, return_entropy=True,
+                                          backend=backend).loss
+
+    return loss
+
+
 def pytorch_fused(chunked: bool) -> Callable[..., torch.Tensor]:
     options = torch.nn.LinearCrossEntropyOptions() if chunked else None
     return lambda x, w, target: F.linear_cross_entropy(x, w, target, options=options)
@@ -95,6 +114,8 @@ def providers(backends: list[str]) -> dict[str, Callable[..., Callable[[], None]
     makers = {f"myext-{b}": lambda x, w, t, b=b: step(functools.partial(myext.linear_cross_entropy, backend=b),
                                                         x, w, t)
               for b in backends}
+    for b in backends:
+        makers[f"myext-{b}, LM options"] = lambda x, w, t, b=b: step(with_lm_options(b, t), x, w, t)
     makers["eager"] = lambda x, w, t: step(eager, x, w, t)
     makers["compile"] = lambda x, w, t: step(torch.compile(eager), x, w, t)
     if hasattr(F, "linear_cross_entropy"):
@@ -130,7 +151,8 @@ def _memory_of_one(args: argparse.Namespace) -> None:
     """In a fresh process: one provider's peak resident growth during a step, less the
     gradients it returns, as JSON on stdout."""
     x, w, target = _tensors(args)
-    call = providers([args.provider.removeprefix("myext-")])[args.provider](x, w, target)
+    backend = args.provider.removeprefix("myext-").split(",")[0]
+    call = providers([backend])[args.provider](x, w, target)
     call()
     growth = peak_rss_bytes(call)
     if growth is None:
@@ -146,6 +168,8 @@ def main() -> None:
     parser.add_argument("--V", type=int, default=32000)
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", nargs="+", metavar="PROVIDER",
+                        help="time these providers alone (names as the table prints them)")
     parser.add_argument("--provider", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.provider:
@@ -153,7 +177,13 @@ def main() -> None:
 
     x, w, target = _tensors(args)
     backends = [b for b in myext.available_backends("cpu") if b == "cpp"]
-    calls = {name: make(x, w, target) for name, make in providers(backends).items()}
+    makers = providers(backends)
+    if args.only:
+        unknown = set(args.only) - set(makers)
+        if unknown:
+            raise SystemExit(f"unknown providers {sorted(unknown)}; known: {list(makers)}")
+        makers = {name: make for name, make in makers.items() if name in args.only}
+    calls = {name: make(x, w, target) for name, make in makers.items()}
     for call in calls.values():
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -177,7 +207,9 @@ def main() -> None:
                 [sys.executable, __file__, "--N", str(args.N), "--H", str(args.H), "--V", str(args.V),
                  "--dtype", args.dtype, "--provider", name], check=True, capture_output=True, text=True).stdout)
             memory = f"{measured['growth'] / 1e6:9.0f} MB {measured['beyond_gradients'] / 1e6:10.0f} MB"
-        print(f"{name:32} {medians[name]:9.3f} {vs_ours:>9} {medians[name] / medians['GEMM floor']:8.2f}x {memory}")
+        floor = medians.get("GEMM floor")
+        vs_floor = f"{medians[name] / floor:8.2f}x" if floor else "        -"
+        print(f"{name:32} {medians[name]:9.3f} {vs_ours:>9} {vs_floor} {memory}")
 
 
 if __name__ == "__main__":
