@@ -6,6 +6,7 @@ Python, so the shapes here are as small as the edges they exercise allow.
 """
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -343,6 +344,42 @@ def test_cross_entropy_leading_block_of_minus_inf(device, monkeypatch):
     x[:, :8] = float("-inf")
     target = torch.tensor([9, 10], device=device)
     _check_cross_entropy(x, target, reduction="none")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cross_entropy_softcap_of_huge_logits(device, dtype):
+    """Soft-capped logits far past the cap, 11089.1 / 30 among them: exp(-2 |x| / cap)
+    underflows there to a float64 subnormal, whose log no longer recovers the exponent,
+    and a tanh (the interpreter's, from exp and log) taking expm1 by Kahan's formula
+    from it came out 1e-5 short of 1 and the loss log(6) - 1.7e-5. Every logit caps to
+    +-30 within rounding: the loss is log(6 + e^-60), the softmax 1/6 for the five at +30."""
+    x = torch.tensor([[1341.8, 57337.2, -6930.9, 10377.8, 39540.8, 11089.1, 11523.3]], dtype=dtype,
+                     device=device, requires_grad=True)
+    target = torch.tensor([0], device=device)
+    loss = myext.cross_entropy(x, target, softcap=30.0, reduction="sum", backend="triton")
+    (grad,) = torch.autograd.grad(loss, x)
+    x64 = x.detach().double()
+    e = torch.exp(-2 * x64.abs() / 30)
+    softmax = torch.tensor([[1, 1, math.exp(-60), 1, 1, 1, 1]], dtype=torch.float64, device=device) / 6
+    onehot = torch.nn.functional.one_hot(target, 7).double()
+    rtol = 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(loss.double(), torch.tensor(math.log(6), dtype=torch.float64, device=device),
+                               rtol=rtol, atol=0)
+    torch.testing.assert_close(grad.double(), (softmax - onehot) * 4 * e / (1 + e) ** 2, rtol=rtol,
+                               atol=float(torch.finfo(dtype).tiny))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cross_entropy_target_probability_underflows(device, dtype):
+    """The target's gradient p - 1 where p underflows to a subnormal (log p = -720 in
+    float64, -95 in float32): exactly -1, not Kahan's expm1 from the subnormal's few bits."""
+    gap = 720.0 if dtype == torch.float64 else 95.0
+    x = torch.tensor([[0.0, gap]], dtype=dtype, device=device, requires_grad=True)
+    target = torch.tensor([0], device=device)
+    (grad,) = torch.autograd.grad(myext.cross_entropy(x, target, reduction="sum", backend="triton"), x)
+    assert grad[0, 0].item() == -1.0
 
 
 def test_cross_entropy_out_of_range_class():

@@ -44,11 +44,18 @@ MAX_BLOCK_C = 4096
 
 @triton.jit
 def _kahan_expm1(u, v):
-    """exp(v) - 1 from u = exp(v) (Kahan: (u - 1) v / log(u)), exact where u - 1 cancels.
-    (The log is taken of a stand-in where u is 0 or 1 and the branch unused.)"""
-    unused = (u == 1.0) | (u == 0.0)
-    safe_u = tl.where(unused, 0.5, u)
-    return tl.where(u == 1.0, v, tl.where(u == 0.0, -1.0, (safe_u - 1.0) * v / tl.log(safe_u)))
+    """exp(v) - 1 from u = exp(v), v <= 0 (or within rounding of it): Kahan's
+    (u - 1) v / log(u) where u - 1 cancels, u - 1 itself below u = 1/2.
+
+    Kahan's correction holds only while log(u) recovers v, that is while u is a normal
+    number: an exponential that underflows to a subnormal keeps a few bits, and its log
+    strays from v by up to the subnormal's relative spacing (a percent at 1e-321), so
+    would the result. Below 1/2, u - 1 has no cancellation: rounding u and the
+    subtraction cost at most an ulp of the result, and u is never subnormal there.
+    (The log is taken of a stand-in where the branch is unused.)"""
+    kahan = (u >= 0.5) & (u != 1.0)
+    safe_u = tl.where(kahan, u, 0.5)
+    return tl.where(u == 1.0, v, tl.where(kahan, (safe_u - 1.0) * v / tl.log(safe_u), u - 1.0))
 
 
 if INTERPRETED:
