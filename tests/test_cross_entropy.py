@@ -613,6 +613,38 @@ def test_softcap_gradient_far_beyond_the_cap(backend, device, dtype):
                                                                 dict(rtol=1e-5, atol=1e-6)))
 
 
+def _ulp32(t):
+    """The float32 ulp at each value of the float64 tensor t."""
+    exponent = torch.frexp(t.abs().clamp_min(2.0 ** -126))[1]
+    return torch.ldexp(torch.ones_like(t), exponent - 24)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_cpp_softcap_of_float32_is_rounded_once(temperature):
+    """The float32 cap within an ulp of softcap tanh(x / softcap) / temperature (computed
+    in float32 it was 4.5 ulps off, enough to move the softmax and push the gradient
+    past twice PyTorch's error) and the slope as close, far out too: across |x| /
+    softcap from 1e-9 to 12, both sides of the kernel's switches. One-class rows give
+    lse = z, and a z-loss of lambda 1/2 the gradient z dz/dx (the CE term is 0)."""
+    cap = 30.0
+    g = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.logspace(-9, math.log10(12.0), 60000, dtype=torch.float64),
+                   torch.rand(20000, generator=g, dtype=torch.float64) * 0.02 + math.log(2) / 2 - 0.01,
+                   torch.rand(20000, generator=g, dtype=torch.float64) * 0.002 + 1 / 256 - 0.001])
+    x = (y * cap).float() * torch.where(torch.rand(y.shape, generator=g) < 0.5, -1.0, 1.0)
+    x = x.reshape(-1, 1).requires_grad_()
+    target = torch.zeros(x.shape[0], dtype=torch.long)
+    out = myext.cross_entropy(x, target, softcap=cap, temperature=temperature, reduction="none", return_lse=True,
+                              lse_square_scale=0.5, backend="cpp")
+    (grad,) = torch.autograd.grad(out.loss.sum(), x)
+    x64 = x.detach().double().reshape(-1)
+    z_true = cap * torch.tanh(x64 / cap) / temperature
+    z = out.lse.double()
+    assert ((z - z_true).abs() <= _ulp32(z_true)).all()
+    zs_true = z * (1 / torch.cosh(x64 / cap) ** 2 / temperature)
+    assert ((grad.double().reshape(-1) - zs_true).abs() <= 2 * _ulp32(zs_true)).all()
+
+
 @pytest.mark.parametrize("shape", [(7, 11), (2, 11, 3)], ids=str)
 def test_extras(backend, device, shape):
     x, target, _ = make_case(shape, "class", dtype=torch.float32, device=device, scale=4.0, requires_grad=False)

@@ -244,6 +244,10 @@ struct Options {
   T softcap;            // 0: none
   T inv_temperature;    // 1 / temperature; 1: none. z is multiplied by it, a
                         // product per logit where a division would be several times dearer.
+  // Both as given, for the cap, which computes float32 in double: T's own would
+  // round them before z is rounded.
+  double softcap_exact;
+  double inv_temperature_exact;
 };
 
 template <typename T>
@@ -657,20 +661,18 @@ void backward_prob_row(const T* z, const T* q, T* grad, T max, T log_sum, T scal
 // e = 1 + m, both exact there; where e < 1/2, exp(a) itself keeps the digits of e
 // that 1 + m would lose. The slope never takes 1 - tanh^2, which loses all of its
 // digits where tanh is within rounding of 1.
-// With a temperature, z and the slope are both also times 1 / temperature (one
-// product folded into the cap's own, the other where the slope is formed).
+// `multiplier` is softcap / temperature and `slope_multiplier` 1 / temperature (a
+// product by 1 is exact: untempered, the results are those of softcap and no factor).
 template <typename T>
-void cap(const T* x, T* z, T* slope, int64_t n, T softcap, T inv_temperature = T(1)) {
+void cap_rows(const T* x, T* z, T* slope, int64_t n, T multiplier, T minus_two_over_cap, T slope_multiplier) {
   using Vec = Vectorized<T>;
-  const bool tempered = inv_temperature != T(1);
-  const Vec vcap(tempered ? softcap * inv_temperature : softcap), vinv_temperature(inv_temperature);
-  const Vec minus_two_over_cap(T(-2) / softcap), minus_ln2(-std::log(T(2)));
-  const Vec one(T(1)), four(T(4));
+  const Vec vmultiplier(multiplier), vslope_multiplier(slope_multiplier), vminus_two_over_cap(minus_two_over_cap);
+  const Vec minus_ln2(-std::log(T(2))), one(T(1)), four(T(4));
   constexpr int kAllLanes = (1 << Vec::size()) - 1;
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), n - i);
     const Vec xv = Vec::loadu(x + i, count);
-    const Vec a = xv.abs() * minus_two_over_cap;
+    const Vec a = xv.abs() * vminus_two_over_cap;
     // zero_mask of a comparison: a bit for each lane where it is false. Each branch
     // takes only the exponential its lanes need, both where the vector straddles.
     const int large = (a >= minus_ln2).zero_mask();
@@ -687,10 +689,54 @@ void cap(const T* x, T* z, T* slope, int64_t n, T softcap, T inv_temperature = T
       one_minus_e = large == kAllLanes ? one - e_large : Vec::blendv(one - e_large, one_minus_e, is_small);
     }
     const Vec d = one + e;
-    (vcap * (one_minus_e / d).copysign(xv)).store(z + i, count);
+    (vmultiplier * (one_minus_e / d).copysign(xv)).store(z + i, count);
+    if (slope != nullptr) (vslope_multiplier * (four * e / (d * d))).store(slope + i, count);
+  }
+}
+
+// float64: as it always was (softcap and inv_temperature as the caller gave them).
+inline void cap(const double* x, double* z, double* slope, int64_t n, double softcap, double inv_temperature) {
+  cap_rows<double>(x, z, slope, n, softcap * inv_temperature, -2 / softcap, inv_temperature);
+}
+
+// float32 (and bfloat16 and float16, widened to it) in double, z and the slope each
+// rounded once to float32: correctly rounded but where the double result lies within
+// a few of its ulps of a float32 tie. In float32 itself the roundings of x / softcap,
+// the exponential, 1 - e, 1 + e, the quotient and the product by softcap added up to
+// 4.5 ulps of z (torch.tanh's: 2), and the argument's rounding, amplified |a|-fold by
+// exp, to tens of ulps of the slope far out: z's rounding moves the softmax, and with
+// it the gradient, past twice PyTorch's error.
+// One exponential, exp(a), serves every lane: double's 1 - e, exact but for e's own
+// rounding (2^-53 absolute), keeps 2^-46 of the quotient's relative precision down to
+// |a| = 2^-7, and below that the series y - y^3/3 + 2 y^5/15 - 17 y^7/315 (the first
+// term left out, 0.022 y^9, is under 2^-69 of it) stands in. The float32 cap's
+// scheme, expm1 and exp both wherever a vector straddles |a| = ln 2, doubled the capped
+// forward's time in double; this adds about a tenth to it. Blocks of kBlock stay in L1.
+inline void cap(const float* x, float* z, float* slope, int64_t n, double softcap, double inv_temperature) {
+  using Vec = Vectorized<double>;
+  constexpr int64_t kBlock = 256;
+  alignas(64) double xd[kBlock], zd[kBlock], sd[kBlock];
+  const Vec multiplier(softcap * inv_temperature), slope_multiplier(inv_temperature);
+  const Vec minus_two_over_cap(-2 / softcap), minus_half(-0.5), one(1.0), four(4.0);
+  const Vec series_from(-1.0 / 128), c3(-1.0 / 3), c5(2.0 / 15), c7(-17.0 / 315);
+  for (int64_t i = 0; i < n; i += kBlock) {
+    const int64_t count = std::min(kBlock, n - i);
+    for (int64_t j = 0; j < count; ++j) xd[j] = static_cast<double>(x[i + j]);
+    for (int64_t j = 0; j < count; j += Vec::size()) {
+      const int64_t lanes = std::min<int64_t>(Vec::size(), count - j);
+      const Vec xv = Vec::loadu(xd + j, lanes);
+      const Vec a = xv.abs() * minus_two_over_cap;
+      const Vec e = a.exp();
+      const Vec r = one / (one + e);
+      const Vec y = a * minus_half, y2 = y * y;
+      const Vec series = at::vec::fmadd(y * y2, at::vec::fmadd(y2, at::vec::fmadd(y2, c7, c5), c3), y);
+      const Vec t = Vec::blendv((one - e) * r, series, a > series_from);
+      (multiplier * t.copysign(xv)).store(zd + j, lanes);
+      if (slope != nullptr) (slope_multiplier * ((four * e) * (r * r))).store(sd + j, lanes);
+    }
+    for (int64_t j = 0; j < count; ++j) z[i + j] = static_cast<float>(zd[j]);
     if (slope != nullptr) {
-      const Vec s = four * e / (d * d);
-      (tempered ? s * vinv_temperature : s).store(slope + i, count);
+      for (int64_t j = 0; j < count; ++j) slope[i + j] = static_cast<float>(sd[j]);
     }
   }
 }
@@ -746,7 +792,7 @@ const T* rows_as_calc(const scalar_t* src, int64_t r, int64_t n, int64_t count, 
   if (o.softcap == T(0) && o.inv_temperature == T(1)) return rows;
   scratch.resize(count * n);
   if (o.softcap != T(0)) {
-    cap(rows, scratch.data(), static_cast<T*>(nullptr), count * n, o.softcap, o.inv_temperature);
+    cap(rows, scratch.data(), static_cast<T*>(nullptr), count * n, o.softcap_exact, o.inv_temperature_exact);
   } else {
     temper(rows, scratch.data(), count * n, o.inv_temperature);
   }
@@ -784,6 +830,8 @@ Options<T> make_options(int64_t classes, const at::Tensor& weight, const LossOpt
   o.z_loss = static_cast<T>(options.lse_square_scale);
   o.softcap = static_cast<T>(options.softcap);
   o.inv_temperature = static_cast<T>(1.0 / options.temperature);
+  o.softcap_exact = options.softcap;
+  o.inv_temperature_exact = 1.0 / options.temperature;
   return o;
 }
 
@@ -997,7 +1045,7 @@ void backward_rows(const Rows<scalar_t>& in, scalar_t* grad, const at::Tensor& w
       if (o.softcap != T(0)) {
         slope.resize(n);
         z_scratch.resize(n);
-        cap(z, z_scratch.data(), slope.data(), n, o.softcap, o.inv_temperature);
+        cap(z, z_scratch.data(), slope.data(), n, o.softcap_exact, o.inv_temperature_exact);
         z = z_scratch.data();
       } else if (tempered) {
         z_scratch.resize(n);
