@@ -1,8 +1,9 @@
 """Property-based tests: hypothesis draws the cases we did not think of.
 
 Shapes (empty, 1-d, N-d, sizes around the kernels' vector widths and block lengths,
-primes), dtypes, layouts (transposed, sliced with a step), options (z-loss and
-soft-capping among them) and logit scales;
+primes), dtypes, layouts (transposed, sliced with a step), options (z-loss,
+soft-capping and a language model's: temperature, per-token weights, shift, the exact
+normalizer) and logit scales;
 each backend against the op's reference with a float64 ground truth, under
 myext.testing's rule: our error at most twice PyTorch's own (F.cross_entropy's,
 F.linear's) in that dtype plus four units of the dtype's rounding at the largest true
@@ -103,7 +104,24 @@ def cross_entropy_case(backend, data):
     if weighted:
         kwargs["weight"] = torch.rand(classes, generator=torch.Generator().manual_seed(classes),
                                       dtype=torch.float64) + 0.25
+    kwargs.update(lm_options(data, batch, kind, reduction))
     assert_agrees("cross_entropy", backend, Sample(args, kwargs), dtype)
+
+
+def lm_options(data, batch, kind, reduction):
+    """A language model's options, drawn: temperature, per-element weights (some 0),
+    a shift along the batch shape's last dimension, the exact normalizer."""
+    options = dict(temperature=data.draw(st.sampled_from([1.0, 1.0, 0.5, 3.0]), label="temperature"))
+    if data.draw(st.booleans(), label="sample_weight"):
+        weights = torch.rand(batch, generator=torch.Generator().manual_seed(len(batch)), dtype=torch.float64) * 2
+        if weights.numel() > 2:
+            weights.view(-1)[2] = 0.0
+        options["sample_weight"] = weights
+    if kind == "class" and len(batch) and batch[-1] > 1:
+        options["shift"] = data.draw(st.sampled_from([0, 0, 1, batch[-1] - 1]), label="shift")
+    if reduction == "mean" and data.draw(st.booleans(), label="normalizer"):
+        options["normalizer"] = data.draw(st.sampled_from([1.0, 7.0, 1e3]), label="normalizer value")
+    return options
 
 
 def linear_relu_case(backend, data):
@@ -153,6 +171,7 @@ def linear_cross_entropy_case(backend, data):
             target.view(-1)[::2] = -100
     else:
         target = torch.softmax(laid_out(data, (*batch, classes), layout), dim=-1).requires_grad_()
+    kwargs.update(lm_options(data, batch, kind, kwargs["reduction"]))
     rows = x.numel() // max(features, 1)
     assert_agrees("linear_cross_entropy", backend, Sample((x, w, target), kwargs), dtype,
                   terms=max(features, classes, rows), amplification=1.0 + scale)
