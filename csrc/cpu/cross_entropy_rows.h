@@ -1053,12 +1053,15 @@ void backward_rows(const Rows<scalar_t>& in, scalar_t* grad, const at::Tensor& w
         z = z_scratch.data();
       }
       T* grad_row = grad_row_as_acc<scalar_t, T>(grad, r, n, g_scratch);
-      T scale = row_scale != nullptr ? row_scale[r] : scale_all;
+      // Uncapped, dz/dx is 1 / temperature for every logit: a factor of the row's
+      // coefficients, of which the gradient is linear, not one more pass over it.
+      const T slope_all = o.softcap == T(0) && tempered ? o.inv_temperature : T(1);
+      T scale = (row_scale != nullptr ? row_scale[r] : scale_all) * slope_all;
       if (factors.sample_weight != nullptr) scale *= factors.sample_weight[r];
       RowExtraGrads<T> extra;
-      if (factors.grad_logprob != nullptr) extra.logprob = factors.grad_logprob[r];
+      if (factors.grad_logprob != nullptr) extra.logprob = factors.grad_logprob[r] * slope_all;
       if constexpr (kEntropy) {
-        extra.entropy = factors.grad_entropy[r];
+        extra.entropy = factors.grad_entropy[r] * slope_all;
         extra.entropy_shift = factors.row_entropy[r] - row_log_sum[r];
       }
       const T* row_weight = shard != nullptr ? shard->row_weight + r : nullptr;
@@ -1072,8 +1075,6 @@ void backward_rows(const Rows<scalar_t>& in, scalar_t* grad, const at::Tensor& w
       if (o.softcap != T(0)) {
         at::vec::map2<T>([](Vectorized<T> g, Vectorized<T> d) { return g * d; }, grad_row, grad_row, slope.data(),
                          n);
-      } else if (tempered) {
-        temper(grad_row, grad_row, n, o.inv_temperature);
       }
       store_grad_row(grad_row, grad, r, n);
     }
