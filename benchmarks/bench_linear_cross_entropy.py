@@ -11,15 +11,16 @@ log-probabilities and entropies returned)::
 
     python benchmarks/bench_linear_cross_entropy.py            # N=4096 H=1024 V=32000 float32
     python benchmarks/bench_linear_cross_entropy.py --dtype bfloat16
-    python benchmarks/bench_linear_cross_entropy.py --only myext-cpp "myext-cpp, LM options" --rounds 9
+    python benchmarks/bench_linear_cross_entropy.py --only myext-cpp "myext-cpp, LM options" --rounds 12
 
-Times: the providers called in turn, round after round, the median of each (ratios
-within one run are what compare). Memory: each provider in a fresh process, one call
-after a warm-up, the growth of the resident set's peak (VmHWM) less the gradients the
-call returns: what the step holds beyond its results. The GEMM floor is the forward
-GEMM and the two gradient GEMMs into preallocated outputs, the least any
-implementation that makes the logits must do; with torch.mm (MKL on x86 CPUs) as the
-issue defines it, and through oneDNN, the GEMMs myext's cpp kernels run for float32.
+Times: the providers called in turn, round after round (every other round in reverse
+order), the median of each (ratios within one run are what compare). Memory: each
+provider in a fresh process, one call after a warm-up, the growth of the resident set's
+peak (VmHWM) less the gradients the call returns: what the step holds beyond its
+results. The GEMM floor is the forward GEMM and the two gradient GEMMs into
+preallocated outputs, the least any implementation that makes the logits must do; with
+torch.mm (MKL on x86 CPUs), and through oneDNN, the GEMMs myext's cpp kernels run for
+float32.
 """
 
 from __future__ import annotations
@@ -187,8 +188,9 @@ def main() -> None:
     for call in calls.values():
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(args.rounds):
-        for name, call in calls.items():
+    for round in range(args.rounds):
+        # Every other round in reverse, so that no provider always follows the same one.
+        for name, call in (reversed(calls.items()) if round % 2 else calls.items()):
             start = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - start)
