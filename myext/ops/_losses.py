@@ -23,7 +23,8 @@ SHARD_BACKWARD = "shard_backward"
 __all__ = ["NO_EXTRAS", "SHARD_BACKWARD", "CrossEntropyOutput", "Extras", "LMPlan", "Options", "capped",
            "check_class_indices", "check_class_weight", "check_lm_options", "check_options", "check_target",
            "check_vocab_parallel", "cross_entropy_2d", "extras", "finish", "finish_lm", "plan", "plan_lm",
-           "probability_target_grad", "reduce_rows", "reference_logprob_entropy", "reference_rows",
+           "probability_target_grad", "reduce_rows", "reference_logprob_entropy", "reference_objective",
+           "reference_rows",
            "refuse_class_weight_tangent", "row_logprob", "row_tangents", "target_grad_of", "tempered"]
 
 
@@ -635,6 +636,23 @@ def cross_entropy_2d(
     if z_loss is not None:
         loss = loss + z_loss.sum() / divisor
     return loss.to(out_dtype)
+
+
+def reference_objective(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                        sample_weight: Optional[torch.Tensor], options: Options, grad_loss: Optional[torch.Tensor],
+                        grad_logprob: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor]) -> torch.Tensor:
+    """The reference's loss times ``grad_loss``, plus its log-probabilities times
+    ``grad_logprob`` and its entropies times ``grad_entropy`` (each where given), summed:
+    the scalar whose gradient is the one backward gives for those upstream gradients."""
+    total = logits.new_zeros((), dtype=acc_dtype(logits.dtype))
+    if grad_loss is not None:
+        total = total + (options.reference(logits, target, weight, sample_weight) * grad_loss).sum()
+    logprob, entropy = reference_logprob_entropy(logits, target, options)
+    if grad_logprob is not None:
+        total = total + (logprob * grad_logprob).sum()
+    if grad_entropy is not None:
+        total = total + (entropy * grad_entropy).sum()
+    return total
 
 
 def tempered(z: torch.Tensor, temperature: float) -> torch.Tensor:

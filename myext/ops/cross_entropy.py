@@ -27,8 +27,8 @@ from ..backends import has_capability, op
 from ..distributed import VocabParallel, from_dtensor, is_dtensor, to_local
 from ._losses import (NO_EXTRAS, SHARD_BACKWARD, CrossEntropyOutput, Extras, Options, check_class_weight,
                       check_lm_options, check_options, check_target, cross_entropy_2d, finish, finish_lm, plan,
-                      plan_lm, probability_target_grad, reduce_rows, reference_logprob_entropy, reference_rows,
-                      refuse_class_weight_tangent, row_logprob, row_tangents)
+                      plan_lm, probability_target_grad, reduce_rows, reference_logprob_entropy, reference_objective,
+                      reference_rows, refuse_class_weight_tangent, row_logprob, row_tangents)
 from ._vocab_parallel import (VocabParallelCrossEntropyFunction, combine_shards, shard_logit_statistics, shard_weight,
                               vocab_parallel_extras_reference, vocab_parallel_reference)
 
@@ -292,13 +292,7 @@ def reference_input_grad(grad_loss: torch.Tensor, input: torch.Tensor, target: t
         return vjp_of(lambda x: options.reference(x, target, weight, sample_weight), (input,), grad_loss, (True,))[0]
 
     def objective(x):
-        total = (options.reference(x, target, weight, sample_weight) * grad_loss).sum()
-        logprob, entropy = reference_logprob_entropy(x, target, options)
-        if grad_logprob is not None:
-            total = total + (logprob * grad_logprob).sum()
-        if grad_entropy is not None:
-            total = total + (entropy * grad_entropy).sum()
-        return total
+        return reference_objective(x, target, weight, sample_weight, options, grad_loss, grad_logprob, grad_entropy)
 
     return vjp_of(objective, (input,), torch.ones((), dtype=acc_dtype(input.dtype), device=input.device), (True,))[0]
 

@@ -31,8 +31,8 @@ from ..backends import op
 from . import cross_entropy as ce
 from ._losses import (NO_EXTRAS, SHARD_BACKWARD, CrossEntropyOutput, Extras, Options, check_class_weight,
                       check_lm_options, check_options, check_target, cross_entropy_2d, finish, finish_lm, plan,
-                      plan_lm, probability_target_grad, reduce_rows, reference_logprob_entropy, reference_rows,
-                      refuse_class_weight_tangent, row_logprob, row_tangents)
+                      plan_lm, probability_target_grad, reduce_rows, reference_logprob_entropy, reference_objective,
+                      reference_rows, refuse_class_weight_tangent, row_logprob, row_tangents)
 from ._vocab_parallel import (VocabParallelLinearCrossEntropyFunction, combine_shards, shard_logit_statistics,
                               shard_weight, vocab_parallel_extras_reference, vocab_parallel_reference)
 from .linear_relu import affine, affine_tangent
@@ -331,16 +331,8 @@ def _reference_grads(grad_loss, input, linear_weight, linear_bias, target, weigh
                       (input, linear_weight, linear_bias, target), grad_loss, wanted)
 
     def objective(x, w, b, t):
-        logits = affine(x, w, b)
-        total = logits.new_zeros((), dtype=acc_dtype(logits.dtype))
-        if grad_loss is not None:
-            total = total + (options.reference(logits, t, weight, sample_weight) * grad_loss).sum()
-        logprob, entropy = reference_logprob_entropy(logits, t, options)
-        if grad_logprob is not None:
-            total = total + (logprob * grad_logprob).sum()
-        if grad_entropy is not None:
-            total = total + (entropy * grad_entropy).sum()
-        return total
+        return reference_objective(affine(x, w, b), t, weight, sample_weight, options, grad_loss, grad_logprob,
+                                   grad_entropy)
 
     return vjp_of(objective, (input, linear_weight, linear_bias, target),
                   torch.ones((), dtype=acc_dtype(input.dtype), device=input.device), wanted)
