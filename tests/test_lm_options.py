@@ -110,6 +110,21 @@ def test_logprob_and_entropy_are_pytorchs(backend, device, loss):
     assert out.lse.shape == labels.shape
 
 
+def test_entropy_of_a_row_without_a_softmax_is_nan(backend, device):
+    """A row of -inf logits, or with a +inf or NaN one, has no softmax: its entropy is
+    NaN on every backend and in the reference (the kernels' and PyTorch's answer), and
+    a finite row's is not touched."""
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[-inf] * 5, [0.0, inf, 1.0, 2.0, 3.0], [0.0, nan, 1.0, 2.0, 3.0], [0.0, -inf, 1.0, 2.0, 3.0]],
+                     dtype=torch.float64, device=device)
+    out = myext.cross_entropy(x, torch.tensor([0, 1, 2, 3], device=device), reduction="none", return_entropy=True,
+                              backend=backend)
+    assert out.entropy[:3].isnan().all()
+    finite = x[3, [0, 2, 3, 4]]
+    want = -(torch.softmax(finite, 0) * torch.log_softmax(finite, 0)).sum()
+    torch.testing.assert_close(out.entropy[3], want)
+
+
 @pytest.mark.parametrize("loss", ["linear_cross_entropy", "cross_entropy"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck_through_every_output(backend, device, loss, reduction):

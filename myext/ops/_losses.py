@@ -664,7 +664,8 @@ def reference_logprob_entropy(input: torch.Tensor, target: torch.Tensor, options
     """Each row's log-probability of its class-index target (None for probabilities)
     and the entropy of its softmax, from torch ops that differentiate: 0 for ignored
     rows (whose logits are not read), and a class of probability 0 adds 0 to the
-    entropy (the limit of p log p), not NaN. In the accumulation dtype."""
+    entropy (the limit of p log p), not NaN; NaN for a row without a finite
+    log-sum-exp. In the accumulation dtype."""
     acc = acc_dtype(input.dtype)
     x = input.to(acc)
     kept = None if target.is_floating_point() else target != options.ignore_index
@@ -675,6 +676,9 @@ def reference_logprob_entropy(input: torch.Tensor, target: torch.Tensor, options
     gap = lse.unsqueeze(1) - z
     p = torch.exp(-gap)
     entropy = torch.where(p > 0, p * torch.where(p > 0, gap, 0.0), 0.0).sum(dim=1)
+    # A row with a NaN or +inf logit, or with every logit -inf, has no softmax (as
+    # PyTorch's -sum(p log p) is NaN there): NaN, not the 0 the masked sum would give.
+    entropy = torch.where(lse.isfinite(), entropy, math.nan)
     logprob = None
     if kept is not None:
         safe = torch.where(kept, target, torch.zeros_like(target))

@@ -348,7 +348,8 @@ def vocab_parallel_extras_reference(input: torch.Tensor, target: torch.Tensor, o
     sum_exp = all_reduce_sum(e.sum(dim=1), shard.group)
     gaps = all_reduce_sum(torch.where(e > 0, e * torch.where(e > 0, -u, 0.0), 0.0).sum(dim=1), shard.group)
     lse = m + torch.log(sum_exp)
-    entropy = torch.log(sum_exp) + gaps / sum_exp
+    # NaN without a finite log-sum-exp, as the single-process reference's.
+    entropy = torch.where(lse.isfinite(), torch.log(sum_exp) + gaps / sum_exp, math.nan)
     if kept is None:
         return None, entropy
     local = target - shard.start
