@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import warnings
 from collections import Counter
@@ -24,18 +23,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import nn as myext_nn
+from ._patterns import call_args, cross_entropy_options, linear_kind, module_of, relu_name
 from .functional import cross_entropy, linear_cross_entropy, linear_relu
 
 __all__ = ["FuseTraceError", "Fusion", "fuse"]
 
 logger = logging.getLogger(__name__)
-
-# The call_function targets fx records for F.relu, torch.relu and their in-place forms
-# (F.relu_ is torch.relu_ itself), with the names the fusion summary gives them.
-_RELU_FUNCTIONS = {F.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_"}
-_RELU_METHODS = ("relu", "relu_")
-_CROSS_ENTROPY_SIGNATURE = inspect.signature(F.cross_entropy)
-
 
 class FuseTraceError(fx.proxy.TraceError):
     """Raised when :func:`myext.fuse` cannot trace a model with torch.fx."""
@@ -155,51 +148,13 @@ def fuse(
     return gm
 
 
-def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def _linear_kind(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
-    """'module' for a call of an nn.Linear, 'function' for F.linear, else None."""
-    if node.op == "call_module":
-        module = _module(gm, node)
-        # A subclass with its own forward may compute something else: only Linear.forward fuses.
-        if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
-            return "module"
-    if node.op == "call_function" and node.target is F.linear:
-        return "function"
-    return None
-
-
-def _relu_name(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
-    """How the node applies a ReLU to its first argument ('nn.ReLU', 'F.relu', ...), or None."""
-    if node.op == "call_module":
-        module = _module(gm, node)
-        if isinstance(module, nn.ReLU) and type(module).forward is nn.ReLU.forward:
-            return f"{node.target} (nn.ReLU)"
-    elif node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-        return _RELU_FUNCTIONS[node.target]
-    elif node.op == "call_method" and node.target in _RELU_METHODS:
-        return f"Tensor.{node.target}"
-    return None
-
-
-def _call_args(node: fx.Node, names: tuple[str, ...]) -> list[Any]:
-    """The node's arguments in the order of ``names`` (positional or keyword), None if absent."""
-    values = list(node.args) + [None] * (len(names) - len(node.args))
-    for i, arg_name in enumerate(names):
-        if arg_name in node.kwargs:
-            values[i] = node.kwargs[arg_name]
-    return values[:len(names)]
-
-
 def _fuse_linear_relu(gm: fx.GraphModule, backend: Optional[str], fusions: list[Fusion], skipped: list[str]) -> None:
     graph = gm.graph
     pairs: list[tuple[fx.Node, fx.Node, str]] = []
     for node in graph.nodes:
-        if _linear_kind(gm, node) is None:
+        if linear_kind(gm, node) is None:
             continue
-        relus = [(user, _relu_name(gm, user)) for user in node.users]
+        relus = [(user, relu_name(gm, user)) for user in node.users]
         relus = [(user, how) for user, how in relus if how is not None and user.args and user.args[0] is node]
         if not relus:
             continue
@@ -247,8 +202,8 @@ def _linear_operands(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any, Any]:
     """(input, weight, bias) of a Linear node, as graph values at the insertion point:
     an nn.Linear module's parameters are read with get_attr."""
     if node.op != "call_module":
-        return tuple(_call_args(node, ("input", "weight", "bias")))
-    (x,) = _call_args(node, ("input",))
+        return tuple(call_args(node, ("input", "weight", "bias")))
+    (x,) = call_args(node, ("input",))
     weight = gm.graph.get_attr(f"{node.target}.weight")
     bias = gm.graph.get_attr(f"{node.target}.bias") if gm.get_submodule(node.target).bias is not None else None
     return x, weight, bias
@@ -256,32 +211,6 @@ def _linear_operands(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any, Any]:
 
 def _describe_linear(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"{node.target} (nn.Linear)" if node.op == "call_module" else f"{node.name} (F.linear)"
-
-
-def _cross_entropy_options(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[Any, Any, dict[str, Any], str]]:
-    """For a cross-entropy node (an nn.CrossEntropyLoss module or F.cross_entropy):
-    (its logits, its target, its options as keywords of myext's, how it is named); a
-    module's class weight is given as the name of its buffer. None for anything else,
-    and for calls with the deprecated size_average or reduce."""
-    if node.op == "call_module":
-        module = _module(gm, node)
-        if not (isinstance(module, nn.CrossEntropyLoss) and not isinstance(module, myext_nn.CrossEntropyLoss)
-                and type(module).forward is nn.CrossEntropyLoss.forward):
-            return None
-        logits, target = _call_args(node, ("input", "target"))
-        weight = f"{node.target}.weight" if module.weight is not None else None
-        return logits, target, dict(weight=weight, ignore_index=module.ignore_index, reduction=module.reduction,
-                                    label_smoothing=module.label_smoothing), f"{node.target} (nn.CrossEntropyLoss)"
-    if node.op == "call_function" and node.target is F.cross_entropy:
-        bound = _CROSS_ENTROPY_SIGNATURE.bind(*node.args, **node.kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        # The deprecated flags fold into reduction with PyTorch's warnings; rather than
-        # re-implement that, such calls keep running PyTorch's op.
-        if arguments.pop("size_average") is not None or arguments.pop("reduce") is not None:
-            return None
-        return arguments.pop("input"), arguments.pop("target"), arguments, f"{node.name} (F.cross_entropy)"
-    return None
 
 
 def linear_then_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
@@ -298,10 +227,10 @@ def linear_then_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, 
 def _fuse_linear_cross_entropy(gm: fx.GraphModule, backend: Optional[str], fusions: list[Fusion]) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
-        if _linear_kind(gm, node) is None or len(node.users) != 1:
+        if linear_kind(gm, node) is None or len(node.users) != 1:
             continue
         (loss,) = node.users
-        found = _cross_entropy_options(gm, loss)
+        found = cross_entropy_options(gm, loss)
         if found is None or found[0] is not node:
             continue
         _, target, options, loss_name = found
@@ -320,13 +249,13 @@ def _fuse_linear_cross_entropy(gm: fx.GraphModule, backend: Optional[str], fusio
 def _replace_cross_entropy(gm: fx.GraphModule, backend: Optional[str], fusions: list[Fusion]) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "call_module":
-            module = _module(gm, node)
+            module = module_of(gm, node)
             if (isinstance(module, nn.CrossEntropyLoss) and not isinstance(module, myext_nn.CrossEntropyLoss)
                     and type(module).forward is nn.CrossEntropyLoss.forward):
                 _set_submodule(gm, node.target, myext_nn.CrossEntropyLoss.from_torch(module, backend))
                 fusions.append(Fusion("cross_entropy", f"{node.target} (nn.CrossEntropyLoss)",
                                       f"{node.target} (myext.nn.CrossEntropyLoss)"))
-        elif node.op == "call_function" and (found := _cross_entropy_options(gm, node)) is not None:
+        elif node.op == "call_function" and (found := cross_entropy_options(gm, node)) is not None:
             input, target, arguments, name = found
             node.target = cross_entropy
             node.args = (input, target)
