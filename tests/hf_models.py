@@ -27,7 +27,8 @@ ARCHITECTURES = {
         hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0, sliding_window=8)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
-        n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)),
+        n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),  # no dropout: runs comparable
 }
 
 
