@@ -176,6 +176,21 @@ def test_backend_torch_matches_default():
     assert_same_training(fused, torch_fused, run(fused, inputs).loss, run(torch_fused, inputs).loss)
 
 
+def test_torch_compile():
+    """torch.compile(model) goes through the fused forward (dynamo's eager backend: the
+    trace, not inductor's code generation, which this test does not need)."""
+    _, fused = pair("llama")
+    inputs = batch(seq=6)
+    expected = run(fused, inputs)
+    grads = {n: p.grad for n, p in fused.named_parameters()}
+    compiled = torch.compile(fused, backend="eager")
+    got = run(compiled, inputs)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, expected.loss, rtol=RTOL, atol=ATOL)
+    for n, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=RTOL, atol=ATOL, msg=n)
+
+
 def test_unfuse_and_fuse_twice():
     model = tiny_causal_lm("llama")
     assert fuse_causal_lm(model) is model
@@ -186,7 +201,7 @@ def test_unfuse_and_fuse_twice():
     inputs = batch()
     assert model(**inputs).logits is None and copied(**inputs).logits is None
     assert unfuse_causal_lm(model) is model
-    assert "forward" not in model.__dict__
+    assert "forward" not in model.__dict__ and "forward" not in model.lm_head.__dict__
     assert model(**inputs).logits.shape == (2, 12, VOCAB)
     assert unfuse_causal_lm(model) is model  # not fused: unchanged
 

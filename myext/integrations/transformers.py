@@ -36,7 +36,6 @@ _LOGIT_TRANSFORMS = {
     "logits_mup_width_multiplier": 1.0, "logits_soft_cap": None, "output_logit_soft_cap": None,
 }
 _SOFTCAP = "final_logit_softcapping"
-_MISSING = object()
 
 
 def fuse_causal_lm(model: transformers.PreTrainedModel, *, backend: Optional[str] = None,
@@ -46,10 +45,10 @@ def fuse_causal_lm(model: transformers.PreTrainedModel, *, backend: Optional[str
     The model is changed in place: its ``forward`` (an instance attribute, so that
     ``model(...)``, ``generate()`` and ``torch.compile(model)`` go through it) runs the
     model's own forward. Called without ``labels`` it is that forward, unchanged: the
-    logits as before, generation as before. Called with ``labels``, the output layer
-    (``model.get_output_embeddings()``) is replaced, for that call only, by a capture of
-    its input that returns an empty ``(*, 0)`` tensor, and the forward runs with
-    ``labels=None``; the loss is then ``linear_cross_entropy(hidden_states, head.weight,
+    logits as before, generation as before. Called with ``labels``, the forward runs
+    with ``labels=None`` and the output layer (``model.get_output_embeddings()``, whose
+    ``forward`` is switched at fuse time) records its input hidden states and returns an
+    empty ``(*, 0)`` tensor for that call, so that no logits are made; the loss is then ``linear_cross_entropy(hidden_states, head.weight,
     labels, linear_bias=head.bias, shift=1)``, as Hugging Face's causal-LM loss is:
     tokens ``< t`` predict token ``t``, labels ``ignore_index`` (-100, or the
     ``ignore_index`` keyword of the call) ignored, the mean over the others, or the sum
@@ -102,7 +101,10 @@ def fuse_causal_lm(model: transformers.PreTrainedModel, *, backend: Optional[str
         current.backend, current.chunk_size = backend, chunk_size
         return model
     layout = _check_layout(model)
-    model.forward = _FusedForward(model, current, layout, backend, chunk_size)
+    fused = _FusedForward(model, current, layout, backend, chunk_size)
+    head = model.get_output_embeddings()
+    head.forward = _HeadForward(head, head.__dict__.get("forward"), fused)
+    model.forward = fused
     return model
 
 
@@ -117,15 +119,23 @@ def unfuse_causal_lm(model: transformers.PreTrainedModel) -> transformers.PreTra
     """
     current = model.__dict__.get("forward")
     if isinstance(current, _FusedForward):
-        if current.instance_forward is None:
-            del model.forward
-        else:
-            model.forward = current.instance_forward
+        for module in model.modules():
+            head_forward = module.__dict__.get("forward")
+            if isinstance(head_forward, _HeadForward) and head_forward.owner is current:
+                _restore(module, head_forward.instance_forward)
+        _restore(model, current.instance_forward)
         return model
     if any(isinstance(v, _FusedForward) for v in _closure_values(current)):
         raise RuntimeError("model.forward was replaced after fuse_causal_lm (it wraps the fused forward); "
                            "remove that wrapper first")
     return model
+
+
+def _restore(module: nn.Module, instance_forward: Any) -> None:
+    if instance_forward is None:
+        del module.forward
+    else:
+        module.forward = instance_forward
 
 
 def _closure_values(function: Any) -> list:
@@ -267,6 +277,7 @@ class _FusedForward:
         self.layout = layout
         self.backend = backend
         self.chunk_size = chunk_size
+        self.captured = None  # during a call with labels, the hidden states the head was called on
 
     def original(self):
         """The forward the model had before fusing, bound to it."""
@@ -309,23 +320,16 @@ class _FusedForward:
         ignore_index = kwargs.get("ignore_index", -100)
 
         head = model.get_output_embeddings()
-        if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
-            raise TypeError(f"the output embeddings are now {type(head).__name__}, not an nn.Linear")
-        captured = []
-
-        def capture(hidden: torch.Tensor) -> torch.Tensor:
-            captured.append(hidden)
-            return hidden.new_empty((*hidden.shape[:-1], 0))  # logits of no class: nothing made
-
-        previous = head.__dict__.get("forward", _MISSING)
-        head.forward = capture
+        head_forward = head.__dict__.get("forward")
+        if not isinstance(head_forward, _HeadForward) or head_forward.owner is not self:
+            raise RuntimeError(f"{type(model).__name__}'s output embeddings were replaced after fuse_causal_lm; "
+                               "fuse the model again")
+        # The head's forward captures its input for this call, and makes no logits.
+        self.captured = captured = []
         try:
             output = forward(*args, **kwargs)
         finally:
-            if previous is _MISSING:
-                del head.forward
-            else:
-                head.forward = previous
+            self.captured = None
         if len(captured) != 1:
             raise RuntimeError(f"{type(model).__name__}.forward called its output layer {len(captured)} times, "
                                "not once: the fused loss needs the one call's hidden states")
@@ -361,6 +365,32 @@ class _FusedForward:
         if value is None and hasattr(config, "get_text_config"):
             value = getattr(config.get_text_config(decoder=True), _SOFTCAP, None)
         return value
+
+
+class _HeadForward:
+    """The output layer's ``forward`` while fused: ``nn.Linear``'s (or the one the layer
+    had), except during a fused call with labels, where it records its input and returns
+    an empty ``(*, 0)`` tensor, logits of no class, so that forward makes none and what
+    it does to them after the head (Gemma's soft cap) costs nothing. Installed once at
+    fuse time and switched by the fused forward's state, not swapped at each call, so
+    that torch.compile traces a call without a module attribute changing under it."""
+
+    def __init__(self, head: nn.Linear, instance_forward: Any, owner: _FusedForward):
+        self.head = head
+        self.instance_forward = instance_forward
+        self.owner = owner
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        captured = self.owner.captured
+        if captured is None:
+            if self.instance_forward is not None:
+                return self.instance_forward(hidden)
+            return nn.Linear.forward(self.head, hidden)
+        captured.append(hidden)
+        return hidden.new_empty((*hidden.shape[:-1], 0))
+
+    def __repr__(self) -> str:
+        return "<myext fused head forward>"
 
 
 def _take(parameters: list, name: str, args: tuple, kwargs: dict):
