@@ -200,6 +200,10 @@ def test_unfuse_and_fuse_twice():
     assert copied.forward is not fused_forward and copied.forward.model is copied
     inputs = batch()
     assert model(**inputs).logits is None and copied(**inputs).logits is None
+    copied.lm_head = torch.nn.Linear(32, VOCAB, bias=False, dtype=torch.float64)  # a new head: fuse again
+    with pytest.raises(RuntimeError, match="fuse the model again"):
+        copied(**inputs)
+    assert fuse_causal_lm(copied)(**inputs).logits is None
     assert unfuse_causal_lm(model) is model
     assert "forward" not in model.__dict__ and "forward" not in model.lm_head.__dict__
     assert model(**inputs).logits.shape == (2, 12, VOCAB)

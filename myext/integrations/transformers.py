@@ -67,8 +67,9 @@ def fuse_causal_lm(model: transformers.PreTrainedModel, *, backend: Optional[str
     float32. Tied input and output embeddings need nothing: the head's weight is the
     embedding, and gets its gradient from the loss.
 
-    Fusing is idempotent: fusing a fused model wraps nothing twice and only takes the
-    new ``backend`` and ``chunk_size``. :func:`unfuse_causal_lm` undoes it.
+    Fusing is idempotent: fusing a fused model wraps nothing twice and takes the new
+    ``backend`` and ``chunk_size`` (and captures its output layer again if it was
+    replaced since). :func:`unfuse_causal_lm` undoes it.
 
     Args:
         model: a ``transformers.PreTrainedModel`` with the causal-LM loss
@@ -99,6 +100,11 @@ def fuse_causal_lm(model: transformers.PreTrainedModel, *, backend: Optional[str
     current = model.__dict__.get("forward") if isinstance(model, nn.Module) else None
     if isinstance(current, _FusedForward):
         current.backend, current.chunk_size = backend, chunk_size
+        head = model.get_output_embeddings()
+        head_forward = head.__dict__.get("forward") if isinstance(head, nn.Module) else None
+        if not (isinstance(head_forward, _HeadForward) and head_forward.owner is current):
+            current.layout = _check_layout(model)  # the head was replaced since: check and capture the new one
+            head.forward = _HeadForward(head, head_forward, current)
         return model
     layout = _check_layout(model)
     fused = _FusedForward(model, current, layout, backend, chunk_size)
