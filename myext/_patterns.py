@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import operator
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +179,8 @@ def _cast_dtype(node: fx.Node) -> Optional[torch.dtype]:
     return None
 
 
-def _name(node: fx.Node) -> str:
+def step_name(node: fx.Node) -> str:
+    """How a report names a step: the method's or the function's name."""
     return node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
 
 
@@ -187,7 +188,7 @@ def _layout_step(node: fx.Node, classes: Optional[int], ndim: Optional[int]) -> 
     """The step ``node`` takes on logits of ``classes`` classes in their last dimension
     (of ``ndim`` dimensions where known), as :func:`replay` takes it, or why it is not
     one that commutes with the Linear."""
-    name = _name(node)
+    name = step_name(node)
     if _is_method_or_function(node, ("view", "reshape"), (torch.reshape,)):
         shape = node.args[1:] if node.op == "call_method" else node.args[1:2]
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -222,10 +223,15 @@ def _layout_step(node: fx.Node, classes: Optional[int], ndim: Optional[int]) -> 
     return f"{name}, which myext does not fuse through"
 
 
-def head_chain(linear: fx.Node, classes: Optional[int]) -> Union[HeadChain, str]:
+def is_cross_entropy_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is F.cross_entropy
+
+
+def head_chain(linear: fx.Node, classes: Optional[int],
+               is_loss: Callable[[fx.Node], bool] = is_cross_entropy_call) -> Union[HeadChain, str]:
     """Follows the output of the Linear ``linear`` (of ``classes`` output features, None
     where the graph does not say) to a
-    cross-entropy through steps that commute with the Linear, each used only by the next.
+    cross-entropy (a node ``is_loss`` accepts) through steps that commute with the Linear, each used only by the next.
     Returns the chain, or why there is none (a string)."""
     steps: list[tuple[Any, ...]] = []
     between: list[fx.Node] = []
@@ -241,7 +247,7 @@ def head_chain(linear: fx.Node, classes: Optional[int]) -> Union[HeadChain, str]
             what = "the logits" if node is linear else f"the logits' {node.name}"
             return f"{what} are used by {users}, not only by a cross-entropy"
         (user,) = node.users
-        if user.op == "call_function" and user.target is F.cross_entropy:
+        if is_loss(user):
             if user.args[:1] != (node,):
                 return "the logits are the cross-entropy's target, not its input"
             return HeadChain(user, tuple(between), tuple(steps), softcap, dtype)
@@ -260,7 +266,7 @@ def head_chain(linear: fx.Node, classes: Optional[int]) -> Union[HeadChain, str]
             pass
         elif ("classes_second",) in steps:
             # The last dimension is no longer the classes': nothing but casts from here.
-            return f"{_name(user)} after the classes' move to dimension 1"
+            return f"{step_name(user)} after the classes' move to dimension 1"
         elif (classes_second := _classes_to_dim_1(user, ndim)) is not None:
             if not classes_second:
                 return "a transpose or permute other than the classes to dimension 1 of (B, T, C) logits"

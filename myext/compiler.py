@@ -28,7 +28,7 @@ import torch
 from torch import fx
 
 from ._patterns import (call_args, cross_entropy_options, head_chain, linear_cross_entropy_chain, linear_kind,
-                        relu_name)
+                        relu_name, step_name)
 from .functional import linear_relu
 from .fuse import Fusion
 
@@ -187,7 +187,7 @@ def rewrite(gm: fx.GraphModule, kernels: Optional[str] = None) -> GraphReport:
         chain.loss.replace_all_uses_with(fused)
         for dead in (chain.loss, *reversed(chain.between), node):
             graph.erase_node(dead)
-        through = "".join(f" -> {_step_name(n)}" for n in chain.between)
+        through = "".join(f" -> {step_name(n)}" for n in chain.between)
         fusions.append(Fusion("linear_cross_entropy", f"{name}{through} + {loss_name}", "myext.linear_cross_entropy"))
     graph.lint()
     gm.recompile()
@@ -204,10 +204,6 @@ def _describe(node: fx.Node) -> str:
             path = found.group(2) or found.group(1)
         return f"{path or node.name} (nn.Linear)"
     return f"{node.name} (F.linear)"
-
-
-def _step_name(node: fx.Node) -> str:
-    return node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
 
 
 def _reaches_loss_or_relu(gm: fx.GraphModule, linear: fx.Node, depth: int = 16) -> Optional[str]:

@@ -18,13 +18,12 @@ import warnings
 from collections import Counter
 from typing import Any, NamedTuple, Optional
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from . import nn as myext_nn
-from ._patterns import call_args, cross_entropy_options, linear_kind, module_of, relu_name
-from .functional import cross_entropy, linear_cross_entropy, linear_relu
+from ._patterns import (call_args, cross_entropy_options, head_chain, linear_cross_entropy_chain, linear_kind,
+                        module_of, relu_name, step_name)
+from .functional import cross_entropy, linear_relu
 
 __all__ = ["FuseTraceError", "Fusion", "fuse"]
 
@@ -213,37 +212,39 @@ def _describe_linear(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"{node.target} (nn.Linear)" if node.op == "call_module" else f"{node.name} (F.linear)"
 
 
-def linear_then_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
-                              target: torch.Tensor, *, backend: Optional[str] = None, **options: Any) -> torch.Tensor:
-    """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, **options)``
-    as :func:`myext.fuse` writes it: one :func:`myext.linear_cross_entropy` for input
-    ``(N, H)`` or ``(H)``. For more dimensions the Linear's logits are ``(N, *, C)``,
-    which cross-entropy reads with the classes second, so the two steps stay."""
-    if input.dim() > 2:
-        return cross_entropy(F.linear(input, linear_weight, linear_bias), target, backend=backend, **options)
-    return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, backend=backend, **options)
-
-
 def _fuse_linear_cross_entropy(gm: fx.GraphModule, backend: Optional[str], fusions: list[Fusion]) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
-        if linear_kind(gm, node) is None or len(node.users) != 1:
+        if node.graph is not graph or linear_kind(gm, node) is None:
             continue
-        (loss,) = node.users
-        found = cross_entropy_options(gm, loss)
-        if found is None or found[0] is not node:
+        chain = head_chain(node, _classes(gm, node), lambda n: cross_entropy_options(gm, n) is not None)
+        if isinstance(chain, str):
             continue
-        _, target, options, loss_name = found
+        loss = chain.loss
+        _, target, options, loss_name = cross_entropy_options(gm, loss)
         with graph.inserting_before(loss):
             if loss.op == "call_module" and options["weight"] is not None:
                 options["weight"] = graph.get_attr(options["weight"])
-            fused = graph.call_function(linear_then_cross_entropy, (*_linear_operands(gm, node), target),
-                                        {**options, "backend": backend})
+            fused = graph.call_function(
+                linear_cross_entropy_chain, (*_linear_operands(gm, node), target),
+                {**options, "steps": chain.steps, "softcap": chain.softcap, "dtype": chain.dtype, "backend": backend})
         loss.replace_all_uses_with(fused)
-        graph.erase_node(loss)
-        graph.erase_node(node)
-        fusions.append(Fusion("linear_cross_entropy", f"{_describe_linear(gm, node)} + {loss_name}",
+        for dead in (loss, *reversed(chain.between), node):
+            graph.erase_node(dead)
+        through = "".join(f" -> {step_name(n)}" for n in chain.between)
+        fusions.append(Fusion("linear_cross_entropy", f"{_describe_linear(gm, node)}{through} + {loss_name}",
                               "myext.linear_cross_entropy"))
+
+
+def _classes(gm: fx.GraphModule, node: fx.Node) -> Optional[int]:
+    """The Linear's output features where the graph says: an nn.Linear's, or those of
+    an F.linear's weight read from the model."""
+    if node.op == "call_module":
+        return gm.get_submodule(node.target).out_features
+    (weight,) = call_args(node, ("weight",))
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        return fx.graph_module._get_attr(gm, weight.target).shape[0]
+    return None
 
 
 def _replace_cross_entropy(gm: fx.GraphModule, backend: Optional[str], fusions: list[Fusion]) -> None:

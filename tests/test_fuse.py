@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import fx
 
 import myext
-from myext.fuse import FuseTraceError, linear_then_cross_entropy
+from myext._patterns import linear_cross_entropy_chain
+from myext.fuse import FuseTraceError
 from myext.nn import CrossEntropyLoss, FusedLinearReLU
 from article import MultiTaskNet, SimpleNet  # the article's classes, verbatim
 
@@ -251,7 +252,7 @@ def test_linear_into_cross_entropy_becomes_one_fused_op(criterion):
     assert sorted(str(f) for f in fused.myext_fusions) == sorted([
         "net.fc1 (nn.Linear) + torch.relu -> net.fc1 (myext.nn.FusedLinearReLU)",
         f"net.fc2 (nn.Linear) + {loss_name} -> myext.linear_cross_entropy"])
-    assert [target for _, target in ops_in(fused)][-1] is linear_then_cross_entropy
+    assert [target for _, target in ops_in(fused)][-1] is linear_cross_entropy_chain
     assert list(fused.state_dict()) == keys
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     assert_same_function(model, fused, x, y)
@@ -373,3 +374,40 @@ def test_fused_model_saves_and_loads():
 def test_rejects_non_modules():
     with pytest.raises(TypeError, match="expects an nn.Module"):
         myext.fuse(lambda x: x)
+
+
+class CausalHead(nn.Module):
+    """A language model's head as symbolic tracing sees it: the logits cast, shifted and
+    flattened on their way to the loss."""
+
+    def __init__(self, softcap=None):
+        super().__init__()
+        self.lm_head = nn.Linear(16, 23, bias=False)
+        self.softcap = softcap
+
+    def forward(self, hidden, labels):
+        logits = self.lm_head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        logits = logits.float()
+        return F.cross_entropy(logits[..., :-1, :].reshape(-1, 23), labels[..., 1:].reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_linear_through_a_causal_shift_into_cross_entropy(softcap):
+    """The steps between a head and its loss, as the compile backend follows them (the
+    patterns are shared): the fused op replays the slice and view on the hidden states."""
+    model = CausalHead(softcap).double()
+    fused = myext.fuse(model)
+    steps = "truediv -> tanh -> mul -> float" if softcap else "float"
+    assert [str(f) for f in fused.myext_fusions] == [
+        f"lm_head (nn.Linear) -> {steps} -> getitem -> reshape + cross_entropy (F.cross_entropy)"
+        " -> myext.linear_cross_entropy"]
+    hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 23, (3, 7))
+    labels[0, 2] = -100
+    loss, expected = fused(hidden, labels), model(hidden, labels)
+    assert loss.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(loss, expected)
+    (grad,), (expected_grad,) = torch.autograd.grad(loss, hidden), torch.autograd.grad(expected, hidden)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-7)
