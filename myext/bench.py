@@ -2,7 +2,9 @@
 
 For each registered op (myext.registry), pass (forward, forward+backward), size of its
 sweep and provider (one per myext backend available on the device, plus ``eager`` and
-``compile``, the same computation in plain PyTorch) it measures:
+``compile``, the same computation in plain PyTorch, and the other libraries' implementations
+the op's spec names as alternatives, each left out with a line saying why where it cannot
+run) it measures:
 
 * the median (and the minimum) time of a call: on the CPU with ``time.perf_counter``,
   on CUDA with CUDA events. Providers are timed in turns, one call each per round,
@@ -78,7 +80,8 @@ QUICK_SETTINGS = Settings(warmup=1, min_repeats=3, max_repeats=5, budget_s=0.2)
 # The computations: myext's and PyTorch's, each as a function of the op's inputs.
 
 def op_impl(op: str, provider: str) -> Callable[..., torch.Tensor]:
-    """The function that computes ``op`` for a provider: "eager", "compile" or "myext-<backend>".
+    """The function that computes ``op`` for a provider: "eager", "compile", one of the op's
+    alternatives (raising registry.Unavailable where it cannot run) or "myext-<backend>".
 
     "compile" gives a new ``torch.compile`` of the eager function. Dynamo caches compiled
     code per code object, for a few shapes only: call ``torch._dynamo.reset()`` before a
@@ -89,9 +92,29 @@ def op_impl(op: str, provider: str) -> Callable[..., torch.Tensor]:
         return spec.benchmark.eager
     if provider == "compile":
         return torch.compile(spec.benchmark.eager)
+    if provider in spec.benchmark.alternatives:
+        return spec.benchmark.alternatives[provider].make()
     if not provider.startswith("myext-"):
         raise ValueError(f"unknown provider {provider!r}")
     return functools.partial(spec.function, backend=provider[len("myext-"):])
+
+
+def op_providers(op: str, backends: Sequence[str], compiled: bool = True) -> list[str]:
+    """The providers timed for ``op``: myext's backends, the baselines, and the op's
+    alternatives that can run here; each one left out is named, with why, on stdout.
+    ``compiled=False`` leaves out whatever runs through torch.compile."""
+    alternatives = registry.get(op).benchmark.alternatives
+    providers = [f"myext-{b}" for b in backends] + [p for p in BASELINES if compiled or p != "compile"]
+    for name, alternative in alternatives.items():
+        if alternative.compiled and not compiled:
+            continue
+        try:
+            alternative.make()
+        except registry.Unavailable as why:
+            print(f"{op}: {name} skipped, {why}", flush=True)
+            continue
+        providers.append(name)
+    return providers
 
 
 def inputs(op: str, shape: Mapping[str, int], *, device: torch.device | str, dtype: torch.dtype,
@@ -339,7 +362,7 @@ TABLE_COLUMNS = [
     ("op", 13, lambda r: r["op"]),
     ("pass", 7, lambda r: r["pass"]),
     ("shape", 16, lambda r: r["label"]),
-    ("provider", 11, lambda r: r["provider"]),
+    ("provider", 17, lambda r: r["provider"]),
     ("median ms", 10, lambda r: f"{r['median_ms']:.3f}"),
     ("min ms", 10, lambda r: f"{r['min_ms']:.3f}"),
     ("rate", 14, lambda r: f"{r['rate']:.1f} {r['unit']}"),
@@ -470,7 +493,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and few repeats: a smoke test in seconds")
     parser.add_argument("--no-compile", action="store_true",
-                        help="leave out the torch.compile baseline (whose compiling takes most of a --quick run)")
+                        help="leave out the providers that run through torch.compile, the compile baseline "
+                             "among them (compiling takes most of a --quick run)")
     parser.add_argument("--json", metavar="PATH", help="write the results here as JSON")
     parser.add_argument("--plot-dir", metavar="DIR", help="write one PNG per op here (needs matplotlib)")
 
@@ -492,7 +516,6 @@ def run(args: argparse.Namespace) -> int:
     if args.plot_dir:
         _pyplot()  # fail now, not after the sweep
     ops = args.op or list(OPS)
-    providers = [f"myext-{b}" for b in backends] + [p for p in BASELINES if not (p == "compile" and args.no_compile)]
     settings = QUICK_SETTINGS if args.quick else Settings()
 
     machine = describe_machine(device)
@@ -501,6 +524,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"limits: copy {limits['copy_GBps']:.1f} GB/s, {limits['matmul_dtype']} matmul "
           f"{limits['matmul_GFLOPps']:.1f} GFLOP/s ({limits['matmul_size']}^3, {limits['matmul_library']})",
           flush=True)
+    providers = {op: op_providers(op, backends, compiled=not args.no_compile) for op in ops}
     print(table_header(), flush=True)
     rows: list[dict[str, Any]] = []
     for op in ops:
@@ -509,7 +533,7 @@ def run(args: argparse.Namespace) -> int:
         for series, shapes in sweep:
             for backward in (False, True):
                 for shape in shapes:
-                    for row in run_case(op, series, shape, backward, providers, device, dtype, limits, settings):
+                    for row in run_case(op, series, shape, backward, providers[op], device, dtype, limits, settings):
                         rows.append(row)
                         print(table_row(row), flush=True)
 
@@ -529,7 +553,8 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "limits": limits,
         "limits_end": limits_end,
-        "providers": providers,
+        # Every provider timed, in order (the alternatives belong to some ops only).
+        "providers": list(dict.fromkeys(p for op in ops for p in providers[op])),
         "results": rows,
     }
     if args.json:

@@ -16,7 +16,7 @@ import torch
 
 from ._batching import register_loop_vmap
 
-__all__ = ["Benchmark", "OpSpec", "Sample", "get", "names", "register", "specs"]
+__all__ = ["Alternative", "Benchmark", "OpSpec", "Sample", "Unavailable", "get", "names", "register", "specs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,27 @@ class Sample:
     args: tuple
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     name: str = ""
+
+
+class Unavailable(Exception):
+    """An alternative implementation cannot run here; the message says why and how to get it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Alternative:
+    """Another library's implementation of an op, one a user might pick instead of myext's,
+    timed as a baseline beside eager and compile.
+
+    Attributes:
+        make: returns the implementation, called with the op's benchmark inputs (as
+            ``eager``); raises :class:`Unavailable` where it cannot run, such as an
+            optional package not installed.
+        compiled: whether it runs through torch.compile (``myext bench --no-compile``
+            leaves those out: compiling dominates a short run).
+    """
+
+    make: Callable[[], Callable[..., torch.Tensor]]
+    compiled: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +67,7 @@ class Benchmark:
         work: ``work(shape, backward, dtype)``: (amount, unit) of one call, "GFLOP/s" for
             FLOPs or "GB/s" for the bytes an unfused implementation must move.
         label: a shape as the table shows it.
+        alternatives: other implementations timed as baselines, by provider name.
     """
 
     sweep: Sequence[tuple[str, Sequence[Mapping[str, int]]]]
@@ -57,6 +79,7 @@ class Benchmark:
     eager: Callable[..., torch.Tensor]
     work: Callable[[Mapping[str, int], bool, torch.dtype], tuple[float, str]]
     label: Callable[[Mapping[str, int]], str]
+    alternatives: Mapping[str, Alternative] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -136,3 +136,50 @@ def test_compile_provider_matches_eager():
     x, w, b = (t for t in bench.inputs("linear_relu", dict(N=8, K=16, M=4), device="cpu", dtype=torch.float32,
                                         requires_grad=False).values())
     torch.testing.assert_close(bench.op_impl("linear_relu", "compile")(x, w, b), bench.op_impl("linear_relu", "eager")(x, w, b))
+
+
+def test_missing_alternative_is_skipped_with_its_reason(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)  # its import now fails
+    providers = bench.op_providers("linear_cross_entropy", ["cpp"])
+    assert providers == ["myext-cpp", "eager", "compile", "compile-autochunk"]
+    assert capsys.readouterr().out == ("linear_cross_entropy: cut-cross-entropy skipped, "
+                                       "cut-cross-entropy not installed: pip install cut-cross-entropy\n")
+
+
+def test_no_compile_leaves_out_every_compiled_provider(capsys):
+    assert bench.op_providers("linear_cross_entropy", ["cpp"], compiled=False) == ["myext-cpp", "eager"]
+    assert bench.op_providers("linear_relu", ["cpp"], compiled=False) == ["myext-cpp", "eager"]
+    assert capsys.readouterr().out == ""
+
+
+def _linear_cross_entropy_step(provider, N, H, V):
+    """The loss and the input and weight gradients of one step of ``provider``, on the
+    same inputs for every provider."""
+    torch.manual_seed(0)
+    x, w, target = bench.inputs("linear_cross_entropy", dict(N=N, H=H, V=V), device="cpu", dtype=torch.float32,
+                                requires_grad=True).values()
+    loss = bench.op_impl("linear_cross_entropy", provider)(x, w, target)
+    return (loss, *torch.autograd.grad(loss, (x, w)))
+
+
+def test_auto_chunker_chunks_the_step_and_only_its_own():
+    """The auto-chunker provider computes eager's step in chunks; the config it compiles
+    with does not reach the plain compile provider."""
+    from torch._inductor import config, metrics
+
+    torch._dynamo.reset()
+    metrics.reset()
+    shape = dict(N=256, H=16, V=8192)  # logits of 2M elements, above the chunker's threshold
+    torch.testing.assert_close(_linear_cross_entropy_step("compile-autochunk", **shape),
+                               _linear_cross_entropy_step("eager", **shape))
+    assert metrics.num_auto_chunking == 1
+    _linear_cross_entropy_step("compile", **shape)
+    assert metrics.num_auto_chunking == 1 and not config.auto_chunker.enable
+
+
+def test_cut_cross_entropy_matches_eager():
+    pytest.importorskip("cut_cross_entropy")
+    torch._dynamo.reset()
+    shape = dict(N=64, H=32, V=100)
+    torch.testing.assert_close(_linear_cross_entropy_step("cut-cross-entropy", **shape),
+                               _linear_cross_entropy_step("eager", **shape))

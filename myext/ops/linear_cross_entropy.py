@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -792,6 +792,33 @@ def eager(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor
     return F.cross_entropy(F.linear(input, linear_weight), target)
 
 
+def auto_chunked() -> Callable[..., torch.Tensor]:
+    """``eager`` compiled with Inductor's auto-chunker, which splits a training graph's
+    rows at a GEMM that amplifies its inputs (here the logits), so that forward and
+    backward run chunk by chunk without the whole logits. Only where there is a
+    backward: a forward-only graph is not chunked. The options belong to this compiled
+    function alone, never to the global config, so ``compile`` stays plain.
+
+    The amplification threshold is lowered from 8 to 1: the chunker divides the logits'
+    size by that of both GEMM operands, the weight included, which is 3.5 for a language
+    model's head (N=4096, H=1024, V=32000), so at its default it leaves the head whole
+    and this is ``compile`` again. Logits under a million elements stay unchunked."""
+    return torch.compile(eager, options={"auto_chunker.enable": True, "auto_chunker.amplify_ratio_threshold": 1})
+
+
+def cut_cross_entropy() -> Callable[..., torch.Tensor]:
+    """Apple's cut-cross-entropy (an optional package), its torch.compile implementation,
+    the one that runs on the CPU: the logits, upcast to float32, then F.cross_entropy.
+    Its conventions are given explicitly, those of ``eager``: no shift, mean over the
+    targets, -100 ignored."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+    except ImportError:
+        raise registry.Unavailable("cut-cross-entropy not installed: pip install cut-cross-entropy") from None
+    return lambda input, linear_weight, target: cce(input, linear_weight, target, ignore_index=-100, reduction="mean",
+                                                    shift=False, impl="torch_compile")
+
+
 def benchmark_inputs(N: int, H: int, V: int, *, device: torch.device | str, dtype: torch.dtype,
                      requires_grad: bool) -> dict[str, torch.Tensor]:
     """A language model's last layer: hidden states, a head initialised like nn.Linear's
@@ -836,5 +863,9 @@ SPEC = registry.register(registry.OpSpec(
         eager=eager,
         work=work,
         label=lambda shape: f"{shape['N']}x{shape['H']}->{shape['V']}",
+        alternatives={
+            "compile-autochunk": registry.Alternative(auto_chunked, compiled=True),
+            "cut-cross-entropy": registry.Alternative(cut_cross_entropy, compiled=True),
+        },
     ),
 ))
