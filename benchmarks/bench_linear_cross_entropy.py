@@ -1,5 +1,6 @@
-"""linear_cross_entropy against PyTorch: logits then loss (eager and compiled),
-F.linear_cross_entropy with and without its chunked path, and the GEMM floor.
+"""linear_cross_entropy against PyTorch: logits then loss (eager and compiled, and
+compiled with Inductor's auto-chunker), F.linear_cross_entropy with and without its
+chunked path, Apple's cut-cross-entropy where it is installed, and the GEMM floor.
 
 Under pytest (``pytest benchmarks/ --benchmark-only``): the op's registered cases
 (myext/ops/linear_cross_entropy.py) for myext, eager and compile, and in the same
@@ -7,7 +8,10 @@ groups PyTorch's own fused op and the three GEMMs alone. As a script, the compar
 docs/BENCHMARKS.md records, time and memory of one training step (forward and the
 input and weight gradients) at a language model's head, myext also with every option a
 language model's loop adds (per-token weights, normalizer, shift, temperature, the
-log-probabilities and entropies returned)::
+log-probabilities and entropies returned), and the op's alternatives from its spec
+(``compile-autochunk``: Inductor's auto-chunker, which the script reports as having
+chunked the step or not; ``cut-cross-entropy``: its torch.compile implementation, skipped
+with a line saying why where the package is missing)::
 
     python benchmarks/bench_linear_cross_entropy.py            # N=4096 H=1024 V=32000 float32
     python benchmarks/bench_linear_cross_entropy.py --dtype bfloat16
@@ -20,7 +24,8 @@ peak (VmHWM) less the gradients the call returns: what the step holds beyond its
 results. The GEMM floor is the forward GEMM and the two gradient GEMMs into
 preallocated outputs, the least any implementation that makes the logits must do; with
 torch.mm (MKL on x86 CPUs), and through oneDNN, the GEMMs myext's cpp kernels run for
-float32.
+float32. Providers compiled with torch.compile are compiled in their warm-up call, outside
+the times and the memory measured.
 """
 
 from __future__ import annotations
@@ -108,9 +113,10 @@ def pytorch_fused(chunked: bool) -> Callable[..., torch.Tensor]:
     return lambda x, w, target: F.linear_cross_entropy(x, w, target, options=options)
 
 
-def providers(backends: list[str]) -> dict[str, Callable[..., Callable[[], None]]]:
+def providers(backends: list[str]) -> tuple[dict[str, Callable[..., Callable[[], None]]], dict[str, str]]:
     """Each provider by name, as a maker of its step from (x, w, target); PyTorch's
-    fused op where this torch has it."""
+    fused op where this torch has it; and the op's alternatives that cannot run here,
+    each with why."""
     eager = registry.get(OP).benchmark.eager
     makers = {f"myext-{b}": lambda x, w, t, b=b: step(functools.partial(myext.linear_cross_entropy, backend=b),
                                                         x, w, t)
@@ -122,10 +128,18 @@ def providers(backends: list[str]) -> dict[str, Callable[..., Callable[[], None]
     if hasattr(F, "linear_cross_entropy"):
         makers["F.linear_cross_entropy"] = lambda x, w, t: step(pytorch_fused(chunked=False), x, w, t)
         makers["F.linear_cross_entropy chunked"] = lambda x, w, t: step(pytorch_fused(chunked=True), x, w, t)
+    unavailable = {}
+    for name, alternative in registry.get(OP).benchmark.alternatives.items():
+        try:
+            loss_fn = alternative.make()
+        except registry.Unavailable as why:
+            unavailable[name] = str(why)
+            continue
+        makers[name] = lambda x, w, t, loss_fn=loss_fn: step(loss_fn, x, w, t)
     makers["GEMM floor"] = lambda x, w, t: gemm_floor(x.detach(), w.detach())
     if torch.backends.mkldnn.is_available():
         makers["GEMM floor, oneDNN"] = lambda x, w, t: onednn_gemm_floor(x.detach(), w.detach())
-    return makers
+    return makers, unavailable
 
 
 @pytest.mark.parametrize("variant", ["F.linear_cross_entropy", "F.linear_cross_entropy chunked", "GEMM floor"])
@@ -150,16 +164,23 @@ def _tensors(args: argparse.Namespace):
 
 def _memory_of_one(args: argparse.Namespace) -> None:
     """In a fresh process: one provider's peak resident growth during a step, less the
-    gradients it returns, as JSON on stdout."""
+    gradients it returns, and how many graphs Inductor's auto-chunker chunked (in the
+    warm-up call, which compiles), as JSON on stdout."""
+    from torch._inductor import metrics
+
+    # Compiled afresh, so that Inductor runs its passes and counts the chunker's work: a
+    # cached graph, from the timing run, comes back chunked or not without a count.
+    torch.compiler.config.force_disable_caches = True
     x, w, target = _tensors(args)
     backend = args.provider.removeprefix("myext-").split(",")[0]
-    call = providers([backend])[args.provider](x, w, target)
+    call = providers([backend])[0][args.provider](x, w, target)
     call()
     growth = peak_rss_bytes(call)
     if growth is None:
         raise SystemExit("the peak resident set cannot be reset here (/proc/self/clear_refs)")
     gradients = (x.numel() + w.numel()) * x.element_size()
-    print(json.dumps({"growth": growth, "beyond_gradients": growth - gradients}))
+    print(json.dumps({"growth": growth, "beyond_gradients": growth - gradients,
+                      "auto_chunked": metrics.num_auto_chunking}))
 
 
 def main() -> None:
@@ -178,7 +199,9 @@ def main() -> None:
 
     x, w, target = _tensors(args)
     backends = [b for b in myext.available_backends("cpu") if b == "cpp"]
-    makers = providers(backends)
+    makers, unavailable = providers(backends)
+    for name, why in unavailable.items():
+        print(f"{name} skipped, {why}")
     if args.only:
         unknown = set(args.only) - set(makers)
         if unknown:
@@ -201,6 +224,7 @@ def main() -> None:
           f"torch {torch.__version__}, {machine.cpu_description()}")
     print(f"{'provider':32} {'median s':>9} {'vs myext':>9} {'vs floor':>9} {'peak growth':>12} {'beyond grads':>13}")
     ours = medians.get("myext-cpp")
+    notes = []
     for name in calls:
         vs_ours = f"{medians[name] / ours:.2f}x" if ours else "-"
         memory = "            -             -"
@@ -209,9 +233,15 @@ def main() -> None:
                 [sys.executable, __file__, "--N", str(args.N), "--H", str(args.H), "--V", str(args.V),
                  "--dtype", args.dtype, "--provider", name], check=True, capture_output=True, text=True).stdout)
             memory = f"{measured['growth'] / 1e6:9.0f} MB {measured['beyond_gradients'] / 1e6:10.0f} MB"
+            if name == "compile-autochunk":  # the chunker gives up silently where it finds no pattern
+                notes.append(f"{name}: Inductor's auto-chunker " + (
+                    f"chunked {measured['auto_chunked']} graph(s)" if measured["auto_chunked"] else
+                    "did not chunk the step: it ran as compile does"))
         floor = medians.get("GEMM floor")
         vs_floor = f"{medians[name] / floor:8.2f}x" if floor else "        -"
         print(f"{name:32} {medians[name]:9.3f} {vs_ours:>9} {vs_floor} {memory}")
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":
