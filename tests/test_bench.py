@@ -162,20 +162,20 @@ def _linear_cross_entropy_step(provider, N, H, V):
     return (loss, *torch.autograd.grad(loss, (x, w)))
 
 
-def test_auto_chunker_chunks_the_step_and_only_its_own(monkeypatch):
+def test_auto_chunker_chunks_the_step_and_only_its_own():
     """The auto-chunker provider computes eager's step in chunks; the config it compiles
     with does not reach the plain compile provider."""
     from torch._inductor import config, metrics
 
-    # A graph from Inductor's caches (an earlier run's) skips the passes that count chunking.
-    monkeypatch.setattr(torch.compiler.config, "force_disable_caches", True)
     torch._dynamo.reset()
     metrics.reset()
     shape = dict(N=256, H=16, V=8192)  # logits of 2M elements, above the chunker's threshold
-    torch.testing.assert_close(_linear_cross_entropy_step("compile-autochunk", **shape),
-                               _linear_cross_entropy_step("eager", **shape))
-    assert metrics.num_auto_chunking == 1
-    _linear_cross_entropy_step("compile", **shape)
+    # A graph from Inductor's caches (an earlier run's) skips the passes that count chunking.
+    with torch.compiler.config.patch(force_disable_caches=True):
+        torch.testing.assert_close(_linear_cross_entropy_step("compile-autochunk", **shape),
+                                   _linear_cross_entropy_step("eager", **shape))
+        assert metrics.num_auto_chunking == 1
+        _linear_cross_entropy_step("compile", **shape)
     assert metrics.num_auto_chunking == 1 and not config.auto_chunker.enable
 
 
