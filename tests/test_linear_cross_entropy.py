@@ -87,12 +87,12 @@ def test_matches_pytorch(backend, device, dtype, kind, weighted_smoothing, reduc
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cpp_reduced_weight_gradient_over_class_blocks(dtype):
-    """The cpp kernels add the weight gradient of a bfloat16 or half step into float32 a
-    block of classes at a time (2048), widening each block's product as they read it.
-    Three chunks and a ragged last block of 52 classes (products of 52 x 19, a vector's
-    tail each) that holds the targets and, through its bias, most of the softmax, so
-    that most entries of its gradient are large (a lost tail fails): the float64
-    gradients within the dtype's rounding."""
+    """The cpp kernels compute the weight gradient of a bfloat16 or half step over more
+    than one chunk of rows by blocks of classes, each block's logits made again for every
+    row and its gradient one GEMM (no float32 accumulator). Three chunks give blocks of
+    832 classes and a ragged last one of 436 that holds the targets and, through its
+    bias, most of the softmax, so that most entries of its gradient are large (a lost
+    block or tail fails): the float64 gradients within the dtype's rounding."""
     x, w, b, _, _ = make_case((20,), 19, 2100, dtype=dtype)
     b = b.clone()
     b[2048:] += 6.0
@@ -107,6 +107,72 @@ def test_cpp_reduced_weight_gradient_over_class_blocks(dtype):
     for got, expected in zip(grads, want_grads):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), expected, **tolerance)
+
+
+@pytest.mark.parametrize("kind", ["class", "prob"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cpp_bfloat16_class_blocks_with_options(kind, reduction):
+    """The blocks of classes of the bfloat16 weight gradient with every option that
+    reads a row beyond its block: class weights and label smoothing (the row's sum(w q)
+    and the weights' sum over every class), the z-loss and soft-capping (the whole row's
+    log-sum-exp), probability targets (each block's columns of them), and an upstream
+    gradient per row. 40 rows in chunks of 8 make blocks of 256 classes (the least) of
+    700: against float64, within bfloat16's rounding, as one chunk of every row (no
+    blocks) is."""
+    x, w, b, target, weight = make_case((40,), 16, 700, kind=kind, weighted=True, dtype=torch.bfloat16)
+    options = dict(weight=weight, reduction=reduction, label_smoothing=0.1)
+    upstream = torch.randn(40, dtype=torch.bfloat16) if reduction == "none" else None
+    as64 = [t.double() for t in (x, w, b)]
+    target64 = target.double() if kind == "prob" else target
+    want, want_grads = loss_and_grads(pytorch_linear_cross_entropy, *as64, target64,
+                                      upstream.double() if upstream is not None else None,
+                                      **dict(options, weight=weight.double()))
+    for chunk in (8, 40):
+        loss, grads = loss_and_grads(myext.linear_cross_entropy, x, w, b, target, upstream, chunk_size=chunk,
+                                     backend="cpp", **options)
+        torch.testing.assert_close(loss.double(), want, **TOLERANCES[torch.bfloat16])
+        for got, expected in zip(grads, want_grads):
+            torch.testing.assert_close(got.double(), expected, **TOLERANCES[torch.bfloat16])
+    capped = dict(options, lse_square_scale=0.01, softcap=3.0)
+    blocked = loss_and_grads(myext.linear_cross_entropy, x, w, b, target, upstream, chunk_size=8, backend="cpp",
+                             **capped)
+    whole = loss_and_grads(myext.linear_cross_entropy, x, w, b, target, upstream, chunk_size=40, backend="cpp",
+                           **capped)
+    torch.testing.assert_close(blocked[0], whole[0], rtol=0, atol=0)
+    for got, expected in zip(blocked[1], whole[1]):
+        torch.testing.assert_close(got.double(), expected.double(), rtol=1e-2, atol=1e-3)
+
+
+def test_cpp_bfloat16_class_blocks_of_a_shard():
+    """The shard's backward (vocabulary parallelism) in bfloat16 over three chunks: the
+    blocks of classes of its weight gradient start at the shard's first class and read
+    the rows' statistics and sum(w q) of every class. Against the same call in float64
+    (no blocks there), within bfloat16's rounding."""
+    classes, start, held = 1000, 100, 700
+    x, w_all, b_all, target, _ = make_case((24,), 16, classes)
+    logits = F.linear(x, w_all, b_all)
+    row_max = logits.amax(1)
+    row_log_sum = (logits - row_max[:, None]).exp().sum(1).log()
+    eps = 0.1
+    row_weight = torch.where(target == -100, 0.0, 1 - eps + eps).double()
+    upstream = torch.randn(24, dtype=torch.float64)
+    w, b = w_all[start:start + held], b_all[start:start + held]
+
+    def shard_grads(dtype, chunk):
+        as_dtype = [t.to(dtype) for t in (upstream, x, w, b)]
+        stats = [t.to(torch.float32 if dtype == torch.bfloat16 else dtype) for t in (row_max, row_log_sum, row_weight)]
+        total = torch.tensor(0.0, dtype=stats[0].dtype)
+        return torch.ops.myext.linear_cross_entropy_shard_backward(
+            *as_dtype, target, None, None, stats[0], stats[1], stats[2], total,
+            torch.tensor(float(classes), dtype=stats[0].dtype), None, None, None, 0, -100, eps, 0.0, 0.0, 1.0,
+            False, start, classes, chunk, [True, True, True])
+
+    rounded = [t.to(torch.bfloat16).double() for t in (upstream, x, w, b)]
+    upstream, x, w, b = rounded
+    want = shard_grads(torch.float64, 0)
+    for got, expected in zip(shard_grads(torch.bfloat16, 8), want):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), expected, **TOLERANCES[torch.bfloat16])
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -618,6 +618,19 @@ void backward_class_row(const T* z, T* grad, int64_t target, T max, T log_sum, T
   if (std::isnan(a)) grad[local] = a;
 }
 
+// sum(w q) over a row's n columns of probability targets (smoothed, weighted), in
+// the one order of summation that backward_prob_row and a caller splitting the row
+// into blocks of classes (which passes it back as the row's weight) both take.
+template <typename T>
+T target_weight_sum(const TargetWeights<T>& weights, int64_t n) {
+  using Vec = Vectorized<T>;
+  const int64_t full = n - n % Vec::size();
+  Vec sums(T(0));
+  for (int64_t i = 0; i < full; i += Vec::size()) sums = sums + weights.load(i);
+  if (full < n) sums = sums + weights.load(full, n - full);
+  return at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, sums);
+}
+
 // The same for probability targets q (the row's columns of them); `row_weight`,
 // where given, is sum(w q) over every class, which a row of a shard does not hold.
 // Of the extras only the entropy's applies (no one target, no log-probability).
@@ -628,16 +641,8 @@ void backward_prob_row(const T* z, const T* q, T* grad, T max, T log_sum, T scal
   const int64_t n = o.columns;
   const TargetWeights<T> weights{q, o.weight, T(1) - o.smoothing, o.smoothing / T(o.classes)};
   const int64_t full = n - n % Vec::size();
-  T sum_wq;
-  if (row_weight != nullptr) {
-    sum_wq = *row_weight;
-  } else {
-    // sum(w q), from the targets: forward's outputs do not carry it.
-    Vec sums(T(0));
-    for (int64_t i = 0; i < full; i += Vec::size()) sums = sums + weights.load(i);
-    if (full < n) sums = sums + weights.load(full, n - full);
-    sum_wq = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, sums);
-  }
+  // sum(w q), from the targets where not given: forward's outputs do not carry it.
+  T sum_wq = row_weight != nullptr ? *row_weight : target_weight_sum(weights, n);
   // A NaN logit made the row's statistics NaN; exp_u20 would turn NaN into inf.
   if (std::isnan(max + log_sum)) sum_wq = std::numeric_limits<T>::quiet_NaN();
   // The z-loss's term, scale 2 lambda lse softmax, added apart: folded into sum(w q) it

@@ -24,20 +24,58 @@ namespace myext {
 namespace {
 
 struct CpuGemms {
+  // The logits of a chunk or block, valid until the next call. ATen's GEMM writes
+  // them into one buffer that every chunk and block of the call reuses: a fresh
+  // chunk-sized tensor each time would fault its pages in anew, and chunks just under
+  // glibc's mmap threshold would be left to its heap, which fragments and keeps
+  // growing from call to call. oneDNN's matmul has no output argument: its own tensor.
   at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) const {
-    if (cpu::use_onednn(x, w.t())) return cpu::onednn_linear(x, w, b);
-    return b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+    if (onednn(x, w.t())) return cpu::onednn_linear(x, w, b);
+    const int64_t size = x.size(0) * w.size(0);
+    if (!logits_buffer.defined() || logits_buffer.numel() < size || logits_buffer.scalar_type() != x.scalar_type()) {
+      logits_buffer = at::Tensor();  // the old one freed first
+      logits_buffer = at::empty({size}, x.options());
+    }
+    at::Tensor out = logits_buffer.narrow(0, 0, size).view({x.size(0), w.size(0)});
+    return b.has_value() ? at::addmm_out(out, *b, x, w.t()) : at::mm_out(out, x, w.t());
   }
+  mutable at::Tensor logits_buffer;
+
+  // Whether a @ b goes to oneDNN: as the probe says, unless `aten_only`. The reduced
+  // dtypes' step sets it: their two libraries run within a few percent of each other
+  // (docs/GEMM.md), and oneDNN's linear copies a transposed operand whole (the weight
+  // for the input gradient, a block's logits for the weight gradient) and writes a
+  // fresh output, which would double the step's memory beyond its gradients.
+  bool aten_only = false;
+  bool onednn(const at::Tensor& a, const at::Tensor& b) const { return !aten_only && cpu::use_onednn(a, b); }
 
   void input_grad(const at::Tensor& d, const at::Tensor& w, at::Tensor out) const {
-    if (cpu::use_onednn(d, w)) {
+    if (onednn(d, w)) {
       out.copy_(cpu::onednn_linear(d, w.t(), std::nullopt));
     } else {
       at::mm_out(out, d, w);
     }
   }
 
+  // out = d^T @ x, into `out` (contiguous, of d's dtype): one GEMM over every row of
+  // d, which sums them in float32 and rounds once, as eager's weight gradient does.
+  void weight_grad(const at::Tensor& d, const at::Tensor& x, at::Tensor out) const {
+    if (onednn(d.t(), x)) {
+      out.copy_(cpu::onednn_linear(d.t(), x.t(), std::nullopt));
+    } else {
+      at::mm_out(out, d.t(), x);
+    }
+  }
+
+  // With one chunk of every row, a reduced dtype's weight gradient needs no float32
+  // accumulator: the chunk's GEMM writes it (into `acc`, of the input's dtype).
+  bool assign_weight_grad = false;
+
   void add_weight_grad(at::Tensor& acc, const at::Tensor& d, const at::Tensor& x) const {
+    if (assign_weight_grad) {
+      weight_grad(d, x, acc);
+      return;
+    }
     if (cpu::use_onednn(d.narrow(1, 0, std::min(kWeightGradBlock, d.size(1))).t(), x)) {
       // oneDNN's matmul has no accumulating form here: a block's product, then an add.
       add_weight_grad_blocked(
@@ -153,6 +191,120 @@ double mean_divisor(const Operands& p, const at::Tensor& sample_weight, int64_t 
   return total;
 }
 
+// The weight gradient of a reduced dtype (bfloat16, half) by blocks of classes.
+//
+// Accumulated over chunks of rows it would need a float32 (V, H) accumulator, twice
+// the size of the gradient itself and several times a chunk's logits. Instead, once
+// the rows' max and log-sum are known (the row chunks' pass), each block of classes
+// gets its logits for every row again (rows x block, about a chunk's bytes), the row
+// kernels turn them into their gradient as for a shard of the classes, and one GEMM
+// over every row writes the block's rows of the weight gradient: summed in float32
+// and rounded once, as eager's GEMM does, with no accumulator. The cost is the
+// logits' GEMM once more (four GEMMs where three would do) and a second row pass;
+// the accumulation it replaces (a product per block and chunk, widened and added into
+// the accumulator) cost more on the CPUs measured (docs/BENCHMARKS.md).
+
+// Classes per block: the block's logits of every row take about a chunk's bytes (a
+// probability target's block is copied too, so half as many classes), a multiple of
+// kBlockAlign, at least kMinBlockClasses.
+constexpr int64_t kBlockAlign = 64;
+constexpr int64_t kMinBlockClasses = 256;
+
+int64_t block_classes(int64_t rows, int64_t classes, int64_t chunk, bool probabilities) {
+  int64_t fit = chunk * classes / std::max<int64_t>(1, rows) / (probabilities ? 2 : 1);
+  fit = std::max(kMinBlockClasses, fit / kBlockAlign * kBlockAlign);
+  return std::max<int64_t>(1, std::min(classes, fit));
+}
+
+// The class shard a block's rows are, besides its start: the classes of the whole
+// rows, the sum of their weights, and each row's sum(w q) over them.
+template <typename acc_t>
+struct BlockRows {
+  int64_t class_start;
+  int64_t classes;
+  double weight_sum;
+  const acc_t* row_weight;
+};
+
+// Each row's sum(w q) over every class (backward_class_row's and backward_prob_row's
+// own, in their order), and the sum of the class weights, for rows that hold all
+// the classes; into `storage`.
+template <typename scalar_t>
+BlockRows<at::opmath_type<scalar_t>> whole_rows(const Operands& p, const LossOptions& options,
+                                                at::Tensor& storage) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t rows = p.x.size(0), classes = p.w.size(0);
+  at::Tensor weight_storage;
+  std::vector<T> block_sums;
+  const ce::Options<T> o = ce::make_options<T>(classes, p.weight, options, weight_storage, block_sums);
+  storage = at::empty({rows}, p.x.options().dtype(c10::CppTypeToScalarType<T>::value));
+  T* out = storage.data_ptr<T>();
+  const bool smoothing = o.smoothing > T(0);
+  const T eps_c = o.smoothing / T(o.classes);
+  if (p.class_targets) {
+    const int64_t* t = p.target.data_ptr<int64_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      // An ignored row's gradient is 0 whatever its weight.
+      const T w_t = t[r] == o.ignore_index ? T(0) : ce::class_weight(o, t[r]);
+      out[r] = (T(1) - o.smoothing) * w_t + (smoothing ? eps_c * o.weight_sum : T(0));
+    }
+  } else {
+    const scalar_t* q = p.target.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, ce::rows_per_task(classes), [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch;
+      for (int64_t r = begin; r < end; ++r) {
+        const ce::TargetWeights<T> weights{ce::row_as_acc<scalar_t, T>(q, r, classes, scratch), o.weight,
+                                           T(1) - o.smoothing, eps_c};
+        out[r] = ce::target_weight_sum(weights, classes);
+      }
+    });
+  }
+  // make_options's sum, in double, of which backward_rows takes T's rounding as
+  // make_options does.
+  double weight_sum = static_cast<double>(classes);
+  if (o.weight != nullptr) {
+    weight_sum = 0;
+    for (int64_t start = 0; start < classes; start += ce::kBlock) {
+      double sum = 0;
+      for (int64_t c = start; c < std::min(classes, start + ce::kBlock); ++c) sum += o.weight[c];
+      weight_sum += sum;
+    }
+  }
+  return {0, classes, weight_sum, out};
+}
+
+// The weight gradient into `out` (V, H) of the input's dtype, by blocks of `block`
+// classes; the rows' statistics and factors as backward_rows takes them, and
+// `shard` the classes the rows hold ([shard.class_start, ... + V) of shard.classes).
+template <typename scalar_t>
+void weight_grad_by_class_blocks(const Operands& p, at::Tensor& out, int64_t block,
+                                 const at::opmath_type<scalar_t>* row_max,
+                                 const at::opmath_type<scalar_t>* row_log_sum,
+                                 const at::opmath_type<scalar_t>* row_scale, double common_scale,
+                                 const LossOptions& o, const ce::RowFactors<at::opmath_type<scalar_t>>& factors,
+                                 const BlockRows<at::opmath_type<scalar_t>>& shard, const CpuGemms& gemms) {
+  const int64_t rows = p.x.size(0), classes = p.w.size(0);
+  if (rows == 0) {
+    out.zero_();
+    return;
+  }
+  for (int64_t begin = 0; begin < classes; begin += block) {
+    const int64_t count = std::min(block, classes - begin);
+    const std::optional<at::Tensor> bias =
+        p.b.has_value() ? std::optional<at::Tensor>(p.b->narrow(0, begin, count)) : std::nullopt;
+    at::Tensor logits = gemms.linear(p.x, p.w.narrow(0, begin, count), bias);
+    scalar_t* z = logits.data_ptr<scalar_t>();
+    const at::Tensor q = p.class_targets ? at::Tensor() : p.target.narrow(1, begin, count).contiguous();
+    const ce::Rows<scalar_t> in{z, rows, count, p.class_targets ? p.target.data_ptr<int64_t>() : nullptr,
+                                p.class_targets ? nullptr : q.data_ptr<scalar_t>()};
+    const ce::Shard<at::opmath_type<scalar_t>> block_shard{shard.class_start + begin, shard.classes,
+                                                           shard.weight_sum, shard.row_weight};
+    ce::backward(in, z, p.weight.defined() ? p.weight.narrow(0, begin, count) : at::Tensor(), row_max,
+                 row_log_sum, row_scale, common_scale, o, factors, &block_shard);
+    gemms.weight_grad(logits, p.x, out.narrow(0, begin, count));
+  }
+}
+
 // The kernels behind the ops of linear_cross_entropy.h, which has checked their arguments.
 struct CpuKernels {
   static LinearCrossEntropyForward forward(const char* op, const at::Tensor& input, const at::Tensor& linear_weight,
@@ -174,13 +326,24 @@ struct CpuKernels {
     at::Tensor loss = at::empty(o.reduction == at::Reduction::None ? at::IntArrayRef{rows} : at::IntArrayRef{},
                                 p.x.options());
     const bool grads = o.reduction != at::Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
-    LinearGrads g = grads ? make_linear_grads(p.x, p.w, grad_mask) : LinearGrads{};
+    // A reduced dtype's weight gradient: by the chunk's GEMM where one chunk holds every
+    // row, else by blocks of classes after the chunks (weight_grad_by_class_blocks).
+    const bool reduced = acc_type != p.x.scalar_type();
+    const bool weight_by_blocks = grads && grad_mask[1] && reduced;
+    LinearGrads g = grads ? make_linear_grads(p.x, p.w, {grad_mask[0], grad_mask[1] && !reduced, grad_mask[2]})
+                          : LinearGrads{};
     double grad_scale = 1;
     if (grads && o.reduction == at::Reduction::Mean) {
       const double divisor = mean_divisor(p, row_sample_weight, o.ignore_index);
       grad_scale = divisor == 0 ? std::nan("") : 1 / divisor;
     }
     const int64_t chunk = chunk_rows(rows, classes, p.x.element_size(), o.chunk_size);
+    // The weight gradient's tensor is there for the chunks only where their GEMM writes
+    // it; else the blocks after them do.
+    CpuGemms gemms;
+    gemms.aten_only = weight_by_blocks;
+    gemms.assign_weight_grad = weight_by_blocks && chunk >= rows;
+    if (gemms.assign_weight_grad) g.weight = at::empty(p.w.sizes(), p.w.options());
 
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, p.x.scalar_type(), "linear_cross_entropy_forward_cpu", [&] {
@@ -193,7 +356,7 @@ struct CpuKernels {
           // Only the sample weights: the extras' gradients come with backward's upstream ones.
           ce::RowFactors<acc_t> factors;
           factors.sample_weight = row_sample_weight.defined() ? row_sample_weight.data_ptr<acc_t>() : nullptr;
-          for_each_chunk(p.x, p.w, p.b, chunk, grads, g, CpuGemms{},
+          for_each_chunk(p.x, p.w, p.b, chunk, grads, g, gemms,
                          [&](const at::Tensor& logits, int64_t begin, int64_t count) {
                            scalar_t* z = logits.data_ptr<scalar_t>();
                            const ce::Rows<scalar_t> chunk_in = chunk_rows_of(p, z, begin, count);
@@ -208,6 +371,13 @@ struct CpuKernels {
                                           grad_scale, o, chunk_factors);
                            }
                          });
+          if (weight_by_blocks && !gemms.assign_weight_grad) {
+            g.weight = at::empty(p.w.sizes(), p.w.options());
+            at::Tensor row_weight;
+            weight_grad_by_class_blocks<scalar_t>(
+                p, g.weight, block_classes(rows, classes, chunk, !p.class_targets), max_p, log_sum_p, nullptr,
+                grad_scale, o, factors, whole_rows<scalar_t>(p, o, row_weight), gemms);
+          }
           ce::reduce_rows<scalar_t>(losses, weights, o.reduction, loss, total_weight);
         });
     const LinearGradOutputs out = grads ? finish(g, p.x.scalar_type()) : LinearGradOutputs{};
@@ -233,28 +403,55 @@ struct CpuKernels {
         ce::backward_inputs(grad_loss, row_max, row_log_sum, total_weight, o.reduction, acc_type, sample_weight,
                             extras.grad_logprob, extras.grad_entropy, extras.row_entropy);
     const at::Tensor row_weight = shard != nullptr ? shard->row_weight.to(acc_type).contiguous() : at::Tensor();
-    LinearGrads g = make_linear_grads(p.x, p.w, output_mask);
-    const int64_t chunk = chunk_rows(rows, p.w.size(0), p.x.element_size(), o.chunk_size);
+    const int64_t classes = p.w.size(0);
+    // As forward: a reduced dtype's weight gradient by blocks of classes, or by the
+    // GEMM of the one chunk.
+    const bool weight_by_blocks = output_mask[1] && acc_type != p.x.scalar_type();
+    LinearGrads g = make_linear_grads(p.x, p.w, {output_mask[0], output_mask[1] && !weight_by_blocks, output_mask[2]});
+    const int64_t chunk = chunk_rows(rows, classes, p.x.element_size(), o.chunk_size);
+    // The weight gradient's tensor is there for the chunks only where their GEMM writes
+    // it; else the blocks after them do.
+    CpuGemms gemms;
+    gemms.aten_only = weight_by_blocks;
+    gemms.assign_weight_grad = weight_by_blocks && chunk >= rows;
+    if (gemms.assign_weight_grad) g.weight = at::empty(p.w.sizes(), p.w.options());
+    // The row chunks: for the input and bias gradients, and for the weight's but where
+    // the blocks of classes compute it (which need no chunk: forward gave the rows'
+    // statistics).
+    const bool chunks = output_mask[0] || output_mask[2] || !weight_by_blocks || gemms.assign_weight_grad;
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, p.x.scalar_type(), "linear_cross_entropy_backward_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           const acc_t* scales = b.row_scale.defined() ? b.row_scale.data_ptr<acc_t>() : nullptr;
           const double weight_sum = shard != nullptr ? shard->weight_sum.item<double>() : 0;
           const ce::RowFactors<acc_t> factors = b.factors<acc_t>();
-          for_each_chunk(p.x, p.w, p.b, chunk, true, g, CpuGemms{},
-                         [&](const at::Tensor& logits, int64_t begin, int64_t count) {
-                           scalar_t* z = logits.data_ptr<scalar_t>();
-                           std::optional<ce::Shard<acc_t>> chunk_shard;
-                           if (shard != nullptr) {
-                             chunk_shard = ce::Shard<acc_t>{shard->class_start, shard->classes, weight_sum,
-                                                            row_weight.data_ptr<acc_t>() + begin};
-                           }
-                           ce::backward(chunk_rows_of(p, z, begin, count), z, p.weight,
-                                        b.row_max.data_ptr<acc_t>() + begin,
-                                        b.row_log_sum.data_ptr<acc_t>() + begin,
-                                        scales == nullptr ? nullptr : scales + begin, b.common_scale, o,
-                                        factors.from(begin), chunk_shard ? &*chunk_shard : nullptr);
-                         });
+          if (chunks) {
+            for_each_chunk(p.x, p.w, p.b, chunk, true, g, gemms,
+                           [&](const at::Tensor& logits, int64_t begin, int64_t count) {
+                             scalar_t* z = logits.data_ptr<scalar_t>();
+                             std::optional<ce::Shard<acc_t>> chunk_shard;
+                             if (shard != nullptr) {
+                               chunk_shard = ce::Shard<acc_t>{shard->class_start, shard->classes, weight_sum,
+                                                              row_weight.data_ptr<acc_t>() + begin};
+                             }
+                             ce::backward(chunk_rows_of(p, z, begin, count), z, p.weight,
+                                          b.row_max.data_ptr<acc_t>() + begin,
+                                          b.row_log_sum.data_ptr<acc_t>() + begin,
+                                          scales == nullptr ? nullptr : scales + begin, b.common_scale, o,
+                                          factors.from(begin), chunk_shard ? &*chunk_shard : nullptr);
+                           });
+          }
+          if (weight_by_blocks && !gemms.assign_weight_grad) {
+            g.weight = at::empty(p.w.sizes(), p.w.options());
+            at::Tensor whole_row_weight;
+            const BlockRows<acc_t> block_rows =
+                shard != nullptr
+                    ? BlockRows<acc_t>{shard->class_start, shard->classes, weight_sum, row_weight.data_ptr<acc_t>()}
+                    : whole_rows<scalar_t>(p, o, whole_row_weight);
+            weight_grad_by_class_blocks<scalar_t>(p, g.weight, block_classes(rows, classes, chunk, !p.class_targets),
+                                                  b.row_max.data_ptr<acc_t>(), b.row_log_sum.data_ptr<acc_t>(),
+                                                  scales, b.common_scale, o, factors, block_rows, gemms);
+          }
         });
     return finish(g, p.x.scalar_type());
   }
