@@ -71,59 +71,27 @@ struct CpuGemms {
   // accumulator: the chunk's GEMM writes it (into `acc`, of the input's dtype).
   bool assign_weight_grad = false;
 
+  // acc += d^T @ x in the accumulator's own dtype (float32 or double): a reduced dtype
+  // never gets here but with assign_weight_grad, its gradient being computed by blocks
+  // of classes (weight_grad_by_class_blocks).
   void add_weight_grad(at::Tensor& acc, const at::Tensor& d, const at::Tensor& x) const {
     if (assign_weight_grad) {
       weight_grad(d, x, acc);
       return;
     }
-    if (cpu::use_onednn(d.narrow(1, 0, std::min(kWeightGradBlock, d.size(1))).t(), x)) {
+    TORCH_INTERNAL_ASSERT(acc.scalar_type() == d.scalar_type());
+    if (onednn(d.narrow(1, 0, std::min(kWeightGradBlock, d.size(1))).t(), x)) {
       // oneDNN's matmul has no accumulating form here: a block's product, then an add.
       add_weight_grad_blocked(
           acc, d, x,
           [](const at::Tensor& block, const at::Tensor& rows) {
             return cpu::onednn_linear(block.t(), rows.t(), std::nullopt);
           },
-          add_widened);
-    } else if (acc.scalar_type() == d.scalar_type()) {
-      acc.addmm_(d.t(), x);
+          [](at::Tensor& acc_block, const at::Tensor& product) { acc_block.add_(product); });
     } else {
-      add_weight_grad_blocked(
-          acc, d, x, [](const at::Tensor& block, const at::Tensor& rows) { return block.t().mm(rows); },
-          add_widened);
+      acc.addmm_(d.t(), x);
     }
   }
-
-  // acc += product, where acc is contiguous: the accumulator in its own dtype, or
-  // float32 for a bfloat16 or half product, which is widened a vector at a time as it
-  // is read, where ATen's CPU add_ would first copy all of it into a float32
-  // temporary. The same sums, each rounded once, as add_'s.
-  static void add_widened(at::Tensor& acc, const at::Tensor& product) {
-    if (product.scalar_type() == acc.scalar_type()) {
-      acc.add_(product);
-      return;
-    }
-    TORCH_INTERNAL_ASSERT(acc.scalar_type() == at::kFloat && acc.is_contiguous() &&
-                          acc.sizes() == product.sizes());
-    const at::Tensor p = product.contiguous();
-    float* out = acc.data_ptr<float>();
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(p.scalar_type(), "add_widened", [&] {
-      using Vec = at::vec::Vectorized<scalar_t>;
-      using FVec = at::vec::Vectorized<float>;
-      const scalar_t* in = p.const_data_ptr<scalar_t>();
-      at::parallel_for(0, p.numel(), kAddGrain, [&](int64_t begin, int64_t end) {
-        int64_t i = begin;
-        for (; i + Vec::size() <= end; i += Vec::size()) {
-          const auto [low, high] = at::vec::convert_to_float<scalar_t>(Vec::loadu(in + i));
-          (FVec::loadu(out + i) + low).store(out + i);
-          (FVec::loadu(out + i + FVec::size()) + high).store(out + i + FVec::size());
-        }
-        for (; i < end; ++i) out[i] += static_cast<float>(in[i]);
-      });
-    });
-  }
-
-  // Elements per task of add_widened: enough that a task outlasts its start.
-  static constexpr int64_t kAddGrain = 32768;
 };
 
 // The operands in the layout the kernels read.
@@ -337,7 +305,10 @@ struct CpuKernels {
       const double divisor = mean_divisor(p, row_sample_weight, o.ignore_index);
       grad_scale = divisor == 0 ? std::nan("") : 1 / divisor;
     }
-    const int64_t chunk = chunk_rows(rows, classes, p.x.element_size(), o.chunk_size);
+    // The rows of 32 MiB of float32 logits, whatever the dtype (as default_chunk_size on
+    // the CPU): reduced-dtype GEMMs run as fast on them, and half the bytes keep the step
+    // within 1/8 of its logits.
+    const int64_t chunk = chunk_rows(rows, classes, at::elementSize(acc_type), o.chunk_size);
     // The weight gradient's tensor is there for the chunks only where their GEMM writes
     // it; else the blocks after them do.
     CpuGemms gemms;
@@ -408,7 +379,7 @@ struct CpuKernels {
     // GEMM of the one chunk.
     const bool weight_by_blocks = output_mask[1] && acc_type != p.x.scalar_type();
     LinearGrads g = make_linear_grads(p.x, p.w, {output_mask[0], output_mask[1] && !weight_by_blocks, output_mask[2]});
-    const int64_t chunk = chunk_rows(rows, classes, p.x.element_size(), o.chunk_size);
+    const int64_t chunk = chunk_rows(rows, classes, at::elementSize(acc_type), o.chunk_size);  // as forward's
     // The weight gradient's tensor is there for the chunks only where their GEMM writes
     // it; else the blocks after them do.
     CpuGemms gemms;
