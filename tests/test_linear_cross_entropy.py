@@ -109,6 +109,30 @@ def test_cpp_reduced_weight_gradient_over_class_blocks(dtype):
         torch.testing.assert_close(got.double(), expected, **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpp_reduced_weight_gradient_accumulated(dtype):
+    """Where a float32 accumulator of the weight gradient fits 1/8 of the logits (rows
+    >= 16 x features in bfloat16), the cpp kernels add each chunk's product into it, a
+    block of 2048 classes at a time, widening the product as they read it: 400 rows of 8
+    features in chunks of 64 over 2100 classes (a ragged last block of 52 that holds the
+    targets). The same gradients, but for float32's order of summation, as one chunk of
+    every row (one GEMM, no accumulator), whose logits round alike."""
+    x, w, b, _, _ = make_case((400,), 8, 2100, dtype=dtype)
+    b = b.clone()
+    b[2048:] += 6.0
+    target = torch.randint(2048, 2100, (400,))
+    loss, grads = loss_and_grads(myext.linear_cross_entropy, x, w, b, target, chunk_size=64, reduction="sum",
+                                 backend="cpp")
+    whole_loss, whole_grads = loss_and_grads(myext.linear_cross_entropy, x, w, b, target, chunk_size=400,
+                                             reduction="sum", backend="cpp")
+    torch.testing.assert_close(loss, whole_loss, rtol=0, atol=0)
+    for got, expected in zip(grads, whole_grads):
+        assert got.dtype == dtype
+        # A rounding of the dtype at the gradient's scale (entries up to about 4, where
+        # bfloat16 steps by 1/64): float32 sums the cancelling rows in another order.
+        torch.testing.assert_close(got.double(), expected.double(), rtol=1e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("kind", ["class", "prob"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cpp_bfloat16_class_blocks_with_options(kind, reduction):

@@ -71,15 +71,13 @@ struct CpuGemms {
   // accumulator: the chunk's GEMM writes it (into `acc`, of the input's dtype).
   bool assign_weight_grad = false;
 
-  // acc += d^T @ x in the accumulator's own dtype (float32 or double): a reduced dtype
-  // never gets here but with assign_weight_grad, its gradient being computed by blocks
-  // of classes (weight_grad_by_class_blocks).
+  // acc += d^T @ x: in the accumulator's own dtype, or for a reduced dtype (where its
+  // accumulator fits the step's memory budget, weight_by_class_blocks) into float32.
   void add_weight_grad(at::Tensor& acc, const at::Tensor& d, const at::Tensor& x) const {
     if (assign_weight_grad) {
       weight_grad(d, x, acc);
       return;
     }
-    TORCH_INTERNAL_ASSERT(acc.scalar_type() == d.scalar_type());
     if (onednn(d.narrow(1, 0, std::min(kWeightGradBlock, d.size(1))).t(), x)) {
       // oneDNN's matmul has no accumulating form here: a block's product, then an add.
       add_weight_grad_blocked(
@@ -87,11 +85,47 @@ struct CpuGemms {
           [](const at::Tensor& block, const at::Tensor& rows) {
             return cpu::onednn_linear(block.t(), rows.t(), std::nullopt);
           },
-          [](at::Tensor& acc_block, const at::Tensor& product) { acc_block.add_(product); });
-    } else {
+          add_widened);
+    } else if (acc.scalar_type() == d.scalar_type()) {
       acc.addmm_(d.t(), x);
+    } else {
+      add_weight_grad_blocked(
+          acc, d, x, [](const at::Tensor& block, const at::Tensor& rows) { return block.t().mm(rows); },
+          add_widened);
     }
   }
+
+  // acc += product, where acc is contiguous: the accumulator in its own dtype, or
+  // float32 for a bfloat16 or half product, which is widened a vector at a time as it
+  // is read, where ATen's CPU add_ would first copy all of it into a float32
+  // temporary. The same sums, each rounded once, as add_'s.
+  static void add_widened(at::Tensor& acc, const at::Tensor& product) {
+    if (product.scalar_type() == acc.scalar_type()) {
+      acc.add_(product);
+      return;
+    }
+    TORCH_INTERNAL_ASSERT(acc.scalar_type() == at::kFloat && acc.is_contiguous() &&
+                          acc.sizes() == product.sizes());
+    const at::Tensor p = product.contiguous();
+    float* out = acc.data_ptr<float>();
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(p.scalar_type(), "add_widened", [&] {
+      using Vec = at::vec::Vectorized<scalar_t>;
+      using FVec = at::vec::Vectorized<float>;
+      const scalar_t* in = p.const_data_ptr<scalar_t>();
+      at::parallel_for(0, p.numel(), kAddGrain, [&](int64_t begin, int64_t end) {
+        int64_t i = begin;
+        for (; i + Vec::size() <= end; i += Vec::size()) {
+          const auto [low, high] = at::vec::convert_to_float<scalar_t>(Vec::loadu(in + i));
+          (FVec::loadu(out + i) + low).store(out + i);
+          (FVec::loadu(out + i + FVec::size()) + high).store(out + i + FVec::size());
+        }
+        for (; i < end; ++i) out[i] += static_cast<float>(in[i]);
+      });
+    });
+  }
+
+  // Elements per task of add_widened: enough that a task outlasts its start.
+  static constexpr int64_t kAddGrain = 32768;
 };
 
 // The operands in the layout the kernels read.
@@ -171,6 +205,16 @@ double mean_divisor(const Operands& p, const at::Tensor& sample_weight, int64_t 
 // logits' GEMM once more (four GEMMs where three would do) and a second row pass;
 // the accumulation it replaces (a product per block and chunk, widened and added into
 // the accumulator) cost more on the CPUs measured (docs/BENCHMARKS.md).
+
+// Whether a reduced dtype's weight gradient goes by blocks of classes: where its
+// float32 accumulator (V x H) would take more than 1/8 of the step's logits (R x V of
+// the dtype), the memory budget of the step beyond its gradients. Where it fits (many
+// rows for the features: R >= 16 H in bfloat16), the accumulation's three GEMMs are
+// the faster: on the AMD EPYC the blocks' fourth made the step about 18% slower.
+// (With one chunk of every row neither is needed: its GEMM writes the gradient.)
+inline bool weight_by_class_blocks(int64_t rows, int64_t features, int64_t element_size, int64_t chunk) {
+  return chunk >= rows || features * 4 * 8 > rows * element_size;
+}
 
 // Classes per block: the block's logits of every row take about a chunk's bytes (a
 // probability target's block is copied too, so half as many classes), a multiple of
@@ -294,21 +338,23 @@ struct CpuKernels {
     at::Tensor loss = at::empty(o.reduction == at::Reduction::None ? at::IntArrayRef{rows} : at::IntArrayRef{},
                                 p.x.options());
     const bool grads = o.reduction != at::Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
+    // The rows of 32 MiB of float32 logits, whatever the dtype (as default_chunk_size on
+    // the CPU): reduced-dtype GEMMs run as fast on them, and half the bytes keep the step
+    // within 1/8 of its logits.
+    const int64_t chunk = chunk_rows(rows, classes, at::elementSize(acc_type), o.chunk_size);
     // A reduced dtype's weight gradient: by the chunk's GEMM where one chunk holds every
-    // row, else by blocks of classes after the chunks (weight_grad_by_class_blocks).
+    // row, by blocks of classes after the chunks where a float32 accumulator would not
+    // fit the memory budget (weight_by_class_blocks), else accumulated over the chunks.
     const bool reduced = acc_type != p.x.scalar_type();
-    const bool weight_by_blocks = grads && grad_mask[1] && reduced;
-    LinearGrads g = grads ? make_linear_grads(p.x, p.w, {grad_mask[0], grad_mask[1] && !reduced, grad_mask[2]})
+    const bool weight_by_blocks =
+        grads && grad_mask[1] && reduced && weight_by_class_blocks(rows, p.x.size(1), p.x.element_size(), chunk);
+    LinearGrads g = grads ? make_linear_grads(p.x, p.w, {grad_mask[0], grad_mask[1] && !weight_by_blocks, grad_mask[2]})
                           : LinearGrads{};
     double grad_scale = 1;
     if (grads && o.reduction == at::Reduction::Mean) {
       const double divisor = mean_divisor(p, row_sample_weight, o.ignore_index);
       grad_scale = divisor == 0 ? std::nan("") : 1 / divisor;
     }
-    // The rows of 32 MiB of float32 logits, whatever the dtype (as default_chunk_size on
-    // the CPU): reduced-dtype GEMMs run as fast on them, and half the bytes keep the step
-    // within 1/8 of its logits.
-    const int64_t chunk = chunk_rows(rows, classes, at::elementSize(acc_type), o.chunk_size);
     // The weight gradient's tensor is there for the chunks only where their GEMM writes
     // it; else the blocks after them do.
     CpuGemms gemms;
@@ -375,11 +421,12 @@ struct CpuKernels {
                             extras.grad_logprob, extras.grad_entropy, extras.row_entropy);
     const at::Tensor row_weight = shard != nullptr ? shard->row_weight.to(acc_type).contiguous() : at::Tensor();
     const int64_t classes = p.w.size(0);
+    const int64_t chunk = chunk_rows(rows, classes, at::elementSize(acc_type), o.chunk_size);  // as forward's
     // As forward: a reduced dtype's weight gradient by blocks of classes, or by the
     // GEMM of the one chunk.
-    const bool weight_by_blocks = output_mask[1] && acc_type != p.x.scalar_type();
+    const bool weight_by_blocks = output_mask[1] && acc_type != p.x.scalar_type() &&
+                                  weight_by_class_blocks(rows, p.x.size(1), p.x.element_size(), chunk);
     LinearGrads g = make_linear_grads(p.x, p.w, {output_mask[0], output_mask[1] && !weight_by_blocks, output_mask[2]});
-    const int64_t chunk = chunk_rows(rows, classes, at::elementSize(acc_type), o.chunk_size);  // as forward's
     // The weight gradient's tensor is there for the chunks only where their GEMM writes
     // it; else the blocks after them do.
     CpuGemms gemms;
