@@ -263,6 +263,21 @@ def test_all_ignored_and_empty_batches(backend, device):
     assert empty.shape == (0,)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_no_rows_give_zero_gradients(backend, device, dtype, reduction):
+    """A batch of no rows (hypothesis found one): the weight's and bias's gradients are
+    exactly 0 in every dtype and reduction, whichever way the weight gradient is summed."""
+    x = torch.randn(0, 3, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(5, 3, dtype=dtype, device=device, requires_grad=True)
+    b = torch.randn(5, dtype=dtype, device=device, requires_grad=True)
+    loss = myext.linear_cross_entropy(x, w, torch.zeros(0, dtype=torch.long, device=device), linear_bias=b,
+                                      reduction=reduction, backend=backend)
+    grads = torch.autograd.grad(loss.sum(), (x, w, b))
+    assert grads[0].shape == (0, 3)
+    assert torch.equal(grads[1], torch.zeros_like(w)) and torch.equal(grads[2], torch.zeros_like(b))
+
+
 def test_gradients_from_forward_scale_with_the_upstream_gradient(backend, device):
     """For 'mean' and 'sum' forward computes the gradients and backward scales them:
     backward twice (retain_graph) and under an upstream gradient of 3 give the same,

@@ -359,7 +359,8 @@ struct CpuKernels {
     // it; else the blocks after them do.
     CpuGemms gemms;
     gemms.aten_only = weight_by_blocks;
-    gemms.assign_weight_grad = weight_by_blocks && chunk >= rows;
+    // (Not for no rows: no chunk runs; the blocks write the zeros.)
+    gemms.assign_weight_grad = weight_by_blocks && chunk >= rows && rows > 0;
     if (gemms.assign_weight_grad) g.weight = at::empty(p.w.sizes(), p.w.options());
 
     AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -431,7 +432,8 @@ struct CpuKernels {
     // it; else the blocks after them do.
     CpuGemms gemms;
     gemms.aten_only = weight_by_blocks;
-    gemms.assign_weight_grad = weight_by_blocks && chunk >= rows;
+    // (Not for no rows: no chunk runs; the blocks write the zeros.)
+    gemms.assign_weight_grad = weight_by_blocks && chunk >= rows && rows > 0;
     if (gemms.assign_weight_grad) g.weight = at::empty(p.w.sizes(), p.w.options());
     // The row chunks: for the input and bias gradients, and for the weight's but where
     // the blocks of classes compute it (which need no chunk: forward gave the rows'
