@@ -111,8 +111,8 @@ def test_cpp_reduced_weight_gradient_over_class_blocks(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cpp_reduced_weight_gradient_accumulated(dtype):
-    """Where a float32 accumulator of the weight gradient fits 1/8 of the logits (rows
-    >= 16 x features in bfloat16), the cpp kernels add each chunk's product into it, a
+    """Where a float32 accumulator of the weight gradient is no larger than the logits
+    (rows >= 2 x features in bfloat16), the cpp kernels add each chunk's product into it, a
     block of 2048 classes at a time, widening the product as they read it: 400 rows of 8
     features in chunks of 64 over 2100 classes (a ragged last block of 52 that holds the
     targets). The same gradients, but for float32's order of summation, as one chunk of
@@ -143,7 +143,7 @@ def test_cpp_bfloat16_class_blocks_with_options(kind, reduction):
     gradient per row. 40 rows in chunks of 8 make blocks of 256 classes (the least) of
     700: against float64, within bfloat16's rounding, as one chunk of every row (no
     blocks) is."""
-    x, w, b, target, weight = make_case((40,), 16, 700, kind=kind, weighted=True, dtype=torch.bfloat16)
+    x, w, b, target, weight = make_case((40,), 24, 700, kind=kind, weighted=True, dtype=torch.bfloat16)
     options = dict(weight=weight, reduction=reduction, label_smoothing=0.1)
     upstream = torch.randn(40, dtype=torch.bfloat16) if reduction == "none" else None
     as64 = [t.double() for t in (x, w, b)]
