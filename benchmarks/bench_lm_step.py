@@ -12,7 +12,9 @@ the loss of ``model(input_ids, labels=labels)`` and its backward into the parame
 gradients, which exist from the warm-up on. Reported: the median step, and the peak
 growth of the resident set (VmHWM) over one step: what the step holds beyond the
 model, its gradients and its inputs, beside the size of the float32 logits it would
-make. Ratios compare within one run; processes run one at a time, in the order given,
+make; and the same for the trunk alone (``trunk``, ``trunk-compile``: the model without its head,
+a plain loss of the last hidden states), whose peak the head's memory adds to. Ratios compare
+within one run; processes run one at a time, in the order given,
 and again in reverse with ``--rounds 2``.
 """
 
@@ -28,6 +30,10 @@ import time
 import torch
 
 PROVIDERS = ("eager", "compile", "compile-autochunk", "myext-compile", "myext-hf")
+# References, not providers: the same step without the head, its loss a plain function
+# of the last hidden states, eager and compiled. What a provider holds beyond its trunk's
+# peak is what its head and loss hold.
+TRUNKS = ("trunk", "trunk-compile")
 
 
 def build(args: argparse.Namespace):
@@ -48,7 +54,13 @@ def step_of(provider: str, model, ids: torch.Tensor):
     def loss(input_ids, labels):
         return model(input_ids=input_ids, labels=labels).loss
 
-    if provider == "compile":
+    if provider in TRUNKS:
+        def loss(input_ids, labels):
+            return model.model(input_ids=input_ids).last_hidden_state.square().mean()
+
+        if provider == "trunk-compile":
+            loss = torch.compile(loss)
+    elif provider == "compile":
         loss = torch.compile(loss)
     elif provider == "compile-autochunk":
         # The threshold lowered as benchmarks/bench_linear_cross_entropy.py does, for the
@@ -109,8 +121,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--only", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--child", choices=PROVIDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="+", choices=PROVIDERS + TRUNKS, default=list(PROVIDERS + TRUNKS))
+    parser.add_argument("--child", choices=PROVIDERS + TRUNKS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -134,8 +146,8 @@ def main() -> None:
     for provider, runs in results.items():
         seconds = statistics.median(x["seconds"] for x in runs)
         peak = max(x["peak_bytes"] for x in runs)
-        print(f"{provider:<18} {runs[0]['loss']:>9.5f} {seconds:>9.3f} {base / seconds:>9.2f} "
-              f"{peak / 2**20:>9.0f} MiB")
+        loss = "-" if provider in TRUNKS else f"{runs[0]['loss']:.5f}"
+        print(f"{provider:<18} {loss:>9} {seconds:>9.3f} {base / seconds:>9.2f} {peak / 2**20:>8.0f} MiB")
         for fusion in runs[0].get("fusions", []):
             print(f"    {fusion}")
 
