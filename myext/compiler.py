@@ -220,3 +220,15 @@ def _reaches_loss_or_relu(gm: fx.GraphModule, linear: fx.Node, depth: int = 16) 
                 return user.name
             queue.append((user, d + 1))
     return None
+
+
+def _register_without_the_entry_point() -> None:
+    # An installed myext names the backend through its entry point; a source tree on
+    # PYTHONPATH (not installed) has none, and gets the name when this module is imported.
+    from torch._dynamo.backends.registry import list_backends, register_backend
+
+    if "myext" not in list_backends(exclude_tags=()):
+        register_backend(backend, name="myext")
+
+
+_register_without_the_entry_point()

@@ -58,8 +58,9 @@ def classify(model, x, y):
     return F.cross_entropy(model(x), y)
 
 
-def test_registered_as_an_entry_point():
-    """The name resolves through torch's entry point, as after a plain pip install."""
+def test_registered_by_name():
+    """The name resolves: through torch's entry point once installed, else (a source tree
+    on PYTHONPATH) from the import of myext.compiler."""
     from torch._dynamo.backends.registry import list_backends, lookup_backend
 
     assert "myext" in list_backends(exclude_tags=())
