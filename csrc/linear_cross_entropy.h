@@ -26,16 +26,20 @@
 
 namespace myext {
 
-// The logits of one chunk take about this much memory, at least kMinChunkRows
-// rows (fewer rows and each GEMM reads the whole weight for too little work).
+// The logits of one chunk take about kChunkBytes, in at least kFullSpeedRows rows
+// where the vocabulary is too large for that: a GEMM over fewer rows reads the whole
+// weight for too little work (at H=4096, V=128000 in float32, 128-row chunks made the
+// CPU step 1.25x slower than 256-row ones, docs/BENCHMARKS.md), but never more rows
+// for it than 1/8 of all of them, the step's memory budget.
 constexpr int64_t kChunkBytes = int64_t(32) << 20;
-constexpr int64_t kMinChunkRows = 128;
+constexpr int64_t kFullSpeedRows = 256;
 
 // Rows per chunk: `requested` where > 0, else from the shapes.
 inline int64_t chunk_rows(int64_t rows, int64_t classes, int64_t element_size, int64_t requested) {
   if (requested > 0) return std::max<int64_t>(1, std::min(requested, rows));
   const int64_t fit = kChunkBytes / std::max<int64_t>(1, classes * element_size);
-  return std::max<int64_t>(1, std::min(rows, std::max(fit, kMinChunkRows)));
+  const int64_t least = std::min(kFullSpeedRows, rows / 8);
+  return std::max<int64_t>(1, std::min(rows, std::max(fit, least)));
 }
 
 // The options of the losses, and the rows per chunk (0: chosen from the shapes).

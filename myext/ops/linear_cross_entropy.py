@@ -43,15 +43,17 @@ __all__ = ["LinearCrossEntropyFunction", "default_chunk_size", "linear_cross_ent
 NAME = "linear_cross_entropy"
 
 # As csrc/linear_cross_entropy.h: a chunk's logits take about this many bytes, in at
-# least this many rows.
+# least this many rows where that is less (up to 1/8 of the rows).
 CHUNK_BYTES = 32 << 20
-MIN_CHUNK_ROWS = 128
+FULL_SPEED_ROWS = 256
 
 
 def default_chunk_size(rows: int, classes: int, dtype: torch.dtype, device: Optional[torch.device] = None) -> int:
     """Rows per chunk when none is given: a chunk's logits take about 32 MiB (at most
-    1/8 of the logits from 256 MiB of them on), in at least 128 rows, so that each
-    chunk's GEMMs have work enough to run at full speed.
+    1/8 of the logits from 256 MiB of them on). Where a vocabulary is so large that
+    32 MiB holds fewer than 256 rows, the chunk takes 256 rows, or 1/8 of all of them
+    if that is fewer (the step's memory budget): a GEMM over fewer rows reads the whole
+    weight for too little work to run at full speed.
 
     On the CPU the rows are those of 32 MiB of float32 logits whatever the dtype, so a
     bfloat16 or half chunk takes 16 MiB: the CPU's reduced-dtype GEMMs run as fast on
@@ -60,7 +62,7 @@ def default_chunk_size(rows: int, classes: int, dtype: torch.dtype, device: Opti
     itemsize = 4 if device is not None and torch.device(device).type == "cpu" and dtype.itemsize < 4 \
         else dtype.itemsize
     fit = CHUNK_BYTES // max(1, classes * itemsize)
-    return max(1, min(rows, max(fit, MIN_CHUNK_ROWS)))
+    return max(1, min(rows, max(fit, min(FULL_SPEED_ROWS, rows // 8))))
 
 
 # --------------------------------------------------------------------------- checks
