@@ -90,7 +90,7 @@ if [ "${1:-}" = "--run-tests" ]; then
     fail "installing the test requirements failed"
   fi
   rm -f "$log"
-  (cd "$workdir" && PYTHONPATH="$workdir" "$venv/bin/python" -m pytest -q -p no:cacheprovider) ||
+  (cd "$workdir" && PYTHONPATH="$workdir" "$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2) ||
     fail "the test suite failed under torch $torch_version"
   echo "check_cuda_build: PASS: test suite under torch $torch_version"
 fi
