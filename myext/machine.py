@@ -22,7 +22,9 @@ class GemmChoice(NamedTuple):
     ``rows`` up to ``rows_up_to`` (a power of two),
     the operands' layouts (``"r"`` row-major, ``"c"`` column-major, that is a transposed
     view, ``"s"`` other strides), each library's fastest timed call (oneDNN's ``inf`` where it
-    has no kernel for the dtype on this CPU), and the choice."""
+    has no kernel for the dtype on this CPU), the choice, and the ``(rows, inner, cols)`` the
+    probe timed: the first call's own GEMM, or a slice of its largest dimension where that
+    GEMM is over 2**30 multiply-adds (a large one would cost its first call seconds)."""
 
     dtype: str
     rows_up_to: int
@@ -33,6 +35,7 @@ class GemmChoice(NamedTuple):
     aten_seconds: float
     onednn_seconds: float
     onednn: bool
+    timed_shape: tuple[int, int, int]
 
 
 def cpu_gemm_policy() -> str:

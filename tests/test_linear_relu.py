@@ -159,6 +159,33 @@ def test_cpp_gemm_probe_measures_each_shape_class_once_and_keeps_the_faster(cpu_
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("rows, out_features", [(1100, 1024), (1024, 1100)])
+def test_cpp_gemm_probe_of_large_gemms_times_a_slice(rows, out_features, cpu_gemm_policy):
+    """A GEMM beyond the probe's 2**30 multiply-adds is timed on a slice of its largest
+    dimension (here the rows, the inner dimension of the weight gradient, or the
+    columns): the classes are still measured once each, and every result is of the
+    whole GEMM."""
+    from myext import machine
+
+    cpu_gemm_policy("probe")
+    x, w, b = make_args((rows, 1024), out_features=out_features, dtype=torch.float32)
+    out, grads = _fwd_bwd(x, w, b)
+    choices = machine.cpu_gemm_choices()
+    assert len(choices) == 3 and all(0 < c.aten_seconds and 0 < c.onednn_seconds for c in choices)
+    for c in choices:  # the largest dimension cut to about 2**30 multiply-adds, the others kept
+        shape = (min(c.rows_up_to, 1100), c.inner, c.cols)  # every dimension 1024 or 1100
+        largest = shape.index(1100)
+        assert c.timed_shape[largest] == int(1100 * (2**30 / (shape[0] * shape[1] * shape[2])))
+        assert all(c.timed_shape[i] == shape[i] for i in range(3) if i != largest)
+    torch.testing.assert_close(out, F.relu(F.linear(x, w, b)), rtol=1e-5, atol=2e-4)
+    want = torch.autograd.grad(F.relu(F.linear(x, w, b)), (x, w, b), torch.ones(rows, out_features))
+    for g, g_ref in zip(grads, want):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=5e-4)
+    _fwd_bwd(x, w, b)
+    assert machine.cpu_gemm_choices() == choices
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 def test_cpp_gemm_probe_across_threads(cpu_gemm_policy):
     """Threads whose first GEMMs fall in one shape class at once: one measures, the others
     wait for its answer; every result is right, and the class is measured once."""

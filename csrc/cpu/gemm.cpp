@@ -15,6 +15,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 
 namespace myext {
 namespace cpu {
@@ -28,12 +29,18 @@ constexpr double kOneDnnMargin = 0.95;
 // second chose oneDNN where the two tie or ATen wins. Then each runs at least kMinRuns
 // timed calls, more while they take under kProbeSeconds in all (small GEMMs time
 // noisily), at most kMaxRuns. A new shape class costs its first call
-// 2 * (kWarmUpRuns + runs) GEMMs, eight at least: tenths of a second for the
-// 256 x 1024 x 32000 chunk of a language model's head.
+// 2 * (kWarmUpRuns + runs) GEMMs, eight at least, each of at most kProbeWork
+// multiply-adds (below): about a tenth of a second per shape class.
 constexpr int kWarmUpRuns = 2;
 constexpr int kMinRuns = 2;
 constexpr int kMaxRuns = 50;
 constexpr double kProbeSeconds = 2e-3;
+// A probe times the shape's own GEMM up to kProbeWork multiply-adds. A larger one is
+// timed on a slice of its largest dimension, the layouts and the other two dimensions
+// kept: at a language model's head of a large vocabulary (256 x 4096 x 128000 in
+// float32, over a second a GEMM on the AMD EPYC family 25 model 17) the probe's eight
+// GEMMs of each of the step's three shape classes took the first call 25 s.
+constexpr double kProbeWork = 1 << 30;
 // Beyond this many shape classes, new ones go to ATen unmeasured: a bound on memory
 // and on probing time for a process that sees endless shapes.
 constexpr size_t kMaxChoices = 4096;
@@ -75,13 +82,37 @@ double seconds_of(const F& f) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-GemmChoice probe(const at::Tensor& a, const at::Tensor& b, const Key& key) {
+// A slice of the operand `t`, laid out as `t` is: a dense one (row- or column-major)
+// stays dense, where the slice's view would be padded, which sends oneDNN's linear to a
+// slow path (16 s for a 2048 x 256 x 2048 GEMM on the AMD EPYC family 25 model 17)
+// that the call itself never takes; any other keeps the view's strides, as the call's.
+at::Tensor sliced_like(const at::Tensor& slice, const at::Tensor& t) {
+  if (t.is_contiguous()) return slice.contiguous();
+  if (t.t().is_contiguous()) return slice.t().contiguous().t();
+  return slice;
+}
+
+// a (rows, inner) @ b (inner, cols), or a slice of its largest dimension of about
+// kProbeWork multiply-adds.
+std::pair<at::Tensor, at::Tensor> probe_operands(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t rows = a.size(0), inner = a.size(1), cols = b.size(1);
+  const double work = static_cast<double>(rows) * inner * cols;
+  if (work <= kProbeWork) return {a, b};
+  const auto part = [&](int64_t n) { return std::max<int64_t>(1, static_cast<int64_t>(n * (kProbeWork / work))); };
+  if (rows >= inner && rows >= cols) return {sliced_like(a.narrow(0, 0, part(rows)), a), b};
+  if (cols >= inner) return {a, sliced_like(b.narrow(1, 0, part(cols)), b)};
+  const int64_t k = part(inner);
+  return {sliced_like(a.narrow(1, 0, k), a), sliced_like(b.narrow(0, 0, k), b)};
+}
+
+GemmChoice probe(const at::Tensor& full_a, const at::Tensor& full_b, const Key& key) {
+  const auto [a, b] = probe_operands(full_a, full_b);
   const auto aten = [&] { (void)at::mm(a, b); };
   const auto onednn = [&] { (void)onednn_linear(a, b.t(), std::nullopt); };
   const auto choice = [&](double aten_seconds, double onednn_seconds) {
     return GemmChoice{std::get<0>(key), std::get<1>(key), std::get<2>(key), std::get<3>(key),
                       std::get<4>(key), std::get<5>(key), aten_seconds, onednn_seconds,
-                      onednn_seconds < kOneDnnMargin * aten_seconds};
+                      onednn_seconds < kOneDnnMargin * aten_seconds, a.size(0), a.size(1), b.size(1)};
   };
   // Untimed calls: oneDNN creates (and caches) its primitive, both fault in their
   // outputs' pages and settle their allocations. oneDNN raises where it has no kernel

@@ -50,7 +50,8 @@ const char* dtype_name(at::ScalarType dtype) {
 }
 
 // Each choice as a tuple (dtype, rows_up_to, inner, cols, a_layout, b_layout,
-// aten_seconds, onednn_seconds, onednn), the dtype named as torch names it.
+// aten_seconds, onednn_seconds, onednn, (timed_rows, timed_inner, timed_cols)), the
+// dtype named as torch names it.
 PyObject* gemm_choices(PyObject*, PyObject*) {
   std::vector<myext::cpu::GemmChoice> choices;
   try {
@@ -63,10 +64,12 @@ PyObject* gemm_choices(PyObject*, PyObject*) {
   if (list == nullptr) return nullptr;
   for (size_t i = 0; i < choices.size(); ++i) {
     const auto& c = choices[i];
-    PyObject* item = Py_BuildValue("(sLLLCCddO)", dtype_name(c.dtype), static_cast<long long>(c.rows_up_to),
+    PyObject* item = Py_BuildValue("(sLLLCCddO(LLL))", dtype_name(c.dtype), static_cast<long long>(c.rows_up_to),
                                    static_cast<long long>(c.inner), static_cast<long long>(c.cols),
                                    static_cast<int>(c.a_layout), static_cast<int>(c.b_layout), c.aten_seconds,
-                                   c.onednn_seconds, c.onednn ? Py_True : Py_False);
+                                   c.onednn_seconds, c.onednn ? Py_True : Py_False,
+                                   static_cast<long long>(c.timed_rows), static_cast<long long>(c.timed_inner),
+                                   static_cast<long long>(c.timed_cols));
     if (item == nullptr) {
       Py_DECREF(list);
       return nullptr;
