@@ -23,8 +23,9 @@ class GemmChoice(NamedTuple):
     the operands' layouts (``"r"`` row-major, ``"c"`` column-major, that is a transposed
     view, ``"s"`` other strides), each library's fastest timed call (oneDNN's ``inf`` where it
     has no kernel for the dtype on this CPU), the choice, and the ``(rows, inner, cols)`` the
-    probe timed: the first call's own GEMM, or a slice of its largest dimension where that
-    GEMM is over 2**30 multiply-adds (a large one would cost its first call seconds)."""
+    probe timed: the first call's own GEMM, or where that is over 2**30 multiply-adds (a
+    large one would cost its first call seconds) a slice, each dimension above a cap cut to
+    it, the largest cap that keeps the slice within 2**30."""
 
     dtype: str
     rows_up_to: int

@@ -36,10 +36,10 @@ constexpr int kMinRuns = 2;
 constexpr int kMaxRuns = 50;
 constexpr double kProbeSeconds = 2e-3;
 // A probe times the shape's own GEMM up to kProbeWork multiply-adds. A larger one is
-// timed on a slice of its largest dimension, the layouts and the other two dimensions
-// kept: at a language model's head of a large vocabulary (256 x 4096 x 128000 in
-// float32, over a second a GEMM on the AMD EPYC family 25 model 17) the probe's eight
-// GEMMs of each of the step's three shape classes took the first call 25 s.
+// timed on a slice of its largest dimensions (probe_operands), the layouts kept: at a
+// language model's head of a large vocabulary (256 x 4096 x 128000 in float32, over a
+// second a GEMM on the AMD EPYC family 25 model 17) the probe's eight GEMMs of each of
+// the step's three shape classes took the first call 25 s.
 constexpr double kProbeWork = 1 << 30;
 // Beyond this many shape classes, new ones go to ATen unmeasured: a bound on memory
 // and on probing time for a process that sees endless shapes.
@@ -92,17 +92,27 @@ at::Tensor sliced_like(const at::Tensor& slice, const at::Tensor& t) {
   return slice;
 }
 
-// a (rows, inner) @ b (inner, cols), or a slice of its largest dimension of about
-// kProbeWork multiply-adds.
+// a (rows, inner) @ b (inner, cols), or, over kProbeWork multiply-adds, a slice of it:
+// each dimension above a cap cut to the cap, the largest cap that keeps the slice within
+// kProbeWork. So the largest dimension goes first and no dimension is cut below the
+// others' sizes: cutting only the largest would time an 8192^3 GEMM on 16 rows, a
+// shape that runs nothing like it.
 std::pair<at::Tensor, at::Tensor> probe_operands(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t rows = a.size(0), inner = a.size(1), cols = b.size(1);
-  const double work = static_cast<double>(rows) * inner * cols;
-  if (work <= kProbeWork) return {a, b};
-  const auto part = [&](int64_t n) { return std::max<int64_t>(1, static_cast<int64_t>(n * (kProbeWork / work))); };
-  if (rows >= inner && rows >= cols) return {sliced_like(a.narrow(0, 0, part(rows)), a), b};
-  if (cols >= inner) return {a, sliced_like(b.narrow(1, 0, part(cols)), b)};
-  const int64_t k = part(inner);
-  return {sliced_like(a.narrow(1, 0, k), a), sliced_like(b.narrow(0, 0, k), b)};
+  const std::array<int64_t, 3> n{a.size(0), a.size(1), b.size(1)};
+  const auto work = [&](int64_t cap) {
+    double product = 1;
+    for (const int64_t d : n) product *= static_cast<double>(std::min(d, cap));
+    return product;
+  };
+  int64_t low = 1, high = std::max({n[0], n[1], n[2]});
+  if (work(high) <= kProbeWork) return {a, b};
+  while (high - low > 1) {  // work(low) <= kProbeWork < work(high)
+    const int64_t mid = low + (high - low) / 2;
+    (work(mid) <= kProbeWork ? low : high) = mid;
+  }
+  const int64_t rows = std::min(n[0], low), inner = std::min(n[1], low), cols = std::min(n[2], low);
+  return {sliced_like(a.narrow(0, 0, rows).narrow(1, 0, inner), a),
+          sliced_like(b.narrow(0, 0, inner).narrow(1, 0, cols), b)};
 }
 
 GemmChoice probe(const at::Tensor& full_a, const at::Tensor& full_b, const Key& key) {

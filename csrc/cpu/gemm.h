@@ -41,8 +41,8 @@ struct GemmChoice {
   char a_layout, b_layout;  // 'r' row-major, 'c' column-major (a transposed view), 's' other
   double aten_seconds, onednn_seconds;  // each the fastest of its timed runs
   bool onednn;
-  // The GEMM the probe timed: the first call's own, or a slice of its largest
-  // dimension where that is over the probe's budget of multiply-adds.
+  // The GEMM the probe timed: the first call's own, or a slice of it where that is
+  // over the probe's budget of multiply-adds (gemm.cpp, probe_operands).
   int64_t timed_rows, timed_inner, timed_cols;
 };
 std::vector<GemmChoice> gemm_choices();
