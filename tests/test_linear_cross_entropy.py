@@ -216,26 +216,30 @@ def test_chunk_size_invariance(backend, device, reduction, kind):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("rows, classes", [(4096, 32000), (4096, 128000), (2048, 256000), (1024, 128000),
-                                           (100, 32000), (64, 10**6), (1, 50)])
+@pytest.mark.parametrize("rows, classes", [(4096, 32000), (4000, 32000), (4096, 128000), (2048, 256000),
+                                           (2100, 128000), (1024, 128000), (100, 32000), (64, 10**6), (1, 50),
+                                           (0, 50)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_default_chunk_size(rows, classes, dtype):
-    """The default chunk: about 32 MiB of logits; at least 256 rows (the rows a GEMM needs
-    to run at full speed) where the vocabulary is too large for that, but not for more
-    than 1/8 of the rows (the memory budget); never more rows than there are. The
-    Triton ops choose by the same rule."""
+    """The default chunk: as few chunks as keep each within about 32 MiB of logits, or
+    where the vocabulary is too large for that within 256 rows (the rows a GEMM needs
+    to run at full speed) or 1/8 of them if fewer (the memory budget); the rows shared
+    about equally among them. The Triton ops choose by the same rule."""
     from myext.ops.linear_cross_entropy import default_chunk_size
     from triton_ops.linear_cross_entropy import chunk_rows
 
-    chunk = default_chunk_size(rows, classes, dtype, "cpu")
-    assert 1 <= chunk <= rows
-    fit = (32 << 20) // (classes * 4)  # the CPU's chunk counts float32 logits whatever the dtype
-    assert chunk >= min(rows, fit, 256) and chunk >= min(rows, max(1, rows // 8), 256)
-    if fit < 256:
-        assert chunk <= max(fit, rows // 8)
-    else:
-        assert chunk == min(rows, fit)
-    assert default_chunk_size(rows, classes, dtype, "cuda") == chunk_rows(rows, classes, dtype.itemsize, 0)
+    chunk = default_chunk_size(rows, classes, dtype)
+    fit = (32 << 20) // (classes * dtype.itemsize)
+    most = max(1, min(rows, max(fit, min(256, rows // 8))))
+    assert 1 <= chunk <= most
+    chunks = -(-rows // chunk)
+    assert chunks == -(-rows // most)
+    if rows:
+        last = rows - (chunks - 1) * chunk
+        assert chunk - last < chunks
+    if (rows, classes) == (4096, 32000):
+        assert chunk == {torch.float32: 256, torch.bfloat16: 512}[dtype]
+    assert chunk_rows(rows, classes, dtype.itemsize, 0) == chunk
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

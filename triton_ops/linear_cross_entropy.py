@@ -21,8 +21,8 @@ from . import cross_entropy as ce
 from ._host import check, check_floating, check_like, check_optional_rows, check_optional_vector
 from ._loss_options import LinearLossOptions
 
-# As csrc/linear_cross_entropy.h: a chunk's logits take about this many bytes, in at
-# least this many rows where that is less (up to 1/8 of the rows).
+# As csrc/linear_cross_entropy.h: a chunk's logits take at most about this many bytes,
+# or this many rows where that is more (up to 1/8 of the rows).
 CHUNK_BYTES = 32 << 20
 FULL_SPEED_ROWS = 256
 # Classes per block of a weight gradient accumulated from a temporary product.
@@ -34,7 +34,9 @@ def chunk_rows(rows: int, classes: int, element_size: int, requested: int) -> in
     if requested > 0:
         return max(1, min(requested, rows))
     fit = CHUNK_BYTES // max(1, classes * element_size)
-    return max(1, min(rows, max(fit, min(FULL_SPEED_ROWS, rows // 8))))
+    most = max(1, min(rows, max(fit, min(FULL_SPEED_ROWS, rows // 8))))
+    chunks = max(1, -(-rows // most))
+    return max(1, -(-rows // chunks))  # the rows shared equally among the chunks
 
 
 def _check_inputs(op: str, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],

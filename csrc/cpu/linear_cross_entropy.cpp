@@ -347,10 +347,11 @@ struct CpuKernels {
     at::Tensor loss = at::empty(o.reduction == at::Reduction::None ? at::IntArrayRef{rows} : at::IntArrayRef{},
                                 p.x.options());
     const bool grads = o.reduction != at::Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
-    // The rows of 32 MiB of float32 logits, whatever the dtype (as default_chunk_size on
-    // the CPU): reduced-dtype GEMMs run as fast on them, and half the bytes keep the step
-    // within 1/8 of its logits.
-    const int64_t chunk = chunk_rows(rows, classes, at::elementSize(acc_type), o.chunk_size);
+    // The rows of 32 MiB of logits in their own dtype, as on the GPU: a bfloat16 GEMM
+    // does its rows' work in half a float32 one's time and needs twice the rows to run
+    // at full speed (at N=4096, H=1024, V=32000 the CPU step took 2.24 s in chunks of
+    // 512 rows against 2.31 s in chunks of 256, docs/BENCHMARKS.md).
+    const int64_t chunk = chunk_rows(rows, classes, p.x.element_size(), o.chunk_size);
     // A reduced dtype's weight gradient: by the chunk's GEMM where one chunk holds every
     // row, by blocks of classes after the chunks where a float32 accumulator would not
     // fit the memory budget (weight_by_class_blocks), else accumulated over the chunks.
@@ -431,7 +432,7 @@ struct CpuKernels {
                             extras.grad_logprob, extras.grad_entropy, extras.row_entropy);
     const at::Tensor row_weight = shard != nullptr ? shard->row_weight.to(acc_type).contiguous() : at::Tensor();
     const int64_t classes = p.w.size(0);
-    const int64_t chunk = chunk_rows(rows, classes, at::elementSize(acc_type), o.chunk_size);  // as forward's
+    const int64_t chunk = chunk_rows(rows, classes, p.x.element_size(), o.chunk_size);  // as forward's
     // As forward: a reduced dtype's weight gradient by blocks of classes, or by the
     // GEMM of the one chunk.
     const bool weight_by_blocks = output_mask[1] && acc_type != p.x.scalar_type() &&

@@ -42,27 +42,26 @@ __all__ = ["LinearCrossEntropyFunction", "default_chunk_size", "linear_cross_ent
 
 NAME = "linear_cross_entropy"
 
-# As csrc/linear_cross_entropy.h: a chunk's logits take about this many bytes, in at
-# least this many rows where that is less (up to 1/8 of the rows).
+# As csrc/linear_cross_entropy.h: a chunk's logits take at most about this many bytes,
+# or this many rows where that is more (up to 1/8 of the rows).
 CHUNK_BYTES = 32 << 20
 FULL_SPEED_ROWS = 256
 
 
 def default_chunk_size(rows: int, classes: int, dtype: torch.dtype, device: Optional[torch.device] = None) -> int:
-    """Rows per chunk when none is given: a chunk's logits take about 32 MiB (at most
-    1/8 of the logits from 256 MiB of them on). Where a vocabulary is so large that
-    32 MiB holds fewer than 256 rows, the chunk takes 256 rows, or 1/8 of all of them
-    if that is fewer (the step's memory budget): a GEMM over fewer rows reads the whole
-    weight for too little work to run at full speed.
+    """Rows per chunk when none is given: a chunk's logits take at most about 32 MiB
+    (at most 1/8 of the logits from 256 MiB of them on). Where a vocabulary is so large
+    that 32 MiB holds fewer than 256 rows, a chunk may take 256 rows, or 1/8 of all of
+    them if that is fewer (the step's memory budget): a GEMM over fewer rows reads the
+    whole weight for too little work to run at full speed. The rows are then shared
+    equally among the chunks that makes, so that no chunk is cut short.
 
-    On the CPU the rows are those of 32 MiB of float32 logits whatever the dtype, so a
-    bfloat16 or half chunk takes 16 MiB: the CPU's reduced-dtype GEMMs run as fast on
-    those rows as on twice as many, and the step then stays within 1/8 of its logits
-    (as csrc/cpu/linear_cross_entropy.cpp)."""
-    itemsize = 4 if device is not None and torch.device(device).type == "cpu" and dtype.itemsize < 4 \
-        else dtype.itemsize
-    fit = CHUNK_BYTES // max(1, classes * itemsize)
-    return max(1, min(rows, max(fit, min(FULL_SPEED_ROWS, rows // 8))))
+    The same rule on every device and in every backend (csrc/linear_cross_entropy.h);
+    ``device`` is accepted for callers that pass it."""
+    fit = CHUNK_BYTES // max(1, classes * dtype.itemsize)
+    most = max(1, min(rows, max(fit, min(FULL_SPEED_ROWS, rows // 8))))
+    chunks = max(1, -(-rows // most))
+    return max(1, -(-rows // chunks))
 
 
 # --------------------------------------------------------------------------- checks
@@ -413,8 +412,8 @@ def linear_cross_entropy(
             each element not ignored, before the reduction.
         softcap: caps the logits at ``softcap * tanh(logits / softcap)`` before the
             softmax; ``None`` (default) leaves them.
-        chunk_size: rows per chunk; ``None`` chooses from the shapes (chunks of about
-            32 MiB of logits). Results do not depend on it beyond rounding.
+        chunk_size: rows per chunk; ``None`` chooses from the shapes (chunks of at
+            most about 32 MiB of logits, :func:`default_chunk_size`). Results do not depend on it beyond rounding.
         return_lse: also return each element's log-sum-exp, from the same pass.
         return_accuracy: also return the token accuracy (class-index targets).
         return_logprob: also return each element's log-probability of its target,
