@@ -242,6 +242,30 @@ def test_default_chunk_size(rows, classes, dtype):
     assert chunk_rows(rows, classes, dtype.itemsize, 0) == chunk
 
 
+def test_cpp_op_default_chunk_is_pythons():
+    """The cpp op's own chunk rule (``chunk_size=0``, for callers of ``torch.ops.myext``)
+    is the Python default's: a bfloat16 weight gradient, summed in float32 chunk by
+    chunk, comes out with the same bits, and with other bits where the chunks differ
+    (3 of 234 rows here, against 335, 335 and 30)."""
+    from myext.ops.linear_cross_entropy import default_chunk_size
+
+    torch.manual_seed(0)
+    rows, classes = 700, 50000
+    x, w, _, target, _ = make_case((rows,), 8, classes, bias=False, dtype=torch.bfloat16)
+    chunk = default_chunk_size(rows, classes, torch.bfloat16)
+    assert chunk == 234
+
+    def weight_grad(chunk_size):
+        # sum reduction, no options; returns (loss, ..., grad_input, grad_weight, grad_bias)
+        out = torch.ops.myext.linear_cross_entropy_forward(x, w, None, target, None, None, 2, -100, 0.0, 0.0, 0.0,
+                                                           1.0, False, chunk_size, [False, True, False])
+        return out[7]
+
+    own = weight_grad(0)
+    assert torch.equal(own, weight_grad(chunk))
+    assert not torch.equal(own, weight_grad(335))
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_batch_shapes(backend, device, reduction):
     """(*, H) with target (*): per-element losses of the batch shape for 'none', the
