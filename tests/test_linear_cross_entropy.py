@@ -246,7 +246,7 @@ def test_cpp_op_default_chunk_is_pythons():
     """The cpp op's own chunk rule (``chunk_size=0``, for callers of ``torch.ops.myext``)
     is the Python default's: a bfloat16 weight gradient, summed in float32 chunk by
     chunk, comes out with the same bits, and with other bits where the chunks differ
-    (3 of 234 rows here, against 335, 335 and 30)."""
+    (3 chunks of 234 rows here, against 335, 335 and 30)."""
     from myext.ops.linear_cross_entropy import default_chunk_size
 
     torch.manual_seed(0)

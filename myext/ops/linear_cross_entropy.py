@@ -413,7 +413,8 @@ def linear_cross_entropy(
         softcap: caps the logits at ``softcap * tanh(logits / softcap)`` before the
             softmax; ``None`` (default) leaves them.
         chunk_size: rows per chunk; ``None`` chooses from the shapes (chunks of at
-            most about 32 MiB of logits, :func:`default_chunk_size`). Results do not depend on it beyond rounding.
+            most about 32 MiB of logits, :func:`default_chunk_size`). Results do not
+            depend on it beyond rounding.
         return_lse: also return each element's log-sum-exp, from the same pass.
         return_accuracy: also return the token accuracy (class-index targets).
         return_logprob: also return each element's log-probability of its target,
