@@ -48,10 +48,18 @@ inline int64_t chunk_rows(int64_t rows, int64_t classes, int64_t element_size, i
   return std::max<int64_t>(1, (rows + chunks - 1) / chunks);
 }
 
-// The options of the losses, and the rows per chunk (0: chosen from the shapes).
+// The options of the losses, the rows per chunk (0: chosen from the shapes) and
+// the dtype the weight gradient is summed in over the chunks (none: the input's
+// accumulation type, float32 for bfloat16 and float16).
 struct LinearLossOptions : LossOptions {
   int64_t chunk_size;
+  std::optional<at::ScalarType> accum_dtype;
 };
+
+// The dtype of the weight gradient's sum over the chunks of `input`'s rows.
+inline at::ScalarType weight_grad_dtype(const LinearLossOptions& o, at::ScalarType input) {
+  return o.accum_dtype.value_or(at::toOpMathType(input));
+}
 
 // input (R, H); linear_weight (V, H) and linear_bias (V) or absent, of the
 // input's dtype and device; target, weight and sample_weight as
@@ -73,6 +81,10 @@ inline void check_linear_cross_entropy_inputs(
   check_optional_rows(op, "sample_weight", sample_weight, input.size(0), input);
   check_cross_entropy_options(op, o);
   TORCH_CHECK(o.chunk_size >= 0, op, ": chunk_size must be >= 0 (0: chosen from the shapes), got ", o.chunk_size);
+  const at::ScalarType acc = at::toOpMathType(input.scalar_type());
+  TORCH_CHECK(!o.accum_dtype.has_value() || *o.accum_dtype == acc || *o.accum_dtype == input.scalar_type(), op,
+              ": accum_dtype must be None, ", acc, " or the input's dtype ", input.scalar_type(), ", got ",
+              *o.accum_dtype);
 }
 
 // linear_cross_entropy_backward's: the forward's, the row outputs of the
@@ -115,10 +127,11 @@ struct LinearCrossEntropyOps {
                                            const std::optional<at::Tensor>& sample_weight, int64_t reduction,
                                            int64_t ignore_index, double label_smoothing, double lse_square_scale,
                                            double softcap, double temperature, bool entropy, int64_t chunk_size,
-                                           std::array<bool, 3> grad_mask) {
+                                           std::array<bool, 3> grad_mask, std::optional<at::ScalarType> accum_dtype) {
     constexpr const char* op = "linear_cross_entropy_forward";
     const LinearLossOptions o{
-        {reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy}, chunk_size};
+        {reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy}, chunk_size,
+        accum_dtype};
     check_linear_cross_entropy_inputs(op, input, linear_weight, linear_bias, target, weight, sample_weight, o);
     return Kernels::forward(op, input, linear_weight, linear_bias, target, weight, sample_weight, o, grad_mask);
   }
@@ -133,10 +146,11 @@ struct LinearCrossEntropyOps {
                                     const std::optional<at::Tensor>& row_entropy, int64_t reduction,
                                     int64_t ignore_index, double label_smoothing, double lse_square_scale,
                                     double softcap, double temperature, bool entropy, int64_t chunk_size,
-                                    std::array<bool, 3> output_mask) {
+                                    std::array<bool, 3> output_mask, std::optional<at::ScalarType> accum_dtype) {
     constexpr const char* op = "linear_cross_entropy_backward";
     const LinearLossOptions o{
-        {reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy}, chunk_size};
+        {reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy}, chunk_size,
+        accum_dtype};
     const RowExtras extras{grad_logprob, grad_entropy, row_entropy};
     check_linear_cross_entropy_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
                                                sample_weight, row_max, row_log_sum, total_weight, extras, o);
@@ -152,10 +166,12 @@ struct LinearCrossEntropyOps {
       const std::optional<at::Tensor>& grad_logprob, const std::optional<at::Tensor>& grad_entropy,
       const std::optional<at::Tensor>& row_entropy, int64_t reduction, int64_t ignore_index, double label_smoothing,
       double lse_square_scale, double softcap, double temperature, bool entropy, int64_t class_start,
-      int64_t classes, int64_t chunk_size, std::array<bool, 3> output_mask) {
+      int64_t classes, int64_t chunk_size, std::array<bool, 3> output_mask,
+      std::optional<at::ScalarType> accum_dtype) {
     constexpr const char* op = "linear_cross_entropy_shard_backward";
     const LinearLossOptions o{
-        {reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy}, chunk_size};
+        {reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy}, chunk_size,
+        accum_dtype};
     const RowExtras extras{grad_logprob, grad_entropy, row_entropy};
     const ClassShard shard{row_weight, weight_sum, class_start, classes};
     check_linear_cross_entropy_backward_inputs(op, grad_loss, input, linear_weight, linear_bias, target, weight,
@@ -181,19 +197,17 @@ constexpr int64_t kWeightGradBlock = 2048;
 // The gradients the loop accumulates: each undefined where not wanted.
 struct LinearGrads {
   at::Tensor input;   // (R, H), the input's dtype
-  at::Tensor weight;  // (V, H), float32 for bfloat16/float16 input
+  at::Tensor weight;  // (V, H), float32 for bfloat16/float16 input unless accum_dtype says
   at::Tensor bias;    // (V), float64
 };
 
-// Gradient buffers for `mask` (input, weight, bias) of the operands.
+// Gradient buffers for `mask` (input, weight, bias) of the operands, the
+// weight's in `weight_dtype` (weight_grad_dtype).
 inline LinearGrads make_linear_grads(const at::Tensor& input, const at::Tensor& linear_weight,
-                                     std::array<bool, 3> mask) {
+                                     std::array<bool, 3> mask, at::ScalarType weight_dtype) {
   LinearGrads g;
   if (mask[0]) g.input = at::empty(input.sizes(), input.options());
-  if (mask[1]) {
-    g.weight = at::zeros(linear_weight.sizes(), linear_weight.options().dtype(
-                                                    at::toOpMathType(linear_weight.scalar_type())));
-  }
+  if (mask[1]) g.weight = at::zeros(linear_weight.sizes(), linear_weight.options().dtype(weight_dtype));
   if (mask[2]) g.bias = at::zeros({linear_weight.size(0)}, linear_weight.options().dtype(at::kDouble));
   return g;
 }

@@ -97,13 +97,17 @@ TORCH_LIBRARY(myext, m) {
   // (for an upstream gradient of 1) and accumulates the gradients of (input,
   // linear_weight, linear_bias), returned here (None where not asked); backward
   // only scales them. Else they are None and linear_cross_entropy_backward
-  // computes them.
+  // computes them. accum_dtype is the dtype the weight gradient is summed in
+  // over the chunks: None for the default (float32 for bfloat16 and float16),
+  // else that or the input's own, which sums into the gradient itself and holds
+  // no accumulator (a rounding per chunk, for a step's memory); last and with a
+  // default, so that calls written before it keep their meaning.
   m.def(
       "linear_cross_entropy_forward(Tensor input, Tensor linear_weight, "
       "Tensor? linear_bias, Tensor target, Tensor? weight, Tensor? sample_weight, "
       "int reduction, int ignore_index, float label_smoothing, "
       "float lse_square_scale, float softcap, float temperature, bool entropy, "
-      "int chunk_size, bool[3] grad_mask) -> "
+      "int chunk_size, bool[3] grad_mask, ScalarType? accum_dtype=None) -> "
       "(Tensor loss, Tensor row_max, Tensor row_log_sum, Tensor target_logit, "
       "Tensor total_weight, Tensor row_entropy, Tensor? grad_input, "
       "Tensor? grad_linear_weight, Tensor? grad_linear_bias)");
@@ -119,7 +123,8 @@ TORCH_LIBRARY(myext, m) {
       "Tensor total_weight, Tensor? grad_logprob, Tensor? grad_entropy, "
       "Tensor? row_entropy, int reduction, int ignore_index, "
       "float label_smoothing, float lse_square_scale, float softcap, "
-      "float temperature, bool entropy, int chunk_size, bool[3] output_mask) -> "
+      "float temperature, bool entropy, int chunk_size, bool[3] output_mask, "
+      "ScalarType? accum_dtype=None) -> "
       "(Tensor? grad_input, Tensor? grad_linear_weight, Tensor? grad_linear_bias)");
   // The same for a shard of the classes (vocabulary parallelism): linear_weight
   // and linear_bias hold rows [class_start, class_start + C_local) of the output
@@ -135,6 +140,7 @@ TORCH_LIBRARY(myext, m) {
       "Tensor? grad_logprob, Tensor? grad_entropy, Tensor? row_entropy, "
       "int reduction, int ignore_index, float label_smoothing, "
       "float lse_square_scale, float softcap, float temperature, bool entropy, "
-      "int class_start, int classes, int chunk_size, bool[3] output_mask) -> "
+      "int class_start, int classes, int chunk_size, bool[3] output_mask, "
+      "ScalarType? accum_dtype=None) -> "
       "(Tensor? grad_input, Tensor? grad_linear_weight, Tensor? grad_linear_bias)");
 }

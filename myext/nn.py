@@ -254,7 +254,7 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         weight: a manual rescaling weight given to each class, of size ``C``.
         ignore_index: a target value that is ignored; ``None`` (default) means -100.
         label_smoothing: a float in ``[0.0, 1.0]``. Default: ``0.0``.
-        lse_square_scale, softcap, shift, temperature, chunk_size, backend: as in
+        lse_square_scale, softcap, shift, temperature, chunk_size, accum_dtype, backend: as in
             :func:`myext.linear_cross_entropy`.
 
     Shape:
@@ -293,6 +293,7 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         shift: int = 0,
         temperature: float = 1.0,
         chunk_size: Optional[int] = None,
+        accum_dtype: Optional[torch.dtype] = None,
         backend: Optional[str] = None,
     ) -> None:
         out_features = tuple(out_features)
@@ -307,6 +308,9 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
+        # Against the input's dtype at each call: the head's may change with .to().
+        if accum_dtype is not None and not isinstance(accum_dtype, torch.dtype):
+            raise ValueError(f"accum_dtype must be a torch.dtype or None, got {accum_dtype!r}")
         super().__init__(weight=weight, reduction=reduction)
         self.num_classes = num_classes
         self.out_features = out_features
@@ -317,6 +321,7 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         self.shift = shift
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self.accum_dtype = accum_dtype
         self.backend = backend
         self.linear = nn.Linear(in_features, math.prod(out_features, start=num_classes), bias=bias, device=device,
                                 dtype=dtype)
@@ -346,7 +351,7 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
                                     label_smoothing=self.label_smoothing, sample_weight=sample_weight,
                                     normalizer=normalizer, shift=self.shift, temperature=self.temperature,
                                     lse_square_scale=self.lse_square_scale, softcap=self.softcap,
-                                    chunk_size=self.chunk_size, backend=self.backend)
+                                    chunk_size=self.chunk_size, accum_dtype=self.accum_dtype, backend=self.backend)
 
     def extra_repr(self) -> str:
         text = (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
@@ -363,6 +368,8 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
             text += f", temperature={self.temperature}"
         if self.chunk_size is not None:
             text += f", chunk_size={self.chunk_size}"
+        if self.accum_dtype is not None:
+            text += f", accum_dtype={self.accum_dtype}"
         if self.backend is not None:
             text += f", backend={self.backend!r}"
         return text

@@ -133,6 +133,43 @@ def test_cpp_reduced_weight_gradient_accumulated(dtype):
         torch.testing.assert_close(got.double(), expected.double(), rtol=1e-2, atol=2e-2)
 
 
+@pytest.mark.compiled_backends
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_accum_dtype_of_the_input_sums_in_the_gradient(backend, device, dtype, reduction):
+    """accum_dtype set to the input's dtype sums the weight gradient over the chunks in
+    the gradient itself: 400 rows of 8 features in 7 chunks over 300 classes, the
+    gradients from forward's pass (mean) and from the backward op (none). The loss and
+    the input's and bias's gradients are the default's bits (neither is summed over
+    chunks in the dtype); the weight's differs from the default's (float32) by at most
+    a rounding of the dtype per chunk and two more, at the scale of the sum of its
+    terms' magnitudes (a lost or doubled chunk is many times that)."""
+    x, w, b, target, _ = make_case((400,), 8, 300, dtype=dtype, device=device)
+    upstream = torch.rand(400, dtype=dtype, device=device).add(0.5) if reduction == "none" else None
+
+    def run(**accum):
+        return loss_and_grads(myext.linear_cross_entropy, x, w, b, target, upstream, chunk_size=64,
+                              reduction=reduction, backend=backend, **accum)
+
+    loss, grads = run(accum_dtype=dtype)
+    default_loss, default_grads = run()
+    assert grads[1].dtype == dtype
+    torch.testing.assert_close(loss, default_loss, rtol=0, atol=0)
+    for got, expected in zip(grads[::2], default_grads[::2]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # The logits' gradient in float64, each row scaled as the loss scales it.
+    x64 = x.double()
+    d = torch.softmax(F.linear(x64, w.double(), b.double()), dim=1)
+    kept = target != -100
+    d[kept.nonzero().squeeze(1), target[kept]] -= 1
+    d = d * kept[:, None] * (upstream.double()[:, None] if upstream is not None else 1 / kept.sum())
+    magnitude = d.abs().t() @ x64.abs()
+    chunks = 7
+    error = (grads[1].double() - default_grads[1].double()).abs()
+    assert (error <= (chunks + 2) * torch.finfo(dtype).eps * magnitude).all(), \
+        (error / magnitude.clamp_min(1e-30)).max().item()
+
+
 @pytest.mark.parametrize("kind", ["class", "prob"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cpp_bfloat16_class_blocks_with_options(kind, reduction):
@@ -182,21 +219,27 @@ def test_cpp_bfloat16_class_blocks_of_a_shard():
     upstream = torch.randn(24, dtype=torch.float64)
     w, b = w_all[start:start + held], b_all[start:start + held]
 
-    def shard_grads(dtype, chunk):
+    def shard_grads(dtype, chunk, accum_dtype=None):
         as_dtype = [t.to(dtype) for t in (upstream, x, w, b)]
         stats = [t.to(torch.float32 if dtype == torch.bfloat16 else dtype) for t in (row_max, row_log_sum, row_weight)]
         total = torch.tensor(0.0, dtype=stats[0].dtype)
         return torch.ops.myext.linear_cross_entropy_shard_backward(
             *as_dtype, target, None, None, stats[0], stats[1], stats[2], total,
             torch.tensor(float(classes), dtype=stats[0].dtype), None, None, None, 0, -100, eps, 0.0, 0.0, 1.0,
-            False, start, classes, chunk, [True, True, True])
+            False, start, classes, chunk, [True, True, True], accum_dtype)
 
     rounded = [t.to(torch.bfloat16).double() for t in (upstream, x, w, b)]
     upstream, x, w, b = rounded
     want = shard_grads(torch.float64, 0)
-    for got, expected in zip(shard_grads(torch.bfloat16, 8), want):
-        assert got.dtype == torch.bfloat16
+    # accum_dtype=bfloat16 sums over the three chunks in the gradient itself instead: the
+    # input's and bias's gradients the same bits, the weight's within bfloat16's rounding.
+    blocks, summed = shard_grads(torch.bfloat16, 8), shard_grads(torch.bfloat16, 8, torch.bfloat16)
+    for got, in_dtype, expected in zip(blocks, summed, want):
+        assert got.dtype == in_dtype.dtype == torch.bfloat16
         torch.testing.assert_close(got.double(), expected, **TOLERANCES[torch.bfloat16])
+        torch.testing.assert_close(in_dtype.double(), expected, **TOLERANCES[torch.bfloat16])
+    for got, in_dtype in zip(blocks[::2], summed[::2]):
+        assert torch.equal(got, in_dtype)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -454,6 +497,8 @@ BAD_INPUTS = [
     (_bad(softcap=0.0), ValueError, "softcap must be"),
     (_bad(chunk_size=0), ValueError, "chunk_size must be a positive int"),
     (_bad(chunk_size=2.5), ValueError, "chunk_size must be a positive int"),
+    (_bad(accum_dtype=torch.float16), ValueError, "accum_dtype must be None, torch.float32 or the input's dtype"),
+    (_bad(accum_dtype="float32"), ValueError, "accum_dtype must be None"),
     (_bad(return_accuracy=True, target=lambda t: torch.softmax(torch.randn(6, 5), 1)), ValueError,
      "return_accuracy needs class-index targets"),
     (_bad(backend="fortran"), ValueError, "backend must be one of"),
@@ -535,6 +580,10 @@ BAD_DIRECT_CALLS = {
     "shard sample_weight shorter than the rows": (_shard_backward(**{"None, row_max": "g[:4], row_max"}),
                                                   "sample_weight"),
     "negative chunk_size": (_forward(**{" 0, [": " -4, ["}), "chunk_size"),
+    "accum_dtype of a narrower dtype": (_forward(**{"True]": "True], torch.float16"}), "accum_dtype"),
+    "backward accum_dtype wider than the accumulation's": (
+        f"ops.linear_cross_entropy_backward({B_ARGS}, torch.float64)", "accum_dtype"),
+    "shard accum_dtype of a narrower dtype": (_shard_backward(**{"True]": "True], torch.bfloat16"}), "accum_dtype"),
     "row_max shorter than the rows": (
         f"ops.linear_cross_entropy_backward({B_ARGS.replace('row_max', 'row_max[:2]')})", "row_max"),
     "grad_loss shorter than the rows": (

@@ -374,9 +374,21 @@ def test_linear_cross_entropy_loss_surface_and_checkpoints():
     with pytest.raises(RuntimeError, match="label_smoothing"):
         nn.LinearCrossEntropyLoss(4, 5, label_smoothing=2.0)
     for bad in [dict(label_smoothing=2.0), dict(label_smoothing=-0.1), dict(reduction="average"),
-                dict(softcap=0.0), dict(lse_square_scale=-1.0), dict(chunk_size=0)]:
+                dict(softcap=0.0), dict(lse_square_scale=-1.0), dict(chunk_size=0), dict(accum_dtype="bf16")]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             myext.nn.LinearCrossEntropyLoss(4, 5, **bad)
+
+    # accum_dtype reaches the function, which checks it against the input's dtype at the call.
+    summed_in_bf16 = myext.nn.LinearCrossEntropyLoss(4, 5, dtype=torch.bfloat16, accum_dtype=torch.bfloat16,
+                                                     chunk_size=2)
+    assert "accum_dtype=torch.bfloat16" in repr(summed_in_bf16)
+    x, target = torch.randn(6, 4, dtype=torch.bfloat16), torch.randint(0, 5, (6,))
+    summed_in_bf16(x, target).backward()
+    expected = summed_in_bf16.linear.weight.detach().clone().requires_grad_()
+    myext.linear_cross_entropy(x, expected, target, chunk_size=2, accum_dtype=torch.bfloat16).backward()
+    assert torch.equal(summed_in_bf16.linear.weight.grad, expected.grad)
+    with pytest.raises(ValueError, match="accum_dtype must be None"):
+        summed_in_bf16.float()(x.float(), target)
 
     torch_loss = nn.LinearCrossEntropyLoss(4, 5, bias=True, reduction="sum", label_smoothing=0.1).eval()
     converted = myext.nn.LinearCrossEntropyLoss.from_torch(torch_loss, backend="cpp")

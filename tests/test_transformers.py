@@ -191,6 +191,18 @@ def test_torch_compile():
         torch.testing.assert_close(p.grad, grads[n], rtol=RTOL, atol=ATOL, msg=n)
 
 
+def test_accum_dtype_reaches_the_loss():
+    """fuse_causal_lm's accum_dtype is the fused op's: the input's dtype (float64 here)
+    gives the default's loss and gradients, and one the op refuses is refused at the call."""
+    _, fused = pair("llama")
+    summed = fuse_causal_lm(copy.deepcopy(fused), accum_dtype=torch.float64)
+    inputs = batch()
+    assert_same_training(fused, summed, run(fused, inputs).loss, run(summed, inputs).loss)
+    fuse_causal_lm(summed, accum_dtype=torch.float16)
+    with pytest.raises(ValueError, match="accum_dtype must be None, torch.float64 or the input's dtype"):
+        summed(**inputs)
+
+
 def test_unfuse_and_fuse_twice():
     model = tiny_causal_lm("llama")
     assert fuse_causal_lm(model) is model

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
+
+import torch
 
 from ._host import check
 
@@ -60,9 +63,11 @@ class LossOptions:
 
 @dataclasses.dataclass(frozen=True)
 class LinearLossOptions(LossOptions):
-    """The losses' options and the linear ops' rows per chunk (csrc/linear_cross_entropy.h)."""
+    """The losses' options, the linear ops' rows per chunk and the dtype of the weight
+    gradient's sum over the chunks (csrc/linear_cross_entropy.h)."""
 
     chunk_size: int  # rows per chunk; 0: chosen from the shapes
+    accum_dtype: Optional[torch.dtype] = None  # None: float32 for bfloat16 and float16 input
 
     def check(self, op: str) -> None:
         super().check(op)

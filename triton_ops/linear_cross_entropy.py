@@ -62,6 +62,9 @@ def _check_inputs(op: str, input: torch.Tensor, linear_weight: torch.Tensor, lin
                      index_classes=index_classes)
     check_optional_rows(op, "sample_weight", sample_weight, input.shape[0], input)
     o.check(op)
+    acc = torch.promote_types(input.dtype, torch.float32)
+    check(o.accum_dtype in (None, acc, input.dtype), op,
+          f"accum_dtype must be None, {acc} or the input's dtype {input.dtype}, got {o.accum_dtype}")
 
 
 def _divisor_before(target: torch.Tensor, weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
@@ -87,10 +90,10 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torc
     return torch.addmm(b, x, w.t()) if b is not None else x @ w.t()
 
 
-def _grad_buffers(input: torch.Tensor, linear_weight: torch.Tensor, mask: Sequence[bool]):
+def _grad_buffers(input: torch.Tensor, linear_weight: torch.Tensor, mask: Sequence[bool], o: LinearLossOptions):
     """The accumulators: the input's gradient in its dtype, the weight's in float32 for
-    half-precision input, the bias's in float64."""
-    acc = torch.promote_types(input.dtype, torch.float32)
+    half-precision input unless ``o.accum_dtype`` says, the bias's in float64."""
+    acc = o.accum_dtype or torch.promote_types(input.dtype, torch.float32)
     return (torch.empty_like(input) if mask[0] else None,
             torch.zeros(linear_weight.shape, dtype=acc, device=input.device) if mask[1] else None,
             torch.zeros(linear_weight.shape[0], dtype=torch.float64, device=input.device) if mask[2] else None)
@@ -120,14 +123,14 @@ def linear_cross_entropy_forward(
     input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor], target: torch.Tensor,
     weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor], reduction: int, ignore_index: int,
     label_smoothing: float, lse_square_scale: float, softcap: float, temperature: float, entropy: bool,
-    chunk_size: int, grad_mask: Sequence[bool],
+    chunk_size: int, grad_mask: Sequence[bool], accum_dtype: Optional[torch.dtype] = None,
 ):
     """cross_entropy_forward of ``input @ linear_weight.T + linear_bias``, in chunks of
     rows; for reduction mean or sum also the gradients ``grad_mask`` asks for (for an
     upstream gradient of 1): the op myext::linear_cross_entropy_forward_triton."""
     op = "linear_cross_entropy_forward_triton"
     o = LinearLossOptions(reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy,
-                          chunk_size)
+                          chunk_size, accum_dtype)
     _check_inputs(op, input, linear_weight, linear_bias, target, weight, sample_weight, o)
     rows, classes = input.shape[0], linear_weight.shape[0]
     acc = torch.promote_types(input.dtype, torch.float32)
@@ -135,7 +138,7 @@ def linear_cross_entropy_forward(
     row_entropy = input.new_empty((rows if o.entropy else 0,), dtype=acc)
     sample_weight = _contiguous(sample_weight)
     with_grads = o.reduction != 0 and any(grad_mask)
-    grads = _grad_buffers(input, linear_weight, grad_mask) if with_grads else (None, None, None)
+    grads = _grad_buffers(input, linear_weight, grad_mask, o) if with_grads else (None, None, None)
     if with_grads:
         scale = torch.ones((), dtype=acc, device=input.device)
         if o.reduction == 1:
@@ -187,7 +190,7 @@ def _backward_chunks(grad_loss: torch.Tensor, input: torch.Tensor, linear_weight
         row_weight = row_weight.to(acc).contiguous()
     sample_weight = _contiguous(sample_weight)
     extras = tuple(_contiguous(t) for t in extras)
-    grads = _grad_buffers(input, linear_weight, output_mask)
+    grads = _grad_buffers(input, linear_weight, output_mask, o)
     chunk = chunk_rows(rows, linear_weight.shape[0], input.element_size(), o.chunk_size)
     for begin in range(0, rows, chunk):
         end = min(rows, begin + chunk)
@@ -208,13 +211,14 @@ def linear_cross_entropy_backward(
     grad_logprob: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor], row_entropy: Optional[torch.Tensor],
     reduction: int, ignore_index: int, label_smoothing: float, lse_square_scale: float, softcap: float,
     temperature: float, entropy: bool, chunk_size: int, output_mask: Sequence[bool],
+    accum_dtype: Optional[torch.dtype] = None,
 ):
     """The gradients for (input, linear_weight, linear_bias) that ``output_mask`` asks
     for, each chunk's logits computed again: the op
     myext::linear_cross_entropy_backward_triton."""
     op = "linear_cross_entropy_backward_triton"
     o = LinearLossOptions(reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy,
-                          chunk_size)
+                          chunk_size, accum_dtype)
     _check_inputs(op, input, linear_weight, linear_bias, target, weight, sample_weight, o)
     rows = input.shape[0]
     ce.check_row_outputs(op, grad_loss, row_max, row_log_sum, total_weight, rows, o.reduction, input)
@@ -230,7 +234,7 @@ def linear_cross_entropy_shard_backward(
     weight_sum: torch.Tensor, grad_logprob: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
     row_entropy: Optional[torch.Tensor], reduction: int, ignore_index: int, label_smoothing: float,
     lse_square_scale: float, softcap: float, temperature: float, entropy: bool, class_start: int, classes: int,
-    chunk_size: int, output_mask: Sequence[bool],
+    chunk_size: int, output_mask: Sequence[bool], accum_dtype: Optional[torch.dtype] = None,
 ):
     """linear_cross_entropy_backward for a shard of the classes (vocabulary parallelism):
     linear_weight and linear_bias hold rows [class_start, class_start + C_local) of an
@@ -242,7 +246,7 @@ def linear_cross_entropy_shard_backward(
     myext::linear_cross_entropy_shard_backward_triton."""
     op = "linear_cross_entropy_shard_backward_triton"
     o = LinearLossOptions(reduction, ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy,
-                          chunk_size)
+                          chunk_size, accum_dtype)
     _check_inputs(op, input, linear_weight, linear_bias, target, weight, sample_weight, o,
                   shard=(class_start, classes))
     rows = input.shape[0]

@@ -326,6 +326,14 @@ void weight_grad_by_class_blocks(const Operands& p, at::Tensor& out, int64_t blo
   }
 }
 
+// Whether a reduced dtype's weight gradient is summed in that dtype (accum_dtype): a
+// choice for memory, which keeps the GEMMs on ATen (CpuGemms::aten_only), whose bfloat16
+// addmm_ adds each chunk's product into the gradient in place where oneDNN would copy
+// the weight for the input gradient.
+inline bool sums_in_reduced_dtype(const at::Tensor& x, at::ScalarType weight_acc) {
+  return weight_acc == x.scalar_type() && at::toOpMathType(x.scalar_type()) != x.scalar_type();
+}
+
 // The kernels behind the ops of linear_cross_entropy.h, which has checked their arguments.
 struct CpuKernels {
   static LinearCrossEntropyForward forward(const char* op, const at::Tensor& input, const at::Tensor& linear_weight,
@@ -352,13 +360,15 @@ struct CpuKernels {
     // at full speed (at N=4096, H=1024, V=32000 the CPU step took 2.24 s in chunks of
     // 512 rows against 2.31 s in chunks of 256, docs/BENCHMARKS.md).
     const int64_t chunk = chunk_rows(rows, classes, p.x.element_size(), o.chunk_size);
-    // A reduced dtype's weight gradient: by the chunk's GEMM where one chunk holds every
-    // row, by blocks of classes after the chunks where a float32 accumulator would not
-    // fit the memory budget (weight_by_class_blocks), else accumulated over the chunks.
-    const bool reduced = acc_type != p.x.scalar_type();
-    const bool weight_by_blocks =
-        grads && grad_mask[1] && reduced && weight_by_class_blocks(rows, p.x.size(1), p.x.element_size(), chunk);
-    LinearGrads g = grads ? make_linear_grads(p.x, p.w, {grad_mask[0], grad_mask[1] && !weight_by_blocks, grad_mask[2]})
+    // A reduced dtype's weight gradient summed in float32: by the chunk's GEMM where one
+    // chunk holds every row, by blocks of classes after the chunks where a float32
+    // accumulator would not fit the memory budget (weight_by_class_blocks), else
+    // accumulated over the chunks. Summed in the dtype itself (accum_dtype), over the chunks.
+    const at::ScalarType weight_acc = weight_grad_dtype(o, p.x.scalar_type());
+    const bool weight_by_blocks = grads && grad_mask[1] && weight_acc != p.x.scalar_type() &&
+                                  weight_by_class_blocks(rows, p.x.size(1), p.x.element_size(), chunk);
+    LinearGrads g = grads ? make_linear_grads(p.x, p.w, {grad_mask[0], grad_mask[1] && !weight_by_blocks, grad_mask[2]},
+                                              weight_acc)
                           : LinearGrads{};
     double grad_scale = 1;
     if (grads && o.reduction == at::Reduction::Mean) {
@@ -368,7 +378,7 @@ struct CpuKernels {
     // The weight gradient's tensor is there for the chunks only where their GEMM writes
     // it; else the blocks after them do.
     CpuGemms gemms;
-    gemms.aten_only = weight_by_blocks;
+    gemms.aten_only = weight_by_blocks || sums_in_reduced_dtype(p.x, weight_acc);
     // (Not for no rows: no chunk runs; the blocks write the zeros.)
     gemms.assign_weight_grad = weight_by_blocks && chunk >= rows && rows > 0;
     if (gemms.assign_weight_grad) g.weight = at::empty(p.w.sizes(), p.w.options());
@@ -433,15 +443,17 @@ struct CpuKernels {
     const at::Tensor row_weight = shard != nullptr ? shard->row_weight.to(acc_type).contiguous() : at::Tensor();
     const int64_t classes = p.w.size(0);
     const int64_t chunk = chunk_rows(rows, classes, p.x.element_size(), o.chunk_size);  // as forward's
-    // As forward: a reduced dtype's weight gradient by blocks of classes, or by the
-    // GEMM of the one chunk.
-    const bool weight_by_blocks = output_mask[1] && acc_type != p.x.scalar_type() &&
+    // As forward: a reduced dtype's weight gradient summed in float32 by blocks of
+    // classes, or by the GEMM of the one chunk.
+    const at::ScalarType weight_acc = weight_grad_dtype(o, p.x.scalar_type());
+    const bool weight_by_blocks = output_mask[1] && weight_acc != p.x.scalar_type() &&
                                   weight_by_class_blocks(rows, p.x.size(1), p.x.element_size(), chunk);
-    LinearGrads g = make_linear_grads(p.x, p.w, {output_mask[0], output_mask[1] && !weight_by_blocks, output_mask[2]});
+    LinearGrads g = make_linear_grads(p.x, p.w, {output_mask[0], output_mask[1] && !weight_by_blocks, output_mask[2]},
+                                      weight_acc);
     // The weight gradient's tensor is there for the chunks only where their GEMM writes
     // it; else the blocks after them do.
     CpuGemms gemms;
-    gemms.aten_only = weight_by_blocks;
+    gemms.aten_only = weight_by_blocks || sums_in_reduced_dtype(p.x, weight_acc);
     // (Not for no rows: no chunk runs; the blocks write the zeros.)
     gemms.assign_weight_grad = weight_by_blocks && chunk >= rows && rows > 0;
     if (gemms.assign_weight_grad) g.weight = at::empty(p.w.sizes(), p.w.options());

@@ -135,7 +135,8 @@ struct CudaKernels {
     const std::optional<at::Tensor> sample_weight_acc = as_acc(sample_weight, acc_type);
     const at::Tensor total_weight = divisor_before(p.target, weight, sample_weight_acc, o.ignore_index, acc_type);
     const bool grads = o.reduction != at::Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
-    LinearGrads g = grads ? make_linear_grads(p.x, p.w, grad_mask) : LinearGrads{};
+    LinearGrads g =
+        grads ? make_linear_grads(p.x, p.w, grad_mask, weight_grad_dtype(o, p.x.scalar_type())) : LinearGrads{};
     const at::Tensor grad_scale = o.reduction == at::Reduction::Mean ? nan_if_zero(total_weight).reciprocal()
                                                                      : at::ones({}, acc_options);
     const LossOptions unreduced = rows_options(o, at::Reduction::None);
@@ -187,7 +188,7 @@ struct CudaKernels {
     if (!(output_mask[0] || output_mask[1] || output_mask[2])) return {};
     const c10::cuda::CUDAGuard guard(input.device());
     const Operands p = prepare(input, linear_weight, linear_bias, target);
-    LinearGrads g = make_linear_grads(p.x, p.w, output_mask);
+    LinearGrads g = make_linear_grads(p.x, p.w, output_mask, weight_grad_dtype(o, p.x.scalar_type()));
     const auto acc_type = at::toOpMathType(p.x.scalar_type());
     const std::optional<at::Tensor> sample_weight_acc = as_acc(sample_weight, acc_type);
     const RowExtras extras_acc = as_acc(extras, acc_type);

@@ -39,7 +39,8 @@ _SOFTCAP = "final_logit_softcapping"
 
 
 def fuse_causal_lm(model: transformers.PreTrainedModel, *, backend: Optional[str] = None,
-                   chunk_size: Optional[int] = None) -> transformers.PreTrainedModel:
+                   chunk_size: Optional[int] = None,
+                   accum_dtype: Optional[torch.dtype] = None) -> transformers.PreTrainedModel:
     r"""Makes a Hugging Face causal LM compute its loss with :func:`myext.linear_cross_entropy`.
 
     The model is changed in place: its ``forward`` (an instance attribute, so that
@@ -68,7 +69,7 @@ def fuse_causal_lm(model: transformers.PreTrainedModel, *, backend: Optional[str
     embedding, and gets its gradient from the loss.
 
     Fusing is idempotent: fusing a fused model wraps nothing twice and takes the new
-    ``backend`` and ``chunk_size`` (and captures its output layer again if it was
+    ``backend``, ``chunk_size`` and ``accum_dtype`` (and captures its output layer again if it was
     replaced since). :func:`unfuse_causal_lm` undoes it.
 
     Args:
@@ -79,6 +80,9 @@ def fuse_causal_lm(model: transformers.PreTrainedModel, *, backend: Optional[str
         backend: the backend of :func:`myext.linear_cross_entropy`; ``None`` picks the
             best for the model's device.
         chunk_size: rows per chunk of logits; ``None`` chooses from the shapes.
+        accum_dtype: the dtype the head's weight gradient is summed in over the chunks,
+            as :func:`myext.linear_cross_entropy`'s: ``None`` (float32 for a bfloat16
+            or float16 model), or the model's dtype for the least memory.
 
     Returns:
         ``model``, fused.
@@ -99,7 +103,7 @@ def fuse_causal_lm(model: transformers.PreTrainedModel, *, backend: Optional[str
     """
     current = model.__dict__.get("forward") if isinstance(model, nn.Module) else None
     if isinstance(current, _FusedForward):
-        current.backend, current.chunk_size = backend, chunk_size
+        current.backend, current.chunk_size, current.accum_dtype = backend, chunk_size, accum_dtype
         head = model.get_output_embeddings()
         head_forward = head.__dict__.get("forward") if isinstance(head, nn.Module) else None
         if not (isinstance(head_forward, _HeadForward) and head_forward.owner is current):
@@ -107,7 +111,7 @@ def fuse_causal_lm(model: transformers.PreTrainedModel, *, backend: Optional[str
             head.forward = _HeadForward(head, head_forward, current)
         return model
     layout = _check_layout(model)
-    fused = _FusedForward(model, current, layout, backend, chunk_size)
+    fused = _FusedForward(model, current, layout, backend, chunk_size, accum_dtype)
     head = model.get_output_embeddings()
     head.forward = _HeadForward(head, head.__dict__.get("forward"), fused)
     model.forward = fused
@@ -277,12 +281,13 @@ class _FusedForward:
     that ``copy.deepcopy`` and pickling of the model carry it over to the copy."""
 
     def __init__(self, model: nn.Module, instance_forward: Any, layout: _Layout, backend: Optional[str],
-                 chunk_size: Optional[int]):
+                 chunk_size: Optional[int], accum_dtype: Optional[torch.dtype]):
         self.model = model
         self.instance_forward = instance_forward  # a forward the instance had before fusing (a hook's)
         self.layout = layout
         self.backend = backend
         self.chunk_size = chunk_size
+        self.accum_dtype = accum_dtype
         self.captured = None  # during a call with labels, the hidden states the head was called on
 
     def original(self):
@@ -353,7 +358,8 @@ class _FusedForward:
         softcap = self._softcap()
         loss = linear_cross_entropy(hidden, head.weight, target.to(hidden.device), linear_bias=head.bias,
                                     ignore_index=ignore_index, shift=shift, softcap=softcap, normalizer=normalizer,
-                                    reduction="mean", backend=self.backend, chunk_size=self.chunk_size).float()
+                                    reduction="mean", backend=self.backend, chunk_size=self.chunk_size,
+                                    accum_dtype=self.accum_dtype).float()
         aux_loss = getattr(output, "aux_loss", None)
         if self.layout.aux_coefficient is not None and aux_loss is not None:
             coefficient = operator.attrgetter(self.layout.aux_coefficient)(model)

@@ -372,7 +372,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
     output rows (the classes) are split across ranks.
 
     ``apply(input, linear_weight, linear_bias, target, weight, sample_weight, options,
-    chunk_size, shard, backend)``: rows ``(R, H)`` (the same on every rank), this rank's rows
+    chunk_size, accum_dtype, shard, backend)``: rows ``(R, H)`` (the same on every rank), this rank's rows
     ``[shard.start, shard.stop)`` of the linear weight and bias, class indices into
     every class or the shard's probabilities, the shard's class weights. Forward runs
     the fused forward op over the shard (each chunk's logits one GEMM, reduced to the
@@ -386,7 +386,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
                 target: torch.Tensor, weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
-                options: Options, chunk_size: int, shard, backend: str):
+                options: Options, chunk_size: int, accum_dtype: Optional[torch.dtype], shard, backend: str):
         rows, columns = input.shape[0], linear_weight.shape[0]
         plan = shard_forward(target, weight, columns, options, shard, input.dtype)
         kernel_out = None
@@ -398,7 +398,8 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         found = combine_shards(shard_statistics(plan, kernel_out, rows, columns), target, options, shard,
                                sample_weight)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, sample_weight, *found)
-        ctx.options, ctx.chunk_size, ctx.shard, ctx.backend = options, chunk_size, shard, backend
+        ctx.options, ctx.chunk_size, ctx.accum_dtype, ctx.shard, ctx.backend = (options, chunk_size, accum_dtype,
+                                                                                shard, backend)
         loss = reduce_rows(found.loss, found.total_weight, options.reduction, input.dtype)
         return _outputs(ctx, loss, found, target, options)
 
@@ -421,11 +422,11 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
                 _upstream(grad_loss, found, options), input, linear_weight, linear_bias, target, weight,
                 sample_weight, found.row_max, found.row_log_sum, found.row_weight, found.total_weight,
                 found.weight_sum, grad_logprob, grad_entropy, found.entropy if grad_entropy is not None else None,
-                *options.args, shard.start, shard.classes, ctx.chunk_size, mask)
+                *options.args, shard.start, shard.classes, ctx.chunk_size, mask, ctx.accum_dtype)
         else:
             grad_input = torch.zeros_like(input) if mask[0] else None
             grad_weight = torch.zeros_like(linear_weight) if mask[1] else None
             grad_bias = torch.zeros_like(linear_bias) if mask[2] and linear_bias is not None else None
         if grad_input is not None:
             torch.distributed.all_reduce(grad_input, group=shard.group)
-        return grad_input, grad_weight, grad_bias, grad_target, None, None, None, None, None, None
+        return (grad_input, grad_weight, grad_bias, grad_target) + (None,) * (len(ctx.needs_input_grad) - 4)

@@ -79,6 +79,7 @@ def check_linear_cross_entropy(
     softcap: Optional[float],
     chunk_size: Optional[int],
     temperature: float = 1.0,
+    accum_dtype: Optional[torch.dtype] = None,
 ) -> bool:
     """Checks the arguments of linear_cross_entropy; returns True for probability targets."""
     check_tensor("input", input)
@@ -110,6 +111,9 @@ def check_linear_cross_entropy(
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
+    if accum_dtype is not None and accum_dtype not in (acc_dtype(input.dtype), input.dtype):
+        raise ValueError(f"accum_dtype must be None, {acc_dtype(input.dtype)} or the input's dtype "
+                         f"{input.dtype}, got {accum_dtype!r}")
     batch = input.shape[:-1]
     if positions:  # F.cross_entropy's K-dimensional form of the logits (N, C, d1, ..., dk)
         return check_target(target, input, ignore_index, class_shape=(*batch, *positions),
@@ -128,7 +132,7 @@ def _grad_fakes(input, linear_weight, linear_bias, mask):
 
 def linear_cross_entropy_forward_fake(input, linear_weight, linear_bias, target, weight, sample_weight, reduction,
                                       ignore_index, label_smoothing, lse_square_scale, softcap, temperature, entropy,
-                                      chunk_size, grad_mask):
+                                      chunk_size, grad_mask, accum_dtype=None):
     rows = input.shape[0]
     acc = acc_dtype(input.dtype)
     loss = input.new_empty((rows,) if reduction == 0 else ())
@@ -142,7 +146,7 @@ def linear_cross_entropy_forward_fake(input, linear_weight, linear_bias, target,
 def linear_cross_entropy_backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, sample_weight,
                                        row_max, row_log_sum, total_weight, grad_logprob, grad_entropy, row_entropy,
                                        reduction, ignore_index, label_smoothing, lse_square_scale, softcap,
-                                       temperature, entropy, chunk_size, output_mask):
+                                       temperature, entropy, chunk_size, output_mask, accum_dtype=None):
     return _grad_fakes(input, linear_weight, linear_bias, output_mask)
 
 
@@ -150,7 +154,8 @@ def linear_cross_entropy_shard_backward_fake(grad_loss, input, linear_weight, li
                                              sample_weight, row_max, row_log_sum, row_weight, total_weight,
                                              weight_sum, grad_logprob, grad_entropy, row_entropy, reduction,
                                              ignore_index, label_smoothing, lse_square_scale, softcap, temperature,
-                                             entropy, class_start, classes, chunk_size, output_mask):
+                                             entropy, class_start, classes, chunk_size, output_mask,
+                                             accum_dtype=None):
     return _grad_fakes(input, linear_weight, linear_bias, output_mask)
 
 
@@ -161,7 +166,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     class indices (R,) or probabilities (R, C).
 
     ``LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
-    sample_weight, options, chunk_size, backend, return_rows)``, the arguments checked and
+    sample_weight, options, chunk_size, accum_dtype, backend, return_rows)``, the arguments checked and
     reshaped to rows (see myext.linear_cross_entropy); ``sample_weight`` (R,) or None,
     not differentiated here. Returns the loss and, with ``return_rows`` (the default),
     the rows' outputs as :class:`~myext.ops.cross_entropy.CrossEntropyFunction` gives
@@ -188,14 +193,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
                 target: torch.Tensor, weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
-                options: Options, chunk_size: int, backend: str, return_rows: bool = True):
+                options: Options, chunk_size: int, accum_dtype: Optional[torch.dtype], backend: str,
+                return_rows: bool = True):
         mask = [bool(ctx.needs_input_grad[i]) for i in range(3)]
         in_forward = options.reduction != REDUCTIONS["none"] and any(mask)
         (loss, row_max, row_log_sum, target_logit, total_weight, row_entropy,
          *grads) = op("linear_cross_entropy_forward", backend)(
             input, linear_weight, linear_bias, target, weight, sample_weight, *options.args, chunk_size,
-            mask if in_forward else [False, False, False])
-        _save(ctx, (input, linear_weight, linear_bias, target, weight, sample_weight, options, chunk_size, backend),
+            mask if in_forward else [False, False, False], accum_dtype)
+        _save(ctx, (input, linear_weight, linear_bias, target, weight, sample_weight, options, chunk_size,
+                    accum_dtype, backend),
               row_max, row_log_sum, total_weight, row_entropy)
         # Not saved tensors: the first backward scales them in place and hands them on,
         # so that a step holds each gradient once, not twice.
@@ -234,7 +241,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 def _save(ctx: Any, inputs: tuple, row_max: torch.Tensor, row_log_sum: torch.Tensor, total_weight: torch.Tensor,
           row_entropy: torch.Tensor) -> None:
     (input, linear_weight, linear_bias, target, weight, sample_weight, ctx.options, ctx.chunk_size,
-     ctx.backend) = inputs[:9]
+     ctx.accum_dtype, ctx.backend) = inputs[:10]
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, sample_weight, row_max, row_log_sum,
                           total_weight, row_entropy)
 
@@ -255,10 +262,10 @@ class LinearCrossEntropyJvpFunction(LinearCrossEntropyFunction):
     @staticmethod
     def forward(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
                 target: torch.Tensor, weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
-                options: Options, chunk_size: int, backend: str):
+                options: Options, chunk_size: int, accum_dtype: Optional[torch.dtype], backend: str):
         return op("linear_cross_entropy_forward", backend)(
             input, linear_weight, linear_bias, target, weight, sample_weight, *options.args, chunk_size,
-            [False, False, False])[:6]
+            [False, False, False], accum_dtype)[:6]
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -306,7 +313,7 @@ def _kernel_grads(ctx: Any, grad_loss: Optional[torch.Tensor], mask: list[bool],
     def run(upstream, g_lp=None, g_h=None):
         return backward(upstream, input, linear_weight, linear_bias, target, weight, sample_weight, row_max,
                         row_log_sum, total_weight, g_lp, g_h, row_entropy if g_h is not None else None,
-                        *ctx.options.args, ctx.chunk_size, mask)
+                        *ctx.options.args, ctx.chunk_size, mask, ctx.accum_dtype)
 
     if none:
         if grad_loss is None:
@@ -368,6 +375,7 @@ def linear_cross_entropy(
     lse_square_scale: float = 0.0,
     softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
+    accum_dtype: Optional[torch.dtype] = None,
     return_lse: bool = False,
     return_accuracy: bool = False,
     return_logprob: bool = False,
@@ -415,6 +423,12 @@ def linear_cross_entropy(
         chunk_size: rows per chunk; ``None`` chooses from the shapes (chunks of at
             most about 32 MiB of logits, :func:`default_chunk_size`). Results do not
             depend on it beyond rounding.
+        accum_dtype: the dtype the weight gradient is summed in over the chunks.
+            ``None`` (default): float32 for a bfloat16 or float16 input, a
+            ``C x H`` accumulator twice the gradient's size. The input's own dtype sums
+            into the gradient itself, with no accumulator: the least memory, at one
+            rounding of the gradient per chunk where float32 rounds once, as Liger-Kernel
+            and cut-cross-entropy do by default. Other gradients are unaffected.
         return_lse: also return each element's log-sum-exp, from the same pass.
         return_accuracy: also return the token accuracy (class-index targets).
         return_logprob: also return each element's log-probability of its target,
@@ -462,7 +476,7 @@ def linear_cross_entropy(
         weight = shard_weight(weight, vocab_parallel)
     probabilities = check_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index,
                                                reduction, label_smoothing, lse_square_scale, softcap, chunk_size,
-                                               temperature)
+                                               temperature, accum_dtype)
     want = (Extras(return_lse, return_accuracy, return_logprob, return_entropy)
             if return_lse or return_accuracy or return_logprob or return_entropy else NO_EXTRAS)
     head = linear_weight.dim() > 2
@@ -490,7 +504,8 @@ def linear_cross_entropy(
             raise ValueError("vocab_parallel is not available with a K-dimensional head (linear_weight of more "
                              "than two dimensions)")
         loss, row_max, row_log_sum, target_logit, target_2d = _positions_loss(
-            input, linear_weight, linear_bias, target, weight, options, chunk_size, name, want.rows, probabilities)
+            input, linear_weight, linear_bias, target, weight, options, chunk_size, accum_dtype, name, want.rows,
+            probabilities)
         rows = (row_max, row_log_sum, target_logit, None, None)
         batch_shape = target.shape if not probabilities else target.shape[:1] + target.shape[2:]
     else:
@@ -505,14 +520,15 @@ def linear_cross_entropy(
             sample_rows = sample_weight.reshape(count) if sample_weight is not None else None
         chunk = chunk_size or default_chunk_size(input_2d.shape[0], classes, input.dtype, input.device)
         loss, rows = _rows_loss(input_2d, linear_weight, linear_bias, target_2d, weight, sample_rows, options, chunk,
-                                name, vocab_parallel, want)
+                                accum_dtype, name, vocab_parallel, want)
     result = finish(loss, rows, target_2d, options, batch_shape, want)
     return finish_lm(result, lm, reduction, target_2d, weight, ignore_index) if lm is not None else result
 
 
 def _rows_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
                target: torch.Tensor, weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor],
-               options: Options, chunk: int, name: str, vocab_parallel: Optional[VocabParallel], want: Extras):
+               options: Options, chunk: int, accum_dtype: Optional[torch.dtype], name: str,
+               vocab_parallel: Optional[VocabParallel], want: Extras):
     """The loss of rows (R, H) through the head (C, H) on the backend ``name``, and where
     ``want`` asks for extras (else possibly None) the rows' (max, log-sum, target logit,
     log-probability, entropy)."""
@@ -529,7 +545,8 @@ def _rows_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Op
                     *vocab_parallel_extras_reference(logits, target, options, vocab_parallel))
     elif vocab_parallel is not None:
         loss, *rows = VocabParallelLinearCrossEntropyFunction.apply(
-            input, linear_weight, linear_bias, target, weight, sample_weight, options, chunk, vocab_parallel, name)
+            input, linear_weight, linear_bias, target, weight, sample_weight, options, chunk, accum_dtype,
+            vocab_parallel, name)
     elif name == "torch":
         logits = affine(input, linear_weight, linear_bias)
         loss = options.reference(logits, target, weight, sample_weight)
@@ -538,27 +555,28 @@ def _rows_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Op
     elif not needs_grad(input, linear_weight, linear_bias, target):
         loss, row_max, row_log_sum, target_logit, _, row_entropy, *_ = op("linear_cross_entropy_forward", name)(
             input, linear_weight, linear_bias, target, weight, sample_weight, *options.args, chunk,
-            [False, False, False])
+            [False, False, False], accum_dtype)
         if want.rows:
             logprob = (row_logprob(row_max, row_log_sum, target_logit, target, options.ignore_index)
                        if want.logprob else None)
             rows = (row_max, row_log_sum, target_logit, logprob, row_entropy)
     elif transforms_active():
         loss, row_max, row_log_sum, target_logit, *_ = LinearCrossEntropyJvpFunction.apply(
-            input, linear_weight, linear_bias, target, weight, sample_weight, options, chunk, name)
+            input, linear_weight, linear_bias, target, weight, sample_weight, options, chunk, accum_dtype, name)
         rows = (row_max, row_log_sum, target_logit, None, None)
     elif want.rows:
         loss, *rows = LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight,
-                                                       sample_weight, options, chunk, name)
+                                                       sample_weight, options, chunk, accum_dtype, name)
     else:
         loss = LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, sample_weight,
-                                                options, chunk, name, False)
+                                                options, chunk, accum_dtype, name, False)
     return loss, rows
 
 
 def _positions_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
                     target: torch.Tensor, weight: Optional[torch.Tensor], options: Options,
-                    chunk_size: Optional[int], name: str, want_rows: bool, probabilities: bool):
+                    chunk_size: Optional[int], accum_dtype: Optional[torch.dtype], name: str, want_rows: bool,
+                    probabilities: bool):
     """The loss of a K-dimensional head: ``linear_weight`` (C, d1, ..., dk, H) makes the
     logits (N, C, d1, ..., dk) of F.cross_entropy's K-dimensional form, and each position
     p of (d1, ..., dk) is a head (C, H) of its own over the same rows of ``input``. So
@@ -578,7 +596,7 @@ def _positions_loss(input: torch.Tensor, linear_weight: torch.Tensor, linear_bia
     parts = []
     for p in range(count):
         part, statistics = _rows_loss(input, heads[:, p], biases[:, p] if biases is not None else None,
-                                      targets[..., p], weight, None, each, chunk, name, None, wanted)
+                                      targets[..., p], weight, None, each, chunk, accum_dtype, name, None, wanted)
         parts.append((part, *(statistics[:3] if statistics is not None else (None, None, None))))
     # Position-minor, as the rows of the logits (N, C, d1, ..., dk) are.
     by_row = [torch.stack(column, dim=1).reshape(-1) if want_rows else None for column in list(zip(*parts))[1:]]
