@@ -113,16 +113,22 @@ def pytorch_fused(chunked: bool) -> Callable[..., torch.Tensor]:
     return lambda x, w, target: F.linear_cross_entropy(x, w, target, options=options)
 
 
-def providers(backends: list[str]) -> tuple[dict[str, Callable[..., Callable[[], None]]], dict[str, str]]:
+def providers(backends: list[str], dtype: torch.dtype) -> tuple[dict[str, Callable[..., Callable[[], None]]],
+                                                                dict[str, str]]:
     """Each provider by name, as a maker of its step from (x, w, target); PyTorch's
-    fused op where this torch has it; and the op's alternatives that cannot run here,
-    each with why."""
+    fused op where this torch has it; myext summing the weight gradient in ``dtype``
+    where that is a reduced one (``accum_dtype``, the least memory); and the op's
+    alternatives that cannot run here, each with why."""
     eager = registry.get(OP).benchmark.eager
     makers = {f"myext-{b}": lambda x, w, t, b=b: step(functools.partial(myext.linear_cross_entropy, backend=b),
                                                         x, w, t)
               for b in backends}
     for b in backends:
         makers[f"myext-{b}, LM options"] = lambda x, w, t, b=b: step(with_lm_options(b, t), x, w, t)
+        if dtype in (torch.bfloat16, torch.float16):
+            makers[f"myext-{b}, accum_dtype={str(dtype).removeprefix('torch.')}"] = (
+                lambda x, w, t, b=b: step(functools.partial(myext.linear_cross_entropy, backend=b, accum_dtype=dtype),
+                                          x, w, t))
     makers["eager"] = lambda x, w, t: step(eager, x, w, t)
     makers["compile"] = lambda x, w, t: step(torch.compile(eager), x, w, t)
     if hasattr(F, "linear_cross_entropy"):
@@ -173,7 +179,7 @@ def _memory_of_one(args: argparse.Namespace) -> None:
     torch.compiler.config.force_disable_caches = True
     x, w, target = _tensors(args)
     backend = args.provider.removeprefix("myext-").split(",")[0]
-    call = providers([backend])[0][args.provider](x, w, target)
+    call = providers([backend], DTYPES[args.dtype])[0][args.provider](x, w, target)
     call()
     growth = peak_rss_bytes(call)
     if growth is None:
@@ -199,7 +205,7 @@ def main() -> None:
 
     x, w, target = _tensors(args)
     backends = [b for b in myext.available_backends("cpu") if b == "cpp"]
-    makers, unavailable = providers(backends)
+    makers, unavailable = providers(backends, DTYPES[args.dtype])
     for name, why in unavailable.items():
         print(f"{name} skipped, {why}")
     if args.only:
