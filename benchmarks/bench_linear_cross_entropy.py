@@ -16,6 +16,7 @@ with a line saying why where the package is missing)::
     python benchmarks/bench_linear_cross_entropy.py            # N=4096 H=1024 V=32000 float32
     python benchmarks/bench_linear_cross_entropy.py --dtype bfloat16
     python benchmarks/bench_linear_cross_entropy.py --only myext-cpp "myext-cpp, LM options" --rounds 12
+    python benchmarks/bench_linear_cross_entropy.py --dtype bfloat16 --precision
 
 Times: the providers called in turn, round after round (every other round in reverse
 order), the median of each (ratios within one run are what compare). Memory: each
@@ -26,6 +27,13 @@ preallocated outputs, the least any implementation that makes the logits must do
 torch.mm (MKL on x86 CPUs), and through oneDNN, the GEMMs myext's cpp kernels run for
 float32. Providers compiled with torch.compile are compiled in their warm-up call, outside
 the times and the memory measured.
+
+``--precision`` times nothing: it prints the error of the weight gradient of the same step
+against float64 (of the same rounded inputs), for eager and for myext with each
+``accum_dtype``, in three measures: relative in the Frobenius norm, the largest error
+relative to the largest entry, and the largest error in units of the dtype's epsilon times
+the sum of the magnitudes of the entry's terms (the scale of a GEMM's error bound; a GEMM
+that sums in float32 and rounds once stays within about 1/2, its one rounding).
 """
 
 from __future__ import annotations
@@ -189,6 +197,41 @@ def _memory_of_one(args: argparse.Namespace) -> None:
                       "auto_chunked": metrics.num_auto_chunking}))
 
 
+def _precision(args: argparse.Namespace) -> None:
+    """The weight gradient's error against float64 (see the module's docstring)."""
+    x, w, target = (t.detach() for t in _tensors(args))
+    dtype = x.dtype
+    # float64, by chunks of rows: the gradient and the sum of its terms' magnitudes.
+    x64, w64 = x.double(), w.double()
+    exact, magnitude = torch.zeros_like(w64), torch.zeros_like(w64)
+    for begin in range(0, x.shape[0], 512):
+        rows = slice(begin, begin + 512)
+        d = torch.softmax(x64[rows] @ w64.t(), dim=1)
+        d[torch.arange(d.shape[0]), target[rows]] -= 1
+        exact += d.t() @ x64[rows]
+        magnitude += d.abs().t() @ x64[rows].abs()
+    exact, magnitude = exact / x.shape[0], magnitude / x.shape[0]
+    eager = registry.get(OP).benchmark.eager
+    steps = {"eager": eager, "rounded float64 (one rounding)": None,
+             "myext-cpp": functools.partial(myext.linear_cross_entropy, backend="cpp")}
+    if dtype != torch.float32:
+        steps[f"myext-cpp, accum_dtype={args.dtype}"] = functools.partial(
+            myext.linear_cross_entropy, backend="cpp", accum_dtype=dtype)
+    print(f"linear_cross_entropy weight gradient, N={args.N} H={args.H} V={args.V} {args.dtype}, against float64; "
+          f"torch {torch.__version__}, {machine.cpu_description()}")
+    print(f"{'provider':36} {'Frobenius':>10} {'max/max|g|':>11} {'max/(eps sum|terms|)':>21}")
+    eps = torch.finfo(dtype).eps
+    for name, loss_fn in steps.items():
+        if loss_fn is None:
+            grad = exact.to(dtype)
+        else:
+            leaf = w.clone().requires_grad_()
+            (grad,) = torch.autograd.grad(loss_fn(x, leaf, target), leaf)
+        error = (grad.double() - exact).abs()
+        print(f"{name:36} {(error.norm() / exact.norm()).item():10.3e} "
+              f"{(error.max() / exact.abs().max()).item():11.2e} {(error / (eps * magnitude)).max().item():21.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--N", type=int, default=4096)
@@ -198,10 +241,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", nargs="+", metavar="PROVIDER",
                         help="time these providers alone (names as the table prints them)")
+    parser.add_argument("--precision", action="store_true",
+                        help="print the weight gradient's error against float64 instead of timing")
     parser.add_argument("--provider", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.provider:
         return _memory_of_one(args)
+    if args.precision:
+        return _precision(args)
 
     x, w, target = _tensors(args)
     backends = [b for b in myext.available_backends("cpu") if b == "cpp"]
