@@ -283,6 +283,31 @@ def test_linear_cross_entropy_as_precise_as_torch(backend, dtype, classes, reduc
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_linear_cross_entropy_accum_dtype(backend):
+    """accum_dtype=torch.bfloat16 sums the weight gradient over 8 chunks in the gradient
+    itself: the loss and the input's gradient the default's bits, the weight's within a
+    rounding of bfloat16 per chunk and two more at the scale of its terms' magnitudes."""
+    require(backend)
+    x = torch.randn(1024, 512, device="cuda").bfloat16()
+    w = (torch.randn(4096, 512, device="cuda") * 3 / 512 ** 0.5).bfloat16()
+    target = torch.randint(0, 4096, (1024,), device="cuda")
+
+    def run(**accum):
+        leaves = [t.detach().requires_grad_() for t in (x, w)]
+        loss = myext.linear_cross_entropy(*leaves, target, chunk_size=128, backend=backend, **accum)
+        return loss, torch.autograd.grad(loss, leaves)
+
+    (loss, (grad_x, grad_w)), (loss0, (grad_x0, grad_w0)) = run(accum_dtype=torch.bfloat16), run()
+    assert grad_w.dtype == torch.bfloat16
+    assert torch.equal(loss, loss0) and torch.equal(grad_x, grad_x0)
+    d = torch.softmax(x.double() @ w.double().t(), dim=1)
+    d[torch.arange(1024, device="cuda"), target] -= 1
+    magnitude = (d.abs() / 1024).t() @ x.double().abs()
+    error = (grad_w.double() - grad_w0.double()).abs()
+    assert (error <= 10 * torch.finfo(torch.bfloat16).eps * magnitude).all()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_linear_cross_entropy_memory(backend):
     """Training memory beyond the inputs and their gradients: at most 1/8 of the logits
     (bf16, 4096 x 1024 -> 128256: 1 GiB of logits)."""
