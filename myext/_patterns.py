@@ -318,7 +318,8 @@ def replay(x: torch.Tensor, steps: tuple[tuple[Any, ...], ...], features: int) -
 def linear_cross_entropy_chain(input: torch.Tensor, linear_weight: torch.Tensor, linear_bias: Optional[torch.Tensor],
                                target: torch.Tensor, *, steps: tuple[tuple[Any, ...], ...] = (),
                                softcap: Optional[float] = None, dtype: Optional[torch.dtype] = None,
-                               backend: Optional[str] = None, **options: Any) -> torch.Tensor:
+                               backend: Optional[str] = None, accum_dtype: Optional[torch.dtype] = None,
+                               **options: Any) -> torch.Tensor:
     """``F.cross_entropy(chain(F.linear(input, linear_weight, linear_bias)), target, **options)``
     for the chain of :func:`head_chain`, as one :func:`myext.linear_cross_entropy` on the
     hidden states laid out as the chain lays out the logits.
@@ -327,13 +328,14 @@ def linear_cross_entropy_chain(input: torch.Tensor, linear_weight: torch.Tensor,
     rows; ``(B, C, T)`` ones come from ``(B, T, C)`` by the chain's move of the classes, and
     the hidden states stay ``(B, T, H)``. Any other result (more dimensions, whose
     classes cross-entropy reads second) runs the two steps as written. ``dtype`` is the
-    loss's dtype: the logits' cast, where the chain makes one."""
+    loss's dtype: the logits' cast, where the chain makes one. ``accum_dtype`` is the fused
+    op's, where it fuses."""
     classes_second = ("classes_second",) in steps
     x = replay(input, tuple(s for s in steps if s[0] != "classes_second"), input.shape[-1])
     fuses = x.dim() == 3 if classes_second else x.dim() <= 2
     if fuses:
         loss = linear_cross_entropy(x, linear_weight, target, linear_bias=linear_bias, softcap=softcap,
-                                    backend=backend, **options)
+                                    backend=backend, accum_dtype=accum_dtype, **options)
     else:
         logits = replay(F.linear(input, linear_weight, linear_bias), steps, linear_weight.shape[0])
         loss = cross_entropy(logits if dtype is None else logits.to(dtype), target, softcap=softcap,

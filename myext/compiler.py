@@ -42,6 +42,7 @@ _OWN_OPTIONS = {
     "compiler": "what compiles the rewritten graph: 'inductor' (the default), 'aot_eager' or 'eager'",
     "kernels": "the myext backend the fused ops run ('cpp', 'cuda', 'triton', 'torch'); default: the best "
                "for the inputs' device",
+    "accum_dtype": "the fused heads' accum_dtype (myext.linear_cross_entropy's); default None",
 }
 
 
@@ -85,7 +86,10 @@ def backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: Optional[str
     * ``"compiler"``: ``"inductor"`` (the default), ``"aot_eager"`` or ``"eager"``: what
       compiles the rewritten graph (the last two to debug, or to see the fusions alone);
     * ``"kernels"``: the myext backend the fused ops run (``"cpp"``, ``"cuda"``,
-      ``"triton"``, ``"torch"``); by default the best for the inputs' device.
+      ``"triton"``, ``"torch"``); by default the best for the inputs' device;
+    * ``"accum_dtype"``: the fused heads' ``accum_dtype`` (see
+      :func:`myext.linear_cross_entropy`): a bfloat16 model's ``torch.bfloat16`` sums the
+      head's weight gradient in the gradient itself, for the least memory.
 
     Raises:
         ValueError: for an option that neither the backend nor Inductor knows, or an
@@ -94,6 +98,9 @@ def backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: Optional[str
     options = dict(options or {})
     compiler = options.pop("compiler", "inductor")
     kernels = options.pop("kernels", None)
+    accum_dtype = options.pop("accum_dtype", None)
+    if accum_dtype is not None and not isinstance(accum_dtype, torch.dtype):
+        raise ValueError(f"myext backend: option 'accum_dtype' must be a torch.dtype or None, got {accum_dtype!r}")
     if compiler not in _COMPILERS:
         raise ValueError(f"myext backend: option 'compiler' must be one of {_COMPILERS}, got {compiler!r}")
     if compiler != "inductor" and (options or mode not in (None, "default")):
@@ -109,7 +116,7 @@ def backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: Optional[str
             raise ValueError(f"myext backend: {str(err).split(', known options')[0]}. The backend's own "
                              f"options are {own}; the rest are torch._inductor.config's.") from None
 
-    report = rewrite(gm, kernels)
+    report = rewrite(gm, kernels, accum_dtype)
     _reports.append(report)
     logger.info("myext backend: %d fusion(s)%s%s", len(report.fusions),
                 "".join(f"\n  {f}" for f in report.fusions), "".join(f"\n  left: {why}" for why in report.left))
@@ -144,9 +151,10 @@ def explain(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[GraphRepo
 
 # --------------------------------------------------------------------------- the rewrite
 
-def rewrite(gm: fx.GraphModule, kernels: Optional[str] = None) -> GraphReport:
-    """Rewrites the dynamo graph ``gm`` in place (see the module's docstring); returns
-    what it did."""
+def rewrite(gm: fx.GraphModule, kernels: Optional[str] = None,
+            accum_dtype: Optional[torch.dtype] = None) -> GraphReport:
+    """Rewrites the dynamo graph ``gm`` in place (see the module's docstring), the fused ops
+    on the myext backend ``kernels`` and the heads with ``accum_dtype``; returns what it did."""
     graph = gm.graph
     fusions: list[Fusion] = []
     left: list[str] = []
@@ -182,7 +190,7 @@ def rewrite(gm: fx.GraphModule, kernels: Optional[str] = None) -> GraphReport:
             fused = graph.call_function(
                 linear_cross_entropy_chain, (x, weight, bias, target),
                 {**loss_options, "steps": chain.steps, "softcap": chain.softcap, "dtype": chain.dtype,
-                 "backend": kernels})
+                 "backend": kernels, "accum_dtype": accum_dtype})
         fused.meta.update(chain.loss.meta)
         chain.loss.replace_all_uses_with(fused)
         for dead in (chain.loss, *reversed(chain.between), node):

@@ -230,6 +230,9 @@ def test_unknown_option_is_a_clear_error():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="are Inductor's"):
         compiled(model, options={"compiler": "eager", "max_autotune": True})(torch.randn(2, 784))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="option 'accum_dtype' must be a torch.dtype"):
+        compiled(model, options={**AOT, "accum_dtype": "bfloat16"})(torch.randn(2, 784))
 
 
 def test_explain_reports_without_compiling():
@@ -242,6 +245,18 @@ def test_kernels_option_picks_the_backend():
     model = SimpleNet().double()
     x, y = torch.randn(8, 784, dtype=torch.float64), torch.randint(0, 10, (8,))
     assert_same_step(model, classify, x, y, options={**AOT, "kernels": "torch"})
+
+
+def test_accum_dtype_option_reaches_the_head():
+    """The fused head takes the backend's accum_dtype: the model's own dtype runs as the
+    default does, and one the op refuses for it is refused."""
+    model = SimpleNet().double()
+    x, y = torch.randn(8, 784, dtype=torch.float64), torch.randint(0, 10, (8,))
+    assert_same_step(model, classify, x, y, options={**AOT, "accum_dtype": torch.float64})
+    assert any(f.endswith("myext.linear_cross_entropy") for f in fusions()), fusions()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="accum_dtype must be None, torch.float64 or the input's dtype"):
+        compiled(lambda *a: classify(model, *a), {**AOT, "accum_dtype": torch.float16})(x, y)
 
 
 # --------------------------------------------------------------------------- Hugging Face causal LMs
