@@ -10,9 +10,11 @@
 // wanted, overwrites it with the logits' gradient; the gradient GEMMs then
 // read it: the chunk's rows of the input gradient, and the weight and bias
 // gradients accumulated over chunks (the weight's in float32 for bfloat16 and
-// float16, in the row blocks of kWeightGradBlock classes its device takes; the CPU
-// instead computes a reduced dtype's weight gradient by blocks of classes after
-// the loop, with no float32 accumulator: csrc/cpu/linear_cross_entropy.cpp).
+// float16, in the row blocks of kWeightGradBlock classes its device takes, or in
+// the gradient itself where accum_dtype is the input's dtype; the CPU instead
+// computes a reduced dtype's float32-summed weight gradient by blocks of classes
+// after the loop where the accumulator would outgrow the logits:
+// csrc/cpu/linear_cross_entropy.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
