@@ -426,9 +426,10 @@ def linear_cross_entropy(
         accum_dtype: the dtype the weight gradient is summed in over the chunks.
             ``None`` (default): float32 for a bfloat16 or float16 input, a
             ``C x H`` accumulator twice the gradient's size. The input's own dtype sums
-            into the gradient itself, with no accumulator: the least memory, at one
-            rounding of the gradient per chunk where float32 rounds once, as Liger-Kernel
-            and cut-cross-entropy do by default. Other gradients are unaffected.
+            into the gradient itself, with no accumulator: the least memory, at a rounding
+            of the running sum per chunk (about 2.5x the default's largest error, see
+            docs/NUMERICS.md), as Liger-Kernel and cut-cross-entropy do by default. The
+            loss and the other gradients are unaffected.
         return_lse: also return each element's log-sum-exp, from the same pass.
         return_accuracy: also return the token accuracy (class-index targets).
         return_logprob: also return each element's log-probability of its target,
